@@ -1,0 +1,3129 @@
+/*
+ * kv.c — the KV application of Elixir's "Mix and OTP" guide, rebuilt in C.
+ *
+ *     cc -std=c99 -O2 -Wall -Wextra -o kv kv.c      (or simply: make run)
+ *
+ * Read this file beside the guide.  The guide builds a key-value store in
+ * Elixir: buckets (an Agent), a registry of buckets (a GenServer that
+ * monitors them), a supervisor, a dynamic supervisor for the buckets and an
+ * application callback that starts the whole tree.  Elixir gets processes,
+ * mailboxes, links, monitors and exit signals for free from the BEAM virtual
+ * machine.  C gets none of that, so Part I of this file builds them, small
+ * and in plain sight, and the later parts follow the guide chapter by
+ * chapter, section by section, using only what Part I provides.
+ *
+ *   Part I    The runtime: processes, messages, links, monitors, exits.
+ *             (What the guide takes for granted; see the Getting Started
+ *             guide's "Processes" chapter.)
+ *   Part II   agents.md                    Agent and KV.Bucket
+ *   Part III  genservers.md                GenServer and KV.Registry
+ *   Part IV   supervisor-and-application.md   Supervisor, Application, KV
+ *   Part V    dynamic-supervisor.md        DynamicSupervisor, the final tree
+ *   Part VI   ./kv: the program (benchmarks)
+ *
+ * Every banner names the guide chapter and section it mirrors.  Every public
+ * function says, in its first comment line, which Elixir call it mirrors.
+ * Names follow Elixir: GenServer.call is gen_server_call, KV.Bucket.put is
+ * kv_bucket_put, Process.monitor is process_monitor.  Kernel's auto-imported
+ * functions keep their bare names (self, spawn, spawn_link, make_ref) except
+ * where the C library owns the name already: Kernel.exit/1 is exit_self and
+ * Kernel.send/2 is process_send (Process.send/3, which it calls).
+ *
+ * Words from the guide and the BEAM are used in their Erlang sense: a
+ * "process" is one of ours (a coroutine), never an operating-system process;
+ * the program itself is "the VM".
+ */
+
+/* ==========================================================================
+ * PART I — THE RUNTIME
+ * ==========================================================================
+ *
+ * I.1  The machine in pictures
+ * ----------------------------
+ *
+ * Everything below runs on one operating-system thread.  Processes take
+ * turns: a process runs until it waits for a message (receive) or gives up
+ * its turn, and then another one runs.  Nobody is interrupted, so there are
+ * no locks anywhere in this file.  (BEAM interrupts a process after a budget
+ * of "reductions"; ours are cooperative.  A process that loops forever
+ * without receiving keeps the VM to itself.)
+ *
+ * The process table.  A pid is a number N, printed #PID<0.N.0> as iex does.
+ * The table is an array whose size is a power of two; process N lives in
+ * slot N mod size.  When a new process is spawned, the VM takes the next
+ * number whose slot is free, so finding a process from its pid is one array
+ * read and one comparison.  (BEAM's table works the same way.)
+ *
+ *     vm.table   slot:   0        1        2        3      ...
+ *                     +--------+--------+--------+--------+
+ *                     | proc 8 |  ----  | proc 2 | proc 3 |
+ *                     +---|----+--------+---|----+---|----+
+ *                         v                 v        v
+ *                     struct proc: pid, state, mailbox, heap, links,
+ *                     monitors, saved stack, jmp_buf, ...
+ *
+ * A stack per process, kept as a saved copy.  A C function's local
+ * variables live on the C stack, so a process that stops in the middle of
+ * a call chain (waiting in receive, five calls deep) needs its stack kept
+ * somewhere while others run.  Coroutine libraries give every coroutine its
+ * own stack region and switch the stack pointer between them.  kv.c does
+ * something simpler and cheaper in memory: every process runs on the same
+ * stretch of the ordinary C stack, called "the stage", and when a process
+ * steps off the stage the bytes it was using are copied into a buffer of
+ * its own.  When it steps back on, they are copied back to the very same
+ * addresses, so every pointer into its stack is valid again.
+ *
+ *     high addresses
+ *     +--------------------------+
+ *     | main(), vm_run()         |  the scheduler's frames
+ *     |  ...the gap (64 KiB)...  |  room for the scheduler's own calls
+ *     +--------------------------+  <- vm.stage_top: the same for everyone
+ *     | proc_main(P)             |  the running process's frames,
+ *     | gen_server_loop(...)     |  exactly as the compiler laid them out
+ *     | receive(...)             |
+ *     | proc_wait()              |  <- its stack pointer when it stopped
+ *     +--------------------------+
+ *     |   (rest of the C stack)  |  a deep call chain simply keeps going;
+ *     v                          v  no other process's bytes live here
+ *
+ *     P's saved copy (heap):  [ bytes from its stack pointer up to
+ *                               vm.stage_top ]  typically 200-900 bytes
+ *
+ * Why this way?  An idle process costs only the bytes it was really using
+ * (BEAM's idle process costs about 2.7 KB; ours a little less), there is no
+ * memory map per process and so no limit near 32,000 processes (a guard
+ * page per stack costs two kernel mappings, and Linux allows 65,530), and
+ * no assembly is needed anywhere: entering the stage is an ordinary call,
+ * leaving it is _longjmp.  The price is the copy: a switch moves a few
+ * hundred bytes each way (see `./kv bench`).  A process that overflows
+ * the C stack cannot trample another process either, because no other
+ * process's stack is on the C stack: the kernel's guard page stops it and
+ * the VM names the culprit (section I.7).
+ *
+ * What a jmp_buf holds.  _setjmp(buf) saves the registers a C function
+ * must preserve across calls: the stack pointer, the frame pointer, the
+ * callee-saved registers (rbx, r12-r15 on x86-64; x19-x29 on aarch64) and
+ * the address to continue at.  _longjmp(buf, v) loads them back, so the
+ * program continues as if that _setjmp had just returned v.  It does not
+ * restore memory: the stack bytes the registers point at must still be
+ * there, which is exactly what copying the saved stack back guarantees.
+ * Three kinds of jmp_buf exist here:
+ *
+ *     vm.sched_ctx    in the scheduler's frame, above the stage: every
+ *                     jump to it goes upward, to an older frame, as C allows
+ *     proc->ctx       where a waiting process continues; valid only while
+ *                     its saved bytes are back on the stage
+ *     catch->env      a catch point inside one process (exit from any depth)
+ *
+ * Every _longjmp in this file goes to a frame above the current one, which
+ * is also why glibc's _FORTIFY_SOURCE check (it aborts a longjmp that goes
+ * *down* the stack) never fires.
+ *
+ * The mailbox.  Messages are copied when sent (processes share nothing)
+ * into a block of memory of their own and queued in arrival order:
+ *
+ *     proc->mbox_head -> [msg 1] -> [msg 2] -> [msg 3] -> NULL
+ *                                                 ^
+ *     proc->mbox_tail -------------------- &msg3->next
+ *
+ * receive walks the queue from the oldest message, asks a match function
+ * about each one, and takes the first that matches; the others stay where
+ * they were, in order (selective receive).  A received message's memory
+ * joins the receiver's heap.
+ *
+ * Terms and heaps.  Values are Elixir terms: atoms, integers, strings,
+ * tuples, lists, maps, pids, references and functions, immutable once
+ * built.  Each process allocates its terms from its own heap, a list of
+ * memory chunks that is freed all at once when the process dies, however it
+ * dies.  Long-lived servers compact their heap after a callback by copying
+ * the state into a fresh heap, the same idea as BEAM's per-process garbage
+ * collector, with one root.
+ */
+
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI: _setjmp, sigaltstack */
+
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <poll.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+/* API marks the functions that mirror an Elixir call.  They are static
+ * like everything in this one-file program, and may go unused by ./kv
+ * (the self-test, which includes this file, uses them). */
+#if defined(__GNUC__) || defined(__clang__)
+#define NOINLINE __attribute__((noinline))
+#define NORETURN __attribute__((noreturn))
+#define PRINTF(f, a) __attribute__((format(printf, f, a)))
+#define API static __attribute__((unused))
+#else
+#define NOINLINE
+#define NORETURN
+#define PRINTF(f, a)
+#define API static
+#endif
+
+/* AddressSanitizer keeps "poison" marks for stack frames.  Copying a saved
+ * stack in and out moves bytes that ASan believes belong to dead or foreign
+ * frames, so under ASan the stage is unpoisoned before each copy.  The
+ * macro is nothing at all in a normal build. */
+#if defined(__SANITIZE_ADDRESS__)
+#define KV_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KV_ASAN 1
+#endif
+#endif
+#ifdef KV_ASAN
+void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
+#define UNPOISON(addr, size) __asan_unpoison_memory_region((addr), (size))
+#else
+#define UNPOISON(addr, size) ((void)0)
+#endif
+
+/* --------------------------------------------------------------------------
+ * I.2  Memory: every byte counted
+ * --------------------------------------------------------------------------
+ * Everything a process owns (its struct proc, heap chunks, messages, saved
+ * stack, links and monitors) comes from mem_alloc and goes back through
+ * mem_free with its size, so vm_memory() says exactly how many bytes the
+ * processes hold.  The self-test uses it to prove that a dead process
+ * leaves nothing behind.  The VM's own tables (process table, timer heap,
+ * names, text buffers) come from vm_alloc and are not counted: they belong
+ * to no process.  Running out of memory stops the program with a message.
+ */
+
+static size_t mem_in_use;
+
+static NORETURN void out_of_memory(size_t size) {
+    fprintf(stderr, "kv: out of memory (asked for %zu bytes)\n", size);
+    abort();
+}
+
+static void *vm_realloc(void *old, size_t size) {
+    void *p = realloc(old, size ? size : 1);
+    if (!p) out_of_memory(size);
+    return p;
+}
+
+static void *mem_alloc(size_t size) {
+    mem_in_use += size;
+    return vm_realloc(NULL, size);
+}
+
+static void *mem_realloc(void *old, size_t old_size, size_t size) {
+    mem_in_use = mem_in_use - old_size + size;
+    return vm_realloc(old, size);
+}
+
+static void mem_free(void *p, size_t size) {
+    if (!p) return;
+    mem_in_use -= size;
+    free(p);
+}
+
+/* Bytes the processes hold right now. */
+API size_t vm_memory(void) { return mem_in_use; }
+
+/* A growable string, used to build everything that gets printed. */
+struct buf {
+    char *s;
+    size_t len, cap;
+};
+
+static void buf_reserve(struct buf *b, size_t extra) {
+    if (b->len + extra + 1 <= b->cap) return;
+    size_t cap = b->cap ? b->cap : 64;
+    while (cap < b->len + extra + 1) cap *= 2;
+    b->s = vm_realloc(b->s, cap);
+    b->cap = cap;
+}
+
+static void buf_add(struct buf *b, const char *s, size_t n) {
+    buf_reserve(b, n);
+    memcpy(b->s + b->len, s, n);
+    b->len += n;
+    b->s[b->len] = '\0';
+}
+
+static void buf_puts(struct buf *b, const char *s) { buf_add(b, s, strlen(s)); }
+
+static PRINTF(2, 3) void buf_printf(struct buf *b, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    buf_reserve(b, (size_t)n);
+    va_start(ap, fmt);
+    vsnprintf(b->s + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+static const char *buf_str(struct buf *b) { return b->s ? b->s : ""; }
+
+static void buf_free(struct buf *b) {
+    free(b->s);
+    b->s = NULL;
+    b->len = b->cap = 0;
+}
+
+/* --------------------------------------------------------------------------
+ * I.3  Terms
+ * --------------------------------------------------------------------------
+ * A term is a pointer to an immutable struct term.  Its `kind` says what it
+ * is; the kinds are listed in Erlang's term order (a number is smaller than
+ * an atom, an atom smaller than a reference, ..., a list smaller than a
+ * binary), so comparing two terms of different kinds is comparing kinds.
+ *
+ *     struct term:  kind | n | u (8 bytes) | item[] ...
+ *
+ *     integer    n unused         u.i = the value
+ *     atom       n = name length  u.i = hash      item[] = the name's bytes
+ *     reference  n unused         u.id = N, printed #Reference<0.0.0.N>
+ *     function   n = env size     u.fun = C code  item[0] = captured term
+ *     pid        n unused         u.id = N, printed #PID<0.N.0>
+ *     tuple      n = arity        item[0..n-1]
+ *     map        n = size         item[0..n-1] keys (sorted), item[n..2n-1]
+ *     []         the one empty list, a static constant
+ *     list cell  n unused         item[0] = head, item[1] = tail
+ *     binary     n = byte length  item[] = the bytes (a string)
+ *
+ * Atoms are interned in a global table and never freed, as on BEAM (the
+ * guide warns against turning user input into atoms for exactly that
+ * reason), so two atoms are equal exactly when the pointers are equal.
+ * Every other term lives in the heap of the process that built it.
+ */
+
+enum kind {
+    K_INT, K_ATOM, K_REF, K_FUN, K_PID, K_TUPLE, K_MAP, K_NIL, K_CONS, K_BIN
+};
+
+typedef const struct term *term;
+
+struct fun_def; /* a C function that a fun term calls; see below */
+
+struct term {
+    uint8_t kind;
+    uint32_t n;
+    union {
+        int64_t i;
+        uint64_t id;
+        const struct fun_def *fun;
+    } u;
+    term item[];
+};
+
+#define BYTES(t) ((const char *)(t)->item)
+
+/* A fun: Elixir's anonymous function, as a C function plus one captured
+ * term.  `fn list -> ["eggs" | list] end` is a fun_def whose code conses
+ * "eggs" onto its argument; `&Map.get(&1, key)` captures `key` as env. */
+struct fun_def {
+    const char *name;       /* the C function, for printing */
+    int arity;              /* 0 or 1 */
+    const char *defined_in; /* "KV.Bucket.get/2", as Elixir prints it */
+    term (*code)(term env, term arg);
+};
+
+/* The empty list is one static term, like Erlang's NIL. */
+static const struct term nil_term = {.kind = K_NIL};
+#define NIL (&nil_term)
+
+/* ---- Heaps -------------------------------------------------------------
+ * A heap is a chain of chunks.  Allocation bumps a pointer in the newest
+ * chunk; nothing is freed one by one.  A message is built in a chunk of its
+ * own, sized exactly, and that chunk joins the receiver's heap when the
+ * message is received. */
+
+struct chunk {
+    struct chunk *next;
+    size_t size, used; /* bytes of data[] */
+    uint64_t data[]; /* 8-byte aligned, as every term is */
+};
+
+struct heap {
+    struct chunk *chunks; /* newest first */
+    size_t bytes;         /* memory its chunks take, headers included */
+    size_t live;          /* bytes kept by the last compaction */
+};
+
+#define ALIGN8(n) (((n) + 7) & ~(size_t)7)
+
+static struct chunk *chunk_new(size_t size) {
+    struct chunk *c = mem_alloc(sizeof *c + size);
+    c->next = NULL;
+    c->size = size;
+    c->used = 0;
+    return c;
+}
+
+static void chunk_free(struct chunk *c) { mem_free(c, sizeof *c + c->size); }
+
+static void heap_add_chunk(struct heap *h, struct chunk *c) {
+    c->next = h->chunks;
+    h->chunks = c;
+    h->bytes += sizeof *c + c->size;
+}
+
+static void *heap_alloc(struct heap *h, size_t size) {
+    size = ALIGN8(size);
+    struct chunk *c = h->chunks;
+    if (!c || c->size - c->used < size) {
+        /* Chunks grow with the heap: 256 bytes at first, at most 64 KiB. */
+        size_t want = h->bytes / 2;
+        if (want < 256) want = 256;
+        if (want > 65536) want = 65536;
+        if (want < size) want = size;
+        c = chunk_new(want);
+        heap_add_chunk(h, c);
+    }
+    void *p = (char *)c->data + c->used;
+    c->used += size;
+    return p;
+}
+
+static void heap_free(struct heap *h) {
+    struct chunk *c = h->chunks;
+    while (c) {
+        struct chunk *next = c->next;
+        chunk_free(c);
+        c = next;
+    }
+    h->chunks = NULL;
+    h->bytes = 0;
+    h->live = 0;
+}
+
+/* Where new terms go.  Normally the running process's heap; the VM points
+ * it elsewhere for a moment when it builds a message on behalf of nobody
+ * (an exit signal from a dead process, say).  See with_heap(). */
+static struct heap *alloc_heap;
+static struct heap outside_heap; /* terms built when no process runs */
+
+static struct term *term_alloc(enum kind kind, uint32_t n, size_t items) {
+    struct term *t = heap_alloc(alloc_heap, sizeof *t + items * sizeof(term));
+    t->kind = (uint8_t)kind;
+    t->n = n;
+    t->u.i = 0;
+    return t;
+}
+
+/* ---- Atoms ------------------------------------------------------------ */
+
+static struct {
+    term *slots;
+    size_t cap, count;
+} atoms;
+
+static uint64_t hash_bytes(const char *s, size_t n) {
+    uint64_t h = 1469598103934665603u; /* FNV-1a */
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 1099511628211u;
+    return h;
+}
+
+static void atoms_grow(void) {
+    size_t cap = atoms.cap ? atoms.cap * 2 : 256;
+    term *slots = calloc(cap, sizeof *slots);
+    if (!slots) abort();
+    for (size_t i = 0; i < atoms.cap; i++) {
+        term a = atoms.slots[i];
+        if (!a) continue;
+        size_t j = (size_t)a->u.id & (cap - 1);
+        while (slots[j]) j = (j + 1) & (cap - 1);
+        slots[j] = a;
+    }
+    free(atoms.slots);
+    atoms.slots = slots;
+    atoms.cap = cap;
+}
+
+/* :name — the atom with this name, created on first use. */
+static term atom_n(const char *name, size_t n) {
+    if (atoms.count * 2 >= atoms.cap) atoms_grow();
+    uint64_t h = hash_bytes(name, n);
+    size_t j = (size_t)h & (atoms.cap - 1);
+    for (term a; (a = atoms.slots[j]); j = (j + 1) & (atoms.cap - 1))
+        if (a->n == n && memcmp(BYTES(a), name, n) == 0) return a;
+    /* Atoms live outside every heap, in plain malloc memory, forever. */
+    struct term *a = calloc(1, sizeof *a + n + 1);
+    if (!a) abort();
+    a->kind = K_ATOM;
+    a->n = (uint32_t)n;
+    a->u.id = h;
+    memcpy((char *)a->item, name, n);
+    atoms.slots[j] = a;
+    atoms.count++;
+    return a;
+}
+
+static term kv_atom(const char *name) { return atom_n(name, strlen(name)); }
+
+/* The atoms the VM uses itself, created once at start-up.  BEAM's own C
+ * source calls its built-in atoms am_ok, am_normal, ...; so does kv.c.
+ * Module names are atoms too: KV.Registry is :"Elixir.KV.Registry". */
+#define KV_ATOMS(X)                                                          \
+    X(ok, "ok") X(error, "error") X(nil, "nil") X(true, "true")               \
+    X(false, "false") X(normal, "normal") X(kill, "kill")                    \
+    X(killed, "killed") X(shutdown, "shutdown") X(noproc, "noproc")         \
+    X(EXIT, "EXIT") X(DOWN, "DOWN") X(process, "process")                    \
+    X(timeout, "timeout") X(infinity, "infinity") X(undefined, "undefined") \
+    X(alias, "alias") X(nonode, "nonode@nohost") X(calling_self, "calling_self") \
+    X(gen_call, "$gen_call") X(gen_cast, "$gen_cast") X(system, "system")  \
+    X(terminate, "terminate") X(get_state, "get_state") X(call, "call")    \
+    X(stop, "stop") X(reply, "reply") X(noreply, "noreply")                 \
+    X(ignore, "ignore") X(bad_return_value, "bad_return_value")             \
+    X(already_started, "already_started") X(ack, "ack")                     \
+    X(trap_exit, "trap_exit") X(name, "name") X(struct_, "__struct__")      \
+    X(exception_, "__exception__") X(message, "message") X(term, "term")     \
+    X(module, "module") X(function, "function") X(arity, "arity")           \
+    X(kind, "kind") X(args, "args") X(clauses, "clauses")                   \
+    X(original, "original") X(reason, "reason") X(system_limit, "system_limit") \
+    X(badarg, "badarg") X(GenServer, "Elixir.GenServer")                    \
+    X(RuntimeError, "Elixir.RuntimeError")                                   \
+    X(ArgumentError, "Elixir.ArgumentError")                                 \
+    X(MatchError, "Elixir.MatchError")                                       \
+    X(FunctionClauseError, "Elixir.FunctionClauseError")                    \
+    X(ErlangError, "Elixir.ErlangError")                                     \
+    X(UndefinedFunctionError, "Elixir.UndefinedFunctionError")
+
+#define DECLARE_ATOM(id, text) static term am_##id;
+KV_ATOMS(DECLARE_ATOM)
+#undef DECLARE_ATOM
+
+static void atoms_init(void) {
+#define INIT_ATOM(id, text) am_##id = kv_atom(text);
+    KV_ATOMS(INIT_ATOM)
+#undef INIT_ATOM
+}
+
+/* Elixir's `KV.Registry` is the atom :"Elixir.KV.Registry". */
+static term kv_alias(const char *name) {
+    char buf[256];
+    snprintf(buf, sizeof buf, "Elixir.%s", name);
+    return kv_atom(buf);
+}
+
+API term kv_bool(bool b) { return b ? am_true : am_false; }
+
+/* ---- Building terms --------------------------------------------------- */
+
+static term kv_int(int64_t i) {
+    struct term *t = term_alloc(K_INT, 0, 0);
+    t->u.i = i;
+    return t;
+}
+
+static term kv_binary(const char *bytes, size_t n) {
+    /* The bytes follow the header, plus a NUL so BYTES(b) is a C string. */
+    struct term *b = heap_alloc(alloc_heap, sizeof *b + n + 1);
+    b->kind = K_BIN;
+    b->n = (uint32_t)n;
+    b->u.i = 0;
+    memcpy((char *)b->item, bytes, n);
+    ((char *)b->item)[n] = '\0';
+    return b;
+}
+
+/* "milk" — an Elixir string (a UTF-8 binary). */
+static term kv_string(const char *s) { return kv_binary(s, strlen(s)); }
+
+static term kv_pid(uint64_t n) {
+    struct term *t = term_alloc(K_PID, 0, 0);
+    t->u.id = n;
+    return t;
+}
+
+static term kv_ref(uint64_t n) {
+    struct term *t = term_alloc(K_REF, 0, 0);
+    t->u.id = n;
+    return t;
+}
+
+static term kv_tuple_of(size_t n, const term *items) {
+    struct term *t = term_alloc(K_TUPLE, (uint32_t)n, n);
+    for (size_t i = 0; i < n; i++) t->item[i] = items[i];
+    return t;
+}
+
+/* {a, b, ...} — kv_tuple(3, am_ok, x, y) builds {:ok, x, y}. */
+static term kv_tuple(size_t n, ...) {
+    term items[16];
+    va_list ap;
+    va_start(ap, n);
+    for (size_t i = 0; i < n && i < 16; i++) items[i] = va_arg(ap, term);
+    va_end(ap);
+    return kv_tuple_of(n, items);
+}
+
+/* [head | tail] */
+static term kv_cons(term head, term tail) {
+    struct term *t = term_alloc(K_CONS, 0, 2);
+    t->item[0] = head;
+    t->item[1] = tail;
+    return t;
+}
+
+static term kv_list_of(size_t n, const term *items) {
+    term l = NIL;
+    while (n--) l = kv_cons(items[n], l);
+    return l;
+}
+
+/* [a, b, ...] */
+API term kv_list(size_t n, ...) {
+    term items[16];
+    va_list ap;
+    va_start(ap, n);
+    for (size_t i = 0; i < n && i < 16; i++) items[i] = va_arg(ap, term);
+    va_end(ap);
+    return kv_list_of(n, items);
+}
+
+static term kv_fun(const struct fun_def *def, term env) {
+    struct term *t = term_alloc(K_FUN, 1, 1);
+    t->u.fun = def;
+    t->item[0] = env ? env : NIL;
+    return t;
+}
+
+/* ---- Looking at terms -------------------------------------------------
+ * Kernel's guards and accessors, with their Elixir names. */
+
+API bool is_integer(term t) { return t->kind == K_INT; }
+static bool is_atom(term t) { return t->kind == K_ATOM; }
+static bool is_pid(term t) { return t->kind == K_PID; }
+static bool is_reference(term t) { return t->kind == K_REF; }
+static bool is_tuple(term t) { return t->kind == K_TUPLE; }
+static bool is_map(term t) { return t->kind == K_MAP; }
+static bool is_binary(term t) { return t->kind == K_BIN; }
+static bool is_list(term t) { return t->kind == K_NIL || t->kind == K_CONS; }
+API bool is_function(term t) { return t->kind == K_FUN; }
+static size_t tuple_size(term t) { return t->n; }
+static term elem(term t, size_t i) { return t->item[i]; }
+static term hd(term t) { return t->item[0]; }
+static term tl(term t) { return t->item[1]; }
+static int64_t int_value(term t) { return t->u.i; }
+
+/* Is t the tuple {tag, _, ...} of this size? The commonest match in C. */
+static bool is_tagged(term t, term tag, size_t size) {
+    return t->kind == K_TUPLE && t->n == size && t->item[0] == tag;
+}
+
+API size_t list_length(term l) {
+    size_t n = 0;
+    for (; l->kind == K_CONS; l = l->item[1]) n++;
+    return n;
+}
+
+/* Atoms are compared by pointer: a truthy value in Elixir's sense. */
+API bool truthy(term t) { return t != am_nil && t != am_false; }
+
+/* --------------------------------------------------------------------------
+ * I.4  Term order, maps and copying
+ * --------------------------------------------------------------------------
+ * term_cmp is Erlang's total order, the one `<` and `==` use: different
+ * kinds compare by kind; numbers by value; atoms by name; tuples by size,
+ * then element by element; maps by size, then keys, then values; lists
+ * element by element.  Lists are walked in a loop rather than by recursion
+ * on the tail, so a list of a million elements costs no C stack.
+ */
+
+static int cmp_bytes(const char *a, size_t an, const char *b, size_t bn) {
+    int c = memcmp(a, b, an < bn ? an : bn);
+    if (c) return c < 0 ? -1 : 1;
+    return an < bn ? -1 : an > bn;
+}
+
+static int term_cmp(term a, term b) {
+    for (;;) {
+        if (a == b) return 0;
+        if (a->kind != b->kind) return a->kind < b->kind ? -1 : 1;
+        switch ((enum kind)a->kind) {
+        case K_INT:
+            return a->u.i < b->u.i ? -1 : a->u.i > b->u.i;
+        case K_ATOM:
+            return cmp_bytes(BYTES(a), a->n, BYTES(b), b->n);
+        case K_BIN:
+            return cmp_bytes(BYTES(a), a->n, BYTES(b), b->n);
+        case K_REF:
+        case K_PID:
+            return a->u.id < b->u.id ? -1 : a->u.id > b->u.id;
+        case K_FUN:
+            if (a->u.fun != b->u.fun) return a->u.fun < b->u.fun ? -1 : 1;
+            a = a->item[0], b = b->item[0];
+            continue;
+        case K_NIL:
+            return 0;
+        case K_TUPLE:
+        case K_MAP: {
+            if (a->n != b->n) return a->n < b->n ? -1 : 1;
+            size_t items = a->kind == K_MAP ? 2 * (size_t)a->n : a->n;
+            for (size_t i = 0; i < items; i++) {
+                int c = term_cmp(a->item[i], b->item[i]);
+                if (c) return c;
+            }
+            return 0;
+        }
+        case K_CONS: {
+            int c = term_cmp(a->item[0], b->item[0]);
+            if (c) return c;
+            a = a->item[1], b = b->item[1];
+            continue;
+        }
+        }
+        return 0;
+    }
+}
+
+/* Kernel.==/2 */
+API bool term_eq(term a, term b) { return a == b || term_cmp(a, b) == 0; }
+
+/* ---- Maps -------------------------------------------------------------
+ * A map is an array of keys kept in term order and, after them, the array
+ * of their values.  Finding a key is a binary search; putting one copies
+ * the arrays (maps are immutable).  Small maps print in this same order on
+ * BEAM; maps of more than 32 keys print in hash order there, and in key
+ * order here. */
+
+static term map_key(term m, size_t i) { return m->item[i]; }
+static term map_value(term m, size_t i) { return m->item[m->n + i]; }
+
+/* Index of key in m, or -(insertion point) - 1. */
+static long map_find(term m, term key) {
+    long lo = 0, hi = (long)m->n - 1;
+    while (lo <= hi) {
+        long mid = (lo + hi) / 2;
+        int c = term_cmp(m->item[mid], key);
+        if (c == 0) return mid;
+        if (c < 0) lo = mid + 1; else hi = mid - 1;
+    }
+    return -lo - 1;
+}
+
+static struct term *map_alloc(size_t n) { return term_alloc(K_MAP, (uint32_t)n, 2 * n); }
+
+/* Map.get/3 — nil (or the default) when the key is absent. */
+static term map_get(term m, term key, term dflt) {
+    long i = map_find(m, key);
+    return i >= 0 ? map_value(m, (size_t)i) : dflt;
+}
+
+/* Map.has_key?/2 */
+static bool map_has_key(term m, term key) { return map_find(m, key) >= 0; }
+
+/* Map.fetch/2 — {:ok, value} or :error */
+API term map_fetch(term m, term key) {
+    long i = map_find(m, key);
+    return i >= 0 ? kv_tuple(2, am_ok, map_value(m, (size_t)i)) : am_error;
+}
+
+/* Map.put/3 */
+static term map_put(term m, term key, term value) {
+    long i = map_find(m, key);
+    size_t n = m->n, at;
+    struct term *r;
+    if (i >= 0) { /* replace */
+        r = map_alloc(n);
+        memcpy(r->item, m->item, 2 * n * sizeof(term));
+        r->item[n + (size_t)i] = value;
+        return r;
+    }
+    at = (size_t)(-i - 1);
+    r = map_alloc(n + 1);
+    for (size_t j = 0; j < at; j++) {
+        r->item[j] = m->item[j];
+        r->item[n + 1 + j] = m->item[n + j];
+    }
+    r->item[at] = key;
+    r->item[n + 1 + at] = value;
+    for (size_t j = at; j < n; j++) {
+        r->item[j + 1] = m->item[j];
+        r->item[n + 1 + j + 1] = m->item[n + j];
+    }
+    return r;
+}
+
+/* Map.delete/2 */
+static term map_delete(term m, term key) {
+    long i = map_find(m, key);
+    if (i < 0) return m;
+    size_t n = m->n, at = (size_t)i;
+    struct term *r = map_alloc(n - 1);
+    for (size_t j = 0, k = 0; j < n; j++) {
+        if (j == at) continue;
+        r->item[k] = m->item[j];
+        r->item[n - 1 + k] = m->item[n + j];
+        k++;
+    }
+    return r;
+}
+
+/* Map.pop/2 — {value or nil, map without key} */
+API term map_pop(term m, term key) {
+    long i = map_find(m, key);
+    if (i < 0) return kv_tuple(2, am_nil, m);
+    return kv_tuple(2, map_value(m, (size_t)i), map_delete(m, key));
+}
+
+static term kv_map_empty(void) { return map_alloc(0); }
+
+/* %{k1 => v1, ...} — kv_map(2, k1, v1, k2, v2): n pairs, any order. */
+static term kv_map(size_t n, ...) {
+    term m = kv_map_empty();
+    va_list ap;
+    va_start(ap, n);
+    for (size_t i = 0; i < n; i++) {
+        term k = va_arg(ap, term);
+        term v = va_arg(ap, term);
+        m = map_put(m, k, v);
+    }
+    va_end(ap);
+    return m;
+}
+
+/* Keyword.get/3 on a list of {atom, value} pairs. */
+API term keyword_get(term kw, term key, term dflt) {
+    for (; kw->kind == K_CONS; kw = tl(kw)) {
+        term pair = hd(kw);
+        if (is_tuple(pair) && tuple_size(pair) == 2 && elem(pair, 0) == key)
+            return elem(pair, 1);
+    }
+    return dflt;
+}
+
+/* ---- Copying ----------------------------------------------------------
+ * Sending a message copies it: processes share nothing.  term_size says
+ * how many bytes a copy needs (atoms and [] are shared, never copied),
+ * term_copy builds the copy with those bytes in one go. */
+
+static size_t term_size(term t) {
+    size_t size = 0;
+    for (;;) {
+        switch ((enum kind)t->kind) {
+        case K_ATOM:
+        case K_NIL:
+            return size;
+        case K_INT:
+        case K_PID:
+        case K_REF:
+            return size + sizeof(struct term);
+        case K_BIN:
+            return size + ALIGN8(sizeof(struct term) + t->n + 1);
+        case K_FUN:
+            return size + sizeof(struct term) + sizeof(term) + term_size(t->item[0]);
+        case K_TUPLE:
+        case K_MAP: {
+            size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
+            size += sizeof(struct term) + items * sizeof(term);
+            for (size_t i = 0; i < items; i++) size += term_size(t->item[i]);
+            return size;
+        }
+        case K_CONS:
+            size += sizeof(struct term) + 2 * sizeof(term) + term_size(t->item[0]);
+            t = t->item[1];
+            continue;
+        }
+        return size;
+    }
+}
+
+static term copy_rec(term t) {
+    switch ((enum kind)t->kind) {
+    case K_ATOM:
+    case K_NIL:
+        return t;
+    case K_INT:
+    case K_PID:
+    case K_REF: {
+        struct term *c = term_alloc((enum kind)t->kind, 0, 0);
+        c->u = t->u;
+        return c;
+    }
+    case K_BIN:
+        return kv_binary(BYTES(t), t->n);
+    case K_FUN:
+        return kv_fun(t->u.fun, copy_rec(t->item[0]));
+    case K_TUPLE:
+    case K_MAP: {
+        size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
+        struct term *c = term_alloc((enum kind)t->kind, t->n, items);
+        for (size_t i = 0; i < items; i++) c->item[i] = copy_rec(t->item[i]);
+        return c;
+    }
+    case K_CONS: {
+        term result = NIL;
+        term *hole = &result;
+        for (; t->kind == K_CONS; t = t->item[1]) {
+            struct term *c = term_alloc(K_CONS, 0, 2);
+            c->item[0] = copy_rec(t->item[0]);
+            c->item[1] = NIL;
+            *hole = c;
+            hole = (term *)&c->item[1];
+        }
+        *hole = copy_rec(t); /* [] or the tail of an improper list */
+        return result;
+    }
+    }
+    return t;
+}
+
+/* Copy t into heap h, in a chunk of exactly the right size. */
+static term term_copy(struct heap *h, term t) {
+    size_t size = term_size(t);
+    if (size == 0) return t;
+    heap_add_chunk(h, chunk_new(size));
+    struct heap *saved = alloc_heap;
+    alloc_heap = h;
+    term c = copy_rec(t);
+    alloc_heap = saved;
+    return c;
+}
+
+/* Collect the running process's heap, keeping only `root` (and what it
+ * refers to): copy root into a fresh heap and free the old one.  Every other
+ * term the process held is gone afterwards, so call it only where root is
+ * all that is live, as GenServer does between callbacks.  This is BEAM's
+ * per-process copying collector with a single root. */
+static term heap_compact(struct heap *h, term root) {
+    struct heap fresh = {0};
+    root = term_copy(&fresh, root);
+    heap_free(h);
+    *h = fresh;
+    h->live = h->bytes;
+    return root;
+}
+
+/* Run code with new terms going to heap h (see with_heap's uses below). */
+#define WITH_HEAP(h, code)                 \
+    do {                                   \
+        struct heap *saved_ = alloc_heap;  \
+        alloc_heap = (h);                  \
+        code;                              \
+        alloc_heap = saved_;               \
+    } while (0)
+
+/* --------------------------------------------------------------------------
+ * I.5  Inspect: printing terms the way iex does
+ * --------------------------------------------------------------------------
+ * Elixir's inspect/2 does not print directly.  It builds a *document* out of
+ * strings, breaks (places where a line may end), nests (indentation) and
+ * groups (runs of breaks decided together), then lays the document out for
+ * a given width: that is Inspect.Algebra, after Lindig's "Strictly Pretty".
+ * inspect/1 lays out with infinite width, so everything stays on one line;
+ * iex lays out results at 80 columns, which is why a long child spec comes
+ * back one key per line.  kv.c builds the same documents and lays them out
+ * with the same rules, so both kinds of output match Elixir 1.14's.
+ */
+
+enum doc_kind { DOC_NIL, DOC_STR, DOC_CONS, DOC_NEST, DOC_BREAK, DOC_GROUP };
+
+struct doc {
+    enum doc_kind kind;
+    bool flex;                 /* DOC_BREAK: flex (fill the line) or strict */
+    int indent;                /* DOC_NEST */
+    const char *s;             /* DOC_STR and DOC_BREAK text */
+    size_t len;
+    const struct doc *a, *b;   /* DOC_CONS: a then b; NEST, GROUP: a */
+};
+
+/* Documents live in a scratch heap that is dropped after printing. */
+static struct heap doc_heap;
+
+static const struct doc *doc_new(enum doc_kind kind, const char *s, size_t len,
+                                 const struct doc *a, const struct doc *b) {
+    struct doc *d = heap_alloc(&doc_heap, sizeof *d);
+    d->kind = kind;
+    d->flex = false;
+    d->indent = 0;
+    d->s = s;
+    d->len = len;
+    d->a = a;
+    d->b = b;
+    return d;
+}
+
+static const struct doc doc_nil = {.kind = DOC_NIL};
+
+/* A copy of s (len bytes) as a string document. */
+static const struct doc *doc_text(const char *s, size_t len) {
+    char *copy = heap_alloc(&doc_heap, len + 1);
+    memcpy(copy, s, len);
+    copy[len] = '\0';
+    return doc_new(DOC_STR, copy, len, NULL, NULL);
+}
+
+static const struct doc *doc_str(const char *s) { return doc_text(s, strlen(s)); }
+
+static const struct doc *doc_buf(struct buf *b) {
+    const struct doc *d = doc_text(buf_str(b), b->len);
+    buf_free(b);
+    return d;
+}
+
+static const struct doc *concat(const struct doc *a, const struct doc *b) {
+    return doc_new(DOC_CONS, NULL, 0, a, b);
+}
+
+static const struct doc *nest(const struct doc *d, int indent) {
+    struct doc *n = (struct doc *)doc_new(DOC_NEST, NULL, 0, d, NULL);
+    n->indent = indent;
+    return n;
+}
+
+static const struct doc *doc_break(const char *s, bool flex) {
+    struct doc *d = (struct doc *)doc_new(DOC_BREAK, s, strlen(s), NULL, NULL);
+    d->flex = flex;
+    return d;
+}
+
+static const struct doc *group(const struct doc *d) {
+    return doc_new(DOC_GROUP, NULL, 0, d, NULL);
+}
+
+/* a <break> b */
+static const struct doc *glue(const struct doc *a, const char *brk, bool flex,
+                              const struct doc *b) {
+    return concat(a, concat(doc_break(brk, flex), b));
+}
+
+/* "Simple" documents are plain text: containers of simple items may fill
+ * lines (flex breaks) instead of taking one line per item. */
+static bool doc_simple(const struct doc *d) {
+    if (d->kind == DOC_CONS) return doc_simple(d->a) && doc_simple(d->b);
+    return d->kind == DOC_STR || d->kind == DOC_NIL;
+}
+
+/* ---- Laying out a document ---------------------------------------------
+ * The layout walks a stack of (indent, mode, doc) entries.  In FLAT mode a
+ * break prints its text; in BREAK mode a strict break becomes a newline and
+ * a flex break becomes a newline only if the next stretch would not fit.  A
+ * group is laid out FLAT if its contents fit on the rest of the line. */
+
+enum mode { FLAT, BREAK, TAIL };
+struct entry {
+    int indent;
+    enum mode mode;
+    bool b;             /* TAIL entries: the saved "seen a break" flag */
+    const struct doc *doc;
+};
+
+struct doc_stack {
+    struct entry *e;
+    size_t n, cap;
+};
+
+static void push(struct doc_stack *s, int indent, enum mode mode, const struct doc *d) {
+    if (s->n == s->cap) {
+        size_t cap = s->cap ? s->cap * 2 : 64;
+        s->e = vm_realloc(s->e, cap * sizeof *s->e);
+        s->cap = cap;
+    }
+    s->e[s->n++] = (struct entry){indent, mode, false, d};
+}
+
+/* Does the text up to the next possible newline fit in w columns, starting
+ * at column k?  `first` is a group's contents (or NULL); `rest`/`nrest` is
+ * the remainder of the document, read but not consumed.  `b` becomes true
+ * once a break has been passed: overflowing only counts after that, so a
+ * long word with no break in it is allowed to stick out. */
+static bool fits(long w, long k, bool b, const struct doc *first, int indent,
+                 const struct entry *rest, size_t nrest) {
+    struct doc_stack local = {0};
+    bool answer = true;
+    if (first) push(&local, indent, FLAT, first);
+    for (;;) {
+        if (k > w && b) { answer = false; break; }
+        struct entry e;
+        if (local.n) e = local.e[--local.n];
+        else if (nrest) e = rest[--nrest];
+        else break;
+        if (e.mode == TAIL) { b = e.b; continue; }
+        const struct doc *d = e.doc;
+        switch (d->kind) {
+        case DOC_NIL: break;
+        case DOC_STR: k += (long)d->len; break;
+        case DOC_CONS:
+            push(&local, e.indent, e.mode, d->b);
+            push(&local, e.indent, e.mode, d->a);
+            break;
+        case DOC_NEST: push(&local, e.indent + d->indent, e.mode, d->a); break;
+        case DOC_GROUP:
+            push(&local, 0, TAIL, NULL);
+            local.e[local.n - 1].b = b;
+            push(&local, e.indent, FLAT, d->a);
+            break;
+        case DOC_BREAK:
+            if (e.mode == BREAK) goto done; /* the line may end here */
+            k += (long)d->len;
+            b = true;
+            break;
+        }
+    }
+done:
+    free(local.e);
+    return answer;
+}
+
+static void newline(struct buf *out, int indent) {
+    buf_puts(out, "\n");
+    for (int i = 0; i < indent; i++) buf_puts(out, " ");
+}
+
+/* Inspect.Algebra.format/2: lay out d in `width` columns (LONG_MAX: no limit). */
+static void doc_format(struct buf *out, const struct doc *d, long width) {
+    struct doc_stack s = {0};
+    long k = 0;
+    push(&s, 0, FLAT, d);
+    while (s.n) {
+        struct entry e = s.e[--s.n];
+        d = e.doc;
+        switch (d->kind) {
+        case DOC_NIL: break;
+        case DOC_STR:
+            buf_add(out, d->s, d->len);
+            k += (long)d->len;
+            break;
+        case DOC_CONS:
+            push(&s, e.indent, e.mode, d->b);
+            push(&s, e.indent, e.mode, d->a);
+            break;
+        case DOC_NEST: push(&s, e.indent + d->indent, e.mode, d->a); break;
+        case DOC_GROUP: {
+            bool flat = width == LONG_MAX || fits(width, k, false, d->a, e.indent, NULL, 0);
+            push(&s, e.indent, flat ? FLAT : BREAK, d->a);
+            break;
+        }
+        case DOC_BREAK:
+            if (d->flex) {
+                long k2 = k + (long)d->len;
+                if (width == LONG_MAX || e.mode == FLAT || fits(width, k2, true, NULL, 0, s.e, s.n)) {
+                    buf_add(out, d->s, d->len);
+                    k = k2;
+                } else {
+                    newline(out, e.indent);
+                    k = e.indent;
+                }
+            } else if (e.mode == BREAK) {
+                newline(out, e.indent);
+                k = e.indent;
+            } else {
+                buf_add(out, d->s, d->len);
+                k += (long)d->len;
+            }
+            break;
+        }
+    }
+    free(s.e);
+}
+
+/* ---- From terms to documents ------------------------------------------ */
+
+#define INSPECT_LIMIT 50 /* items per collection, as inspect's :limit */
+
+static const struct doc *to_doc(term t, long limit);
+
+static bool is_ident_start(unsigned char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c >= 0x80;
+}
+
+static bool is_ident_char(unsigned char c) {
+    return is_ident_start(c) || (c >= '0' && c <= '9') || c == '@';
+}
+
+/* [A-Za-z_][A-Za-z0-9_@]*[?!]? — printable without quotes. */
+static bool is_identifier(const char *s, size_t n) {
+    if (n == 0 || !is_ident_start((unsigned char)s[0])) return false;
+    size_t end = (s[n - 1] == '?' || s[n - 1] == '!') ? n - 1 : n;
+    for (size_t i = 1; i < end; i++)
+        if (!is_ident_char((unsigned char)s[i])) return false;
+    return true;
+}
+
+static bool is_operator(const char *s, size_t n) {
+    static const char *const ops[] = {
+        "+", "-", "*", "/", "**", "++", "--", "+++", "---", "..", "...", "<>",
+        "|>", "<<<", ">>>", "<<~", "~>>", "<~", "~>", "<~>", "&&", "&&&",
+        "||", "|||", "==", "!=", "=~", "===", "!==", "<", ">", "<=", ">=",
+        "=", "!", "^", "&", "|", "\\\\", "->", "<-", "@", ".", "%", "%{}",
+        "{}", "<<>>", "..//", NULL};
+    for (size_t i = 0; ops[i]; i++)
+        if (strlen(ops[i]) == n && memcmp(ops[i], s, n) == 0) return true;
+    return false;
+}
+
+/* "Elixir.Foo.Bar": every piece after a dot starts with a capital. */
+static bool is_alias(const char *s, size_t n) {
+    if (n <= 7 || memcmp(s, "Elixir.", 7) != 0) return false;
+    for (size_t i = 6; i < n;) {
+        if (s[i] != '.' || i + 1 >= n || !(s[i + 1] >= 'A' && s[i + 1] <= 'Z')) return false;
+        i += 2;
+        while (i < n && s[i] != '.' && ((s[i] >= 'a' && s[i] <= 'z') || (s[i] >= 'A' && s[i] <= 'Z') ||
+                                        (s[i] >= '0' && s[i] <= '9') || s[i] == '_'))
+            i++;
+        if (i < n && s[i] != '.') return false;
+    }
+    return true;
+}
+
+/* Code.Identifier.escape/2: the text of a quoted string, atom or charlist. */
+static void escape_into(struct buf *b, const char *s, size_t n, char quote) {
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        const char *e = NULL;
+        switch (c) {
+        case 7: e = "\\a"; break;
+        case 8: e = "\\b"; break;
+        case 9: e = "\\t"; break;
+        case 10: e = "\\n"; break;
+        case 11: e = "\\v"; break;
+        case 12: e = "\\f"; break;
+        case 13: e = "\\r"; break;
+        case 27: e = "\\e"; break;
+        case 127: e = "\\d"; break;
+        case '\\': e = "\\\\"; break;
+        case 0: e = "\\0"; break;
+        default: break;
+        }
+        if (e) buf_puts(b, e);
+        else if (c == (unsigned char)quote) { buf_add(b, "\\", 1); buf_add(b, s + i, 1); }
+        else if (c == '#' && i + 1 < n && s[i + 1] == '{') buf_puts(b, "\\#");
+        else if (c < 32) buf_printf(b, "\\x%02X", c);
+        else buf_add(b, s + i, 1);
+    }
+}
+
+/* How an atom is written: nil, true and false bare; KV.Registry without
+ * its "Elixir." prefix; :ok; :"$gen_call" quoted; as a keyword key, name: */
+static void atom_text(struct buf *b, term a, bool as_key) {
+    const char *s = BYTES(a);
+    size_t n = a->n;
+    bool plain = is_identifier(s, n) || (!as_key && is_operator(s, n));
+    if (as_key) {
+        if (plain) { buf_add(b, s, n); buf_puts(b, ":"); }
+        else { buf_puts(b, "\""); escape_into(b, s, n, '"'); buf_puts(b, "\":"); }
+        return;
+    }
+    if (a == am_nil || a == am_true || a == am_false) buf_add(b, s, n);
+    else if (n == 6 && memcmp(s, "Elixir", 6) == 0) buf_add(b, s, n);
+    else if (is_alias(s, n)) buf_add(b, s + 7, n - 7);
+    else if (plain) { buf_puts(b, ":"); buf_add(b, s, n); }
+    else { buf_puts(b, ":\""); escape_into(b, s, n, '"'); buf_puts(b, "\""); }
+}
+
+/* Length of the UTF-8 sequence starting at s (0 if invalid). */
+static size_t utf8_len(const unsigned char *s, size_t n, uint32_t *cp) {
+    if (s[0] < 0x80) { *cp = s[0]; return 1; }
+    size_t len = (s[0] & 0xE0) == 0xC0 ? 2 : (s[0] & 0xF0) == 0xE0 ? 3 : (s[0] & 0xF8) == 0xF0 ? 4 : 0;
+    if (len == 0 || len > n) return 0;
+    uint32_t c = s[0] & (0x7F >> len);
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        c = (c << 6) | (s[i] & 0x3F);
+    }
+    static const uint32_t min[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (c < min[len] || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return 0;
+    *cp = c;
+    return len;
+}
+
+/* String.printable?/1: valid UTF-8 of printable characters. */
+static bool string_printable(const char *s, size_t n) {
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        uint32_t c;
+        size_t len = utf8_len(u + i, n - i, &c);
+        if (len == 0) return false;
+        bool ok = (c >= 32 && c <= 126) || (c >= 7 && c <= 13) || c == 27 || c == 127 ||
+                  (c >= 0xA0 && c <= 0xD7FF) || (c >= 0xE000 && c <= 0xFFFD) || c >= 0x10000;
+        if (!ok) return false;
+        i += len;
+    }
+    return true;
+}
+
+/* List.ascii_printable?/1: a list that prints as a charlist, 'kv'. */
+static bool charlist_printable(term l) {
+    if (l->kind != K_CONS) return false;
+    for (; l->kind == K_CONS; l = tl(l)) {
+        term c = hd(l);
+        if (c->kind != K_INT) return false;
+        int64_t v = c->u.i;
+        if (!((v >= 32 && v <= 126) || (v >= 7 && v <= 13) || v == 27)) return false;
+    }
+    return l->kind == K_NIL;
+}
+
+/* [name: value] lists print as keywords: every item {atom, _}, no alias. */
+static bool is_keyword(term l) {
+    for (; l->kind == K_CONS; l = tl(l)) {
+        term p = hd(l);
+        if (!is_tuple(p) || tuple_size(p) != 2 || !is_atom(elem(p, 0))) return false;
+        term k = elem(p, 0);
+        if (k->n >= 7 && memcmp(BYTES(k), "Elixir.", 7) == 0) return false;
+    }
+    return true;
+}
+
+static const struct doc *keyword_doc(term key, term value, long limit) {
+    struct buf b = {0};
+    atom_text(&b, key, true);
+    return concat(doc_buf(&b), concat(doc_str(" "), to_doc(value, limit)));
+}
+
+/* How a collection's items become documents. */
+enum item_style { ITEM_PLAIN, ITEM_KEYWORD, ITEM_ASSOC, ITEM_FIELD };
+
+struct items {
+    enum item_style style;
+    term src;          /* the tuple, list, or map */
+    size_t count;      /* items in src */
+    term tail;         /* an improper list's tail, or NULL */
+    const term *fields;/* ITEM_FIELD: struct field names, in definition order */
+};
+
+static term item_at(const struct items *it, size_t i, term *value) {
+    term src = it->src;
+    switch (it->style) {
+    case ITEM_PLAIN:
+        if (src->kind == K_TUPLE) return elem(src, i);
+        for (; i; i--) src = tl(src);
+        return hd(src);
+    case ITEM_KEYWORD: {
+        for (; i; i--) src = tl(src);
+        term pair = hd(src);
+        *value = elem(pair, 1);
+        return elem(pair, 0);
+    }
+    case ITEM_ASSOC:
+        *value = map_value(src, i);
+        return map_key(src, i);
+    case ITEM_FIELD:
+        *value = map_get(src, it->fields[i], am_nil);
+        return it->fields[i];
+    }
+    return NIL;
+}
+
+static const struct doc *item_doc(const struct items *it, size_t i, long limit) {
+    term value = NULL;
+    term key = item_at(it, i, &value);
+    switch (it->style) {
+    case ITEM_PLAIN: return to_doc(key, limit);
+    case ITEM_KEYWORD:
+    case ITEM_FIELD: return keyword_doc(key, value, limit);
+    case ITEM_ASSOC:
+        return concat(concat(to_doc(key, limit), doc_str(" => ")), to_doc(value, limit));
+    }
+    return &doc_nil;
+}
+
+static const struct doc *join(const struct doc *a, const struct doc *b, bool flex, const char *sep) {
+    return glue(concat(a, doc_str(sep)), " ", flex, b);
+}
+
+/* Inspect.Algebra.container_doc/6.  `brk` is the container's break style:
+ * "maybe" (lists: flex if every item is plain text), "flex" (tuples) or
+ * "strict" (maps and keywords: one item per line when it doesn't fit). */
+enum break_style { BREAK_MAYBE, BREAK_FLEX, BREAK_STRICT };
+
+static const struct doc *container_doc(const char *left, const struct items *it, const char *right,
+                                       long limit, enum break_style brk) {
+    if (it->count == 0) return concat(doc_str(left), doc_str(right));
+    const struct doc **docs = vm_realloc(NULL, (it->count + 2) * sizeof *docs);
+    size_t n = 0;
+    bool simple = brk == BREAK_MAYBE;
+    for (size_t i = 0; i < it->count; i++) {
+        if (limit == 0) { docs[n++] = doc_str("..."); break; }
+        limit = limit == LONG_MAX ? limit : limit - 1;
+        const struct doc *d;
+        if (it->tail && i == it->count - 1) { /* [last | tail] */
+            const struct doc *l = item_doc(it, i, limit), *r = to_doc(it->tail, limit);
+            simple = simple && doc_simple(l) && doc_simple(r);
+            d = join(l, r, simple, " |");
+        } else {
+            d = item_doc(it, i, limit);
+            simple = simple && doc_simple(d);
+        }
+        docs[n++] = d;
+    }
+    bool flex = simple || brk == BREAK_FLEX;
+    const struct doc *body = n ? docs[n - 1] : &doc_nil;
+    for (size_t i = n - 1; i-- > 0;) body = join(docs[i], body, flex, ",");
+    free(docs);
+    if (flex) return group(concat(concat(doc_str(left), nest(body, 1)), doc_str(right)));
+    return group(glue(nest(glue(doc_str(left), "", false, body), 2), "", false, doc_str(right)));
+}
+
+/* Exception structs print as %Name{field: value, ...} in the order their
+ * module defines the fields, like Elixir; unknown structs print as maps. */
+struct struct_def {
+    const char *name; /* without Elixir. */
+    const char *fields[7];
+};
+
+static const struct struct_def struct_defs[] = {
+    {"RuntimeError", {"message"}},
+    {"ArgumentError", {"message"}},
+    {"MatchError", {"term"}},
+    {"FunctionClauseError", {"module", "function", "arity", "kind", "args", "clauses"}},
+    {"ErlangError", {"original", "reason"}},
+    {"UndefinedFunctionError", {"module", "function", "arity", "reason", "message"}},
+    {"ExUnit.AssertionError", {"left", "right", "message", "expr", "args", "doctest", "context"}},
+    {NULL, {NULL}},
+};
+
+static const struct doc *struct_doc(term map, long limit) {
+    term name = map_get(map, am_struct_, NULL);
+    if (!name || !is_atom(name) || !is_alias(BYTES(name), name->n)) return NULL;
+    for (const struct struct_def *sd = struct_defs; sd->name; sd++) {
+        if (strcmp(BYTES(name) + 7, sd->name) != 0) continue;
+        term fields[7];
+        size_t nf = 0;
+        for (; nf < 7 && sd->fields[nf]; nf++) fields[nf] = kv_atom(sd->fields[nf]);
+        bool exception = map_has_key(map, am_exception_);
+        if (map->n != nf + 1 + exception) return NULL; /* not exactly this struct */
+        for (size_t i = 0; i < nf; i++)
+            if (!map_has_key(map, fields[i])) return NULL;
+        struct items it = {ITEM_FIELD, map, nf, NULL, fields};
+        char left[80];
+        snprintf(left, sizeof left, "%%%s{", sd->name);
+        return container_doc(left, &it, "}", limit, BREAK_STRICT);
+    }
+    return NULL;
+}
+
+static const struct doc *to_doc(term t, long limit) {
+    struct buf b = {0};
+    switch ((enum kind)t->kind) {
+    case K_INT:
+        buf_printf(&b, "%" PRId64, t->u.i);
+        return doc_buf(&b);
+    case K_ATOM:
+        atom_text(&b, t, false);
+        return doc_buf(&b);
+    case K_REF:
+        buf_printf(&b, "#Reference<0.0.0.%" PRIu64 ">", t->u.id);
+        return doc_buf(&b);
+    case K_PID:
+        buf_printf(&b, "#PID<0.%" PRIu64 ".0>", t->u.id);
+        return doc_buf(&b);
+    case K_FUN:
+        buf_printf(&b, "#Function<%s/%d in %s>", t->u.fun->name, t->u.fun->arity,
+                   t->u.fun->defined_in);
+        return doc_buf(&b);
+    case K_BIN:
+        if (string_printable(BYTES(t), t->n)) {
+            buf_puts(&b, "\"");
+            escape_into(&b, BYTES(t), t->n, '"');
+            buf_puts(&b, "\"");
+            return doc_buf(&b);
+        } else {
+            struct items it = {ITEM_PLAIN, NIL, 0, NULL, NULL};
+            term bytes = NIL;
+            for (size_t i = t->n; i-- > 0;) bytes = kv_cons(kv_int((unsigned char)BYTES(t)[i]), bytes);
+            it.src = bytes;
+            it.count = t->n;
+            return container_doc("<<", &it, ">>", limit, BREAK_FLEX);
+        }
+    case K_TUPLE: {
+        struct items it = {ITEM_PLAIN, t, t->n, NULL, NULL};
+        return container_doc("{", &it, "}", limit, BREAK_FLEX);
+    }
+    case K_MAP: {
+        const struct doc *sd = struct_doc(t, limit);
+        if (sd) return sd;
+        bool keyword = true;
+        for (size_t i = 0; i < t->n; i++) {
+            term k = map_key(t, i);
+            if (!is_atom(k) || (k->n >= 7 && memcmp(BYTES(k), "Elixir.", 7) == 0)) keyword = false;
+        }
+        struct items it = {keyword ? ITEM_KEYWORD : ITEM_ASSOC, t, t->n, NULL, NULL};
+        if (keyword) { /* the keyword style reads pairs from a list */
+            term pairs = NIL;
+            for (size_t i = t->n; i-- > 0;) pairs = kv_cons(kv_tuple(2, map_key(t, i), map_value(t, i)), pairs);
+            it.src = pairs;
+        }
+        return container_doc("%{", &it, "}", limit, BREAK_STRICT);
+    }
+    case K_NIL:
+        return doc_str("[]");
+    case K_CONS: {
+        if (charlist_printable(t)) {
+            buf_puts(&b, "'");
+            for (term l = t; l->kind == K_CONS; l = tl(l)) {
+                char c = (char)hd(l)->u.i;
+                escape_into(&b, &c, 1, '\'');
+            }
+            buf_puts(&b, "'");
+            return doc_buf(&b);
+        }
+        size_t n = 0;
+        term l = t;
+        for (; l->kind == K_CONS; l = tl(l)) n++;
+        term tail = l->kind == K_NIL ? NULL : l;
+        bool keyword = !tail && is_keyword(t);
+        struct items it = {keyword ? ITEM_KEYWORD : ITEM_PLAIN, t, n, tail, NULL};
+        return container_doc("[", &it, "]", limit, keyword ? BREAK_STRICT : BREAK_MAYBE);
+    }
+    }
+    return &doc_nil;
+}
+
+/* inspect/1 — appends the one-line form of t to b. */
+static void inspect_to(struct buf *b, term t) {
+    /* The byte lists and pair lists built above are scratch terms: give
+     * them the scratch heap so they vanish with the documents. */
+    struct heap *saved = alloc_heap;
+    alloc_heap = &doc_heap;
+    doc_format(b, to_doc(t, INSPECT_LIMIT), LONG_MAX);
+    alloc_heap = saved;
+    heap_free(&doc_heap);
+}
+
+/* What iex prints for a result: pretty, at 80 columns. */
+API void inspect_pretty_to(struct buf *b, term t, long width) {
+    struct heap *saved = alloc_heap;
+    alloc_heap = &doc_heap;
+    doc_format(b, to_doc(t, INSPECT_LIMIT), width);
+    alloc_heap = saved;
+    heap_free(&doc_heap);
+}
+
+/* --------------------------------------------------------------------------
+ * I.6  Processes and the process table
+ * -------------------------------------------------------------------------- */
+
+enum pstate {
+    P_RUNNABLE, /* in the run queue, waiting for its turn */
+    P_RUNNING,  /* on the stage, executing */
+    P_WAITING,  /* in receive (or sleeping), off the run queue */
+    P_EXITING   /* dead or about to be: no longer alive? */
+};
+
+/* A message: its own chunk of memory, starting with this header, followed
+ * by the copied term.  Received, the whole chunk joins the receiver's heap. */
+struct msg {
+    struct msg *next;
+    term value;
+    struct chunk *chunk;
+};
+
+/* A link has two ends, one in each process's list; each end knows its twin,
+ * so either process can remove the link in O(1). */
+struct link_end {
+    struct link_end *prev, *next;
+    struct proc *peer;
+    struct link_end *twin;
+};
+
+/* A monitor sits in two lists: the watcher's `monitors` and the target's
+ * `watchers`. */
+struct monitor {
+    uint64_t ref;
+    struct proc *watcher, *target;
+    struct monitor *w_prev, *w_next, *t_prev, *t_next;
+    term name;  /* monitored by name: the DOWN message names {name, node} */
+    bool alias; /* GenServer.call's reply alias: see process_send_alias */
+};
+
+/* A catch point inside a process: try ... catch kind, reason -> ... end. */
+struct catch_frame {
+    jmp_buf env;
+    struct catch_frame *prev;
+};
+
+enum caught { CAUGHT_NOTHING, CAUGHT_EXIT, CAUGHT_ERROR, CAUGHT_THROW };
+
+struct proc {
+    uint64_t pid;            /* N in #PID<0.N.0> */
+    enum pstate state;
+    bool started;            /* has run at least once (has a saved stack) */
+    bool trap_exit;          /* Process.flag(:trap_exit, true) */
+    bool timed_out;          /* its receive's `after` fired */
+    bool queued;             /* in the run queue */
+    const char *label;       /* what it runs, e.g. "KV.Registry", for reports */
+    struct heap heap;        /* every term it built or received */
+
+    /* The saved stack: the bytes from its stack pointer up to the top of
+     * the stage, copied out when it stopped (section I.7). */
+    char *stack;
+    size_t stack_len, stack_cap;
+    jmp_buf ctx;             /* where it continues; valid with its bytes on stage */
+
+    struct msg *mbox_head, **mbox_tail; /* the mailbox, oldest first */
+    size_t mbox_len;
+
+    const char *waiting_for; /* for deadlock reports: what receive waits for */
+    term waiting_on;         /* ...and from whom, or NULL */
+    int64_t deadline;        /* receive's `after`, in VM milliseconds */
+    size_t timer_slot;       /* 1 + index in the timer heap; 0: none */
+    int wait_fd;             /* waiting for input on this fd; -1: none */
+
+    struct link_end *links;
+    struct monitor *monitors; /* processes it monitors */
+    struct monitor *watchers; /* monitors on it */
+    term name;                /* registered name (an atom) or NULL */
+
+    struct catch_frame *catcher; /* innermost catch point, or NULL */
+    enum caught caught;          /* what the last throw to it carried */
+    term caught_reason;
+
+    void (*entry)(term arg);  /* the function it runs; returning = :normal */
+    term arg;
+    term exit_reason;         /* set when it starts dying */
+    struct proc *run_next;    /* run queue */
+    struct proc *dying_next;  /* queue of processes to finish */
+};
+
+#define VM_INFINITY (-1L) /* receive without `after` */
+
+enum vm_result { VM_DONE, VM_IDLE, VM_DEADLOCK };
+enum jump { JUMP_START, JUMP_SWITCHED, JUMP_EXITED };
+
+static struct vm {
+    /* The process table: process N lives in table[N & (cap - 1)]. */
+    struct proc **table;
+    size_t table_cap, count, limit;
+    uint64_t next_pid, next_ref;
+
+    struct proc *current;             /* on the CPU, or NULL: the scheduler */
+    struct proc *run_head, *run_tail; /* runnable, in order */
+    struct proc *dying_head, *dying_tail;
+    struct proc *exiting;             /* the process that just exited */
+
+    /* The stage (I.7). */
+    jmp_buf sched_ctx;   /* in vm_run's frame: where processes jump back to */
+    bool in_run;         /* vm_run is on the C stack */
+    uintptr_t stage_top; /* every process's stack starts just below this */
+    uintptr_t stack_end; /* the lowest address the C stack may reach */
+    struct proc *on_stage; /* whose bytes are on the stage right now */
+    unsigned direct;     /* switches since the scheduler last looked around */
+    uint64_t switches;
+
+    /* Time (I.8). */
+    bool virtual_clock;
+    int64_t virtual_now;
+    struct timespec epoch;
+    struct proc **timers; /* min-heap on deadline */
+    size_t ntimers, timers_cap;
+    size_t fd_waiters;
+
+    /* Registered names (I.11): a short array of (name, process). */
+    struct { term name; struct proc *proc; } *names;
+    size_t nnames, names_cap;
+
+    /* Where the VM's own reports and the Logger write; stderr by default. */
+    void (*out)(const char *text, size_t len);
+    /* Called as each process is finished, with its exit reason (the
+     * self-test uses it to learn how a test process ended). */
+    void (*on_finish)(uint64_t pid, term reason);
+} vm;
+
+static void out_stderr(const char *text, size_t len) {
+    fwrite(text, 1, len, stderr);
+    fflush(stderr);
+}
+
+static struct proc *proc_of_pid(uint64_t pid) {
+    if (!vm.table || pid == 0) return NULL;
+    struct proc *p = vm.table[pid & (vm.table_cap - 1)];
+    return p && p->pid == pid ? p : NULL;
+}
+
+/* A live process from a pid term, or NULL. */
+static struct proc *proc_of(term pid) {
+    if (!is_pid(pid)) return NULL;
+    struct proc *p = proc_of_pid(pid->u.id);
+    return p && p->state != P_EXITING ? p : NULL;
+}
+
+static void table_grow(void) {
+    size_t cap = vm.table_cap ? vm.table_cap * 2 : 1024;
+    struct proc **table = vm_realloc(NULL, cap * sizeof *table);
+    memset(table, 0, cap * sizeof *table);
+    /* Two live pids that differed modulo the old size differ modulo the
+     * new one, so every process finds an empty slot. */
+    for (size_t i = 0; i < vm.table_cap; i++)
+        if (vm.table[i]) table[vm.table[i]->pid & (cap - 1)] = vm.table[i];
+    free(vm.table);
+    vm.table = table;
+    vm.table_cap = cap;
+}
+
+/* Give p the next pid whose slot is free. */
+static void table_insert(struct proc *p) {
+    if (vm.count + 1 > vm.table_cap / 2) table_grow();
+    for (;;) {
+        uint64_t n = vm.next_pid++;
+        struct proc **slot = &vm.table[n & (vm.table_cap - 1)];
+        if (!*slot) {
+            *slot = p;
+            p->pid = n;
+            vm.count++;
+            return;
+        }
+    }
+}
+
+static void table_remove(struct proc *p) {
+    vm.table[p->pid & (vm.table_cap - 1)] = NULL;
+    vm.count--;
+}
+
+/* ---- The run queue ---- */
+
+static void runq_push(struct proc *p) {
+    if (p->queued) return;
+    p->queued = true;
+    p->state = P_RUNNABLE;
+    p->run_next = NULL;
+    if (vm.run_tail) vm.run_tail->run_next = p; else vm.run_head = p;
+    vm.run_tail = p;
+}
+
+static struct proc *runq_pop(void) {
+    struct proc *p = vm.run_head;
+    if (!p) return NULL;
+    vm.run_head = p->run_next;
+    if (!vm.run_head) vm.run_tail = NULL;
+    p->queued = false;
+    return p;
+}
+
+static void runq_remove(struct proc *p) {
+    if (!p->queued) return;
+    struct proc **pp = &vm.run_head, *prev = NULL;
+    while (*pp != p) { prev = *pp; pp = &(*pp)->run_next; }
+    *pp = p->run_next;
+    if (vm.run_tail == p) vm.run_tail = prev;
+    p->queued = false;
+}
+
+/* --------------------------------------------------------------------------
+ * I.7  The stage: switching processes with _setjmp and _longjmp
+ * --------------------------------------------------------------------------
+ * Four small functions do all the switching:
+ *
+ *   stack_save(p)     the running process copies its own stack bytes, from
+ *                     its stack pointer up to vm.stage_top, into p->stack
+ *   stage_enter(p)    moves the stack pointer below where p's bytes go
+ *                     (a variable-length array does that, in plain C) and
+ *                     calls stage_land(p)
+ *   stage_land(p)     copies p's bytes back to their addresses and
+ *                     _longjmps into p; a process that never ran is
+ *                     instead called: proc_main(p)
+ *   proc_wait()       the running process stops: _setjmp, stack_save, and
+ *                     either stage_enter(the next runnable process) directly
+ *                     or _longjmp to the scheduler
+ *
+ *     process A, in proc_wait          stage_enter(B)        stage_land(B)
+ *     +--------------------+          +--------------+      +-------------+
+ *     | _setjmp(A->ctx)    | -------> | char pad[n]; | ---> | memcpy(B's  |
+ *     | stack_save(A)      |          | (SP drops    |      |  bytes)     |
+ *     +--------------------+          |  below B's   |      | _longjmp(   |
+ *                                     |  bytes)      |      |  B->ctx)    |
+ *                                     +--------------+      +------|------+
+ *                                                                  v
+ *                                        B continues in its proc_wait, as
+ *                                        if its _setjmp had returned 1
+ *
+ * Because stage_land runs *below* the bytes it writes, it never overwrites
+ * its own frame, and its _longjmp goes up the stack, to B's older frame.
+ */
+
+#define STAGE_GAP (64 * 1024) /* between main()'s frame and the stage */
+#define STAGE_SLACK 128       /* extra room stage_enter leaves below */
+
+/* Roughly the current stack pointer: the address of a local in a fresh
+ * frame below the caller's. */
+static NOINLINE uintptr_t stack_address(void) {
+    volatile char here = 0;
+    uintptr_t a = (uintptr_t)&here;
+    return a;
+}
+
+static NORETURN void proc_main(struct proc *p);
+
+/* Contract: called by the running process p, on the stage, just after
+ * _setjmp(p->ctx).  Copies [its stack pointer, stage_top) to p->stack.
+ * The copy includes this function's own frame, which is harmless: those
+ * bytes lie below the stack pointer _longjmp will restore. */
+static NOINLINE void stack_save(struct proc *p) {
+    uintptr_t lo = stack_address();
+    size_t len = vm.stage_top - lo;
+    if (len > p->stack_cap) {
+        size_t cap = (len + 63) & ~(size_t)63;
+        p->stack = mem_realloc(p->stack, p->stack_cap, cap);
+        p->stack_cap = cap;
+    }
+    UNPOISON((void *)lo, len);
+    memcpy(p->stack, (const void *)lo, len);
+    p->stack_len = len;
+}
+
+/* Contract: called with the stack pointer below vm.stage_top - p's saved
+ * length (stage_enter made sure of it).  Live stack after it: p's.  Valid
+ * jmp_buf: p->ctx, whose frame is exactly what the memcpy put back.
+ * Nothing of the caller survives: stage_enter's frame was overwritten. */
+static NORETURN NOINLINE void stage_land(struct proc *p, volatile char *pad) {
+    (void)pad; /* only here so the compiler keeps stage_enter's array */
+    vm.current = p;
+    p->state = P_RUNNING;
+    alloc_heap = &p->heap;
+    vm.switches++;
+    if (!p->started) {
+        if (stack_address() >= vm.stage_top) abort(); /* cannot happen */
+        p->started = true;
+        vm.on_stage = p;
+        proc_main(p); /* a new process starts here and never returns */
+    }
+    char *dest = (char *)(vm.stage_top - p->stack_len);
+    if (stack_address() >= (uintptr_t)dest) abort(); /* cannot happen */
+    if (vm.on_stage != p) {
+        UNPOISON(dest, p->stack_len);
+        memcpy(dest, p->stack, p->stack_len);
+        vm.on_stage = p;
+    }
+    _longjmp(p->ctx, 1);
+}
+
+/* Step p onto the stage.  The variable-length array moves this frame's
+ * stack pointer down past the region p's bytes will occupy, so stage_land
+ * (called below it) can write that region freely. */
+static NORETURN NOINLINE void stage_enter(struct proc *p) {
+    uintptr_t sp = stack_address();
+    uintptr_t floor = vm.stage_top - (p->started ? p->stack_len : 0) - STAGE_SLACK;
+    size_t drop = sp > floor ? sp - floor : 16;
+    volatile char pad[drop];
+    pad[0] = 0;
+    stage_land(p, pad);
+}
+
+/* The running process stops until something makes it runnable again: a
+ * message, its timer, input, or its turn after a yield.
+ *
+ * Contract: _setjmp returns 0 now, with p on the stage.  We save the stack
+ * and hand the CPU over.  Later, stage_land puts p's bytes back and
+ * _longjmps here: _setjmp returns 1, every local of every caller is as it
+ * was, and vm.current is p again.  `p` itself is not modified after the
+ * _setjmp, so it needs no volatile. */
+static void proc_wait(void) {
+    struct proc *p = vm.current;
+    if (_setjmp(p->ctx) == 0) {
+        stack_save(p);
+        /* Hand over directly to the next process if it has run before.
+         * A new process must start from the top of the stage, and every
+         * 64th switch goes through the scheduler so it can look at the
+         * clock and at input; both cases jump to the scheduler. */
+        struct proc *next = vm.run_head;
+        if (next && next->started && ++vm.direct < 64) {
+            runq_pop();
+            stage_enter(next);
+        }
+        _longjmp(vm.sched_ctx, JUMP_SWITCHED); /* up: vm_run's frame */
+    }
+}
+
+/* Kernel.exit from the process itself, for real (no catch): give the CPU
+ * to the scheduler, which finishes the process (proc_finish). */
+static NORETURN void exit_current(term reason) {
+    struct proc *p = vm.current;
+    p->exit_reason = reason;
+    p->state = P_EXITING;
+    vm.exiting = p;
+    _longjmp(vm.sched_ctx, JUMP_EXITED); /* up: vm_run's frame */
+}
+
+/* A process's first frame.  Returning from its function means :normal. */
+static NORETURN void proc_main(struct proc *p) {
+    p->entry(p->arg);
+    exit_current(am_normal);
+}
+
+/* ---- Overflow -----------------------------------------------------------
+ * A process whose calls go too deep runs off the end of the C stack and
+ * hits the kernel's guard page: SIGSEGV.  The handler runs on a stack of
+ * its own (sigaltstack, since the normal one is used up), names the process
+ * and stops the VM.  Nothing else can be hurt: the other processes' stacks
+ * are saved copies in the heap.  Why stop instead of killing just that
+ * process?  The overflow may have happened inside malloc or stdio, half-way
+ * through an update of memory every process shares; continuing would risk
+ * exactly the silent corruption this design avoids. */
+
+static char altstack[64 * 1024];
+
+static void overflow_handler(int sig, siginfo_t *info, void *ucontext) {
+    (void)ucontext;
+    char msg[256];
+    uintptr_t addr = (uintptr_t)info->si_addr;
+    bool stack = vm.stack_end && addr < vm.stage_top && addr + 65536 >= vm.stack_end;
+    struct proc *p = vm.current;
+    int n;
+    if (p && stack)
+        n = snprintf(msg, sizeof msg,
+                     "kv: process #PID<0.%" PRIu64 ".0>%s%s overflowed the C stack "
+                     "(%zu KiB deep); stopping the VM\n",
+                     p->pid, p->label ? " " : "", p->label ? p->label : "",
+                     (size_t)(vm.stage_top - addr) / 1024);
+    else if (p)
+        n = snprintf(msg, sizeof msg, "kv: segmentation fault in process #PID<0.%" PRIu64 ".0>%s%s\n",
+                     p->pid, p->label ? " " : "", p->label ? p->label : "");
+    else
+        n = snprintf(msg, sizeof msg, "kv: segmentation fault in the scheduler\n");
+    if (n > 0 && write(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1) < 0) n = 0;
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void overflow_guard_install(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_STACK, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+        vm.stack_end = vm.stage_top + STAGE_GAP - (uintptr_t)rl.rlim_cur;
+    stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0};
+    if (sigaltstack(&ss, NULL) != 0) return;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = overflow_handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, NULL);
+    sigaction(SIGBUS, &sa, NULL);
+}
+
+/* --------------------------------------------------------------------------
+ * I.8  The scheduler: run queue, timers, the clock, input, deadlock
+ * --------------------------------------------------------------------------
+ * vm_run() is the scheduler's loop.  It takes the next runnable process and
+ * enters it; processes mostly hand the CPU straight to one another, and
+ * come back here only when one exits, when a new one must start, or when
+ * nothing is runnable.  Then the loop looks at the clock and at input:
+ *
+ *     timers due?            wake their processes (their receive times out)
+ *     input ready?           wake the processes waiting for it
+ *     virtual clock?         jump the clock to the next timer and wake it
+ *     real clock?            sleep (in poll) until the next timer or input
+ *     none of these          deadlock: report who waits for what, return
+ *
+ * The clock.  Timeouts are milliseconds.  With the real clock they pass as
+ * on a wall clock.  With the virtual clock (the self-test and the tour)
+ * time stands still while anything can run and, when every process waits,
+ * jumps straight to the next deadline: a 5-second GenServer.call timeout is
+ * over in microseconds, with exactly the order of events a real wait would
+ * give.
+ */
+
+/* The VM's clock, in milliseconds. */
+static int64_t now_ms(void) {
+    if (vm.virtual_clock) return vm.virtual_now;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)(t.tv_sec - vm.epoch.tv_sec) * 1000 + (t.tv_nsec - vm.epoch.tv_nsec) / 1000000;
+}
+
+/* ---- Timers: a binary min-heap of waiting processes, by deadline ---- */
+
+static void timer_swap(size_t i, size_t j) {
+    struct proc *t = vm.timers[i];
+    vm.timers[i] = vm.timers[j];
+    vm.timers[j] = t;
+    vm.timers[i]->timer_slot = i + 1;
+    vm.timers[j]->timer_slot = j + 1;
+}
+
+static void timer_up(size_t i) {
+    while (i > 0 && vm.timers[(i - 1) / 2]->deadline > vm.timers[i]->deadline) {
+        timer_swap(i, (i - 1) / 2);
+        i = (i - 1) / 2;
+    }
+}
+
+static void timer_down(size_t i) {
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < vm.ntimers && vm.timers[l]->deadline < vm.timers[m]->deadline) m = l;
+        if (r < vm.ntimers && vm.timers[r]->deadline < vm.timers[m]->deadline) m = r;
+        if (m == i) return;
+        timer_swap(i, m);
+        i = m;
+    }
+}
+
+static void timer_set(struct proc *p, int64_t deadline) {
+    if (vm.ntimers == vm.timers_cap) {
+        size_t cap = vm.timers_cap ? vm.timers_cap * 2 : 64;
+        vm.timers = vm_realloc(vm.timers, cap * sizeof *vm.timers);
+        vm.timers_cap = cap;
+    }
+    p->deadline = deadline;
+    vm.timers[vm.ntimers] = p;
+    p->timer_slot = ++vm.ntimers;
+    timer_up(vm.ntimers - 1);
+}
+
+static void timer_cancel(struct proc *p) {
+    if (!p->timer_slot) return;
+    size_t i = p->timer_slot - 1;
+    p->timer_slot = 0;
+    if (i != --vm.ntimers) {
+        vm.timers[i] = vm.timers[vm.ntimers];
+        vm.timers[i]->timer_slot = i + 1;
+        timer_up(i);
+        timer_down(i);
+    }
+}
+
+/* Wake every process whose deadline has come. */
+static void timers_fire(int64_t now) {
+    while (vm.ntimers && vm.timers[0]->deadline <= now) {
+        struct proc *p = vm.timers[0];
+        timer_cancel(p);
+        p->timed_out = true;
+        runq_push(p);
+    }
+}
+
+/* ---- Input ---------------------------------------------------------------
+ * A process may wait for a file descriptor to become readable (the shell
+ * waits on standard input).  The scheduler polls those descriptors when
+ * nothing else can run. */
+
+static bool poll_input(int timeout_ms) {
+    size_t cap = vm.fd_waiters;
+    if (cap == 0) return false;
+    struct pollfd *fds = vm_realloc(NULL, cap * sizeof *fds);
+    struct proc **who = vm_realloc(NULL, cap * sizeof *who);
+    size_t n = 0;
+    for (size_t i = 0; i < vm.table_cap && n < cap; i++) {
+        struct proc *p = vm.table[i];
+        if (p && p->wait_fd >= 0 && p->state == P_WAITING) {
+            fds[n] = (struct pollfd){.fd = p->wait_fd, .events = POLLIN};
+            who[n++] = p;
+        }
+    }
+    bool woke = false;
+    if (poll(fds, (nfds_t)n, timeout_ms) > 0) {
+        for (size_t i = 0; i < n; i++) {
+            if (!fds[i].revents) continue;
+            who[i]->wait_fd = -1;
+            vm.fd_waiters--;
+            runq_push(who[i]);
+            woke = true;
+        }
+    }
+    free(fds);
+    free(who);
+    return woke;
+}
+
+static void report(const char *text) { vm.out(text, strlen(text)); }
+
+static void inspect_to(struct buf *b, term t);
+
+/* Every process waits and nothing can wake one: say who waits for what. */
+static void report_deadlock(void) {
+    struct buf b = {0};
+    buf_printf(&b, "kv: deadlock: all %zu processes wait, and no timer or input "
+                   "can wake any of them:\n", vm.count);
+    for (size_t i = 0; i < vm.table_cap; i++) {
+        struct proc *p = vm.table[i];
+        if (!p || p->state != P_WAITING) continue;
+        buf_printf(&b, "    #PID<0.%" PRIu64 ".0>", p->pid);
+        if (p->name) { buf_puts(&b, " "); inspect_to(&b, p->name); }
+        if (p->label) buf_printf(&b, " (%s)", p->label);
+        buf_printf(&b, " waits for %s", p->waiting_for ? p->waiting_for : "a message");
+        if (p->waiting_on) { buf_puts(&b, " "); inspect_to(&b, p->waiting_on); }
+        buf_printf(&b, "; %zu message%s in its mailbox\n", p->mbox_len, p->mbox_len == 1 ? "" : "s");
+    }
+    report(buf_str(&b));
+    buf_free(&b);
+}
+
+/* Nothing is runnable.  Make something runnable if the clock or input can.
+ * `may_wait` allows moving the clock forward (virtual) or sleeping until
+ * the next timer or input (real).  Returns false if nothing can be woken. */
+static bool sched_idle(bool may_wait) {
+    int64_t now = now_ms();
+    if (vm.ntimers && vm.timers[0]->deadline <= now) {
+        timers_fire(now);
+        return true;
+    }
+    if (poll_input(0)) return true;
+    if (!may_wait || (vm.ntimers == 0 && vm.fd_waiters == 0)) return false;
+    if (vm.virtual_clock && vm.ntimers) {
+        vm.virtual_now = vm.timers[0]->deadline; /* time flies */
+        timers_fire(vm.virtual_now);
+        return true;
+    }
+    /* Wait for input or the next timer, whichever comes first. */
+    int64_t until = vm.ntimers ? vm.timers[0]->deadline - now : -1;
+    int wait = until > INT_MAX ? INT_MAX : (int)until;
+    if (vm.fd_waiters) {
+        poll_input(wait);
+    } else {
+        struct timespec ts = {(time_t)(until / 1000), (long)(until % 1000) * 1000000L};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+    }
+    timers_fire(now_ms());
+    return true;
+}
+
+static void reap(void);
+static void proc_finish(struct proc *p);
+
+/* Enter p and come back when control returns to the scheduler.
+ * Contract: _setjmp saves this frame, which lies above the stage; every
+ * process jumps back here with JUMP_SWITCHED or JUMP_EXITED.  Nothing in
+ * this frame changes after _setjmp. */
+static NOINLINE int sched_enter(struct proc *p) {
+    int why = _setjmp(vm.sched_ctx);
+    if (why == 0) stage_enter(p);
+    return why;
+}
+
+/* Run processes until the process `watch` has exited (watch != 0), or
+ * until nothing is runnable (watch == 0: timers are not waited for).
+ * Returns VM_DONE, VM_IDLE, or VM_DEADLOCK after reporting one. */
+static enum vm_result vm_run(uint64_t watch) {
+    if (vm.in_run || stack_address() <= vm.stage_top + 4096) {
+        fprintf(stderr, "kv: vm_run must be called from main's level, not from a process\n");
+        abort();
+    }
+    vm.in_run = true;
+    enum vm_result result;
+    for (;;) {
+        reap();
+        vm.on_stage = NULL; /* our own calls may have used the stage */
+        vm.direct = 0;
+        if (watch && !proc_of_pid(watch)) { result = VM_DONE; break; }
+        struct proc *p = runq_pop();
+        if (p) {
+            int why = sched_enter(p);
+            vm.current = NULL;
+            alloc_heap = &outside_heap;
+            if (why == JUMP_EXITED) proc_finish(vm.exiting);
+            continue;
+        }
+        if (sched_idle(watch != 0)) continue;
+        if (!watch) { result = VM_IDLE; break; }
+        report_deadlock();
+        result = VM_DEADLOCK;
+        break;
+    }
+    vm.in_run = false;
+    return result;
+}
+
+/* Set the VM up.  Call once, from main() or close to it: the stage starts
+ * STAGE_GAP bytes below this call's frame. */
+static void vm_init(bool virtual_clock) {
+    atoms_init();
+    vm.limit = 262144; /* BEAM's default process limit (erl +P) */
+    vm.next_pid = 1;   /* 0 means "no process" below */
+    vm.next_ref = 1;
+    vm.virtual_clock = virtual_clock;
+    vm.out = out_stderr;
+    clock_gettime(CLOCK_MONOTONIC, &vm.epoch);
+    vm.stage_top = (stack_address() - STAGE_GAP) & ~(uintptr_t)63;
+    alloc_heap = &outside_heap;
+    overflow_guard_install();
+}
+
+/* erl +P: the most processes that may be alive at once. */
+API void vm_set_process_limit(size_t limit) { vm.limit = limit; }
+
+/* --------------------------------------------------------------------------
+ * I.9  Messages: send and receive
+ * -------------------------------------------------------------------------- */
+
+/* Copy t into a new message, in one chunk sized exactly. */
+static struct msg *msg_new(term t) {
+    size_t head = ALIGN8(sizeof(struct msg));
+    struct chunk *c = chunk_new(head + term_size(t));
+    struct msg *m = (struct msg *)(void *)c->data;
+    c->used = head;
+    struct heap h = {c, sizeof *c + c->size, 0};
+    WITH_HEAP(&h, m->value = copy_rec(t));
+    if (h.chunks != c) abort(); /* term_size and copy_rec disagree */
+    m->chunk = c;
+    m->next = NULL;
+    return m;
+}
+
+static void mailbox_append(struct proc *p, struct msg *m) {
+    *p->mbox_tail = m;
+    p->mbox_tail = &m->next;
+    p->mbox_len++;
+    if (p->state == P_WAITING && p->wait_fd < 0) runq_push(p); /* wake it */
+}
+
+/* Deliver a copy of t to p (nothing happens if p is dying). */
+static void deliver(struct proc *p, term t) {
+    if (p->state == P_EXITING) return;
+    mailbox_append(p, msg_new(t));
+}
+
+static void mailbox_free(struct proc *p) {
+    struct msg *m = p->mbox_head;
+    while (m) {
+        struct msg *next = m->next;
+        chunk_free(m->chunk);
+        m = next;
+    }
+    p->mbox_head = NULL;
+    p->mbox_tail = &p->mbox_head;
+    p->mbox_len = 0;
+}
+
+static NORETURN void raise_error(term exception);
+static term argument_error(const char *message);
+static struct proc *whereis_proc(term name);
+
+/* Process.send/3 (Kernel.send/2): dest is a pid or a registered name.  A
+ * dead pid swallows the message silently; an unknown name is an error. */
+API term process_send(term dest, term msg) {
+    struct proc *p;
+    if (is_atom(dest)) {
+        p = whereis_proc(dest);
+        if (!p) raise_error(argument_error("errors were found at the given arguments:\n\n"
+                                           "  * 1st argument: invalid destination\n"));
+    } else {
+        p = proc_of(dest);
+    }
+    if (p) deliver(p, msg);
+    return msg;
+}
+
+typedef bool (*match_fn)(term msg, const void *arg);
+
+/* receive: the oldest message `match` accepts (any, if match is NULL),
+ * removed from the mailbox; or NULL when `timeout_ms` passes first
+ * (VM_INFINITY: never).  `what` and `about` describe the wait for the
+ * deadlock report.  Messages that don't match stay, in order.
+ *
+ * `scan` remembers how far the mailbox was searched, so after a wake-up
+ * only the new messages are tested (BEAM keeps the same "save pointer").
+ * The match function and its argument may point into this process's own
+ * stack: only this process ever calls them. */
+static term receive_full(match_fn match, const void *arg, long timeout_ms, const char *what,
+                         term about) {
+    struct proc *p = vm.current;
+    struct msg **scan = &p->mbox_head;
+    bool armed = false;
+    p->timed_out = false;
+    for (;;) {
+        for (struct msg *m; (m = *scan); scan = &m->next) {
+            if (match && !match(m->value, arg)) continue;
+            *scan = m->next;
+            if (p->mbox_tail == &m->next) p->mbox_tail = scan;
+            p->mbox_len--;
+            timer_cancel(p);
+            heap_add_chunk(&p->heap, m->chunk); /* its memory is ours now */
+            p->waiting_for = NULL;
+            p->waiting_on = NULL;
+            return m->value;
+        }
+        if (timeout_ms == 0 || p->timed_out) break;
+        if (!armed && timeout_ms > 0) {
+            timer_set(p, now_ms() + timeout_ms);
+            armed = true;
+        }
+        p->state = P_WAITING;
+        p->waiting_for = what;
+        p->waiting_on = about;
+        proc_wait();
+    }
+    timer_cancel(p);
+    p->timed_out = false;
+    p->waiting_for = NULL;
+    p->waiting_on = NULL;
+    return NULL;
+}
+
+API term receive(match_fn match, const void *arg, long timeout_ms) {
+    return receive_full(match, arg, timeout_ms, "a message", NULL);
+}
+
+static bool match_nothing(term msg, const void *arg) {
+    (void)msg, (void)arg;
+    return false;
+}
+
+/* Process.sleep/1: a receive that accepts nothing, with an `after`. */
+API void process_sleep(long ms) {
+    receive_full(match_nothing, NULL, ms, "the end of Process.sleep", NULL);
+}
+
+/* :erlang.yield/0 — let every other runnable process have a turn. */
+API void erlang_yield(void) {
+    struct proc *p = vm.current;
+    runq_push(p);
+    proc_wait();
+}
+
+/* Wait until fd has input (the shell reads standard input this way). */
+API void process_wait_input(int fd) {
+    struct proc *p = vm.current;
+    p->wait_fd = fd;
+    vm.fd_waiters++;
+    p->state = P_WAITING;
+    p->waiting_for = "input";
+    proc_wait();
+    p->waiting_for = NULL;
+}
+
+/* --------------------------------------------------------------------------
+ * I.10  Links, monitors and exit signals
+ * --------------------------------------------------------------------------
+ * When a process dies, with reason R, the VM sends R along every link and
+ * a {:DOWN, ref, :process, pid, R} message along every monitor.  An exit
+ * signal arriving at a process does what this table says (the same table
+ * as OTP's; a signal sent by Process.exit/2 is "direct", one sent because
+ * a linked process died is a "link" signal):
+ *
+ *     signal reason            not trapping exits       trapping exits
+ *     ---------------------    ---------------------    ----------------------
+ *     :normal  (link)          ignored                  {:EXIT, from, :normal}
+ *     :normal  (direct)        ignored, unless sent     {:EXIT, from, :normal}
+ *                              to itself: it exits
+ *     :kill    (direct)        exits with :killed       exits with :killed
+ *     anything else            exits with that reason   {:EXIT, from, reason}
+ *
+ * A process that must exit is marked (die) and queued; reap() then
+ * finishes the queued processes one by one, and finishing one may queue
+ * more, so a chain of a million linked processes costs no C recursion.
+ * The running process cannot be finished while its code runs: it is
+ * marked, and settle() sends it to the scheduler as soon as the runtime
+ * call that killed it is done.
+ */
+
+static void link_push(struct proc *owner, struct link_end *e) {
+    e->prev = NULL;
+    e->next = owner->links;
+    if (owner->links) owner->links->prev = e;
+    owner->links = e;
+}
+
+static void link_unhook(struct proc *owner, struct link_end *e) {
+    if (e->prev) e->prev->next = e->next; else owner->links = e->next;
+    if (e->next) e->next->prev = e->prev;
+}
+
+/* The link between p and q, if any: both lists are walked side by side,
+ * so the cost is the length of the shorter one. */
+static struct link_end *link_find(struct proc *p, struct proc *q) {
+    /* A link has an end in each list, so when either list runs out
+     * without finding it, there is none. */
+    for (struct link_end *a = p->links, *b = q->links; a && b; a = a->next, b = b->next) {
+        if (a->peer == q) return a;
+        if (b->peer == p) return b->twin;
+    }
+    return NULL;
+}
+
+static void link_add(struct proc *p, struct proc *q) {
+    if (p == q || link_find(p, q)) return;
+    struct link_end *a = mem_alloc(sizeof *a), *b = mem_alloc(sizeof *b);
+    a->peer = q, a->twin = b;
+    b->peer = p, b->twin = a;
+    link_push(p, a);
+    link_push(q, b);
+}
+
+/* Remove the link whose end e sits in owner's list. */
+static void link_remove(struct proc *owner, struct link_end *e) {
+    struct link_end *twin = e->twin;
+    link_unhook(owner, e);
+    link_unhook(e->peer, twin);
+    mem_free(e, sizeof *e);
+    mem_free(twin, sizeof *twin);
+}
+
+static struct monitor *monitor_add(struct proc *watcher, struct proc *target, term name) {
+    struct monitor *m = mem_alloc(sizeof *m);
+    m->ref = vm.next_ref++;
+    m->watcher = watcher;
+    m->target = target;
+    m->name = name;
+    m->alias = false;
+    m->w_prev = NULL;
+    m->w_next = watcher->monitors;
+    if (watcher->monitors) watcher->monitors->w_prev = m;
+    watcher->monitors = m;
+    m->t_prev = NULL;
+    m->t_next = target->watchers;
+    if (target->watchers) target->watchers->t_prev = m;
+    target->watchers = m;
+    return m;
+}
+
+static void monitor_remove(struct monitor *m) {
+    if (m->w_prev) m->w_prev->w_next = m->w_next; else m->watcher->monitors = m->w_next;
+    if (m->w_next) m->w_next->w_prev = m->w_prev;
+    if (m->t_prev) m->t_prev->t_next = m->t_next; else m->target->watchers = m->t_next;
+    if (m->t_next) m->t_next->t_prev = m->t_prev;
+    mem_free(m, sizeof *m);
+}
+
+static struct monitor *monitor_find(struct proc *watcher, uint64_t ref) {
+    for (struct monitor *m = watcher->monitors; m; m = m->w_next)
+        if (m->ref == ref) return m;
+    return NULL;
+}
+
+/* Build a message in a scratch heap and deliver a copy of it to p. */
+static void deliver_tuple(struct proc *p, size_t n, const term *items) {
+    struct heap scratch = {0};
+    term t;
+    WITH_HEAP(&scratch, t = kv_tuple_of(n, items));
+    deliver(p, t);
+    heap_free(&scratch);
+}
+
+/* {:DOWN, ref, :process, object, reason} to whoever holds monitor m. */
+static void send_down(struct proc *watcher, uint64_t ref, term object, term reason) {
+    struct heap scratch = {0};
+    term t;
+    WITH_HEAP(&scratch, t = kv_tuple(5, am_DOWN, kv_ref(ref), am_process, object, reason));
+    deliver(watcher, t);
+    heap_free(&scratch);
+}
+
+/* p must exit with `reason`: mark it and queue it for reap(). */
+static void die(struct proc *p, term reason) {
+    if (p->state == P_EXITING) return;
+    p->exit_reason = p == vm.current ? reason : term_copy(&p->heap, reason);
+    p->state = P_EXITING;
+    runq_remove(p);
+    timer_cancel(p);
+    if (p->wait_fd >= 0) {
+        p->wait_fd = -1;
+        vm.fd_waiters--;
+    }
+    p->dying_next = NULL;
+    if (vm.dying_tail) vm.dying_tail->dying_next = p; else vm.dying_head = p;
+    vm.dying_tail = p;
+}
+
+/* An exit signal with `reason` from the process `from` arrives at p.
+ * `link` says whether it comes from a link (a dying neighbour). */
+static void exit_signal(struct proc *p, term from, term reason, bool link) {
+    if (p->state == P_EXITING) return;
+    if (!link && reason == am_kill) {
+        die(p, am_killed); /* untrappable */
+    } else if (p->trap_exit) {
+        term items[3] = {am_EXIT, from, reason};
+        deliver_tuple(p, 3, items);
+    } else if (reason != am_normal || (!link && from->u.id == p->pid)) {
+        die(p, reason);
+    }
+}
+
+static void names_remove(struct proc *p);
+
+/* Finish a dead process: tell its links and monitors, free everything.
+ * Never called for the running process (see reap and vm_run). */
+static void proc_finish(struct proc *p) {
+    term reason = p->exit_reason ? p->exit_reason : am_normal;
+    if (vm.on_finish) vm.on_finish(p->pid, reason);
+    struct heap scratch = {0};
+    term self_pid;
+    WITH_HEAP(&scratch, self_pid = kv_pid(p->pid));
+    names_remove(p);
+    while (p->links) {
+        struct proc *q = p->links->peer;
+        link_remove(p, p->links);
+        exit_signal(q, self_pid, reason, true);
+    }
+    while (p->watchers) {
+        struct monitor *m = p->watchers;
+        term object = self_pid;
+        if (m->name) WITH_HEAP(&scratch, object = kv_tuple(2, m->name, am_nonode));
+        send_down(m->watcher, m->ref, object, reason);
+        monitor_remove(m);
+    }
+    while (p->monitors) monitor_remove(p->monitors);
+    if (vm.on_stage == p) vm.on_stage = NULL;
+    mailbox_free(p);
+    heap_free(&p->heap);
+    mem_free(p->stack, p->stack_cap);
+    table_remove(p);
+    mem_free(p, sizeof *p);
+    heap_free(&scratch);
+}
+
+static struct proc *dying_pop(void) {
+    struct proc *p = vm.dying_head;
+    if (!p) return NULL;
+    vm.dying_head = p->dying_next;
+    if (!vm.dying_head) vm.dying_tail = NULL;
+    return p;
+}
+
+/* Finish every process marked to die, except the running one. */
+static void reap(void) {
+    struct proc *p;
+    while ((p = dying_pop()))
+        if (p != vm.current) proc_finish(p);
+}
+
+/* After a runtime call that may have killed processes: finish them, and if
+ * the caller itself was killed, leave now (the scheduler finishes it). */
+static void settle(void) {
+    reap();
+    struct proc *self = vm.current;
+    if (self && self->state == P_EXITING) {
+        vm.exiting = self;
+        _longjmp(vm.sched_ctx, JUMP_EXITED); /* up: vm_run's frame */
+    }
+}
+
+/* --------------------------------------------------------------------------
+ * I.11  The Process module: spawn, links, monitors, names
+ * --------------------------------------------------------------------------
+ * The functions processes call.  Each one runs inside the calling process;
+ * `vm.current` is the caller. */
+
+static term erlang_error(term original);
+static term exception_new(term module, size_t nfields, ...);
+
+/* self/0 */
+static term self(void) { return kv_pid(vm.current->pid); }
+
+/* :erlang.garbage_collect/0, with the one root C cannot find by itself:
+ * returns root, copied into the running process's fresh heap (I.4). */
+API term garbage_collect(term root) { return heap_compact(&vm.current->heap, root); }
+
+/* make_ref/0 */
+API term make_ref(void) { return kv_ref(vm.next_ref++); }
+
+static struct proc *proc_spawn(void (*entry)(term), term arg, const char *label) {
+    if (vm.count >= vm.limit) {
+        if (!vm.current) {
+            fprintf(stderr, "kv: process limit (%zu) reached\n", vm.limit);
+            abort();
+        }
+        raise_error(exception_new(kv_alias("SystemLimitError"), 1, am_message,
+                                  kv_string("a system limit has been reached")));
+    }
+    struct proc *p = mem_alloc(sizeof *p);
+    memset(p, 0, sizeof *p);
+    p->mbox_tail = &p->mbox_head;
+    p->wait_fd = -1;
+    p->label = label;
+    p->entry = entry;
+    table_insert(p);
+    p->arg = term_copy(&p->heap, arg); /* the new process shares nothing */
+    runq_push(p);
+    return p;
+}
+
+/* spawn/1: a process running fn(arg).  arg is copied into it, the way an
+ * Elixir closure's captured variables are. */
+API term spawn(void (*fn)(term), term arg) { return kv_pid(proc_spawn(fn, arg, NULL)->pid); }
+
+/* spawn_link/1 */
+API term spawn_link(void (*fn)(term), term arg) {
+    struct proc *p = proc_spawn(fn, arg, NULL);
+    link_add(vm.current, p);
+    return kv_pid(p->pid);
+}
+
+/* spawn_monitor/1 — {pid, ref} */
+API term spawn_monitor(void (*fn)(term), term arg) {
+    struct proc *p = proc_spawn(fn, arg, NULL);
+    struct monitor *m = monitor_add(vm.current, p, NULL);
+    return kv_tuple(2, kv_pid(p->pid), kv_ref(m->ref));
+}
+
+/* Start the first process, from main(): the VM's only way in. */
+static uint64_t vm_spawn(void (*fn)(term), term arg, const char *label) {
+    return proc_spawn(fn, arg, label)->pid;
+}
+
+/* Process.alive?/1 */
+API bool process_alive(term pid) { return proc_of(pid) != NULL; }
+
+/* Process.flag(:trap_exit, on) — the previous value */
+API bool process_flag_trap_exit(bool on) {
+    bool old = vm.current->trap_exit;
+    vm.current->trap_exit = on;
+    return old;
+}
+
+/* Process.link/1.  Linking to a dead process raises :noproc, unless the
+ * caller traps exits: then it gets {:EXIT, pid, :noproc}. */
+API term process_link(term pid) {
+    struct proc *me = vm.current, *q = proc_of(pid);
+    if (q) {
+        link_add(me, q);
+    } else if (me->trap_exit) {
+        term items[3] = {am_EXIT, pid, am_noproc};
+        deliver_tuple(me, 3, items);
+    } else {
+        raise_error(erlang_error(am_noproc));
+    }
+    return am_true;
+}
+
+/* Process.unlink/1 */
+API term process_unlink(term pid) {
+    struct proc *q = proc_of(pid);
+    struct link_end *e = q ? link_find(vm.current, q) : NULL;
+    if (e) link_remove(vm.current, e);
+    return am_true;
+}
+
+/* Process.exit/2: send an exit signal (see the table in I.10). */
+API term process_exit(term pid, term reason) {
+    struct proc *q = proc_of(pid);
+    if (q) {
+        exit_signal(q, self(), reason, false);
+        settle();
+    }
+    return am_true;
+}
+
+/* Process.monitor/1: a pid, or a registered name.  Monitoring something
+ * that is not alive gives an immediate {:DOWN, ref, :process, _, :noproc}. */
+API term process_monitor(term target) {
+    struct proc *me = vm.current, *q;
+    term name = NULL;
+    if (is_atom(target)) {
+        name = target;
+        q = whereis_proc(target);
+    } else {
+        q = proc_of(target);
+    }
+    if (!q) {
+        uint64_t ref = vm.next_ref++;
+        send_down(me, ref, name ? kv_tuple(2, name, am_nonode) : target, am_noproc);
+        return kv_ref(ref);
+    }
+    return kv_ref(monitor_add(me, q, name)->ref);
+}
+
+static bool is_down_for(term msg, uint64_t ref) {
+    return is_tagged(msg, am_DOWN, 5) && is_reference(elem(msg, 1)) && elem(msg, 1)->u.id == ref;
+}
+
+/* Process.demonitor/2; flush = the [:flush] option: also drop a DOWN
+ * message for this monitor that may already be in the mailbox. */
+API term process_demonitor(term ref, bool flush) {
+    struct proc *me = vm.current;
+    struct monitor *m = monitor_find(me, ref->u.id);
+    if (m) monitor_remove(m);
+    if (flush) {
+        for (struct msg **pp = &me->mbox_head, *msg; (msg = *pp);) {
+            if (!is_down_for(msg->value, ref->u.id)) { pp = &msg->next; continue; }
+            *pp = msg->next;
+            if (me->mbox_tail == &msg->next) me->mbox_tail = pp;
+            me->mbox_len--;
+            chunk_free(msg->chunk);
+        }
+    }
+    return am_true;
+}
+
+/* Turn the monitor `ref` of the running process into a reply alias: a
+ * message sent to the alias arrives only while the monitor exists (OTP's
+ * erlang:monitor(process, Pid, [{alias, demonitor}]), which GenServer.call
+ * uses so that a reply arriving after a timeout is dropped). */
+API void monitor_make_alias(term ref) {
+    struct monitor *m = monitor_find(vm.current, ref->u.id);
+    if (m) m->alias = true;
+}
+
+/* Send msg to a reply alias: to pid, if its alias `ref` is still active. */
+API void process_send_alias(term pid, term ref, term msg) {
+    struct proc *q = proc_of(pid);
+    struct monitor *m = q ? monitor_find(q, ref->u.id) : NULL;
+    if (m && m->alias) deliver(q, msg);
+}
+
+/* ---- Registered names ---- */
+
+static struct proc *whereis_proc(term name) {
+    for (size_t i = 0; i < vm.nnames; i++)
+        if (vm.names[i].name == name) return vm.names[i].proc;
+    return NULL;
+}
+
+/* Process.whereis/1 — the pid, or nil */
+API term process_whereis(term name) {
+    struct proc *p = whereis_proc(name);
+    return p ? kv_pid(p->pid) : am_nil;
+}
+
+static void names_remove(struct proc *p) {
+    if (!p->name) return;
+    for (size_t i = 0; i < vm.nnames; i++) {
+        if (vm.names[i].proc != p) continue;
+        vm.names[i] = vm.names[--vm.nnames];
+        break;
+    }
+    p->name = NULL;
+}
+
+/* Process.register/2.  A name holds one live process; a process holds one
+ * name; both are checked, as on BEAM. */
+API term process_register(term pid, term name) {
+    struct proc *p = proc_of(pid);
+    if (!p || !is_atom(name) || name == am_nil || name == am_undefined || p->name ||
+        whereis_proc(name)) {
+        struct buf b = {0};
+        buf_puts(&b, "could not register ");
+        inspect_to(&b, pid);
+        buf_puts(&b, " with name ");
+        inspect_to(&b, name);
+        buf_puts(&b, " because it is not alive, the name is already taken, or it has "
+                     "already been given another name");
+        term e = argument_error(buf_str(&b));
+        buf_free(&b);
+        raise_error(e);
+    }
+    if (vm.nnames == vm.names_cap) {
+        size_t cap = vm.names_cap ? vm.names_cap * 2 : 16;
+        vm.names = vm_realloc(vm.names, cap * sizeof *vm.names);
+        vm.names_cap = cap;
+    }
+    vm.names[vm.nnames].name = name;
+    vm.names[vm.nnames].proc = p;
+    vm.nnames++;
+    p->name = name;
+    return am_true;
+}
+
+/* Process.unregister/1 */
+API term process_unregister(term name) {
+    struct proc *p = whereis_proc(name);
+    if (!p)
+        raise_error(argument_error("errors were found at the given arguments:\n\n"
+                                   "  * 1st argument: not a registered name\n"));
+    names_remove(p);
+    return am_true;
+}
+
+/* --------------------------------------------------------------------------
+ * I.12  Exits, raise and catch: leaving from any depth
+ * --------------------------------------------------------------------------
+ * A process can end from deep inside a chain of C calls: Kernel.exit/1,
+ * Kernel.raise/1, a failed match.  If no catch point is active, the process
+ * jumps straight to the scheduler and its frames are simply abandoned: they
+ * were only bytes on the stage, and everything the process owned (heap,
+ * mailbox, saved stack) is listed in its struct proc and freed there.
+ * try_catch() sets a catch point, so OTP's machinery (GenServer, below) can
+ * run callbacks and survive their crashes long enough to report them.
+ */
+
+static NORETURN void throw_to_catcher(enum caught kind, term reason) {
+    struct proc *p = vm.current;
+    struct catch_frame *f = p->catcher;
+    p->caught = kind;
+    p->caught_reason = reason;
+    p->catcher = f->prev;
+    _longjmp(f->env, 1); /* up: try_catch's frame, in this same process */
+}
+
+/* try do fun.(arg) catch kind, reason -> ... end.  Returns CAUGHT_NOTHING
+ * when fn returned, else the kind, with the reason in *reason.
+ *
+ * Contract: _setjmp's frame is this one, on the running process's stack;
+ * throw_to_catcher jumps here from deeper in the same process.  What the
+ * thrower stores goes in the struct proc, not in locals, so nothing here
+ * needs to be volatile. */
+API enum caught try_catch(void (*fn)(void *), void *arg, term *reason) {
+    struct proc *p = vm.current;
+    struct catch_frame f;
+    f.prev = p->catcher;
+    p->caught = CAUGHT_NOTHING;
+    p->caught_reason = NULL;
+    p->catcher = &f;
+    if (_setjmp(f.env) == 0) {
+        fn(arg);
+        p->catcher = f.prev;
+        *reason = NULL;
+        return CAUGHT_NOTHING;
+    }
+    *reason = p->caught_reason;
+    return p->caught;
+}
+
+static void log_raised(term exception);
+
+/* Kernel.exit/1 */
+API NORETURN void exit_self(term reason) {
+    if (vm.current->catcher) throw_to_catcher(CAUGHT_EXIT, reason);
+    exit_current(reason);
+}
+
+/* Kernel.raise/1.  Uncaught, the process exits with {exception, stacktrace}
+ * and, being a plain process, logs it.  C keeps no stack trace, so the
+ * stacktrace is always []. */
+static NORETURN void raise_error(term exception) {
+    if (!vm.current) {
+        struct buf b = {0};
+        inspect_to(&b, exception);
+        fprintf(stderr, "kv: raise outside any process: %s\n", buf_str(&b));
+        abort();
+    }
+    if (vm.current->catcher) throw_to_catcher(CAUGHT_ERROR, exception);
+    log_raised(exception);
+    exit_current(kv_tuple(2, exception, NIL));
+}
+
+/* Kernel.throw/1 */
+API NORETURN void throw_value(term value) {
+    if (vm.current->catcher) throw_to_catcher(CAUGHT_THROW, value);
+    raise_error(erlang_error(kv_tuple(2, kv_atom("nocatch"), value)));
+}
+
+/* --------------------------------------------------------------------------
+ * I.13  Exceptions, exit reasons and the Logger
+ * --------------------------------------------------------------------------
+ * An exception is a struct (a map with :__struct__ and :__exception__),
+ * exactly as in Elixir: %RuntimeError{message: "boom"}.  A process that
+ * raises one exits with {exception, stacktrace}.  How Elixir turns exit
+ * reasons into text (Exception.format_exit/1) and how its Logger lays out
+ * reports is reproduced here, because that text is how a reader recognises
+ * what happened.  One difference: Elixir only treats {exception, trace} as
+ * an exception when the trace is a non-empty list; ours is always [] (C
+ * keeps no stack trace), so kv.c recognises the pair by the exception.
+ */
+
+/* %Module{field: value, ...} with __exception__: true */
+static term exception_new(term module, size_t nfields, ...) {
+    term m = kv_map(2, am_struct_, module, am_exception_, am_true);
+    va_list ap;
+    va_start(ap, nfields);
+    for (size_t i = 0; i < nfields; i++) {
+        term k = va_arg(ap, term);
+        term v = va_arg(ap, term);
+        m = map_put(m, k, v);
+    }
+    va_end(ap);
+    return m;
+}
+
+/* %RuntimeError{message: message} */
+API term runtime_error(const char *message) {
+    return exception_new(am_RuntimeError, 1, am_message, kv_string(message));
+}
+
+/* %ArgumentError{message: message} */
+static term argument_error(const char *message) {
+    return exception_new(am_ArgumentError, 1, am_message, kv_string(message));
+}
+
+/* %MatchError{term: value} — what `{:ok, x} = value` raises when it fails */
+API term match_error(term value) { return exception_new(am_MatchError, 1, am_term, value); }
+
+/* %FunctionClauseError{} — no clause of module.function/arity matched */
+API term function_clause_error(term module, term function, int arity) {
+    return exception_new(am_FunctionClauseError, 6, am_module, module, am_function, function,
+                         am_arity, kv_int(arity), am_kind, am_nil, am_args, am_nil, am_clauses, am_nil);
+}
+
+/* %ErlangError{original: term} — an Erlang error Elixir has no name for */
+static term erlang_error(term original) {
+    return exception_new(am_ErlangError, 2, am_original, original, am_reason, am_nil);
+}
+
+static bool is_exception(term t) {
+    return is_map(t) && map_get(t, am_exception_, am_false) == am_true &&
+           is_atom(map_get(t, am_struct_, am_nil));
+}
+
+/* {exception, stacktrace}, the reason of a process that raised */
+static bool is_raised(term reason) {
+    return is_tuple(reason) && tuple_size(reason) == 2 && is_exception(elem(reason, 0)) &&
+           is_list(elem(reason, 1));
+}
+
+/* Module.function/arity, as Exception.format_mfa/3 writes it. */
+static void mfa_text(struct buf *b, term module, term function, int64_t arity) {
+    inspect_to(b, module);
+    buf_printf(b, ".%s/%" PRId64, BYTES(function), arity);
+}
+
+/* Exception.message/1 */
+static void exception_message(struct buf *b, term e) {
+    term module = map_get(e, am_struct_, am_nil);
+    if (module == am_MatchError) {
+        buf_puts(b, "no match of right hand side value: ");
+        inspect_to(b, map_get(e, am_term, am_nil));
+    } else if (module == am_FunctionClauseError) {
+        buf_puts(b, "no function clause matching in ");
+        mfa_text(b, map_get(e, am_module, am_nil), map_get(e, am_function, am_nil),
+                 int_value(map_get(e, am_arity, kv_int(0))));
+    } else if (module == am_ErlangError) {
+        buf_puts(b, "Erlang error: ");
+        inspect_to(b, map_get(e, am_original, am_nil));
+    } else if (module == am_UndefinedFunctionError) {
+        buf_puts(b, "function ");
+        mfa_text(b, map_get(e, am_module, am_nil), map_get(e, am_function, am_nil),
+                 int_value(map_get(e, am_arity, kv_int(0))));
+        buf_puts(b, " is undefined or private");
+    } else {
+        term m = map_get(e, am_message, NULL);
+        if (m && is_binary(m)) buf_add(b, BYTES(m), m->n);
+        else inspect_to(b, e);
+    }
+}
+
+/* "** (RuntimeError) boom" — Exception.format_banner/3 for an error */
+static void exception_banner(struct buf *b, term e) {
+    buf_puts(b, "** (");
+    inspect_to(b, map_get(e, am_struct_, am_nil));
+    buf_puts(b, ") ");
+    exception_message(b, e);
+}
+
+static void format_exit_to(struct buf *b, term reason, const char *joiner);
+
+/* Exception.format_exit/1: an exit reason as people read it.  `joiner` is
+ * the newline-plus-indent between nested parts. */
+static void format_exit_to(struct buf *b, term reason, const char *joiner) {
+    if (is_raised(reason)) {
+        buf_puts(b, "an exception was raised:");
+        buf_puts(b, joiner);
+        exception_banner(b, elem(reason, 0));
+        return;
+    }
+    /* {reason, {Module, :function, args}}: "exited in: GenServer.call(...)" */
+    if (is_tuple(reason) && tuple_size(reason) == 2 && is_tuple(elem(reason, 1)) &&
+        tuple_size(elem(reason, 1)) == 3 && is_atom(elem(elem(reason, 1), 0)) &&
+        is_atom(elem(elem(reason, 1), 1)) && is_list(elem(elem(reason, 1), 2))) {
+        term mfa = elem(reason, 1);
+        buf_puts(b, "exited in: ");
+        inspect_to(b, elem(mfa, 0));
+        buf_printf(b, ".%s(", BYTES(elem(mfa, 1)));
+        for (term a = elem(mfa, 2); a->kind == K_CONS; a = tl(a)) {
+            inspect_to(b, hd(a));
+            if (tl(a)->kind == K_CONS) buf_puts(b, ", ");
+        }
+        buf_puts(b, ")");
+        buf_puts(b, joiner);
+        buf_puts(b, "** (EXIT) ");
+        char deeper[64];
+        snprintf(deeper, sizeof deeper, "%s    ", joiner);
+        format_exit_to(b, elem(reason, 0), deeper);
+        return;
+    }
+    if (reason == am_normal) buf_puts(b, "normal");
+    else if (reason == am_shutdown) buf_puts(b, "shutdown");
+    else if (reason == am_calling_self) buf_puts(b, "process attempted to call itself");
+    else if (reason == am_timeout) buf_puts(b, "time out");
+    else if (reason == am_killed) buf_puts(b, "killed");
+    else if (reason == am_noproc)
+        buf_puts(b, "no process: the process is not alive or there's no process currently "
+                    "associated with the given name, possibly because its application isn't started");
+    else if (is_tagged(reason, am_shutdown, 2)) {
+        buf_puts(b, "shutdown: ");
+        inspect_to(b, elem(reason, 1));
+    } else if (is_tagged(reason, am_bad_return_value, 2)) {
+        buf_puts(b, "bad return value: ");
+        inspect_to(b, elem(reason, 1));
+    } else if (is_tagged(reason, am_already_started, 2)) {
+        buf_puts(b, "already started: ");
+        inspect_to(b, elem(reason, 1));
+    } else {
+        inspect_to(b, reason);
+    }
+}
+
+/* "** (exit) ..." — how iex and ExUnit print a process's uncaught exit. */
+API void format_exit_banner(struct buf *b, term reason) {
+    buf_puts(b, "** (exit) ");
+    format_exit_to(b, reason, "\n    ");
+}
+
+/* ---- The Logger -----------------------------------------------------------
+ * Elixir 1.14's console format is "\n$time $metadata[$level] $message\n":
+ * a blank line, the time of day, the level in brackets, the message. */
+
+enum log_level { LOG_DEBUG, LOG_INFO, LOG_NOTICE, LOG_WARNING, LOG_ERROR, LOG_NONE };
+static enum log_level logger_level = LOG_DEBUG; /* Logger's default */
+
+static void logger_log(enum log_level level, const char *message) {
+    static const char *const names[] = {"debug", "info", "notice", "warning", "error"};
+    if (level < logger_level) return;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    time_t secs = now.tv_sec;
+    struct tm tm;
+    localtime_r(&secs, &tm);
+    struct buf b = {0};
+    buf_printf(&b, "\n%02d:%02d:%02d.%03ld [%s] %s\n", tm.tm_hour, tm.tm_min, tm.tm_sec,
+               now.tv_nsec / 1000000, names[level], message);
+    vm.out(buf_str(&b), b.len);
+    buf_free(&b);
+}
+
+/* [error] Process #PID<0.112.0> raised an exception / ** (RuntimeError) boom */
+static void log_raised(term exception) {
+    struct buf b = {0};
+    buf_printf(&b, "Process #PID<0.%" PRIu64 ".0> raised an exception\n", vm.current->pid);
+    exception_banner(&b, exception);
+    logger_log(LOG_ERROR, buf_str(&b));
+    buf_free(&b);
+}
+
+#ifndef KV_NO_MAIN /* the self-test, kv_test.c, has a main of its own */
+
+/* ==========================================================================
+ * PART VI — ./kv: the program
+ * ==========================================================================
+ * `./kv bench` measures the runtime (make bench).  Each figure is one line,
+ *     RESULT <tab> bench <tab> metric <tab> value <tab> unit
+ * so scripts can compare runs, and BEAM's figures beside them.  The clock
+ * is the real one here.
+ */
+
+static double seconds_since(const struct timespec *t0) {
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (double)(t1.tv_sec - t0->tv_sec) + (double)(t1.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+static void bench_result(const char *bench, const char *metric, double value, const char *unit) {
+    printf("RESULT\t%s\t%s\t%.1f\t%s\n", bench, metric, value, unit);
+    fflush(stdout);
+}
+
+/* The bare cost every switch pays: one _setjmp and one _longjmp. */
+static NOINLINE void bench_switch(void) {
+    static jmp_buf buf;
+    static volatile long i;
+    const long n = 20000000;
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (i = 0; i < n; i++)
+        if (_setjmp(buf) == 0) _longjmp(buf, 1);
+    bench_result("switch", "ns_per_switch", seconds_since(&t0) * 1e9 / (double)n, "ns");
+}
+
+/* A ring of processes: each receives the token (the hops left) and passes
+ * it on.  The first message tells a member who comes next and whom to tell
+ * when the token runs out.  Nothing but the message is live between hops,
+ * so each member empties its heap as it goes. */
+static void ring_member(term arg) {
+    (void)arg;
+    term first = receive(NULL, NULL, VM_INFINITY); /* {next, main} */
+    uint64_t next = elem(first, 0)->u.id, main_pid = elem(first, 1)->u.id;
+    garbage_collect(NIL);
+    for (;;) {
+        int64_t left = int_value(receive(NULL, NULL, VM_INFINITY));
+        garbage_collect(NIL);
+        if (left == 0) break;
+        process_send(kv_pid(next), kv_int(left - 1));
+    }
+    process_send(kv_pid(main_pid), am_ok);
+}
+
+static void ring_main(term arg) {
+    int64_t n = int_value(elem(arg, 0)), hops = int_value(elem(arg, 1));
+    term members = NIL;
+    for (int64_t i = 0; i < n; i++) members = kv_cons(spawn_link(ring_member, NIL), members);
+    term first = hd(members), m = members;
+    for (; m->kind == K_CONS; m = tl(m)) {
+        term next = tl(m)->kind == K_CONS ? hd(tl(m)) : first;
+        process_send(hd(m), kv_tuple(2, next, self()));
+    }
+    erlang_yield(); /* every member runs into its receive */
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    process_send(first, kv_int(hops));
+    receive(NULL, NULL, VM_INFINITY);
+    double secs = seconds_since(&t0);
+    char bench[32];
+    snprintf(bench, sizeof bench, "ring_n%" PRId64, n);
+    bench_result(bench, "ns_per_hop", secs * 1e9 / (double)hops, "ns");
+    exit_self(kv_atom("done")); /* the linked members go with it */
+}
+
+static void exit_at_once(term arg) { (void)arg; }
+
+/* Spawn a process, monitor it, wait for its DOWN; again and again. */
+static void spawn_bench(term arg) {
+    int64_t n = int_value(arg);
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int64_t i = 0; i < n; i++) {
+        spawn_monitor(exit_at_once, NIL);
+        receive(NULL, NULL, VM_INFINITY);
+        garbage_collect(NIL);
+    }
+    bench_result("spawn", "ns_per_spawn", seconds_since(&t0) * 1e9 / (double)n, "ns");
+}
+
+/* Resident memory of this Unix process, from /proc (Linux), or 0. */
+static size_t rss_bytes(void) {
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (!f) return 0;
+    unsigned long size = 0, resident = 0;
+    int n = fscanf(f, "%lu %lu", &size, &resident);
+    fclose(f);
+    return n == 2 ? (size_t)resident * (size_t)sysconf(_SC_PAGESIZE) : 0;
+}
+
+static void idle(term arg) {
+    (void)arg;
+    receive(NULL, NULL, VM_INFINITY);
+}
+
+/* A million processes, each waiting in receive. */
+static void idle_bench(term arg) {
+    int64_t n = int_value(arg);
+    size_t mem0 = vm_memory(), rss0 = rss_bytes();
+    for (int64_t i = 0; i < n; i++) spawn_link(idle, NIL);
+    garbage_collect(NIL);
+    erlang_yield(); /* each one runs into its receive */
+    double count = (double)n;
+    bench_result("idle_1m", "bytes_per_process", (double)(vm_memory() - mem0) / count, "bytes");
+    if (rss0) bench_result("idle_1m", "rss_bytes_per_process", (double)(rss_bytes() - rss0) / count, "bytes");
+    exit_self(kv_atom("done"));
+}
+
+static void run_bench(void (*fn)(term), term arg) {
+    uint64_t pid = vm_spawn(fn, arg, "bench");
+    heap_free(&outside_heap);
+    vm_run(pid);
+    vm_run(0);
+}
+
+static int bench_main(void) {
+    vm_init(false);
+    bench_switch();
+    run_bench(ring_main, kv_tuple(2, kv_int(1000), kv_int(10000000)));
+    run_bench(ring_main, kv_tuple(2, kv_int(100000), kv_int(10000000)));
+    run_bench(spawn_bench, kv_int(1000000));
+    vm_set_process_limit(2000000);
+    run_bench(idle_bench, kv_int(1000000));
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "bench") == 0) return bench_main();
+    if (argc > 1) {
+        fprintf(stderr, "usage: %s [bench]\n", argv[0]);
+        return 2;
+    }
+    printf("kv.c: the KV application of Elixir's Mix and OTP guide, in C.\n\n"
+           "  %s bench    the runtime's figures (make bench)\n"
+           "  ./kv_test       the self-test (make test)\n", argv[0]);
+    return 0;
+}
+#endif

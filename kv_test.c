@@ -1,0 +1,911 @@
+/*
+ * kv_test.c — the self-test: the guide's ExUnit tests in C, plus a test for
+ * every behaviour of the runtime they stand on.
+ *
+ *     make test                          build and run everything
+ *     ./kv_test "stores values by key"   run one test (or one module) by name
+ *
+ * It includes kv.c whole, so tests can reach every function, and then
+ * provides what ExUnit provides: tests grouped by module, setup callbacks
+ * that return a context, assertions that print the failing code with its
+ * left and right values, and one line at the end: "N passed, M failed".
+ *
+ * Every test runs in a process of its own, like ExUnit's, on a virtual
+ * clock: a 5-second timeout takes no time at all.  After each test the
+ * harness checks that no process survived it and that every byte the VM
+ * handed out came back (see check_clean).
+ */
+#define KV_NO_MAIN
+#include "kv.c"
+
+#include <sys/wait.h>
+
+/* ==========================================================================
+ * The harness: ExUnit in miniature
+ * ========================================================================== */
+
+struct test {
+    const char *module;     /* "KV.BucketTest" */
+    const char *name;       /* "stores values by key" */
+    term (*setup)(void);    /* ExUnit's setup: returns the context map */
+    void (*body)(term ctx); /* the test, run in a process */
+    void (*main_body)(void);/* or: a test of the scheduler itself, run from main */
+};
+
+static struct {
+    const struct test *test;
+    struct buf log;       /* what the Logger and the VM wrote during the test */
+    struct buf failure;   /* why it failed, as ExUnit would print it */
+    uint64_t test_pid;
+    bool finished;        /* the test process reached the end of its body */
+    bool failed;
+    jmp_buf main_fail;    /* where a failed assertion in a main-level test goes */
+    int passed, nfailed;
+} H;
+
+/* The VM writes here during a test instead of to stderr. */
+static void capture(const char *text, size_t len) {
+    if (H.log.len < 1 << 20) buf_add(&H.log, text, len);
+}
+
+/* What was logged so far in this test: ExUnit's capture_log. */
+static const char *captured_log(void) { return buf_str(&H.log); }
+
+static void on_finish(uint64_t pid, term reason) {
+    if (pid != H.test_pid || H.finished || reason == am_shutdown) return;
+    /* The test process was killed from outside (a linked process died). */
+    H.failed = true;
+    format_exit_banner(&H.failure, reason);
+}
+
+/* ---- Assertions ----------------------------------------------------------
+ * A failed assertion raises %ExUnit.AssertionError{} in the test process,
+ * which ends the test; the harness prints it as ExUnit does. */
+
+static NORETURN void fail_with(const char *file, int line, const char *message, const char *code,
+                               term left, term right) {
+    struct buf b = {0};
+    buf_printf(&b, "%s:%d\n%s\ncode:  %s", file, line, message, code);
+    if (left) { buf_puts(&b, "\nleft:  "); inspect_to(&b, left); }
+    if (right) { buf_puts(&b, "\nright: "); inspect_to(&b, right); }
+    if (!vm.current) { /* a main-level test */
+        buf_add(&H.failure, buf_str(&b), b.len);
+        buf_free(&b);
+        H.failed = true;
+        longjmp(H.main_fail, 1);
+    }
+    term e = exception_new(kv_alias("ExUnit.AssertionError"), 4, kv_atom("message"),
+                           kv_string(buf_str(&b)), kv_atom("left"), left ? left : am_nil,
+                           kv_atom("right"), right ? right : am_nil, kv_atom("expr"), kv_string(code));
+    buf_free(&b);
+    raise_error(e);
+}
+
+static void assert_equal_at(const char *file, int line, const char *l, const char *r, term left,
+                            term right) {
+    /* NULL is "no term" (a receive that timed out, an exit not caught). */
+    if (left == right || (left && right && term_eq(left, right))) return;
+    if (!left) left = kv_atom("(no term)");
+    if (!right) right = kv_atom("(no term)");
+    char code[512];
+    snprintf(code, sizeof code, "assert %s == %s", l, r);
+    fail_with(file, line, "Assertion with == failed", code, left, right);
+}
+
+static void assert_true_at(const char *file, int line, const char *expr, bool ok) {
+    if (ok) return;
+    char code[512];
+    snprintf(code, sizeof code, "assert %s", expr);
+    fail_with(file, line, "Expected truthy, got false", code, NULL, NULL);
+}
+
+/* inspect(t) must print exactly `expected` (width: 0 = inspect/1, else iex). */
+static void assert_inspect_at(const char *file, int line, const char *expr, term t, long width,
+                              const char *expected) {
+    struct buf b = {0};
+    if (width) inspect_pretty_to(&b, t, width); else inspect_to(&b, t);
+    bool ok = strcmp(buf_str(&b), expected) == 0;
+    if (!ok) {
+        char code[512];
+        snprintf(code, sizeof code, "assert inspect(%s) == ...", expr);
+        struct heap scratch = {0};
+        term l, r;
+        WITH_HEAP(vm.current ? alloc_heap : &scratch, l = kv_string(buf_str(&b)); r = kv_string(expected));
+        buf_free(&b);
+        fail_with(file, line, "Assertion with == failed", code, l, r);
+    }
+    buf_free(&b);
+}
+
+static void assert_contains_at(const char *file, int line, const char *expr, const char *text,
+                               const char *needle) {
+    if (strstr(text, needle)) return;
+    char code[512];
+    snprintf(code, sizeof code, "assert String.contains?(%s, ...)", expr);
+    fail_with(file, line, "Assertion with String.contains? failed", code, kv_string(text),
+              kv_string(needle));
+}
+
+#define assert_eq(left, right) assert_equal_at(__FILE__, __LINE__, #left, #right, (left), (right))
+#define assert_true(expr) assert_true_at(__FILE__, __LINE__, #expr, (expr))
+#define refute(expr) assert_true_at(__FILE__, __LINE__, "!(" #expr ")", !(expr))
+#define assert_inspect(t, expected) assert_inspect_at(__FILE__, __LINE__, #t, (t), 0, (expected))
+#define assert_pretty(t, expected) assert_inspect_at(__FILE__, __LINE__, #t, (t), 80, (expected))
+#define assert_contains(text, needle) assert_contains_at(__FILE__, __LINE__, #text, (text), (needle))
+
+/* Short names for the literals tests use most. */
+static term S(const char *s) { return kv_string(s); }
+static term A(const char *s) { return kv_atom(s); }
+static term I(int64_t i) { return kv_int(i); }
+
+/* catch_exit(expr): run fn(arg) in this process; the exit reason it exited
+ * with (Kernel.exit/1, or the raise, as {exception, []}), or NULL. */
+static term catch_exit(void (*fn)(void *), void *arg) {
+    term reason;
+    enum caught kind = try_catch(fn, arg, &reason);
+    if (kind == CAUGHT_NOTHING) return NULL;
+    if (kind == CAUGHT_ERROR) return kv_tuple(2, reason, NIL);
+    return reason;
+}
+
+/* The error an expression raised (ExUnit's assert_raise), or NULL. */
+static term catch_error(void (*fn)(void *), void *arg) {
+    term reason;
+    return try_catch(fn, arg, &reason) == CAUGHT_ERROR ? reason : NULL;
+}
+
+/* receive with a timeout that must not pass: assert_receive. */
+static term receive_any(long timeout) { return receive(NULL, NULL, timeout); }
+
+static term assert_receive_at(const char *file, int line, long timeout) {
+    term m = receive_any(timeout);
+    if (!m) fail_with(file, line, "Assertion failed, no matching message after timeout",
+                      "assert_receive _", NULL, NULL);
+    return m;
+}
+#define assert_receive(timeout) assert_receive_at(__FILE__, __LINE__, (timeout))
+
+/* iex's flush/0: every message in the mailbox, oldest first, as a list. */
+static term iex_flush(void) {
+    term items[64];
+    size_t n = 0;
+    term m;
+    while (n < 64 && (m = receive_any(0))) items[n++] = m;
+    return kv_list_of(n, items);
+}
+
+/* ---- Running one test ---- */
+
+static void test_body(void *arg) {
+    const struct test *t = arg;
+    term ctx = t->setup ? t->setup() : kv_map_empty();
+    t->body(ctx);
+}
+
+/* The test process: setup, body, then exit(:shutdown) as ExUnit's does,
+ * which takes down every process the test linked to itself. */
+static void test_main(term arg) {
+    (void)arg;
+    term reason;
+    enum caught kind = try_catch(test_body, (void *)H.test, &reason);
+    H.finished = true;
+    if (kind == CAUGHT_ERROR && is_map(reason) &&
+        map_get(reason, am_struct_, am_nil) == kv_alias("ExUnit.AssertionError")) {
+        H.failed = true;
+        term m = map_get(reason, am_message, S(""));
+        buf_add(&H.failure, BYTES(m), m->n);
+    } else if (kind == CAUGHT_ERROR) {
+        H.failed = true;
+        exception_banner(&H.failure, reason);
+    } else if (kind != CAUGHT_NOTHING) {
+        H.failed = true;
+        format_exit_banner(&H.failure, reason);
+    }
+    exit_self(am_shutdown);
+}
+
+/* Kill whatever a test left running, from outside. */
+static void kill_everyone(void) {
+    for (size_t i = 0; i < vm.table_cap; i++)
+        if (vm.table[i]) die(vm.table[i], am_killed);
+    reap();
+    vm_run(0);
+}
+
+static bool selected(const struct test *t, int argc, char **argv) {
+    if (argc < 2) return true;
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], t->name) == 0 || strcmp(argv[i], t->module) == 0) return true;
+    return false;
+}
+
+static void print_indented(const char *text, const char *indent) {
+    for (const char *line = text; *line;) {
+        const char *end = strchr(line, '\n');
+        size_t n = end ? (size_t)(end - line) : strlen(line);
+        printf("%s%.*s\n", indent, (int)n, line);
+        line += n + (end ? 1 : 0);
+    }
+}
+
+static void run_test(const struct test *t) {
+    H.test = t;
+    H.finished = H.failed = false;
+    H.log.len = 0;
+    H.failure.len = 0;
+    if (H.log.s) H.log.s[0] = '\0';
+    size_t before = vm_memory();
+    vm.out = capture;
+    vm.on_finish = on_finish;
+    if (t->main_body) {
+        if (setjmp(H.main_fail) == 0) t->main_body();
+        kill_everyone();
+    } else {
+        H.test_pid = vm_spawn(test_main, NIL, t->name);
+        if (vm_run(H.test_pid) == VM_DEADLOCK) {
+            H.failed = true;
+            buf_puts(&H.failure, "the test deadlocked (the report is in the output below)");
+        }
+        kill_everyone();
+    }
+    heap_free(&outside_heap);
+    vm.on_finish = NULL;
+    vm.out = out_stderr;
+    size_t after = vm_memory();
+    if (!H.failed && vm.count != 0) {
+        H.failed = true;
+        buf_printf(&H.failure, "%zu processes were still alive after the test", vm.count);
+    }
+    if (!H.failed && after != before) {
+        H.failed = true;
+        buf_printf(&H.failure, "the test leaked %ld bytes: the VM held %zu before and %zu after",
+                   (long)after - (long)before, before, after);
+    }
+    if (H.failed) {
+        H.nfailed++;
+        printf("  * test %s: FAILED\n", t->name);
+        printf("\n  %d) test %s (%s)\n", H.nfailed, t->name, t->module);
+        print_indented(buf_str(&H.failure), "     ");
+        if (H.log.len) {
+            printf("     The following output was logged:\n");
+            print_indented(buf_str(&H.log), "     | ");
+        }
+        printf("\n");
+    } else {
+        H.passed++;
+        printf("  * test %s\n", t->name);
+    }
+    fflush(stdout);
+}
+
+static const struct test tests[];
+
+int main(int argc, char **argv) {
+    vm_init(true);
+    const char *module = "";
+    for (const struct test *t = tests; t->name; t++) {
+        if (!selected(t, argc, argv)) continue;
+        if (strcmp(module, t->module) != 0) {
+            module = t->module;
+            printf("\n%s\n", module);
+        }
+        run_test(t);
+    }
+    printf("\n%d passed, %d failed\n", H.passed, H.nfailed);
+    buf_free(&H.log);
+    buf_free(&H.failure);
+    return H.nfailed ? 1 : 0;
+}
+
+/* ==========================================================================
+ * Part I: terms and inspect
+ * ========================================================================== */
+
+static void t_inspect_basic(term ctx) {
+    (void)ctx;
+    assert_inspect(kv_tuple(2, am_ok, kv_pid(72)), "{:ok, #PID<0.72.0>}");
+    assert_inspect(kv_list(3, A("nop"), I(12), kv_map(1, A("a"), I(123))), "[:nop, 12, %{a: 123}]");
+    assert_inspect(kv_map(1, S("milk"), I(3)), "%{\"milk\" => 3}");
+    assert_inspect(am_nil, "nil");
+    assert_inspect(kv_list(1, I(12)), "'\\f'");
+    assert_inspect(kv_ref(551), "#Reference<0.0.0.551>");
+    assert_inspect(kv_map(2, S("milk"), I(3), A("a"), I(1)), "%{:a => 1, \"milk\" => 3}");
+    assert_inspect(kv_list(2, kv_tuple(2, A("name"), kv_alias("KV.Registry")), kv_tuple(2, A("$gen"), I(1))),
+                   "[name: KV.Registry, \"$gen\": 1]");
+    assert_inspect(kv_tuple(11, A("$gen_call"), A("foo bar"), A("ok?"), A("+"), A("Elixir"), A("Elixir"),
+                            kv_alias("Foo.Bar"), A("9a"), A("a@b"), A("A"), A("a-b")),
+                   "{:\"$gen_call\", :\"foo bar\", :ok?, :+, Elixir, Elixir, Foo.Bar, :\"9a\", :a@b, :A, :\"a-b\"}");
+    assert_inspect(kv_list(2, kv_list(2, I('k'), I('v')), kv_list(2, I(1), I(2))), "['kv', [1, 2]]");
+    assert_inspect(kv_cons(I(1), I(2)), "[1 | 2]");
+    assert_inspect(kv_tuple(0), "{}");
+    assert_inspect(kv_map_empty(), "%{}");
+    assert_inspect(NIL, "[]");
+    assert_inspect(I(-5), "-5");
+    assert_inspect(S("a\"b\\c\n\t\x1b\a \xc3\xa9 \x7f"), "\"a\\\"b\\\\c\\n\\t\\e\\a \xc3\xa9 \\d\"");
+    assert_inspect(S("\x01" "abc"), "<<1, 97, 98, 99>>");
+    assert_inspect(kv_list(2, kv_tuple(2, A("a"), I(1)), kv_tuple(2, S("b"), I(2))), "[{:a, 1}, {\"b\", 2}]");
+    assert_inspect(kv_list(5, am_true, am_false, am_nil, A("Elixir.kv"), A("Elixir.KV.Bucket!")),
+                   "[true, false, nil, :\"Elixir.kv\", :\"Elixir.KV.Bucket!\"]");
+    assert_inspect(kv_map(3, kv_tuple(1, A("a")), I(1), I(1), I(2), A("b"), I(3)), "%{1 => 2, :b => 3, {:a} => 1}");
+    assert_inspect(runtime_error("boom"), "%RuntimeError{message: \"boom\"}");
+    assert_inspect(function_clause_error(kv_alias("KV.Registry"), A("handle_call"), 3),
+                   "%FunctionClauseError{module: KV.Registry, function: :handle_call, arity: 3, kind: nil, args: nil, clauses: nil}");
+    assert_inspect(kv_map(2, am_struct_, kv_alias("Foo"), A("a"), I(1)), "%{__struct__: Foo, a: 1}");
+}
+
+static term seq(int from, int to) {
+    term l = NIL;
+    for (int i = to; i >= from; i--) l = kv_cons(I(i), l);
+    return l;
+}
+
+static void t_inspect_limit(term ctx) {
+    (void)ctx;
+    assert_inspect(seq(1, 60), "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, "
+                               "23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, "
+                               "43, 44, 45, 46, 47, 48, 49, 50, ...]");
+    assert_inspect(kv_map(1, A("a"), seq(1, 60)),
+                   "%{a: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, "
+                   "23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, "
+                   "43, 44, 45, 46, 47, 48, 49, ...]}");
+}
+
+static void t_inspect_pretty(term ctx) {
+    (void)ctx;
+    term spec = kv_map(5, A("id"), kv_alias("KV.Registry"), A("restart"), A("permanent"), A("shutdown"), I(5000),
+                       A("start"), kv_tuple(3, kv_alias("KV.Registry"), A("start_link"), kv_list(1, NIL)),
+                       A("type"), A("worker"));
+    assert_inspect(spec, "%{id: KV.Registry, restart: :permanent, shutdown: 5000, start: {KV.Registry, "
+                         ":start_link, [[]]}, type: :worker}");
+    assert_pretty(spec, "%{\n  id: KV.Registry,\n  restart: :permanent,\n  shutdown: 5000,\n"
+                        "  start: {KV.Registry, :start_link, [[]]},\n  type: :worker\n}");
+    assert_pretty(seq(1, 60), "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,\n"
+                              " 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42,\n"
+                              " 43, 44, 45, 46, 47, 48, 49, 50, ...]");
+    assert_pretty(kv_tuple(2, am_ok, kv_tuple(2, kv_map(3, A("intensity"), I(3), A("period"), I(5), A("strategy"),
+                                                        A("one_for_one")),
+                                              kv_list(1, kv_map(2, A("id"), kv_alias("KV.Registry"), A("start"),
+                                                                kv_tuple(3, kv_alias("KV.Registry"), A("start_link"),
+                                                                         kv_list(1, NIL)))))),
+                  "{:ok,\n {%{intensity: 3, period: 5, strategy: :one_for_one},\n"
+                  "  [%{id: KV.Registry, start: {KV.Registry, :start_link, [[]]}}]}}");
+    term kw = kv_list(2, kv_tuple(2, A("name"), kv_alias("KV.BucketSupervisor")),
+                      kv_tuple(2, A("strategy"), A("one_for_one")));
+    assert_pretty(kv_map(3, A("id"), kv_alias("KV.BucketSupervisor"), A("start"),
+                         kv_tuple(3, kv_alias("DynamicSupervisor"), A("start_link"), kv_list(1, kw)),
+                         A("type"), A("supervisor")),
+                  "%{\n  id: KV.BucketSupervisor,\n  start: {DynamicSupervisor, :start_link,\n"
+                  "   [[name: KV.BucketSupervisor, strategy: :one_for_one]]},\n  type: :supervisor\n}");
+    term pairs = NIL;
+    for (int i = 3; i >= 1; i--) pairs = kv_cons(kv_tuple(2, I(i), A("a")), pairs);
+    assert_pretty(pairs, "[{1, :a}, {2, :a}, {3, :a}]");
+}
+
+static void t_term_order(term ctx) {
+    (void)ctx;
+    /* number < atom < reference < fun < pid < tuple < map < [] < list < binary */
+    term ordered[] = {I(-1), I(7), A("a"), A("b"), kv_ref(1), kv_pid(1), kv_tuple(1, I(9)),
+                      kv_tuple(2, I(1), I(1)), kv_map_empty(), NIL, kv_list(1, I(1)), S("a"), S("ab")};
+    size_t n = sizeof ordered / sizeof *ordered;
+    for (size_t i = 0; i + 1 < n; i++) assert_true(term_cmp(ordered[i], ordered[i + 1]) < 0);
+    assert_eq(kv_list(2, I(1), S("x")), kv_list(2, I(1), S("x")));
+    term m = kv_map(2, S("milk"), I(3), S("eggs"), I(1));
+    assert_eq(map_get(m, S("milk"), am_nil), I(3));
+    assert_eq(map_fetch(m, S("bread")), am_error);
+    assert_eq(map_pop(m, S("milk")), kv_tuple(2, I(3), kv_map(1, S("eggs"), I(1))));
+    assert_eq(map_pop(kv_map_empty(), S("milk")), kv_tuple(2, am_nil, kv_map_empty()));
+}
+
+/* ==========================================================================
+ * Part I: processes, messages, links, monitors, names
+ * ========================================================================== */
+
+static void echo_once(term parent) {
+    term m = receive_any(VM_INFINITY);
+    process_send(parent, kv_tuple(2, self(), m));
+}
+
+static void t_spawn_and_send(term ctx) {
+    (void)ctx;
+    term pid = spawn(echo_once, self());
+    assert_true(is_pid(pid));
+    assert_true(process_alive(pid));
+    term msg = kv_tuple(2, A("hello"), kv_list(2, S("milk"), kv_map(1, A("a"), I(1))));
+    assert_eq(process_send(pid, msg), msg);
+    term reply = assert_receive(100);
+    assert_eq(reply, kv_tuple(2, pid, msg));
+    /* The reply is a copy: equal, but not the same memory. */
+    assert_true(elem(reply, 1) != msg);
+    process_sleep(0);
+    refute(process_alive(pid));
+}
+
+static void sender_of_five(term parent) {
+    for (int i = 1; i <= 5; i++) process_send(parent, I(i));
+}
+
+static void t_send_order(term ctx) {
+    (void)ctx;
+    spawn(sender_of_five, self());
+    for (int i = 1; i <= 5; i++) assert_eq(assert_receive(100), I(i));
+}
+
+static bool match_tag(term msg, const void *tag) { return is_tuple(msg) && elem(msg, 0) == (term)tag; }
+
+static void t_selective_receive(term ctx) {
+    (void)ctx;
+    term me = self();
+    process_send(me, kv_tuple(2, A("a"), I(1)));
+    process_send(me, kv_tuple(2, A("b"), I(2)));
+    process_send(me, kv_tuple(2, A("a"), I(3)));
+    process_send(me, kv_tuple(2, A("b"), I(4)));
+    assert_eq(receive(match_tag, A("b"), 0), kv_tuple(2, A("b"), I(2)));
+    assert_eq(receive(match_tag, A("b"), 0), kv_tuple(2, A("b"), I(4)));
+    assert_eq(receive(match_tag, A("b"), 0), NULL);
+    assert_eq(iex_flush(), kv_list(2, kv_tuple(2, A("a"), I(1)), kv_tuple(2, A("a"), I(3))));
+}
+
+static void send_later(term arg) { /* {dest, delay, msg} */
+    process_sleep((long)int_value(elem(arg, 1)));
+    process_send(elem(arg, 0), elem(arg, 2));
+}
+
+static void t_receive_after(term ctx) {
+    (void)ctx;
+    struct timespec w0, w1;
+    clock_gettime(CLOCK_MONOTONIC, &w0);
+    int64_t t0 = now_ms();
+    assert_eq(receive_any(5000), NULL);
+    assert_eq(I(now_ms() - t0), I(5000));
+    /* A message that arrives in time wins, and cancels the timer. */
+    spawn(send_later, kv_tuple(3, self(), I(100), A("late")));
+    assert_eq(receive_any(200), A("late"));
+    assert_eq(I(now_ms() - t0), I(5100));
+    spawn(send_later, kv_tuple(3, self(), I(300), A("too_late")));
+    assert_eq(receive_any(200), NULL);
+    assert_eq(receive_any(200), A("too_late"));
+    clock_gettime(CLOCK_MONOTONIC, &w1);
+    /* 5.5 virtual seconds passed; the wall clock barely moved. */
+    assert_true((w1.tv_sec - w0.tv_sec) * 1000 + (w1.tv_nsec - w0.tv_nsec) / 1000000 < 1000);
+}
+
+static void exit_with(term reason) { exit_self(reason); }
+
+static void linker(term arg) { /* {peer_reason}: link to a process that exits, then wait */
+    spawn_link(exit_with, elem(arg, 0));
+    receive_any(VM_INFINITY);
+}
+
+static term down_reason(term pid) {
+    term ref = process_monitor(pid);
+    (void)ref;
+    term m = assert_receive(VM_INFINITY);
+    assert_true(is_tagged(m, am_DOWN, 5));
+    return elem(m, 4);
+}
+
+static void t_link_abnormal(term ctx) {
+    (void)ctx;
+    term pid = spawn(linker, kv_tuple(1, A("boom")));
+    assert_eq(down_reason(pid), A("boom"));
+    pid = spawn(linker, kv_tuple(1, am_normal));
+    process_sleep(10);
+    assert_true(process_alive(pid));
+    process_exit(pid, am_kill);
+}
+
+static void t_trap_exit(term ctx) {
+    (void)ctx;
+    assert_eq(kv_bool(process_flag_trap_exit(true)), am_false);
+    assert_eq(kv_bool(process_flag_trap_exit(true)), am_true);
+    term a = spawn_link(exit_with, am_normal);
+    term b = spawn_link(exit_with, A("boom"));
+    assert_eq(assert_receive(100), kv_tuple(3, am_EXIT, a, am_normal));
+    assert_eq(assert_receive(100), kv_tuple(3, am_EXIT, b, A("boom")));
+    /* Still running: */
+    assert_true(process_alive(self()));
+}
+
+static void wait_forever(term arg) {
+    (void)arg;
+    receive_any(VM_INFINITY);
+}
+
+static void trap_and_wait(term arg) {
+    (void)arg;
+    process_flag_trap_exit(true);
+    for (;;) receive_any(VM_INFINITY);
+}
+
+static void exit_self_normal(term arg) {
+    (void)arg;
+    process_exit(self(), am_normal);
+    exit_self(A("not_reached"));
+}
+
+static void t_exit_normal(term ctx) {
+    (void)ctx;
+    term pid = spawn(wait_forever, NIL);
+    assert_eq(process_exit(pid, am_normal), am_true);
+    process_sleep(1);
+    assert_true(process_alive(pid));
+    process_exit(pid, am_kill);
+    assert_eq(down_reason(spawn(exit_self_normal, NIL)), am_normal);
+}
+
+static void linked_to(term peer) {
+    process_link(peer);
+    receive_any(VM_INFINITY);
+}
+
+static void t_kill(term ctx) {
+    (void)ctx;
+    term trapper = spawn(trap_and_wait, NIL);
+    term neighbour = spawn(linked_to, trapper);
+    process_sleep(1);
+    term tref = process_monitor(trapper), nref = process_monitor(neighbour);
+    process_exit(trapper, am_kill);
+    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, tref, am_process, trapper, am_killed));
+    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, nref, am_process, neighbour, am_killed));
+    /* :killed sent explicitly is an ordinary, trappable reason. */
+    process_flag_trap_exit(true);
+    process_exit(self(), am_killed);
+    assert_eq(assert_receive(100), kv_tuple(3, am_EXIT, self(), am_killed));
+}
+
+static void link_dead(void *pid) { process_link((term)pid); }
+
+static void t_link_dead(term ctx) {
+    (void)ctx;
+    term dead = spawn(exit_with, am_normal);
+    process_sleep(1);
+    term e = catch_error(link_dead, (void *)dead);
+    assert_eq(e, erlang_error(am_noproc));
+    struct buf b = {0};
+    exception_banner(&b, e);
+    assert_eq(S(buf_str(&b)), S("** (ErlangError) Erlang error: :noproc"));
+    buf_free(&b);
+    process_flag_trap_exit(true);
+    assert_eq(process_link(dead), am_true);
+    assert_eq(assert_receive(100), kv_tuple(3, am_EXIT, dead, am_noproc));
+}
+
+static void parent_of(term arg) { /* {test, unlink?} */
+    term child = spawn_link(wait_forever, NIL);
+    process_send(elem(arg, 0), child);
+    if (elem(arg, 1) == am_true) process_unlink(child);
+    receive_any(VM_INFINITY);
+    exit_self(A("parent_crash"));
+}
+
+static void t_links_bidirectional(term ctx) {
+    (void)ctx;
+    term parent = spawn(parent_of, kv_tuple(2, self(), am_false));
+    term child = assert_receive(100);
+    term ref = process_monitor(child);
+    process_send(parent, A("go"));
+    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, child, A("parent_crash")));
+    parent = spawn(parent_of, kv_tuple(2, self(), am_true));
+    child = assert_receive(100);
+    process_send(parent, A("go"));
+    process_sleep(10);
+    assert_true(process_alive(child));
+    process_exit(child, am_kill);
+}
+
+static void send_unregistered(void *arg) {
+    (void)arg;
+    process_send(A("unregistered"), A("hi"));
+}
+
+static void t_send_to_dead(term ctx) {
+    (void)ctx;
+    term dead = spawn(exit_with, am_normal);
+    process_sleep(1);
+    assert_eq(process_send(dead, A("hi")), A("hi"));
+    assert_eq(process_exit(dead, am_kill), am_true);
+    refute(process_alive(dead));
+    term e = catch_error(send_unregistered, NULL);
+    assert_eq(e, argument_error("errors were found at the given arguments:\n\n"
+                                "  * 1st argument: invalid destination\n"));
+}
+
+static void t_monitors(term ctx) {
+    (void)ctx;
+    term pid = spawn(wait_forever, NIL);
+    term r1 = process_monitor(pid), r2 = process_monitor(pid);
+    refute(term_eq(r1, r2));
+    process_exit(pid, A("bye"));
+    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, r2, am_process, pid, A("bye")));
+    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, r1, am_process, pid, A("bye")));
+    /* Monitoring the dead, or a name nobody holds. */
+    term ref = process_monitor(pid);
+    assert_eq(assert_receive(0), kv_tuple(5, am_DOWN, ref, am_process, pid, am_noproc));
+    ref = process_monitor(A("unregistered"));
+    assert_eq(assert_receive(0), kv_tuple(5, am_DOWN, ref, am_process,
+                                          kv_tuple(2, A("unregistered"), am_nonode), am_noproc));
+    /* demonitor with :flush drops a DOWN already queued. */
+    pid = spawn(exit_with, A("gone"));
+    ref = process_monitor(pid);
+    process_sleep(1);
+    assert_eq(process_demonitor(ref, true), am_true);
+    assert_eq(receive_any(0), NULL);
+}
+
+static void register_self_as(term name) {
+    process_register(self(), name);
+    receive_any(VM_INFINITY);
+}
+
+static void register_again(void *args) {
+    const term *a = args;
+    process_register(a[0], a[1]);
+}
+
+static void t_names(term ctx) {
+    (void)ctx;
+    term pid = spawn(register_self_as, A("foo"));
+    process_sleep(1);
+    assert_eq(process_whereis(A("foo")), pid);
+    assert_eq(process_whereis(A("nobody")), am_nil);
+    assert_eq(process_send(A("foo"), A("bye")), A("bye"));
+    process_sleep(1);
+    assert_eq(process_whereis(A("foo")), am_nil); /* freed when it died */
+    term holder = spawn(register_self_as, A("foo"));
+    process_sleep(1);
+    term args[2] = {self(), A("foo")};
+    term e = catch_error(register_again, args);
+    struct buf b = {0};
+    buf_puts(&b, "could not register ");
+    inspect_to(&b, self());
+    buf_puts(&b, " with name :foo because it is not alive, the name is already taken, or it "
+                 "has already been given another name");
+    assert_eq(e, argument_error(buf_str(&b)));
+    buf_free(&b);
+    assert_eq(process_register(self(), A("bar")), am_true);
+    args[1] = A("baz");
+    refute(catch_error(register_again, args) == NULL); /* one name per process */
+    assert_eq(process_unregister(A("bar")), am_true);
+    process_exit(holder, am_kill);
+}
+
+/* ==========================================================================
+ * Part I: exits from any depth, memory, deadlock, overflow, scale
+ * ========================================================================== */
+
+static int64_t deep_then_exit(int depth, term reason) {
+    volatile char frame[64]; /* make every level take some stack */
+    frame[0] = (char)depth;
+    if (depth == 0) {
+        if (reason) exit_self(reason);
+        return 0;
+    }
+    return deep_then_exit(depth - 1, reason) + frame[0];
+}
+
+static void hoarder(term arg) {
+    /* Own plenty: heap, links, monitors, a name, a big mailbox. */
+    term acc = NIL;
+    for (int i = 0; i < 1000; i++) acc = kv_cons(kv_map(1, I(i), S("some bytes to keep")), acc);
+    for (int i = 0; i < 10; i++) {
+        term pid = spawn(wait_forever, NIL);
+        process_link(pid);
+        process_monitor(pid);
+    }
+    process_register(self(), A("hoarder"));
+    for (int i = 0; i < 100; i++) process_send(self(), acc);
+    if (elem(arg, 0) == A("deep")) deep_then_exit(2000, A("from_the_depths"));
+    receive(match_nothing, NULL, VM_INFINITY);
+}
+
+/* What the processes other than this one hold. */
+static int64_t others_memory(void) {
+    struct proc *me = vm.current;
+    return (int64_t)(vm_memory() - me->heap.bytes - me->stack_cap - sizeof(struct proc));
+}
+
+static void t_exit_from_depth(term ctx) {
+    (void)ctx;
+    int64_t before = others_memory();
+    term pid = spawn(hoarder, kv_tuple(1, A("deep")));
+    assert_eq(down_reason(pid), A("from_the_depths"));
+    process_sleep(1);
+    assert_eq(process_whereis(A("hoarder")), am_nil);
+    /* Its ten linked children died with the same reason, and everything
+     * they and the hoarder held is gone. */
+    int64_t after = others_memory();
+    assert_eq(I(after), I(before));
+}
+
+static void deep_exit(void *depth) { deep_then_exit(*(int *)depth, A("deep")); }
+static void deep_return(void *depth) { deep_then_exit(*(int *)depth, NULL); }
+
+static void t_exit_caught(term ctx) {
+    (void)ctx;
+    int depth = 500;
+    assert_eq(catch_exit(deep_exit, &depth), A("deep"));
+    assert_eq(catch_exit(deep_return, &depth), NULL); /* returned normally */
+    assert_eq(catch_exit(deep_exit, &(int){3}), A("deep"));
+    assert_true(process_alive(self()));
+}
+
+static void t_kill_releases_memory(term ctx) {
+    (void)ctx;
+    int64_t before = others_memory();
+    term pid = spawn(hoarder, kv_tuple(1, A("wait")));
+    process_sleep(1);
+    assert_true(others_memory() > before + 100000);
+    process_exit(pid, am_kill);
+    process_sleep(1);
+    int64_t after = others_memory();
+    assert_eq(I(after), I(before));
+}
+
+static void raiser(term arg) {
+    (void)arg;
+    raise_error(runtime_error("boom"));
+}
+
+static void t_raise_logs(term ctx) {
+    (void)ctx;
+    term pid = spawn(raiser, NIL);
+    assert_eq(down_reason(pid), kv_tuple(2, runtime_error("boom"), NIL));
+    struct buf b = {0};
+    buf_puts(&b, "[error] Process ");
+    inspect_to(&b, pid);
+    buf_puts(&b, " raised an exception\n** (RuntimeError) boom\n");
+    assert_contains(captured_log(), buf_str(&b));
+    buf_free(&b);
+}
+
+static void wait_for_reply(term peer) {
+    process_send(peer, self());
+    receive(match_tag, A("reply"), VM_INFINITY);
+}
+
+static void wait_for_never(term arg) {
+    (void)arg;
+    receive(match_tag, A("never"), VM_INFINITY);
+}
+
+static void main_deadlock(void) {
+    uint64_t a = vm_spawn(wait_for_never, NIL, "first");
+    struct proc *pa = proc_of_pid(a);
+    term args;
+    WITH_HEAP(&outside_heap, args = kv_pid(a));
+    uint64_t b = vm_spawn(wait_for_reply, args, "second");
+    assert_true(vm_run(b) == VM_DEADLOCK);
+    assert_true(pa != NULL);
+    char line[128];
+    snprintf(line, sizeof line, "#PID<0.%" PRIu64 ".0> (second) waits for a message; 0 messages", b);
+    (void)pa;
+    assert_contains(captured_log(), "kv: deadlock: all 2 processes wait");
+    assert_contains(captured_log(), line);
+    snprintf(line, sizeof line, "#PID<0.%" PRIu64 ".0> (first) waits for a message; 1 message", a);
+    assert_contains(captured_log(), line);
+}
+
+static volatile int64_t bottomless = INT64_MAX;
+
+static NOINLINE int64_t recurse_forever(int64_t n) {
+    volatile char frame[512];
+    frame[0] = (char)n;
+    if (n == bottomless) return 0;
+    return recurse_forever(n + 1) + frame[0];
+}
+
+static void overflower(term arg) {
+    (void)arg;
+    recurse_forever(0);
+}
+
+/* A process that overflows the C stack is named, and the VM stops; the
+ * other processes' stacks were never on the C stack, so nothing else was
+ * touched.  Run in a child Unix process, since the VM does stop. */
+static void main_overflow(void) {
+    int fds[2];
+    assert_true(pipe(fds) == 0);
+    pid_t child = fork();
+    if (child == 0) {
+        dup2(fds[1], 2);
+        close(fds[0]);
+        vm.out = out_stderr;
+        vm_spawn(wait_forever, NIL, "bystander");
+        uint64_t p = vm_spawn(overflower, NIL, "overflower");
+        vm_run(p);
+        _exit(0); /* not reached */
+    }
+    close(fds[1]);
+    char out[1024] = {0};
+    size_t n = 0;
+    ssize_t r;
+    while (n < sizeof out - 1 && (r = read(fds[0], out + n, sizeof out - 1 - n)) > 0) n += (size_t)r;
+    close(fds[0]);
+    int status = 0;
+    waitpid(child, &status, 0);
+    assert_true(WIFSIGNALED(status));
+    assert_contains(out, "overflower overflowed the C stack");
+    assert_contains(out, "stopping the VM");
+}
+
+static void idle_child(term arg) {
+    (void)arg;
+    receive_any(VM_INFINITY);
+}
+
+static void spawn_until_limit(void *count) {
+    for (;;) {
+        spawn(idle_child, NIL);
+        ++*(size_t *)count;
+    }
+}
+
+/* BEAM's default limit is 262,144 processes.  Reach it, all alive at once,
+ * and see the next spawn refused with a SystemLimitError. */
+static void t_process_limit(term ctx) {
+    (void)ctx;
+    size_t spawned = 0;
+    term e = catch_error(spawn_until_limit, &spawned);
+    assert_eq(map_get(e, am_struct_, am_nil), kv_alias("SystemLimitError"));
+    assert_eq(I((int64_t)vm.count), I(262144));
+    process_sleep(1); /* let every child run into its receive */
+    size_t bytes = vm_memory();
+    char note[128];
+    snprintf(note, sizeof note, "%zu processes alive, %zu bytes each\n", vm.count, bytes / vm.count);
+    vm.out(note, strlen(note));
+    assert_true(bytes / vm.count < 2700); /* BEAM: about 2.7 KB each */
+}
+
+static void read_line(term arg) {
+    int fd = (int)int_value(arg);
+    process_wait_input(fd);
+    char buf[32] = {0};
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    if (n != 6 || strcmp(buf, "hello\n") != 0) exit_self(A("bad_input"));
+}
+
+static void main_wait_input(void) {
+    int fds[2];
+    assert_true(pipe(fds) == 0);
+    uint64_t reader;
+    WITH_HEAP(&outside_heap, reader = vm_spawn(read_line, kv_int(fds[0]), "reader"));
+    assert_true(vm_run(0) == VM_IDLE); /* it waits for input */
+    assert_true(proc_of_pid(reader) != NULL);
+    assert_true(write(fds[1], "hello\n", 6) == 6);
+    assert_true(vm_run(reader) == VM_DONE);
+    close(fds[0]);
+    close(fds[1]);
+}
+
+/* ==========================================================================
+ * The tests, in the guide's order
+ * ========================================================================== */
+
+static const struct test tests[] = {
+    {"Runtime.InspectTest", "prints terms as inspect/1 does", NULL, t_inspect_basic, NULL},
+    {"Runtime.InspectTest", "limits collections to 50 items", NULL, t_inspect_limit, NULL},
+    {"Runtime.InspectTest", "pretty-prints at 80 columns as iex does", NULL, t_inspect_pretty, NULL},
+    {"Runtime.InspectTest", "orders terms as Erlang does", NULL, t_term_order, NULL},
+    {"Runtime.ProcessTest", "spawn runs a function in a new process and send copies", NULL, t_spawn_and_send, NULL},
+    {"Runtime.ProcessTest", "messages from one sender arrive in send order", NULL, t_send_order, NULL},
+    {"Runtime.ProcessTest", "selective receive keeps unmatched messages in order", NULL, t_selective_receive, NULL},
+    {"Runtime.ProcessTest", "receive after times out on a virtual clock", NULL, t_receive_after, NULL},
+    {"Runtime.ProcessTest", "a linked process's abnormal exit kills a non-trapping linker", NULL, t_link_abnormal, NULL},
+    {"Runtime.ProcessTest", "trap_exit turns exit signals into EXIT messages", NULL, t_trap_exit, NULL},
+    {"Runtime.ProcessTest", "Process.exit with :normal is ignored, except on self", NULL, t_exit_normal, NULL},
+    {"Runtime.ProcessTest", ":kill is untrappable and spreads as :killed", NULL, t_kill, NULL},
+    {"Runtime.ProcessTest", "linking to a dead process", NULL, t_link_dead, NULL},
+    {"Runtime.ProcessTest", "links are bidirectional and unlink undoes them", NULL, t_links_bidirectional, NULL},
+    {"Runtime.ProcessTest", "sending to the dead is silent, to an unknown name an error", NULL, t_send_to_dead, NULL},
+    {"Runtime.ProcessTest", "monitors deliver DOWN messages", NULL, t_monitors, NULL},
+    {"Runtime.ProcessTest", "registered names", NULL, t_names, NULL},
+    {"Runtime.ProcessTest", "a process exits from deep inside nested calls", NULL, t_exit_from_depth, NULL},
+    {"Runtime.ProcessTest", "an exit from deep inside can be caught", NULL, t_exit_caught, NULL},
+    {"Runtime.ProcessTest", "a killed process releases every byte", NULL, t_kill_releases_memory, NULL},
+    {"Runtime.ProcessTest", "raise in a plain process logs the exception", NULL, t_raise_logs, NULL},
+    {"Runtime.SchedulerTest", "a deadlock is reported with who waits for what", NULL, NULL, main_deadlock},
+    {"Runtime.SchedulerTest", "a stack overflow is named and stops the VM", NULL, NULL, main_overflow},
+    {"Runtime.SchedulerTest", "262,144 processes live at once, as on BEAM", NULL, t_process_limit, NULL},
+    {"Runtime.SchedulerTest", "a process can wait for input", NULL, NULL, main_wait_input},
+    {NULL, NULL, NULL, NULL, NULL},
+};
