@@ -497,7 +497,10 @@ static term kv_atom(const char *name) { return atom_n(name, strlen(name)); }
     X(MatchError, "Elixir.MatchError")                                       \
     X(FunctionClauseError, "Elixir.FunctionClauseError")                    \
     X(ErlangError, "Elixir.ErlangError")                                     \
-    X(UndefinedFunctionError, "Elixir.UndefinedFunctionError")
+    X(UndefinedFunctionError, "Elixir.UndefinedFunctionError")              \
+    X(get, "get") X(update, "update") X(get_and_update, "get_and_update")  \
+    X(cast, "cast") X(lookup, "lookup") X(create, "create")               \
+    X(Agent, "Elixir.Agent") X(sys, "sys") X(alias_tag, "alias")
 
 #define DECLARE_ATOM(id, text) static term am_##id;
 KV_ATOMS(DECLARE_ATOM)
@@ -1514,11 +1517,15 @@ enum pstate {
 };
 
 /* A message: its own chunk of memory, starting with this header, followed
- * by the copied term.  Received, the whole chunk joins the receiver's heap. */
+ * by the copied term.  Received, the whole chunk joins the receiver's heap.
+ * An exit signal waits in the same queue, in order with the messages, as
+ * {:EXIT, from, reason} with `signal` set, until the process handles it
+ * (section I.10). */
 struct msg {
     struct msg *next;
     term value;
     struct chunk *chunk;
+    bool signal;
 };
 
 /* A link has two ends, one in each process's list; each end knows its twin,
@@ -2159,6 +2166,7 @@ static struct msg *msg_new(term t) {
     if (h.chunks != c) abort(); /* term_size and copy_rec disagree */
     m->chunk = c;
     m->next = NULL;
+    m->signal = false;
     return m;
 }
 
@@ -2206,6 +2214,10 @@ API term process_send(term dest, term msg) {
     return msg;
 }
 
+static bool signal_handle(struct proc *p, struct msg *sig);
+static void signals_flush(struct proc *p);
+static void settle(void);
+
 typedef bool (*match_fn)(term msg, const void *arg);
 
 /* receive: the oldest message `match` accepts (any, if match is NULL),
@@ -2224,8 +2236,24 @@ static term receive_full(match_fn match, const void *arg, long timeout_ms, const
     bool armed = false;
     p->timed_out = false;
     for (;;) {
-        for (struct msg *m; (m = *scan); scan = &m->next) {
-            if (match && !match(m->value, arg)) continue;
+        for (struct msg *m; (m = *scan);) {
+            if (m->signal) { /* an exit signal, reached in order */
+                *scan = m->next;
+                if (p->mbox_tail == &m->next) p->mbox_tail = scan;
+                p->mbox_len--;
+                if (!signal_handle(p, m)) {
+                    settle(); /* leaves here if it killed us */
+                    continue;
+                }
+                m->next = *scan; /* trapped: it is a message now */
+                *scan = m;
+                if (p->mbox_tail == scan) p->mbox_tail = &m->next;
+                p->mbox_len++;
+            }
+            if (match && !match(m->value, arg)) {
+                scan = &m->next;
+                continue;
+            }
             *scan = m->next;
             if (p->mbox_tail == &m->next) p->mbox_tail = scan;
             p->mbox_len--;
@@ -2287,26 +2315,34 @@ API void process_wait_input(int fd) {
 /* --------------------------------------------------------------------------
  * I.10  Links, monitors and exit signals
  * --------------------------------------------------------------------------
- * When a process dies, with reason R, the VM sends R along every link and
- * a {:DOWN, ref, :process, pid, R} message along every monitor.  An exit
- * signal arriving at a process does what this table says (the same table
- * as OTP's; a signal sent by Process.exit/2 is "direct", one sent because
- * a linked process died is a "link" signal):
+ * When a process dies, with reason R, the VM sends an exit signal with R
+ * along every link, then a {:DOWN, ref, :process, pid, R} message along
+ * every monitor.  An exit signal arriving at a process does what this
+ * table says (OTP's table; a "direct" signal is one sent by Process.exit/2):
  *
- *     signal reason            not trapping exits       trapping exits
- *     ---------------------    ---------------------    ----------------------
- *     :normal  (link)          ignored                  {:EXIT, from, :normal}
- *     :normal  (direct)        ignored, unless sent     {:EXIT, from, :normal}
- *                              to itself: it exits
- *     :kill    (direct)        exits with :killed       exits with :killed
- *     anything else            exits with that reason   {:EXIT, from, reason}
+ *     signal reason        not trapping exits         trapping exits
+ *     ----------------     ------------------------   ----------------------
+ *     :normal              ignored (but a process     {:EXIT, from, :normal}
+ *                          that sends it to itself
+ *                          exits)
+ *     :kill (direct)       exits with :killed         exits with :killed
+ *     anything else        exits with that reason     {:EXIT, from, reason}
  *
- * A process that must exit is marked (die) and queued; reap() then
- * finishes the queued processes one by one, and finishing one may queue
- * more, so a chain of a million linked processes costs no C recursion.
- * The running process cannot be finished while its code runs: it is
- * marked, and settle() sends it to the scheduler as soon as the runtime
- * call that killed it is done.
+ * When does it arrive?  On BEAM, signals from one process to another keep
+ * their order with the messages between them, and the receiver handles
+ * them when it next runs.  kv.c queues an exit signal in the mailbox, as
+ * an {:EXIT, from, reason} entry marked `signal`, and the receiver handles
+ * it when its receive reaches it: a trapping process finds an ordinary
+ * message there, any other process exits or ignores it.  So a server that
+ * answers and then dies lets its caller read the answer first, and a
+ * process linked to a dying server dies before it can read the server's
+ * DOWN message, both as on BEAM.  Two things act at once instead: an
+ * untrappable :kill, and a signal a process sends itself.
+ *
+ * A process that must exit now is marked (die) and queued; reap() then
+ * finishes the queued processes.  The running process cannot be finished
+ * while its code runs: it is marked, and settle() sends it to the
+ * scheduler as soon as the runtime call that killed it is done.
  */
 
 static void link_push(struct proc *owner, struct link_end *e) {
@@ -2417,17 +2453,68 @@ static void die(struct proc *p, term reason) {
     vm.dying_tail = p;
 }
 
-/* An exit signal with `reason` from the process `from` arrives at p.
- * `link` says whether it comes from a link (a dying neighbour). */
+/* Handle the exit signal `sig`, an {:EXIT, from, reason} entry taken out of
+ * p's mailbox: for a trapping process it goes back as a message (true); for
+ * the others it is dropped, and kills p unless the reason is :normal. */
+static bool signal_handle(struct proc *p, struct msg *sig) {
+    if (p->trap_exit) {
+        sig->signal = false;
+        return true;
+    }
+    term reason = elem(sig->value, 2);
+    if (reason != am_normal) {
+        heap_add_chunk(&p->heap, sig->chunk); /* keep the reason's memory */
+        die(p, reason);
+    } else {
+        chunk_free(sig->chunk);
+    }
+    return false;
+}
+
+/* An exit signal from the process `from` to p (see the table above).
+ * `link` tells a dying neighbour's signal from Process.exit/2. */
 static void exit_signal(struct proc *p, term from, term reason, bool link) {
     if (p->state == P_EXITING) return;
     if (!link && reason == am_kill) {
-        die(p, am_killed); /* untrappable */
-    } else if (p->trap_exit) {
-        term items[3] = {am_EXIT, from, reason};
-        deliver_tuple(p, 3, items);
-    } else if (reason != am_normal || (!link && from->u.id == p->pid)) {
-        die(p, reason);
+        die(p, am_killed); /* untrappable, and immediate */
+        return;
+    }
+    term items[3] = {am_EXIT, from, reason};
+    struct heap scratch = {0};
+    term t;
+    WITH_HEAP(&scratch, t = kv_tuple_of(3, items));
+    struct msg *sig = msg_new(t);
+    heap_free(&scratch);
+    sig->signal = true;
+    if (from->u.id == p->pid) { /* sent to itself: handled at once */
+        if (reason == am_normal && !p->trap_exit && !link) {
+            chunk_free(sig->chunk);
+            die(p, am_normal);
+        } else if (signal_handle(p, sig)) {
+            mailbox_append(p, sig);
+        }
+        return;
+    }
+    mailbox_append(p, sig);
+    if (p->state == P_WAITING) runq_push(p); /* wake it, even from input */
+}
+
+/* Handle every exit signal waiting in p's mailbox now, in order: what
+ * Process.alive?/1 does for its caller's signals, and what a process woken
+ * from a wait other than receive does for its own. */
+static void signals_flush(struct proc *p) {
+    for (struct msg **pp = &p->mbox_head, *m; (m = *pp) && p->state != P_EXITING;) {
+        if (!m->signal) { pp = &m->next; continue; }
+        *pp = m->next;
+        if (p->mbox_tail == &m->next) p->mbox_tail = pp;
+        p->mbox_len--;
+        if (signal_handle(p, m)) { /* a message now: put it back */
+            m->next = *pp;
+            *pp = m;
+            if (p->mbox_tail == pp) p->mbox_tail = &m->next;
+            p->mbox_len++;
+            pp = &m->next;
+        }
     }
 }
 
@@ -2553,8 +2640,15 @@ static uint64_t vm_spawn(void (*fn)(term), term arg, const char *label) {
     return proc_spawn(fn, arg, label)->pid;
 }
 
-/* Process.alive?/1 */
-API bool process_alive(term pid) { return proc_of(pid) != NULL; }
+/* Process.alive?/1.  Exit signals already sent to pid are handled first,
+ * so a process told to exit by the caller is seen dead, as on BEAM. */
+API bool process_alive(term pid) {
+    struct proc *p = proc_of(pid);
+    if (!p) return false;
+    signals_flush(p);
+    settle();
+    return p->state != P_EXITING;
+}
 
 /* Process.flag(:trap_exit, on) — the previous value */
 API bool process_flag_trap_exit(bool on) {
@@ -2981,6 +3075,762 @@ static void log_raised(term exception) {
     buf_free(&b);
 }
 
+/* --------------------------------------------------------------------------
+ * I.14  Modules, and apply/3
+ * --------------------------------------------------------------------------
+ * A child specification names its start function as data, {KV.Registry,
+ * :start_link, [[]]}, and a supervisor calls it with apply/3.  BEAM finds
+ * the function in its export table, by module and name.  kv.c keeps a
+ * table too: every module it defines is a struct module, loaded into the
+ * table at start-up (code_load), with the functions apply/3 may call, and,
+ * for a module that `use`s a behaviour, the callbacks that behaviour calls.
+ */
+
+/* A function apply/3 can call: `fun` receives the argument list. */
+struct export {
+    const char *name;
+    int arity;
+    term (*fun)(term args);
+};
+
+struct module {
+    const char *name;             /* "KV.Registry", as Elixir writes it */
+    const struct export *exports; /* ends with {NULL} */
+
+    /* Callbacks, for modules that use a behaviour; NULL where the module
+     * does not define one (the behaviour's default applies).  Their shapes
+     * are Elixir's: init(arg), handle_call(request, from, state), ... */
+    term (*init)(term arg);
+    term (*handle_call)(term request, term from, term state);
+    term (*handle_cast)(term request, term state);
+    term (*handle_info)(term msg, term state);
+    void (*terminate)(term reason, term state);
+};
+
+static struct {
+    const struct module **mods;
+    size_t n, cap;
+} code;
+
+/* Make a module known to apply/3 and to the behaviours. */
+static void code_load(const struct module *m) {
+    if (code.n == code.cap) {
+        code.cap = code.cap ? code.cap * 2 : 32;
+        code.mods = vm_realloc(code.mods, code.cap * sizeof *code.mods);
+    }
+    code.mods[code.n++] = m;
+}
+
+/* The module called `name` (an atom such as KV.Registry), or NULL. */
+static const struct module *code_find(term name) {
+    if (!is_atom(name)) return NULL;
+    const char *s = BYTES(name);
+    if (name->n > 7 && memcmp(s, "Elixir.", 7) == 0) s += 7;
+    for (size_t i = 0; i < code.n; i++)
+        if (strcmp(code.mods[i]->name, s) == 0) return code.mods[i];
+    return NULL;
+}
+
+/* The module's name as an atom: KV.Registry is :"Elixir.KV.Registry". */
+static term module_atom(const struct module *m) { return kv_alias(m->name); }
+
+/* apply/3: call module.function(args...). */
+API term erlang_apply(term module, term function, term args) {
+    const struct module *m = code_find(module);
+    int arity = (int)list_length(args);
+    for (const struct export *e = m ? m->exports : NULL; e && e->name; e++)
+        if (e->arity == arity && strcmp(e->name, BYTES(function)) == 0) return e->fun(args);
+    raise_error(exception_new(am_UndefinedFunctionError, 3, am_module, module, am_function, function,
+                              am_arity, kv_int(arity)));
+}
+
+/* The x of `{:ok, x} = result`; anything else raises MatchError, as the
+ * pattern would. */
+API term ok_value(term result) {
+    if (!is_tagged(result, am_ok, 2)) raise_error(match_error(result));
+    return elem(result, 1);
+}
+
+/* Calling a fun: f.(arg), or f.() for a fun of arity 0. */
+API term fun_call(term f, term arg) { return f->u.fun->code(f->item[0], arg); }
+
+/* ==========================================================================
+ * PART II — agents.md: "Simple state management with agents"
+ * ==========================================================================
+ *
+ * An Agent is a process that holds a value, the state, and runs the
+ * functions you send it against that value.  In Elixir, Agent is a thin
+ * layer over GenServer: the agent process runs Agent.Server, a GenServer
+ * callback module whose callbacks apply the function from the request to
+ * the state.  kv.c does the same, so an agent crashes, stops and reports
+ * exactly as a GenServer does.  GenServer itself is Part III; the calls
+ * below are all you need from it for now:
+ */
+
+struct gen_server;
+static term gen_start(const struct module *mod, term arg, term opts, bool link);
+API term gen_server_call_timeout(term server, term request, long timeout);
+API term gen_server_cast(term server, term request);
+API term gen_server_stop(term server, term reason, long timeout);
+
+#define GEN_SERVER_DEFAULT_TIMEOUT 5000 /* GenServer.call's, in milliseconds */
+
+/* --------------------------------------------------------------------------
+ * agents.md — "Agents 101": the Agent module
+ * -------------------------------------------------------------------------- */
+
+/* Agent.Server's callbacks.  A request carries the function to run. */
+
+static term agent_init(term fun) { return kv_tuple(2, am_ok, fun_call(fun, NULL)); }
+
+static term agent_handle_call(term request, term from, term state) {
+    (void)from;
+    term fun = is_tuple(request) && tuple_size(request) == 2 ? elem(request, 1) : NULL;
+    if (fun && elem(request, 0) == am_get)
+        return kv_tuple(3, am_reply, fun_call(fun, state), state);
+    if (fun && elem(request, 0) == am_update)
+        return kv_tuple(3, am_reply, am_ok, fun_call(fun, state));
+    if (fun && elem(request, 0) == am_get_and_update) {
+        term r = fun_call(fun, state); /* must be {reply, new_state} */
+        if (is_tuple(r) && tuple_size(r) == 2) return kv_tuple(3, am_reply, elem(r, 0), elem(r, 1));
+        return kv_tuple(3, am_stop, kv_tuple(2, am_bad_return_value, r), state);
+    }
+    raise_error(function_clause_error(kv_alias("Agent.Server"), kv_atom("handle_call"), 3));
+}
+
+static term agent_handle_cast(term request, term state) {
+    if (!is_tagged(request, am_cast, 2))
+        raise_error(function_clause_error(kv_alias("Agent.Server"), kv_atom("handle_cast"), 2));
+    return kv_tuple(2, am_noreply, fun_call(elem(request, 1), state));
+}
+
+static const struct module agent_server = {
+    .name = "Agent.Server",
+    .init = agent_init,
+    .handle_call = agent_handle_call,
+    .handle_cast = agent_handle_cast,
+};
+
+/* Agent.start_link/2 — {:ok, pid}; fun computes the initial state in the
+ * new process.  opts: [name: atom], [timeout: ms]. */
+API term agent_start_link(term fun, term opts) { return gen_start(&agent_server, fun, opts, true); }
+
+/* Agent.start/2 — the same, unlinked */
+API term agent_start(term fun, term opts) { return gen_start(&agent_server, fun, opts, false); }
+
+/* Agent.get/3 — fun.(state), computed in the agent */
+API term agent_get_timeout(term agent, term fun, long timeout) {
+    return gen_server_call_timeout(agent, kv_tuple(2, am_get, fun), timeout);
+}
+
+/* Agent.get/2 */
+API term agent_get(term agent, term fun) {
+    return agent_get_timeout(agent, fun, GEN_SERVER_DEFAULT_TIMEOUT);
+}
+
+/* Agent.update/2 — the state becomes fun.(state); returns :ok */
+API term agent_update(term agent, term fun) {
+    return gen_server_call_timeout(agent, kv_tuple(2, am_update, fun), GEN_SERVER_DEFAULT_TIMEOUT);
+}
+
+/* Agent.get_and_update/2 — fun.(state) returns {reply, new_state} */
+API term agent_get_and_update(term agent, term fun) {
+    return gen_server_call_timeout(agent, kv_tuple(2, am_get_and_update, fun), GEN_SERVER_DEFAULT_TIMEOUT);
+}
+
+/* Agent.cast/2 — like update, without waiting; always :ok */
+API term agent_cast(term agent, term fun) { return gen_server_cast(agent, kv_tuple(2, am_cast, fun)); }
+
+/* Agent.stop/3 — :ok once the agent has exited with `reason` */
+API term agent_stop(term agent, term reason, long timeout) {
+    return gen_server_stop(agent, reason, timeout);
+}
+
+/* --------------------------------------------------------------------------
+ * agents.md — "Agents 101", "Other agent actions": KV.Bucket
+ * --------------------------------------------------------------------------
+ * The bucket is an agent whose state is a map.  Each operation is a small
+ * function sent to the agent: in Elixir, &Map.get(&1, key); here a C
+ * function plus the one term it captures (struct fun_def, I.3).  Only the
+ * function's code runs in the agent, the server; everything else in these
+ * functions runs in the caller, the client.
+ */
+
+static term empty_map(term env, term unused) {
+    (void)env, (void)unused;
+    return kv_map_empty();
+}
+static term bucket_get(term key, term map) { return map_get(map, key, am_nil); }
+static term bucket_put(term kv, term map) { return map_put(map, elem(kv, 0), elem(kv, 1)); }
+static term bucket_pop(term key, term map) { return map_pop(map, key); }
+
+static const struct fun_def empty_map_fun = {"empty_map", 0, "KV.Bucket.start_link/1", empty_map};
+static const struct fun_def bucket_get_fun = {"bucket_get", 1, "KV.Bucket.get/2", bucket_get};
+static const struct fun_def bucket_put_fun = {"bucket_put", 1, "KV.Bucket.put/3", bucket_put};
+static const struct fun_def bucket_pop_fun = {"bucket_pop", 1, "KV.Bucket.delete/2", bucket_pop};
+
+/* KV.Bucket.start_link/1 — Agent.start_link(fn -> %{} end) */
+API term kv_bucket_start_link(term opts) {
+    (void)opts;
+    return agent_start_link(kv_fun(&empty_map_fun, NIL), NIL);
+}
+
+/* KV.Bucket.get/2 — Agent.get(bucket, &Map.get(&1, key)) */
+API term kv_bucket_get(term bucket, term key) { return agent_get(bucket, kv_fun(&bucket_get_fun, key)); }
+
+/* KV.Bucket.put/3 — Agent.update(bucket, &Map.put(&1, key, value)) */
+API term kv_bucket_put(term bucket, term key, term value) {
+    return agent_update(bucket, kv_fun(&bucket_put_fun, kv_tuple(2, key, value)));
+}
+
+/* KV.Bucket.delete/2 — Agent.get_and_update(bucket, &Map.pop(&1, key)):
+ * the value that was there, or nil */
+API term kv_bucket_delete(term bucket, term key) {
+    return agent_get_and_update(bucket, kv_fun(&bucket_pop_fun, key));
+}
+
+static term kv_bucket_start_link_apply(term args) { return kv_bucket_start_link(hd(args)); }
+
+static const struct export kv_bucket_exports[] = {
+    {"start_link", 1, kv_bucket_start_link_apply},
+    {NULL, 0, NULL},
+};
+
+static const struct module kv_bucket = {.name = "KV.Bucket", .exports = kv_bucket_exports};
+
+/* ==========================================================================
+ * PART III — genservers.md: "Client-server communication with GenServer"
+ * ==========================================================================
+ *
+ * A GenServer is a process running a loop that Elixir (really OTP's
+ * gen_server) writes once for everybody: receive a message, decide what
+ * kind it is, call the callback module's function for it, keep the new
+ * state, repeat.  Part III first builds that loop ("GenServer callbacks"),
+ * then the functions clients call ("The Client API"), then the guide's
+ * registry of buckets on top.
+ */
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "GenServer callbacks": the server's loop
+ * --------------------------------------------------------------------------
+ *
+ *     client                                server (gen_server_loop)
+ *     ------                                ------------------------
+ *     GenServer.call(pid, req) --- {:"$gen_call", {client, tag}, req} --->
+ *        (waits, monitoring pid)           handle_call(req, from, state)
+ *     <----------------------------------- {tag, reply}   ({:reply, ...})
+ *
+ *     GenServer.cast(pid, req) --- {:"$gen_cast", req} --->  handle_cast
+ *     send(pid, msg) ------------- msg --------------------->  handle_info
+ *
+ * The server's own facts (its module, state, parent and name) are kept in
+ * a struct gen_server on its stack, for the whole life of the loop.
+ */
+
+struct gen_server {
+    const struct module *mod;
+    term state;
+    term name;       /* registered name, or NULL */
+    uint64_t parent; /* the process that started it (start_link's caller) */
+    long timeout;    /* from {:noreply, state, timeout}; VM_INFINITY if none */
+};
+
+/* Is this an exit reason OTP considers normal (no crash report)? */
+static bool is_normal_exit(term reason) {
+    return reason == am_normal || reason == am_shutdown || is_tagged(reason, am_shutdown, 2);
+}
+
+/* The server as logs name it: its registered name, or its pid. */
+static term server_label(const struct gen_server *gs) { return gs->name ? gs->name : self(); }
+
+/* [error] GenServer KV.Registry terminating ... — the crash report, in the
+ * shape Elixir's Logger gives it (without stack traces: C keeps none). */
+static void log_terminate(const struct gen_server *gs, term reason, term last, term from) {
+    struct buf b = {0};
+    buf_puts(&b, "GenServer ");
+    inspect_to(&b, server_label(gs));
+    buf_puts(&b, " terminating\n");
+    if (is_raised(reason)) exception_banner(&b, elem(reason, 0));
+    else { buf_puts(&b, "** (stop) "); format_exit_to(&b, reason, "\n    "); }
+    buf_puts(&b, "\nLast message");
+    if (from) { buf_puts(&b, " (from "); inspect_to(&b, elem(from, 0)); buf_puts(&b, ")"); }
+    buf_puts(&b, ": ");
+    inspect_to(&b, last);
+    buf_puts(&b, "\nState: ");
+    inspect_to(&b, gs->state);
+    if (from) {
+        buf_puts(&b, "\nClient ");
+        inspect_to(&b, elem(from, 0));
+        buf_puts(&b, process_alive(elem(from, 0)) ? " is alive" : " is dead");
+    }
+    logger_log(LOG_ERROR, buf_str(&b));
+    buf_free(&b);
+}
+
+/* A callback, run inside a catch point: what it returned, or how it died. */
+enum callback { CB_INIT, CB_CALL, CB_CAST, CB_INFO, CB_TERMINATE };
+
+struct callback_run {
+    struct gen_server *gs;
+    enum callback which;
+    term msg, from;
+    term result;
+};
+
+static term default_handle_call(struct gen_server *gs) {
+    struct buf b = {0};
+    buf_puts(&b, "attempted to call GenServer ");
+    inspect_to(&b, server_label(gs));
+    buf_puts(&b, " but no handle_call/3 clause was provided");
+    term e = runtime_error(buf_str(&b));
+    buf_free(&b);
+    raise_error(e);
+}
+
+static term default_handle_cast(struct gen_server *gs) {
+    struct buf b = {0};
+    buf_puts(&b, "attempted to cast GenServer ");
+    inspect_to(&b, server_label(gs));
+    buf_puts(&b, " but no handle_cast/2 clause was provided");
+    term e = runtime_error(buf_str(&b));
+    buf_free(&b);
+    raise_error(e);
+}
+
+/* use GenServer's handle_info/2: log the stray message and carry on. */
+static term default_handle_info(struct gen_server *gs, term msg) {
+    struct buf b = {0};
+    inspect_to(&b, module_atom(gs->mod));
+    buf_puts(&b, " ");
+    inspect_to(&b, server_label(gs));
+    buf_puts(&b, " received unexpected message in handle_info/2: ");
+    inspect_to(&b, msg);
+    logger_log(LOG_ERROR, buf_str(&b));
+    buf_free(&b);
+    return kv_tuple(2, am_noreply, gs->state);
+}
+
+static void run_callback(void *arg) {
+    struct callback_run *r = arg;
+    struct gen_server *gs = r->gs;
+    const struct module *m = gs->mod;
+    switch (r->which) {
+    case CB_INIT:
+        r->result = m->init(r->msg);
+        break;
+    case CB_CALL:
+        r->result = m->handle_call ? m->handle_call(r->msg, r->from, gs->state) : default_handle_call(gs);
+        break;
+    case CB_CAST:
+        r->result = m->handle_cast ? m->handle_cast(r->msg, gs->state) : default_handle_cast(gs);
+        break;
+    case CB_INFO:
+        r->result = m->handle_info ? m->handle_info(r->msg, gs->state) : default_handle_info(gs, r->msg);
+        break;
+    case CB_TERMINATE:
+        if (m->terminate) m->terminate(r->msg, gs->state);
+        r->result = am_ok;
+        break;
+    }
+}
+
+/* Run a callback.  Returns its result, or NULL with *reason set to the
+ * exit reason its crash means: {exception, []} for a raise, the reason of
+ * an exit, {{:nocatch, value}, []} for an uncaught throw. */
+static term callback(struct gen_server *gs, enum callback which, term msg, term from, term *reason) {
+    struct callback_run r = {gs, which, msg, from, NULL};
+    term caught;
+    switch (try_catch(run_callback, &r, &caught)) {
+    case CAUGHT_NOTHING: return r.result;
+    case CAUGHT_EXIT: *reason = caught; return NULL;
+    case CAUGHT_ERROR: *reason = kv_tuple(2, caught, NIL); return NULL;
+    case CAUGHT_THROW:
+        *reason = kv_tuple(2, erlang_error(kv_tuple(2, kv_atom("nocatch"), caught)), NIL);
+        return NULL;
+    }
+    return NULL;
+}
+
+/* Stop the server: terminate/2 if the module has one, a crash report if
+ * the reason is not a normal one, then exit.  `last` and `from` are the
+ * message being handled, for the report. */
+static NORETURN void gen_server_terminate(struct gen_server *gs, term reason, term last, term from) {
+    term crash;
+    if (!callback(gs, CB_TERMINATE, reason, NULL, &crash)) reason = crash;
+    if (!is_normal_exit(reason)) log_terminate(gs, reason, last, from);
+    exit_current(reason);
+}
+
+/* GenServer.reply/2: send `reply` to the caller waiting in GenServer.call.
+ * from is {pid, [:alias | ref]}: the reply goes to the caller's alias, so
+ * it is dropped if the caller has stopped waiting. */
+API term gen_server_reply(term from, term reply) {
+    term tag = elem(from, 1);
+    process_send_alias(elem(from, 0), tl(tag), kv_tuple(2, tag, reply));
+    return am_ok;
+}
+
+/* A callback's timeout element: an integer (ms) or :infinity. */
+static long timeout_of(term t) { return is_integer(t) ? (long)int_value(t) : VM_INFINITY; }
+
+/* Act on what handle_call returned. */
+static void handle_call_result(struct gen_server *gs, term r, term msg, term from) {
+    size_t n = is_tuple(r) ? tuple_size(r) : 0;
+    term tag = n ? elem(r, 0) : NULL;
+    if (tag == am_reply && (n == 3 || n == 4)) {
+        gen_server_reply(from, elem(r, 1));
+        gs->state = elem(r, 2);
+        if (n == 4) gs->timeout = timeout_of(elem(r, 3));
+    } else if (tag == am_noreply && (n == 2 || n == 3)) {
+        gs->state = elem(r, 1);
+        if (n == 3) gs->timeout = timeout_of(elem(r, 2));
+    } else if (tag == am_stop && n == 4) {
+        gen_server_reply(from, elem(r, 2));
+        gs->state = elem(r, 3);
+        gen_server_terminate(gs, elem(r, 1), msg, from);
+    } else if (tag == am_stop && n == 3) {
+        gs->state = elem(r, 2);
+        gen_server_terminate(gs, elem(r, 1), msg, from);
+    } else {
+        gen_server_terminate(gs, kv_tuple(2, am_bad_return_value, r), msg, from);
+    }
+}
+
+/* Act on what handle_cast or handle_info returned. */
+static void handle_noreply_result(struct gen_server *gs, term r, term msg) {
+    size_t n = is_tuple(r) ? tuple_size(r) : 0;
+    term tag = n ? elem(r, 0) : NULL;
+    if (tag == am_noreply && (n == 2 || n == 3)) {
+        gs->state = elem(r, 1);
+        if (n == 3) gs->timeout = timeout_of(elem(r, 2));
+    } else if (tag == am_stop && n == 3) {
+        gs->state = elem(r, 2);
+        gen_server_terminate(gs, elem(r, 1), msg, NULL);
+    } else {
+        gen_server_terminate(gs, kv_tuple(2, am_bad_return_value, r), msg, NULL);
+    }
+}
+
+/* One message, dispatched as gen_server does. */
+static void gen_server_handle(struct gen_server *gs, term msg) {
+    term r, reason;
+    if (is_tagged(msg, am_gen_call, 3)) {
+        term from = elem(msg, 1);
+        if (!(r = callback(gs, CB_CALL, elem(msg, 2), from, &reason)))
+            gen_server_terminate(gs, reason, elem(msg, 2), from);
+        handle_call_result(gs, r, elem(msg, 2), from);
+    } else if (is_tagged(msg, am_gen_cast, 2)) {
+        if (!(r = callback(gs, CB_CAST, elem(msg, 1), NULL, &reason)))
+            gen_server_terminate(gs, reason, msg, NULL);
+        handle_noreply_result(gs, r, msg);
+    } else if (is_tagged(msg, am_EXIT, 3) && vm.current->trap_exit && is_pid(elem(msg, 1)) &&
+               elem(msg, 1)->u.id == gs->parent) {
+        /* Our parent (a supervisor, say) wants us gone: terminate, even
+         * for :normal.  An EXIT from anyone else is just a message. */
+        gen_server_terminate(gs, elem(msg, 2), msg, NULL);
+    } else if (is_tagged(msg, am_system, 3) && is_tagged(elem(msg, 2), am_terminate, 2)) {
+        /* GenServer.stop/3 */
+        gen_server_terminate(gs, elem(elem(msg, 2), 1), NIL, NULL);
+    } else if (is_tagged(msg, am_system, 3) && elem(msg, 2) == am_get_state) {
+        gen_server_reply(elem(msg, 1), gs->state); /* :sys.get_state/1 */
+    } else {
+        if (!(r = callback(gs, CB_INFO, msg, NULL, &reason))) gen_server_terminate(gs, reason, msg, NULL);
+        handle_noreply_result(gs, r, msg);
+    }
+}
+
+/* The loop.  After each message only gs->state is live, so the heap is
+ * compacted around it when it has grown to twice what the last compaction
+ * kept (plus some slack): the one-root collector of I.4. */
+static NORETURN void gen_server_loop(struct gen_server *gs) {
+    struct heap *heap = &vm.current->heap;
+    for (;;) {
+        long timeout = gs->timeout;
+        gs->timeout = VM_INFINITY;
+        term msg = receive_full(NULL, NULL, timeout, "a message, in its GenServer loop", NULL);
+        gen_server_handle(gs, msg ? msg : am_timeout);
+        if (heap->bytes > 2 * heap->live + 16384) gs->state = heap_compact(heap, gs->state);
+    }
+}
+
+/* Start-up, in the new process.  arg is
+ *     {module, init_arg, name or nil, starter, parent, tag}
+ * The starter waits for {:ack, tag, result} (OTP's proc_lib:init_ack). */
+static void gen_server_main(term arg) {
+    struct gen_server gs = {0};
+    gs.mod = code_find(elem(arg, 0));
+    gs.timeout = VM_INFINITY;
+    term name = elem(arg, 2), starter = elem(arg, 3), tag = elem(arg, 5);
+    gs.parent = is_pid(elem(arg, 4)) ? elem(arg, 4)->u.id : vm.current->pid;
+    gs.state = am_undefined;
+    if (name != am_nil) {
+        struct proc *holder = whereis_proc(name);
+        if (holder) { /* the name is taken: {:error, {:already_started, pid}} */
+            term err = kv_tuple(2, am_error, kv_tuple(2, am_already_started, kv_pid(holder->pid)));
+            process_send(starter, kv_tuple(3, am_ack, tag, err));
+            exit_current(am_normal);
+        }
+        process_register(self(), name);
+        gs.name = name;
+    }
+    term reason, r = callback(&gs, CB_INIT, elem(arg, 1), NULL, &reason);
+    term ack;
+    if (!r) {
+        ack = kv_tuple(2, am_error, reason); /* init raised or exited */
+    } else if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3)) {
+        gs.state = elem(r, 1);
+        if (tuple_size(r) == 3) gs.timeout = timeout_of(elem(r, 2));
+        process_send(starter, kv_tuple(3, am_ack, tag, kv_tuple(2, am_ok, self())));
+        gen_server_loop(&gs);
+    } else if (r == am_ignore) {
+        reason = am_normal;
+        ack = am_ignore;
+    } else if (is_tagged(r, am_stop, 2)) {
+        reason = elem(r, 1);
+        ack = kv_tuple(2, am_error, reason);
+    } else {
+        reason = kv_tuple(2, am_bad_return_value, r);
+        ack = kv_tuple(2, am_error, reason);
+    }
+    /* OTP 25: the failed server still exits with the reason, link and all:
+     * a linked caller that does not trap exits goes down with it. */
+    process_send(starter, kv_tuple(3, am_ack, tag, ack));
+    exit_current(reason);
+}
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "The Client API": start_link, call, cast, stop
+ * -------------------------------------------------------------------------- */
+
+static bool match_ack(term msg, const void *arg) {
+    const term *refs = arg; /* {ack tag, monitor ref} */
+    return (is_tagged(msg, am_ack, 3) && term_eq(elem(msg, 1), refs[0])) ||
+           (is_tagged(msg, am_DOWN, 5) && term_eq(elem(msg, 1), refs[1]));
+}
+
+static bool is_exit_from(term msg, const void *pid) {
+    return is_tagged(msg, am_EXIT, 3) && term_eq(elem(msg, 1), (term)pid);
+}
+
+/* The name option must be nil or an atom (the {:global, _} and {:via, _, _}
+ * forms need distribution and registries kv.c does not have). */
+static void check_name_option(term name) {
+    if (name == am_nil || is_atom(name)) return;
+    struct buf b = {0};
+    buf_puts(&b, "expected :name option to be one of the following:\n\n  * nil\n  * atom\n"
+                 "  * {:global, term}\n  * {:via, module, term}\n\nGot: ");
+    inspect_to(&b, name);
+    term e = argument_error(buf_str(&b));
+    buf_free(&b);
+    raise_error(e);
+}
+
+/* Start a GenServer running `mod`, linked to the caller if `link`, and
+ * wait until its init/1 has returned: {:ok, pid}, :ignore or {:error, _}.
+ * opts: [name: atom], [timeout: ms for init]. */
+static term gen_start(const struct module *mod, term arg, term opts, bool link) {
+    term name = keyword_get(opts, am_name, am_nil);
+    check_name_option(name);
+    long timeout = timeout_of(keyword_get(opts, am_timeout, am_infinity));
+    term me = self(), tag = make_ref();
+    term init = kv_tuple(6, module_atom(mod), arg, name, me, link ? me : am_nil, tag);
+    struct proc *child = proc_spawn(gen_server_main, init, mod->name);
+    term pid = kv_pid(child->pid);
+    if (link) link_add(vm.current, child);
+    term mref = process_monitor(pid);
+    term refs[2] = {tag, mref};
+    term m = receive_full(match_ack, refs, timeout, "the init/1 of", pid);
+    process_demonitor(mref, true);
+    if (m && is_tagged(m, am_ack, 3)) return elem(m, 2);
+    if (m) return kv_tuple(2, am_error, elem(m, 4)); /* died before answering */
+    /* init/1 took too long: kill it, quietly. */
+    process_unlink(pid);
+    process_exit(pid, am_kill);
+    receive(is_exit_from, pid, 0);
+    return kv_tuple(2, am_error, am_timeout);
+}
+
+/* GenServer.start_link/3 — mod's callbacks, init(arg), options [name: ...] */
+API term gen_server_start_link(const struct module *mod, term arg, term opts) {
+    return gen_start(mod, arg, opts, true);
+}
+
+/* GenServer.start/3 — the same without a link: the server is its own parent */
+API term gen_server_start(const struct module *mod, term arg, term opts) {
+    return gen_start(mod, arg, opts, false);
+}
+
+static bool match_reply(term msg, const void *mref) {
+    term ref = mref;
+    if (is_tagged(msg, am_DOWN, 5)) return term_eq(elem(msg, 1), ref);
+    return is_tuple(msg) && tuple_size(msg) == 2 && elem(msg, 0)->kind == K_CONS &&
+           hd(elem(msg, 0)) == am_alias && term_eq(tl(elem(msg, 0)), ref);
+}
+
+/* The heart of GenServer.call (OTP's gen:call): monitor the server, with
+ * the monitor as a reply alias; send the request; wait for the reply or
+ * the server's DOWN.  `label` and `fun` name the call in exit reasons:
+ * {reason, {GenServer, :call, [server, request, timeout]}}. */
+static term gen_call(term server, term label, term request, long timeout, term module, term fun) {
+    term t = timeout == VM_INFINITY ? am_infinity : kv_int(timeout);
+    term where = kv_tuple(3, module, fun, kv_list(3, server, request, t));
+    struct proc *p = is_atom(server) ? whereis_proc(server) : proc_of(server);
+    if (p == vm.current) exit_self(kv_tuple(2, am_calling_self, where));
+    term pid = p ? kv_pid(p->pid) : server;
+    term mref = process_monitor(p ? pid : server);
+    monitor_make_alias(mref);
+    term tag = kv_cons(am_alias, mref);
+    if (p) process_send(pid, kv_tuple(3, label, kv_tuple(2, self(), tag), request));
+    term m = receive_full(match_reply, mref, timeout, "a GenServer.call reply from", pid);
+    if (m && !is_tagged(m, am_DOWN, 5)) {
+        process_demonitor(mref, true);
+        return elem(m, 1);
+    }
+    if (m) exit_self(kv_tuple(2, elem(m, 4), where)); /* the server died */
+    /* Timed out.  Deactivate the alias, so a late reply never arrives, but
+     * take one that came in the meantime. */
+    process_demonitor(mref, true);
+    m = receive(match_reply, mref, 0);
+    if (m) return elem(m, 1);
+    exit_self(kv_tuple(2, am_timeout, where));
+}
+
+/* GenServer.call/3 — the server's reply; exits if there is none in time */
+API term gen_server_call_timeout(term server, term request, long timeout) {
+    return gen_call(server, am_gen_call, request, timeout, am_GenServer, am_call);
+}
+
+/* GenServer.call/2 — with the default timeout of 5 seconds */
+API term gen_server_call(term server, term request) {
+    return gen_server_call_timeout(server, request, GEN_SERVER_DEFAULT_TIMEOUT);
+}
+
+/* GenServer.cast/2 — always :ok, even if nobody is there to receive it */
+API term gen_server_cast(term server, term request) {
+    struct proc *p = is_atom(server) ? whereis_proc(server) : proc_of(server);
+    if (p) deliver(p, kv_tuple(2, am_gen_cast, request));
+    return am_ok;
+}
+
+/* :sys.get_state/1 — a GenServer's state, asked for as a system message */
+API term sys_get_state(term server) {
+    return gen_call(server, am_system, am_get_state, GEN_SERVER_DEFAULT_TIMEOUT, am_sys, am_get_state);
+}
+
+/* GenServer.stop/3 — ask the server to terminate with `reason` and wait
+ * for it to be gone: :ok, or an exit if it was not there. */
+API term gen_server_stop(term server, term reason, long timeout) {
+    term t = timeout == VM_INFINITY ? am_infinity : kv_int(timeout);
+    term where = kv_tuple(3, am_GenServer, am_stop, kv_list(3, server, reason, t));
+    struct proc *p = is_atom(server) ? whereis_proc(server) : proc_of(server);
+    if (!p) exit_self(kv_tuple(2, am_noproc, where));
+    term pid = kv_pid(p->pid);
+    term mref = process_monitor(pid);
+    process_send(pid, kv_tuple(3, am_system, kv_tuple(2, self(), kv_cons(am_alias, mref)),
+                               kv_tuple(2, am_terminate, reason)));
+    term m = receive_full(match_reply, mref, timeout, "the end of GenServer.stop of", pid);
+    if (!m) {
+        process_demonitor(mref, true);
+        exit_self(kv_tuple(2, am_timeout, where));
+    }
+    term down_reason = elem(m, 4);
+    if (!term_eq(down_reason, reason)) exit_self(kv_tuple(2, down_reason, where));
+    return am_ok;
+}
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "The need for monitoring": KV.Registry
+ * --------------------------------------------------------------------------
+ * The registry maps bucket names to bucket processes.  Its state is a pair
+ * of maps, {names, refs}: name => pid, and monitor ref => name, so that when
+ * a bucket goes down (a {:DOWN, ref, ...} message, handled in handle_info)
+ * the registry forgets its name.
+ */
+
+static term kv_registry_init(term arg) {
+    (void)arg;
+    return kv_tuple(2, am_ok, kv_tuple(2, kv_map_empty(), kv_map_empty()));
+}
+
+/* handle_call({:lookup, name}, _from, state): {:reply, Map.fetch(names, name), state}.
+ * Any other request matches no clause: FunctionClauseError, and the
+ * registry crashes (the guide's GenServer.call(registry, :bad_input)). */
+static term kv_registry_handle_call(term request, term from, term state) {
+    (void)from;
+    if (!is_tagged(request, am_lookup, 2))
+        raise_error(function_clause_error(kv_alias("KV.Registry"), kv_atom("handle_call"), 3));
+    term names = elem(state, 0);
+    return kv_tuple(3, am_reply, map_fetch(names, elem(request, 1)), state);
+}
+
+/* handle_cast({:create, name}, {names, refs}): start a bucket unless the
+ * name is taken, monitor it, remember it under both maps. */
+static term kv_registry_handle_cast(term request, term state) {
+    if (!is_tagged(request, am_create, 2))
+        raise_error(function_clause_error(kv_alias("KV.Registry"), kv_atom("handle_cast"), 2));
+    term name = elem(request, 1), names = elem(state, 0), refs = elem(state, 1);
+    if (map_has_key(names, name)) return kv_tuple(2, am_noreply, state);
+    term bucket = ok_value(kv_bucket_start_link(NIL));
+    term ref = process_monitor(bucket);
+    refs = map_put(refs, ref, name);
+    names = map_put(names, name, bucket);
+    return kv_tuple(2, am_noreply, kv_tuple(2, names, refs));
+}
+
+/* handle_info({:DOWN, ref, :process, _pid, _reason}, {names, refs}): forget
+ * the bucket.  Anything else is logged at debug level and ignored. */
+static term kv_registry_handle_info(term msg, term state) {
+    if (is_tagged(msg, am_DOWN, 5)) {
+        term popped = map_pop(elem(state, 1), elem(msg, 1)); /* {name, refs} */
+        term names = map_delete(elem(state, 0), elem(popped, 0));
+        return kv_tuple(2, am_noreply, kv_tuple(2, names, elem(popped, 1)));
+    }
+    struct buf b = {0};
+    buf_puts(&b, "Unexpected message in KV.Registry: ");
+    inspect_to(&b, msg);
+    logger_log(LOG_DEBUG, buf_str(&b));
+    buf_free(&b);
+    return kv_tuple(2, am_noreply, state);
+}
+
+static const struct module kv_registry; /* below: the callbacks and exports */
+
+/* KV.Registry.start_link/1 — GenServer.start_link(__MODULE__, :ok, opts) */
+API term kv_registry_start_link(term opts) { return gen_server_start_link(&kv_registry, am_ok, opts); }
+
+/* KV.Registry.lookup/2 — {:ok, pid} if the bucket exists, :error otherwise */
+API term kv_registry_lookup(term server, term name) {
+    return gen_server_call(server, kv_tuple(2, am_lookup, name));
+}
+
+/* KV.Registry.create/2 — ensures there is a bucket for name (a cast: :ok at once) */
+API term kv_registry_create(term server, term name) {
+    return gen_server_cast(server, kv_tuple(2, am_create, name));
+}
+
+static term kv_registry_start_link_apply(term args) { return kv_registry_start_link(hd(args)); }
+
+static const struct export kv_registry_exports[] = {
+    {"start_link", 1, kv_registry_start_link_apply},
+    {NULL, 0, NULL},
+};
+
+static const struct module kv_registry = {
+    .name = "KV.Registry",
+    .exports = kv_registry_exports,
+    .init = kv_registry_init,
+    .handle_call = kv_registry_handle_call,
+    .handle_cast = kv_registry_handle_cast,
+    .handle_info = kv_registry_handle_info,
+};
+
+/* Every module kv.c defines, loaded for apply/3 and the behaviours. */
+static void kv_load_modules(void) {
+    code_load(&agent_server);
+    code_load(&kv_bucket);
+    code_load(&kv_registry);
+}
+
 #ifndef KV_NO_MAIN /* the self-test, kv_test.c, has a main of its own */
 
 /* ==========================================================================
@@ -3106,6 +3956,7 @@ static void run_bench(void (*fn)(term), term arg) {
 
 static int bench_main(void) {
     vm_init(false);
+    kv_load_modules();
     bench_switch();
     run_bench(ring_main, kv_tuple(2, kv_int(1000), kv_int(10000000)));
     run_bench(ring_main, kv_tuple(2, kv_int(100000), kv_int(10000000)));

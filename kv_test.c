@@ -280,8 +280,12 @@ static void run_test(const struct test *t) {
 
 static const struct test tests[];
 
+static void load_test_modules(void);
+
 int main(int argc, char **argv) {
     vm_init(true);
+    kv_load_modules();
+    load_test_modules();
     const char *module = "";
     for (const struct test *t = tests; t->name; t++) {
         if (!selected(t, argc, argv)) continue;
@@ -300,6 +304,8 @@ int main(int argc, char **argv) {
 /* ==========================================================================
  * Part I: terms and inspect
  * ========================================================================== */
+
+static void wait_for_never(term arg);
 
 static void t_inspect_basic(term ctx) {
     (void)ctx;
@@ -878,6 +884,671 @@ static void main_wait_input(void) {
 }
 
 /* ==========================================================================
+ * agents.md — "Agents 101", "Other agent actions": Agent and KV.Bucket
+ * ========================================================================== */
+
+static term fn_empty_list(term env, term x) { (void)env, (void)x; return NIL; }
+static term fn_eggs(term env, term list) { (void)env; return kv_cons(S("eggs"), list); }
+static term fn_identity(term env, term x) { (void)env; return x; }
+static term fn_123(term env, term x) { (void)env, (void)x; return I(123); }
+static term fn_wrap_a(term env, term x) { (void)env; return kv_map(1, A("a"), x); }
+static term fn_12(term env, term x) { (void)env; return kv_cons(I(12), kv_list(1, x)); }
+static term fn_nop(term env, term list) { (void)env; return kv_cons(A("nop"), list); }
+static term fn_one(term env, term x) { (void)env, (void)x; return I(1); }
+static term fn_raise(term env, term x) { (void)x; raise_error(runtime_error(BYTES(env))); }
+static term fn_sleep(term env, term x) { process_sleep((long)int_value(env)); return x; }
+static term fn_pop_milk(term env, term map) { (void)env; return map_pop(map, S("milk")); }
+static term fn_not_a_pair(term env, term x) { (void)env, (void)x; return A("oops"); }
+
+#define FUN(name, arity) static const struct fun_def name##_def = {#name, arity, "AgentTest", name}
+FUN(fn_empty_list, 0); FUN(fn_eggs, 1); FUN(fn_identity, 1); FUN(fn_123, 1); FUN(fn_wrap_a, 1);
+FUN(fn_12, 1); FUN(fn_nop, 1); FUN(fn_one, 0); FUN(fn_raise, 1); FUN(fn_sleep, 1);
+FUN(fn_pop_milk, 1); FUN(fn_not_a_pair, 1);
+#define F(name) kv_fun(&name##_def, NIL)
+#define F_ENV(name, env) kv_fun(&name##_def, (env))
+
+/* The two iex sessions of "Agents 101". */
+static void t_agents_101(term ctx) {
+    (void)ctx;
+    term agent = ok_value(agent_start_link(F(fn_empty_list), NIL));
+    assert_eq(agent_update(agent, F(fn_eggs)), am_ok);
+    assert_eq(agent_get(agent, F(fn_identity)), kv_list(1, S("eggs")));
+    assert_eq(agent_stop(agent, am_normal, VM_INFINITY), am_ok);
+
+    agent = ok_value(agent_start_link(F(fn_empty_list), NIL));
+    assert_eq(agent_update(agent, F(fn_123)), am_ok);
+    assert_eq(agent_update(agent, F(fn_wrap_a)), am_ok);
+    assert_eq(agent_update(agent, F(fn_12)), am_ok);
+    assert_eq(agent_update(agent, F(fn_nop)), am_ok);
+    term content = agent_get(agent, F(fn_identity));
+    assert_inspect(content, "[:nop, 12, %{a: 123}]");
+}
+
+static void get_from(void *agent) { agent_get((term)agent, F(fn_identity)); }
+static void update_on(void *agent) { agent_update((term)agent, F(fn_identity)); }
+static void stop_agent(void *agent) { agent_stop((term)agent, am_normal, VM_INFINITY); }
+
+/* What Agent calls exit with once the agent is gone. */
+static void t_agent_after_stop(term ctx) {
+    (void)ctx;
+    term agent = ok_value(agent_start(F(fn_one), NIL));
+    term ref = process_monitor(agent);
+    assert_eq(agent_stop(agent, am_normal, VM_INFINITY), am_ok);
+    assert_eq(assert_receive(0), kv_tuple(5, am_DOWN, ref, am_process, agent, am_normal));
+    term reason = catch_exit(get_from, (void *)agent);
+    assert_eq(elem(reason, 0), am_noproc);
+    assert_eq(elem(reason, 1), kv_tuple(3, am_GenServer, am_call,
+                                        kv_list(3, agent, kv_tuple(2, am_get, F(fn_identity)), I(5000))));
+    assert_eq(elem(catch_exit(update_on, (void *)agent), 0), am_noproc);
+    assert_eq(agent_cast(agent, F(fn_identity)), am_ok);
+    assert_eq(catch_exit(stop_agent, (void *)agent),
+              kv_tuple(2, am_noproc, kv_tuple(3, am_GenServer, am_stop, kv_list(3, agent, am_normal, am_infinity))));
+    struct buf b = {0};
+    format_exit_banner(&b, reason);
+    struct buf want = {0};
+    buf_puts(&want, "** (exit) exited in: GenServer.call(");
+    inspect_to(&want, agent);
+    buf_puts(&want, ", {:get, #Function<fn_identity/1 in AgentTest>}, 5000)\n    ** (EXIT) no process: "
+                    "the process is not alive or there's no process currently associated with the given "
+                    "name, possibly because its application isn't started");
+    assert_eq(S(buf_str(&b)), S(buf_str(&want)));
+    buf_free(&b);
+    buf_free(&want);
+}
+
+static void t_agent_get_and_update(term ctx) {
+    (void)ctx;
+    term b = ok_value(agent_start_link(F(fn_identity), NIL));
+    agent_update(b, F(fn_wrap_a));
+    b = ok_value(agent_start_link(F(fn_identity), NIL));
+    agent_cast(b, F(fn_identity));
+    term bucket = ok_value(kv_bucket_start_link(NIL));
+    kv_bucket_put(bucket, S("milk"), I(3));
+    assert_eq(agent_get_and_update(bucket, F(fn_pop_milk)), I(3));
+    assert_eq(agent_get_and_update(bucket, F(fn_pop_milk)), am_nil);
+    assert_eq(agent_get(bucket, F(fn_identity)), kv_map_empty());
+}
+
+static void get_and_update_badly(void *agent) { agent_get_and_update((term)agent, F(fn_not_a_pair)); }
+
+static void get_boom(void *agent) { agent_get((term)agent, F_ENV(fn_raise, S("agent boom"))); }
+
+/* A fun that raises kills the agent, with a GenServer crash report. */
+static void t_agent_fun_raises(term ctx) {
+    (void)ctx;
+    term agent = ok_value(agent_start(F(fn_one), NIL));
+    term reason = catch_exit(get_boom, (void *)agent);
+    assert_eq(elem(reason, 0), kv_tuple(2, runtime_error("agent boom"), NIL));
+    refute(process_alive(agent));
+    struct buf want = {0};
+    buf_puts(&want, "[error] GenServer ");
+    inspect_to(&want, agent);
+    buf_puts(&want, " terminating\n** (RuntimeError) agent boom\nLast message (from ");
+    inspect_to(&want, self());
+    buf_puts(&want, "): {:get, #Function<fn_raise/1 in AgentTest>}\nState: 1\nClient ");
+    inspect_to(&want, self());
+    buf_puts(&want, " is alive\n");
+    assert_contains(captured_log(), buf_str(&want));
+    buf_free(&want);
+    /* A get_and_update fun must return a pair, or the agent stops. */
+    agent = ok_value(agent_start(F(fn_one), NIL));
+    reason = catch_exit(get_and_update_badly, (void *)agent);
+    assert_eq(elem(reason, 0), kv_tuple(2, am_bad_return_value, A("oops")));
+    refute(process_alive(agent));
+}
+
+static void slow_get(void *agent) { agent_get_timeout((term)agent, F_ENV(fn_sleep, I(100)), 50); }
+
+static void t_agent_timeouts_and_init(term ctx) {
+    (void)ctx;
+    term agent = ok_value(agent_start(F(fn_one), NIL));
+    term reason = catch_exit(slow_get, (void *)agent);
+    assert_eq(elem(reason, 0), am_timeout);
+    assert_eq(elem(elem(reason, 1), 2), kv_list(3, agent, kv_tuple(2, am_get, F_ENV(fn_sleep, I(100))), I(50)));
+    process_sleep(200);
+    assert_eq(receive_any(0), NULL); /* the late reply was dropped */
+    assert_eq(agent_get(agent, F(fn_identity)), I(1));
+    assert_eq(agent_start(F_ENV(fn_raise, S("init")), NIL),
+              kv_tuple(2, am_error, kv_tuple(2, runtime_error("init"), NIL)));
+}
+
+static void stop_own_agent(term test) {
+    term agent = ok_value(agent_start_link(F(fn_one), NIL));
+    process_send(test, agent);
+    agent_stop(agent, am_shutdown, VM_INFINITY);
+    process_send(test, A("stop returned"));
+}
+
+/* Agent.stop(b, :shutdown) by the process that started b with start_link:
+ * the link's :shutdown signal takes that process down before :ok. */
+static void t_agent_stop_by_linker(term ctx) {
+    (void)ctx;
+    term caller = spawn(stop_own_agent, self());
+    term ref = process_monitor(caller);
+    term agent = assert_receive(100);
+    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, caller, am_shutdown));
+    refute(process_alive(agent));
+    assert_eq(receive_any(0), NULL); /* never got to "stop returned" */
+    /* From an unlinked caller it is just :ok. */
+    agent = ok_value(agent_start(F(fn_one), NIL));
+    ref = process_monitor(agent);
+    assert_eq(agent_stop(agent, am_shutdown, VM_INFINITY), am_ok);
+    assert_eq(assert_receive(0), kv_tuple(5, am_DOWN, ref, am_process, agent, am_shutdown));
+}
+
+static term bucket_setup(void) {
+    term bucket = ok_value(kv_bucket_start_link(NIL));
+    return kv_map(1, A("bucket"), bucket);
+}
+
+/* test "stores values by key", %{bucket: bucket} */
+static void t_stores_values_by_key(term ctx) {
+    term bucket = map_get(ctx, A("bucket"), am_nil);
+    assert_eq(kv_bucket_get(bucket, S("milk")), am_nil);
+
+    kv_bucket_put(bucket, S("milk"), I(3));
+    assert_eq(kv_bucket_get(bucket, S("milk")), I(3));
+}
+
+/* "Now it is your turn to write a test" for KV.Bucket.delete/2: */
+static void t_deletes_values_by_key(term ctx) {
+    term bucket = map_get(ctx, A("bucket"), am_nil);
+    kv_bucket_put(bucket, S("milk"), I(3));
+    assert_eq(kv_bucket_delete(bucket, S("milk")), I(3));
+    assert_eq(kv_bucket_get(bucket, S("milk")), am_nil);
+    assert_eq(kv_bucket_delete(bucket, S("milk")), am_nil);
+}
+
+/* ==========================================================================
+ * genservers.md: GenServer, tested through a callback module of our own
+ * ========================================================================== */
+
+/* Test.Server: init(arg) and handle_call(request) do what the argument
+ * or request says, so one module can show every path through GenServer. */
+static void tell_witness(term msg) {
+    if (whereis_proc(A("witness"))) process_send(A("witness"), msg);
+}
+
+static term ts_init(term arg) {
+    if (arg == A("stop")) return kv_tuple(2, am_stop, A("bad_init"));
+    if (arg == A("junk")) return A("junk");
+    if (arg == A("ignore")) return am_ignore;
+    if (arg == A("raise")) raise_error(runtime_error("init"));
+    if (arg == A("exit")) exit_self(A("init_exit"));
+    if (is_tagged(arg, A("sleep"), 2)) {
+        process_sleep((long)int_value(elem(arg, 1)));
+        return kv_tuple(2, am_ok, arg);
+    }
+    if (is_tagged(arg, am_timeout, 2)) return kv_tuple(3, am_ok, A("waiting"), elem(arg, 1));
+    if (is_tagged(arg, am_trap_exit, 2)) {
+        process_flag_trap_exit(true);
+        return kv_tuple(2, am_ok, elem(arg, 1));
+    }
+    return kv_tuple(2, am_ok, arg);
+}
+
+static term ts_handle_call(term req, term from, term state) {
+    if (req == A("ping")) return kv_tuple(3, am_reply, A("pong"), state);
+    if (req == A("state")) return kv_tuple(3, am_reply, state, state);
+    if (req == A("crash")) raise_error(runtime_error("handle_call boom"));
+    if (req == A("oops")) return A("oops");
+    if (req == A("stop_with_reply")) return kv_tuple(4, am_stop, am_normal, A("bye"), state);
+    if (req == A("stop_without_reply")) return kv_tuple(3, am_stop, am_normal, state);
+    if (req == A("defer")) return kv_tuple(2, am_noreply, kv_tuple(2, A("deferred"), from));
+    if (is_tagged(req, A("sleep"), 2)) {
+        process_sleep((long)int_value(elem(req, 1)));
+        return kv_tuple(3, am_reply, A("slept"), state);
+    }
+    if (is_tagged(req, am_reply, 3)) return kv_tuple(4, am_reply, A("ok"), state, elem(req, 2));
+    if (is_tagged(req, am_EXIT, 2)) exit_self(elem(req, 1));
+    raise_error(function_clause_error(kv_alias("Test.Server"), A("handle_call"), 3));
+}
+
+static term ts_handle_cast(term req, term state) {
+    if (is_tagged(req, am_EXIT, 2)) exit_self(elem(req, 1));
+    if (req == A("answer") && is_tagged(state, A("deferred"), 2)) {
+        gen_server_reply(elem(state, 1), A("later"));
+        return kv_tuple(2, am_noreply, A("answered"));
+    }
+    return kv_tuple(2, am_noreply, kv_tuple(2, A("cast"), req));
+}
+
+static term ts_handle_info(term msg, term state) {
+    (void)state;
+    return kv_tuple(2, am_noreply, kv_tuple(2, A("info"), msg));
+}
+
+static void ts_terminate(term reason, term state) {
+    tell_witness(kv_tuple(3, am_terminate, reason, state));
+    if (state == A("slow_terminate")) process_sleep(1000);
+}
+
+static const struct module test_server = {
+    .name = "Test.Server",
+    .init = ts_init,
+    .handle_call = ts_handle_call,
+    .handle_cast = ts_handle_cast,
+    .handle_info = ts_handle_info,
+    .terminate = ts_terminate,
+};
+
+static term no_info_init(term arg) { return kv_tuple(2, am_ok, arg); }
+static const struct module no_info = {.name = "NoInfo", .init = no_info_init};
+
+static void load_test_modules(void) {
+    code_load(&test_server);
+    code_load(&no_info);
+}
+
+static term start_ts(term arg) { return gen_server_start(&test_server, arg, NIL); }
+static term server(term arg) { return ok_value(start_ts(arg)); }
+
+static void t_init_results(term ctx) {
+    (void)ctx;
+    term r = start_ts(A("ok"));
+    assert_true(is_tagged(r, am_ok, 2) && is_pid(elem(r, 1)));
+    assert_eq(start_ts(A("ignore")), am_ignore);
+    assert_eq(start_ts(A("stop")), kv_tuple(2, am_error, A("bad_init")));
+    assert_eq(start_ts(A("junk")), kv_tuple(2, am_error, kv_tuple(2, am_bad_return_value, A("junk"))));
+    assert_eq(start_ts(A("raise")), kv_tuple(2, am_error, kv_tuple(2, runtime_error("init"), NIL)));
+    assert_eq(start_ts(A("exit")), kv_tuple(2, am_error, A("init_exit")));
+    assert_eq(gen_server_start(&test_server, kv_tuple(2, A("sleep"), I(100)),
+                               kv_list(1, kv_tuple(2, am_timeout, I(50)))),
+              kv_tuple(2, am_error, am_timeout));
+    assert_eq(receive_any(0), NULL); /* and nothing left behind */
+    /* Init failures are not logged (they are reported to the caller). */
+    assert_eq(S(captured_log()), S(""));
+}
+
+static void start_link_failing(term test) {
+    term r = gen_server_start_link(&test_server, A("stop"), NIL);
+    process_send(test, r); /* OTP 25: the caller sees the error... */
+    receive_any(VM_INFINITY); /* ...and is then killed by the link */
+}
+
+static void t_start_link_failure(term ctx) {
+    (void)ctx;
+    term caller = spawn(start_link_failing, self());
+    term ref = process_monitor(caller);
+    assert_eq(assert_receive(100), kv_tuple(2, am_error, A("bad_init")));
+    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, caller, A("bad_init")));
+    /* A trapping caller gets the EXIT instead; :ignore exits :normal. */
+    process_flag_trap_exit(true);
+    assert_eq(gen_server_start_link(&test_server, A("stop"), NIL), kv_tuple(2, am_error, A("bad_init")));
+    term m = assert_receive(0);
+    assert_true(is_tagged(m, am_EXIT, 3) && elem(m, 2) == A("bad_init"));
+    assert_eq(gen_server_start_link(&test_server, A("ignore"), NIL), am_ignore);
+    m = assert_receive(0);
+    assert_true(is_tagged(m, am_EXIT, 3) && elem(m, 2) == am_normal);
+    /* A timed-out start leaves no message. */
+    gen_server_start_link(&test_server, kv_tuple(2, A("sleep"), I(100)), kv_list(1, kv_tuple(2, am_timeout, I(50))));
+    assert_eq(receive_any(0), NULL);
+}
+
+static void start_with_string_name(void *arg) {
+    (void)arg;
+    gen_server_start(&test_server, A("ok"), kv_list(1, kv_tuple(2, am_name, S("str"))));
+}
+
+static void t_names_option(term ctx) {
+    (void)ctx;
+    term opts = kv_list(1, kv_tuple(2, am_name, A("srv")));
+    term pid = ok_value(gen_server_start(&test_server, A("ok"), opts));
+    assert_eq(process_whereis(A("srv")), pid);
+    assert_eq(gen_server_call(A("srv"), A("ping")), A("pong"));
+    assert_eq(gen_server_start(&test_server, A("ok"), opts),
+              kv_tuple(2, am_error, kv_tuple(2, am_already_started, pid)));
+    /* Any process holding the name counts, and an Agent says the same. */
+    assert_eq(agent_start(F(fn_one), opts), kv_tuple(2, am_error, kv_tuple(2, am_already_started, pid)));
+    term e = catch_error(start_with_string_name, NULL);
+    assert_eq(e, argument_error("expected :name option to be one of the following:\n\n  * nil\n  * atom\n"
+                                "  * {:global, term}\n  * {:via, module, term}\n\nGot: \"str\""));
+}
+
+static void call_it(void *args) {
+    const term *a = args; /* {server, request, timeout} */
+    gen_server_call_timeout(a[0], a[1], a[2] ? (long)int_value(a[2]) : GEN_SERVER_DEFAULT_TIMEOUT);
+}
+
+static term call_exit(term server, term request, term timeout) {
+    term args[3] = {server, request, timeout};
+    return catch_exit(call_it, args);
+}
+
+static void t_call_noproc(term ctx) {
+    (void)ctx;
+    term pid = server(A("ok"));
+    gen_server_stop(pid, am_normal, VM_INFINITY);
+    term reason = call_exit(pid, A("ping"), NULL);
+    assert_eq(reason, kv_tuple(2, am_noproc, kv_tuple(3, am_GenServer, am_call, kv_list(3, pid, A("ping"), I(5000)))));
+    struct buf b = {0}, want = {0};
+    format_exit_banner(&b, reason);
+    buf_puts(&want, "** (exit) exited in: GenServer.call(");
+    inspect_to(&want, pid);
+    buf_puts(&want, ", :ping, 5000)\n    ** (EXIT) no process: the process is not alive or there's no process "
+                    "currently associated with the given name, possibly because its application isn't started");
+    assert_eq(S(buf_str(&b)), S(buf_str(&want)));
+    buf_free(&b);
+    buf_free(&want);
+    assert_eq(call_exit(A("nobody"), A("ping"), NULL),
+              kv_tuple(2, am_noproc, kv_tuple(3, am_GenServer, am_call, kv_list(3, A("nobody"), A("ping"), I(5000)))));
+}
+
+static void t_call_timeout(term ctx) {
+    (void)ctx;
+    term pid = server(A("ok"));
+    term reason = call_exit(pid, kv_tuple(2, A("sleep"), I(300)), I(100));
+    assert_eq(reason, kv_tuple(2, am_timeout, kv_tuple(3, am_GenServer, am_call,
+                                                       kv_list(3, pid, kv_tuple(2, A("sleep"), I(300)), I(100)))));
+    struct buf b = {0};
+    format_exit_banner(&b, reason);
+    assert_contains(buf_str(&b), "\n    ** (EXIT) time out");
+    buf_free(&b);
+    assert_eq(gen_server_call(pid, A("ping")), A("pong")); /* still running */
+    assert_eq(receive_any(1000), NULL);                    /* the late reply never came */
+    /* A process that is not a GenServer never answers: a timeout too. */
+    term plain = spawn(wait_for_never, NIL);
+    assert_eq(elem(call_exit(plain, A("ping"), I(100)), 0), am_timeout);
+    process_exit(plain, am_kill);
+}
+
+static void call_self(term test) {
+    term r = call_exit(self(), A("ping"), NULL);
+    process_send(test, r);
+}
+
+static void t_call_self(term ctx) {
+    (void)ctx;
+    term pid = spawn(call_self, self());
+    term r = assert_receive(100);
+    assert_eq(r, kv_tuple(2, am_calling_self, kv_tuple(3, am_GenServer, am_call, kv_list(3, pid, A("ping"), I(5000)))));
+    struct buf b = {0};
+    format_exit_banner(&b, r);
+    assert_contains(buf_str(&b), "** (EXIT) process attempted to call itself");
+    buf_free(&b);
+}
+
+static void t_call_crash(term ctx) {
+    (void)ctx;
+    term pid = server(kv_map(1, A("a"), I(1)));
+    term reason = call_exit(pid, A("crash"), NULL);
+    assert_eq(reason, kv_tuple(2, kv_tuple(2, runtime_error("handle_call boom"), NIL),
+                               kv_tuple(3, am_GenServer, am_call, kv_list(3, pid, A("crash"), I(5000)))));
+    struct buf b = {0};
+    format_exit_banner(&b, reason);
+    assert_contains(buf_str(&b), "\n    ** (EXIT) an exception was raised:\n        ** (RuntimeError) handle_call boom");
+    buf_free(&b);
+    struct buf want = {0};
+    buf_puts(&want, "[error] GenServer ");
+    inspect_to(&want, pid);
+    buf_puts(&want, " terminating\n** (RuntimeError) handle_call boom\nLast message (from ");
+    inspect_to(&want, self());
+    buf_puts(&want, "): :crash\nState: %{a: 1}\nClient ");
+    inspect_to(&want, self());
+    buf_puts(&want, " is alive\n");
+    assert_contains(captured_log(), buf_str(&want));
+    buf_free(&want);
+}
+
+static void crash_linked(term test) {
+    term pid = ok_value(gen_server_start_link(&test_server, A("ok"), NIL));
+    process_send(test, pid);
+    gen_server_call(pid, kv_tuple(2, am_EXIT, A("upd_exit")));
+}
+
+static void t_call_crash_linked(term ctx) {
+    (void)ctx;
+    term caller = spawn(crash_linked, self());
+    term ref = process_monitor(caller);
+    assert_receive(100);
+    /* The link's signal comes before the server's DOWN: the bare reason. */
+    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, caller, A("upd_exit")));
+}
+
+static int occurrences(const char *text, const char *needle) {
+    int n = 0;
+    for (const char *p = text; (p = strstr(p, needle)); p++) n++;
+    return n;
+}
+
+static void t_stop_from_call(term ctx) {
+    (void)ctx;
+    term witness_name = A("witness");
+    process_register(self(), witness_name);
+    term pid = server(A("s1"));
+    assert_eq(gen_server_call(pid, A("stop_with_reply")), A("bye"));
+    assert_eq(assert_receive(100), kv_tuple(3, am_terminate, am_normal, A("s1")));
+    pid = server(A("s2"));
+    term reason = call_exit(pid, A("stop_without_reply"), NULL);
+    assert_eq(reason, kv_tuple(2, am_normal, kv_tuple(3, am_GenServer, am_call,
+                                                      kv_list(3, pid, A("stop_without_reply"), I(5000)))));
+    struct buf b = {0};
+    format_exit_banner(&b, reason);
+    assert_contains(buf_str(&b), "** (EXIT) normal");
+    buf_free(&b);
+    /* Bad returns stop the server: the caller exits, the server logs. */
+    pid = server(A("s3"));
+    reason = call_exit(pid, A("oops"), NULL);
+    assert_eq(elem(reason, 0), kv_tuple(2, am_bad_return_value, A("oops")));
+    b = (struct buf){0};
+    format_exit_banner(&b, reason);
+    assert_contains(buf_str(&b), "** (EXIT) bad return value: :oops");
+    buf_free(&b);
+    assert_contains(captured_log(), "** (stop) bad return value: :oops\nLast message (from ");
+    /* :normal stops are not logged; only the :oops crash is. */
+    assert_eq(I(occurrences(captured_log(), "terminating")), I(1));
+}
+
+static void answer_later(term pid) {
+    process_sleep(10);
+    gen_server_cast(pid, A("answer"));
+}
+
+static void t_deferred_reply(term ctx) {
+    (void)ctx;
+    term pid = server(A("ok"));
+    spawn(answer_later, pid);
+    assert_eq(gen_server_call(pid, A("defer")), A("later"));
+    /* Replying after the caller gave up: dropped. */
+    assert_eq(gen_server_call(pid, A("state")), A("answered"));
+}
+
+static void t_cast_and_info(term ctx) {
+    (void)ctx;
+    term pid = server(A("ok"));
+    assert_eq(gen_server_cast(pid, A("hello")), am_ok);
+    assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("cast"), A("hello")));
+    process_send(pid, kv_tuple(2, A("hello"), I(1)));
+    assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("info"), kv_tuple(2, A("hello"), I(1))));
+    gen_server_stop(pid, am_normal, VM_INFINITY);
+    assert_eq(gen_server_cast(pid, A("hello")), am_ok);            /* dead pid */
+    assert_eq(gen_server_cast(A("unregistered"), A("hello")), am_ok); /* no such name */
+}
+
+static void t_default_callbacks(term ctx) {
+    (void)ctx;
+    term pid = ok_value(gen_server_start(&no_info, I(1), kv_list(1, kv_tuple(2, am_name, A("no_info")))));
+    process_send(pid, kv_tuple(2, A("hello"), I(1)));
+    process_sleep(1);
+    assert_contains(captured_log(), "[error] NoInfo :no_info received unexpected message in handle_info/2: {:hello, 1}\n");
+    assert_true(process_alive(pid));
+    term reason = call_exit(pid, A("x"), NULL);
+    assert_eq(elem(reason, 0),
+              kv_tuple(2, runtime_error("attempted to call GenServer :no_info but no handle_call/3 clause was provided"), NIL));
+    pid = ok_value(gen_server_start(&no_info, I(1), NIL));
+    term ref = process_monitor(pid);
+    gen_server_cast(pid, A("x"));
+    term down = assert_receive(100);
+    struct buf want = {0};
+    buf_puts(&want, "attempted to cast GenServer ");
+    inspect_to(&want, pid);
+    buf_puts(&want, " but no handle_cast/2 clause was provided");
+    assert_eq(down, kv_tuple(5, am_DOWN, ref, am_process, pid, kv_tuple(2, runtime_error(buf_str(&want)), NIL)));
+    buf_free(&want);
+}
+
+static void stop_it(void *pid) { gen_server_stop((term)pid, am_normal, VM_INFINITY); }
+
+static void t_gen_server_stop(term ctx) {
+    (void)ctx;
+    process_register(self(), A("witness"));
+    term pid = server(A("one"));
+    assert_eq(gen_server_stop(pid, am_normal, VM_INFINITY), am_ok);
+    assert_eq(assert_receive(0), kv_tuple(3, am_terminate, am_normal, A("one")));
+    pid = server(A("two"));
+    assert_eq(gen_server_stop(pid, am_shutdown, VM_INFINITY), am_ok);
+    assert_eq(assert_receive(0), kv_tuple(3, am_terminate, am_shutdown, A("two")));
+    assert_eq(S(captured_log()), S("")); /* neither is logged */
+    pid = server(A("three"));
+    assert_eq(gen_server_stop(pid, A("boom"), VM_INFINITY), am_ok);
+    assert_eq(assert_receive(0), kv_tuple(3, am_terminate, A("boom"), A("three")));
+    struct buf want = {0};
+    buf_puts(&want, "[error] GenServer ");
+    inspect_to(&want, pid);
+    buf_puts(&want, " terminating\n** (stop) :boom\nLast message: []\nState: :three\n");
+    assert_contains(captured_log(), buf_str(&want));
+    buf_free(&want);
+    assert_eq(catch_exit(stop_it, (void *)pid),
+              kv_tuple(2, am_noproc, kv_tuple(3, am_GenServer, am_stop, kv_list(3, pid, am_normal, am_infinity))));
+}
+
+static void parent_then_exit(term arg) { /* {test, how the parent goes} */
+    term pid = ok_value(gen_server_start_link(&test_server, kv_tuple(2, am_trap_exit, A("child")), NIL));
+    process_send(elem(arg, 0), pid);
+    receive_any(VM_INFINITY);
+    exit_self(elem(arg, 1));
+}
+
+/* terminate/2 runs when a trapping server's parent sends an exit signal,
+ * even :normal; never after :kill. */
+static void t_terminate_on_parent_exit(term ctx) {
+    (void)ctx;
+    process_register(self(), A("witness"));
+    term parent = spawn(parent_then_exit, kv_tuple(2, self(), A("boom")));
+    term child = assert_receive(100);
+    process_send(parent, A("go"));
+    assert_eq(assert_receive(100), kv_tuple(3, am_terminate, A("boom"), A("child")));
+    refute(process_alive(child));
+    parent = spawn(parent_then_exit, kv_tuple(2, self(), am_normal));
+    child = assert_receive(100);
+    process_send(parent, A("go"));
+    assert_eq(assert_receive(100), kv_tuple(3, am_terminate, am_normal, A("child")));
+    /* From anyone else, the EXIT is just a message for handle_info. */
+    child = server(kv_tuple(2, am_trap_exit, A("child")));
+    process_exit(child, A("from_a_stranger"));
+    assert_eq(gen_server_call(child, A("state")),
+              kv_tuple(2, A("info"), kv_tuple(3, am_EXIT, self(), A("from_a_stranger"))));
+    /* :kill: no terminate. */
+    term ref = process_monitor(child);
+    process_exit(child, am_kill);
+    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, child, am_killed));
+    assert_eq(receive_any(10), NULL);
+}
+
+static void t_callback_timeouts(term ctx) {
+    (void)ctx;
+    term pid = server(kv_tuple(2, am_timeout, I(50)));
+    process_sleep(100);
+    assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("info"), am_timeout));
+    /* A message arriving first cancels the timeout. */
+    assert_eq(gen_server_call(pid, kv_tuple(3, am_reply, A("x"), I(30))), A("ok"));
+    gen_server_cast(pid, A("early"));
+    process_sleep(100);
+    assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("cast"), A("early")));
+}
+
+/* Between callbacks a server keeps only its state: its heap stays small
+ * however many requests it has handled. */
+static void t_heap_compaction(term ctx) {
+    (void)ctx;
+    term bucket = ok_value(kv_bucket_start_link(NIL));
+    for (int i = 0; i < 20000; i++) {
+        kv_bucket_put(bucket, I(i % 100), I(i));
+        bucket = garbage_collect(bucket); /* and keep the test's own heap small */
+    }
+    assert_true(proc_of(bucket)->heap.bytes < 64 * 1024);
+    assert_eq(kv_bucket_get(bucket, I(5)), I(19905));
+}
+/* ==========================================================================
+ * genservers.md — KV.Registry
+ * ========================================================================== */
+
+/* "GenServer callbacks": the session that starts a registry by hand. */
+static void t_registry_session(term ctx) {
+    (void)ctx;
+    term registry = ok_value(gen_server_start_link(&kv_registry, am_ok, NIL));
+    assert_eq(gen_server_cast(registry, kv_tuple(2, am_create, S("shopping"))), am_ok);
+    term r = gen_server_call(registry, kv_tuple(2, am_lookup, S("shopping")));
+    assert_true(is_tagged(r, am_ok, 2) && is_pid(elem(r, 1)));
+}
+
+/* "The need for monitoring": a monitor's DOWN message, flushed. */
+static void t_monitor_session(term ctx) {
+    (void)ctx;
+    term pid = ok_value(kv_bucket_start_link(NIL));
+    term ref = process_monitor(pid);
+    assert_true(is_reference(ref));
+    assert_eq(agent_stop(pid, am_normal, VM_INFINITY), am_ok);
+    assert_eq(iex_flush(), kv_list(1, kv_tuple(5, am_DOWN, ref, am_process, pid, am_normal)));
+}
+
+static term registry_setup(void) {
+    term registry = ok_value(kv_registry_start_link(NIL));
+    return kv_map(1, A("registry"), registry);
+}
+
+/* test "spawns buckets", %{registry: registry} */
+static void t_spawns_buckets(term ctx) {
+    term registry = map_get(ctx, A("registry"), am_nil);
+    assert_eq(kv_registry_lookup(registry, S("shopping")), am_error);
+
+    kv_registry_create(registry, S("shopping"));
+    term r = kv_registry_lookup(registry, S("shopping"));
+    assert_true(is_tagged(r, am_ok, 2)); /* assert {:ok, bucket} = ... */
+    term bucket = elem(r, 1);
+
+    kv_bucket_put(bucket, S("milk"), I(1));
+    assert_eq(kv_bucket_get(bucket, S("milk")), I(1));
+}
+
+/* test "removes buckets on exit", %{registry: registry} */
+static void t_removes_buckets_on_exit(term ctx) {
+    term registry = map_get(ctx, A("registry"), am_nil);
+    kv_registry_create(registry, S("shopping"));
+    term bucket = ok_value(kv_registry_lookup(registry, S("shopping")));
+    agent_stop(bucket, am_normal, VM_INFINITY);
+    assert_eq(kv_registry_lookup(registry, S("shopping")), am_error);
+}
+
+/* The catch-all handle_info clause logs at debug level and carries on. */
+static void t_registry_unexpected_message(term ctx) {
+    term registry = map_get(ctx, A("registry"), am_nil);
+    process_send(registry, kv_tuple(2, A("hello"), I(1)));
+    assert_eq(kv_registry_lookup(registry, S("shopping")), am_error);
+    assert_contains(captured_log(), "[debug] Unexpected message in KV.Registry: {:hello, 1}\n");
+}
+
+static void bad_input(void *registry) { gen_server_call((term)registry, A("bad_input")); }
+
+/* A request no clause matches crashes the registry, with a report. */
+static void t_registry_bad_input(term ctx) {
+    (void)ctx;
+    term registry = ok_value(gen_server_start(&kv_registry, am_ok, kv_list(1, kv_tuple(2, am_name, kv_alias("KV.Registry")))));
+    term reason = catch_exit(bad_input, (void *)registry);
+    assert_eq(elem(reason, 0),
+              kv_tuple(2, function_clause_error(kv_alias("KV.Registry"), A("handle_call"), 3), NIL));
+    struct buf want = {0};
+    buf_puts(&want, "[error] GenServer KV.Registry terminating\n** (FunctionClauseError) no function clause "
+                    "matching in KV.Registry.handle_call/3\nLast message (from ");
+    inspect_to(&want, self());
+    buf_puts(&want, "): :bad_input\nState: {%{}, %{}}\nClient ");
+    inspect_to(&want, self());
+    buf_puts(&want, " is alive\n");
+    assert_contains(captured_log(), buf_str(&want));
+    buf_free(&want);
+}
+
+/* ==========================================================================
  * The tests, in the guide's order
  * ========================================================================== */
 
@@ -907,5 +1578,35 @@ static const struct test tests[] = {
     {"Runtime.SchedulerTest", "a stack overflow is named and stops the VM", NULL, NULL, main_overflow},
     {"Runtime.SchedulerTest", "262,144 processes live at once, as on BEAM", NULL, t_process_limit, NULL},
     {"Runtime.SchedulerTest", "a process can wait for input", NULL, NULL, main_wait_input},
+    {"AgentTest", "the sessions of Agents 101", NULL, t_agents_101, NULL},
+    {"AgentTest", "after stop, calls exit with :noproc", NULL, t_agent_after_stop, NULL},
+    {"AgentTest", "get_and_update pops with Map.pop", NULL, t_agent_get_and_update, NULL},
+    {"AgentTest", "a fun that raises takes the agent down", NULL, t_agent_fun_raises, NULL},
+    {"AgentTest", "per-call timeouts, and an init fun that raises", NULL, t_agent_timeouts_and_init, NULL},
+    {"AgentTest", "Agent.stop with :shutdown takes down the linked caller first", NULL, t_agent_stop_by_linker, NULL},
+    {"KV.BucketTest", "stores values by key", bucket_setup, t_stores_values_by_key, NULL},
+    {"KV.BucketTest", "deletes values by key", bucket_setup, t_deletes_values_by_key, NULL},
+    {"GenServerTest", "init results, as OTP reports them", NULL, t_init_results, NULL},
+    {"GenServerTest", "a failed start_link returns its error, then takes the caller down", NULL, t_start_link_failure, NULL},
+    {"GenServerTest", "the name option", NULL, t_names_option, NULL},
+    {"GenServerTest", "call to a dead pid or an unknown name exits with :noproc", NULL, t_call_noproc, NULL},
+    {"GenServerTest", "a call that times out exits, and the late reply never arrives", NULL, t_call_timeout, NULL},
+    {"GenServerTest", "calling yourself exits with :calling_self", NULL, t_call_self, NULL},
+    {"GenServerTest", "a crash in handle_call exits the caller and is logged", NULL, t_call_crash, NULL},
+    {"GenServerTest", "a linked caller goes down with the bare reason", NULL, t_call_crash_linked, NULL},
+    {"GenServerTest", "stop and bad returns from handle_call", NULL, t_stop_from_call, NULL},
+    {"GenServerTest", "GenServer.reply answers a deferred call", NULL, t_deferred_reply, NULL},
+    {"GenServerTest", "cast is always :ok and plain messages go to handle_info", NULL, t_cast_and_info, NULL},
+    {"GenServerTest", "use GenServer's default callbacks", NULL, t_default_callbacks, NULL},
+    {"GenServerTest", "GenServer.stop runs terminate and logs abnormal reasons", NULL, t_gen_server_stop, NULL},
+    {"GenServerTest", "terminate runs on the parent's exit signal, never after :kill", NULL, t_terminate_on_parent_exit, NULL},
+    {"GenServerTest", "timeouts in callback results", NULL, t_callback_timeouts, NULL},
+    {"GenServerTest", "the heap is compacted between callbacks", NULL, t_heap_compaction, NULL},
+    {"KV.RegistryTest", "the session that starts a registry by hand", NULL, t_registry_session, NULL},
+    {"KV.RegistryTest", "a monitor tells when a bucket stops", NULL, t_monitor_session, NULL},
+    {"KV.RegistryTest", "spawns buckets", registry_setup, t_spawns_buckets, NULL},
+    {"KV.RegistryTest", "removes buckets on exit", registry_setup, t_removes_buckets_on_exit, NULL},
+    {"KV.RegistryTest", "logs and ignores unexpected messages", registry_setup, t_registry_unexpected_message, NULL},
+    {"KV.RegistryTest", "a bad request crashes it, with a report", NULL, t_registry_bad_input, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
