@@ -489,7 +489,7 @@ static term kv_atom(const char *name) { return atom_n(name, strlen(name)); }
     X(trap_exit, "trap_exit") X(name, "name") X(struct_, "__struct__")      \
     X(exception_, "__exception__") X(message, "message") X(term, "term")     \
     X(module, "module") X(function, "function") X(arity, "arity")           \
-    X(kind, "kind") X(args, "args") X(clauses, "clauses")                   \
+    X(kind, "kind") X(clauses, "clauses")                                    \
     X(original, "original") X(reason, "reason") X(system_limit, "system_limit") \
     X(badarg, "badarg") X(GenServer, "Elixir.GenServer")                    \
     X(RuntimeError, "Elixir.RuntimeError")                                   \
@@ -500,7 +500,27 @@ static term kv_atom(const char *name) { return atom_n(name, strlen(name)); }
     X(UndefinedFunctionError, "Elixir.UndefinedFunctionError")              \
     X(get, "get") X(update, "update") X(get_and_update, "get_and_update")  \
     X(cast, "cast") X(lookup, "lookup") X(create, "create")               \
-    X(Agent, "Elixir.Agent") X(sys, "sys") X(alias_tag, "alias")
+    X(Agent, "Elixir.Agent") X(sys, "sys") X(id, "id") X(start, "start")   \
+    X(restart, "restart") X(type, "type") X(modules, "modules")             \
+    X(permanent, "permanent") X(transient, "transient")                     \
+    X(temporary, "temporary") X(worker, "worker") X(supervisor, "supervisor") \
+    X(brutal_kill, "brutal_kill") X(strategy, "strategy")                   \
+    X(one_for_one, "one_for_one") X(one_for_all, "one_for_all")             \
+    X(rest_for_one, "rest_for_one") X(intensity, "intensity")               \
+    X(period, "period") X(max_restarts, "max_restarts")                     \
+    X(max_seconds, "max_seconds") X(children, "children") X(pid, "pid")     \
+    X(restarts, "restarts") X(restarting, "restarting") X(child, "child")   \
+    X(running, "running") X(not_found, "not_found")                         \
+    X(already_present, "already_present") X(which_children, "which_children") \
+    X(count_children, "count_children") X(start_child, "start_child")      \
+    X(terminate_child, "terminate_child") X(restart_child, "restart_child") \
+    X(delete_child, "delete_child") X(args, "args") X(significant, "significant") \
+    X(start_spec, "start_spec") X(supervisor_data, "supervisor_data")       \
+    X(bad_return, "bad_return") X(child_spec, "child_spec")                 \
+    X(start_link, "start_link") X(failed_to_start_child, "failed_to_start_child") \
+    X(active, "active") X(specs, "specs") X(supervisors, "supervisors")     \
+    X(workers, "workers") X(dynamic, "dynamic") X(max_children, "max_children") \
+    X(extra_arguments, "extra_arguments")
 
 #define DECLARE_ATOM(id, text) static term am_##id;
 KV_ATOMS(DECLARE_ATOM)
@@ -806,6 +826,15 @@ API term keyword_get(term kw, term key, term dflt) {
     }
     return dflt;
 }
+
+/* Kernel.++/2 */
+static term list_concat(term a, term b) {
+    if (a->kind != K_CONS) return b;
+    return kv_cons(hd(a), list_concat(tl(a), b));
+}
+
+/* list ++ [x] */
+static term list_append(term list, term x) { return list_concat(list, kv_list(1, x)); }
 
 /* ---- Copying ----------------------------------------------------------
  * Sending a message copies it: processes share nothing.  term_size says
@@ -2987,6 +3016,17 @@ static void exception_banner(struct buf *b, term e) {
 
 static void format_exit_to(struct buf *b, term reason, const char *joiner);
 
+/* Module.function(arg1, arg2), from {Module, :function, [args]}. */
+static void mfa_call_text(struct buf *b, term mfa) {
+    inspect_to(b, elem(mfa, 0));
+    buf_printf(b, ".%s(", BYTES(elem(mfa, 1)));
+    for (term a = elem(mfa, 2); a->kind == K_CONS; a = tl(a)) {
+        inspect_to(b, hd(a));
+        if (tl(a)->kind == K_CONS) buf_puts(b, ", ");
+    }
+    buf_puts(b, ")");
+}
+
 /* Exception.format_exit/1: an exit reason as people read it.  `joiner` is
  * the newline-plus-indent between nested parts. */
 static void format_exit_to(struct buf *b, term reason, const char *joiner) {
@@ -2996,19 +3036,25 @@ static void format_exit_to(struct buf *b, term reason, const char *joiner) {
         exception_banner(b, elem(reason, 0));
         return;
     }
+    /* a supervisor whose child could not start */
+    if (is_tagged(reason, am_shutdown, 2) && is_tagged(elem(reason, 1), am_failed_to_start_child, 3)) {
+        term why = elem(elem(reason, 1), 2);
+        if (is_tagged(why, am_EXIT, 2)) why = elem(why, 1);
+        buf_puts(b, "shutdown: failed to start child: ");
+        inspect_to(b, elem(elem(reason, 1), 1));
+        buf_puts(b, joiner);
+        buf_puts(b, "** (EXIT) ");
+        char deeper[64];
+        snprintf(deeper, sizeof deeper, "%s    ", joiner);
+        format_exit_to(b, why, deeper);
+        return;
+    }
     /* {reason, {Module, :function, args}}: "exited in: GenServer.call(...)" */
     if (is_tuple(reason) && tuple_size(reason) == 2 && is_tuple(elem(reason, 1)) &&
         tuple_size(elem(reason, 1)) == 3 && is_atom(elem(elem(reason, 1), 0)) &&
         is_atom(elem(elem(reason, 1), 1)) && is_list(elem(elem(reason, 1), 2))) {
-        term mfa = elem(reason, 1);
         buf_puts(b, "exited in: ");
-        inspect_to(b, elem(mfa, 0));
-        buf_printf(b, ".%s(", BYTES(elem(mfa, 1)));
-        for (term a = elem(mfa, 2); a->kind == K_CONS; a = tl(a)) {
-            inspect_to(b, hd(a));
-            if (tl(a)->kind == K_CONS) buf_puts(b, ", ");
-        }
-        buf_puts(b, ")");
+        mfa_call_text(b, elem(reason, 1));
         buf_puts(b, joiner);
         buf_puts(b, "** (EXIT) ");
         char deeper[64];
@@ -3051,9 +3097,11 @@ API void format_exit_banner(struct buf *b, term reason) {
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_NOTICE, LOG_WARNING, LOG_ERROR, LOG_NONE };
 static enum log_level logger_level = LOG_DEBUG; /* Logger's default */
 
+static bool logger_started = true; /* Application.stop(:logger) silences it (Part IV) */
+
 static void logger_log(enum log_level level, const char *message) {
     static const char *const names[] = {"debug", "info", "notice", "warning", "error"};
-    if (level < logger_level) return;
+    if (level < logger_level || !logger_started) return;
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     time_t secs = now.tv_sec;
@@ -3105,6 +3153,11 @@ struct module {
     term (*handle_cast)(term request, term state);
     term (*handle_info)(term msg, term state);
     void (*terminate)(term reason, term state);
+    /* use Application: start(type, args) gives {:ok, pid} of the top
+     * supervisor; prep_stop(state) and stop(state) run when it stops. */
+    term (*start)(term type, term args);
+    term (*prep_stop)(term state);
+    void (*stop)(term state);
 };
 
 static struct {
@@ -3246,6 +3299,22 @@ API term agent_stop(term agent, term reason, long timeout) {
     return gen_server_stop(agent, reason, timeout);
 }
 
+/* Agent as a module children can name: {Agent, fun} starts an agent. */
+static const struct module agent_module;
+
+static term agent_start_link_apply(term args) { return agent_start_link(hd(args), NIL); }
+static term agent_child_spec_apply(term args) {
+    return kv_map(2, am_id, am_Agent, am_start, kv_tuple(3, am_Agent, am_start_link, args));
+}
+
+static const struct export agent_exports[] = {
+    {"start_link", 1, agent_start_link_apply},
+    {"child_spec", 1, agent_child_spec_apply},
+    {NULL, 0, NULL},
+};
+
+static const struct module agent_module = {.name = "Agent", .exports = agent_exports};
+
 /* --------------------------------------------------------------------------
  * agents.md — "Agents 101", "Other agent actions": KV.Bucket
  * --------------------------------------------------------------------------
@@ -3289,10 +3358,19 @@ API term kv_bucket_delete(term bucket, term key) {
     return agent_get_and_update(bucket, kv_fun(&bucket_pop_fun, key));
 }
 
+static const struct module kv_bucket;
+static term use_child_spec(const struct module *m, term arg, term restart, term type); /* Part IV */
+
+/* KV.Bucket.child_spec/1 — `use Agent, restart: :temporary`: a bucket that
+ * dies is not restarted (dynamic-supervisor.md, "The bucket supervisor"). */
+API term kv_bucket_child_spec(term arg) { return use_child_spec(&kv_bucket, arg, am_temporary, am_worker); }
+
 static term kv_bucket_start_link_apply(term args) { return kv_bucket_start_link(hd(args)); }
+static term kv_bucket_child_spec_apply(term args) { return kv_bucket_child_spec(hd(args)); }
 
 static const struct export kv_bucket_exports[] = {
     {"start_link", 1, kv_bucket_start_link_apply},
+    {"child_spec", 1, kv_bucket_child_spec_apply},
     {NULL, 0, NULL},
 };
 
@@ -3763,14 +3841,21 @@ static term kv_registry_handle_call(term request, term from, term state) {
     return kv_tuple(3, am_reply, map_fetch(names, elem(request, 1)), state);
 }
 
+API term dynamic_supervisor_start_child(term sup, term child_spec); /* Part V */
+
 /* handle_cast({:create, name}, {names, refs}): start a bucket unless the
- * name is taken, monitor it, remember it under both maps. */
+ * name is taken, monitor it, remember it under both maps.
+ *
+ * In this chapter the guide starts the bucket with KV.Bucket.start_link([]),
+ * which links it to the registry: a bucket's crash then takes the registry
+ * down.  The dynamic-supervisor chapter ("The bucket supervisor", Part V)
+ * starts it under KV.BucketSupervisor instead, as here. */
 static term kv_registry_handle_cast(term request, term state) {
     if (!is_tagged(request, am_create, 2))
         raise_error(function_clause_error(kv_alias("KV.Registry"), kv_atom("handle_cast"), 2));
     term name = elem(request, 1), names = elem(state, 0), refs = elem(state, 1);
     if (map_has_key(names, name)) return kv_tuple(2, am_noreply, state);
-    term bucket = ok_value(kv_bucket_start_link(NIL));
+    term bucket = ok_value(dynamic_supervisor_start_child(kv_alias("KV.BucketSupervisor"), kv_alias("KV.Bucket")));
     term ref = process_monitor(bucket);
     refs = map_put(refs, ref, name);
     names = map_put(names, name, bucket);
@@ -3808,10 +3893,15 @@ API term kv_registry_create(term server, term name) {
     return gen_server_cast(server, kv_tuple(2, am_create, name));
 }
 
+/* KV.Registry.child_spec/1 — what `use GenServer` generates */
+API term kv_registry_child_spec(term arg) { return use_child_spec(&kv_registry, arg, am_nil, am_worker); }
+
 static term kv_registry_start_link_apply(term args) { return kv_registry_start_link(hd(args)); }
+static term kv_registry_child_spec_apply(term args) { return kv_registry_child_spec(hd(args)); }
 
 static const struct export kv_registry_exports[] = {
     {"start_link", 1, kv_registry_start_link_apply},
+    {"child_spec", 1, kv_registry_child_spec_apply},
     {NULL, 0, NULL},
 };
 
@@ -3824,11 +3914,1362 @@ static const struct module kv_registry = {
     .handle_info = kv_registry_handle_info,
 };
 
+/* ==========================================================================
+ * PART IV — supervisor-and-application.md: "Supervision trees and applications"
+ * ==========================================================================
+ *
+ * A supervisor starts its children, restarts them when they crash, and
+ * shuts them down.  In OTP a supervisor is itself a GenServer (the module
+ * `supervisor` implements gen_server's callbacks) that traps exits: a
+ * child's death reaches it as an {:EXIT, pid, reason} message in
+ * handle_info, and the supervisor decides what to do from the child's
+ * specification and its own strategy.  kv.c builds it the same way, on
+ * Part III's GenServer.
+ */
+
+/* --------------------------------------------------------------------------
+ * supervisor-and-application.md — "Our first supervisor": child specs
+ * --------------------------------------------------------------------------
+ * A child specification is a map:
+ *
+ *     %{id: KV.Registry,                             any term naming the child
+ *       start: {KV.Registry, :start_link, [[]]},      how to start it: apply/3
+ *       restart: :permanent,    when to restart: :permanent (always),
+ *                               :transient (after an abnormal exit only),
+ *                               :temporary (never)
+ *       shutdown: 5000,         how to stop it: send :shutdown and wait this
+ *                               many ms before :kill; or :brutal_kill
+ *                               (:kill at once); or :infinity
+ *       type: :worker}          or :supervisor
+ *
+ * `use GenServer` (and Agent, and Supervisor) defines child_spec/1 for the
+ * module.  The guide's two editions print it differently: the seed chapter
+ * shows the full map above, as the Elixir of its day generated it, and the
+ * newer edition shows %{id: ..., start: ...}, because Elixir 1.14 leaves
+ * out every key whose value is the default.  kv.c generates the seed's
+ * full map; child_spec_as_1_14() gives the newer form of the same spec.
+ */
+
+#define DEFAULT_SHUTDOWN 5000 /* ms a worker gets to stop after :shutdown */
+
+/* KV.Registry.child_spec/1 and its kind: what `use GenServer` (type
+ * :worker) or `use Supervisor` (type :supervisor) generated, with a
+ * `use` option restart: (nil for the default, :permanent). */
+static term use_child_spec(const struct module *m, term arg, term restart, term type) {
+    term mod = module_atom(m);
+    term shutdown = type == am_supervisor ? am_infinity : kv_int(DEFAULT_SHUTDOWN);
+    return kv_map(5, am_id, mod, am_start, kv_tuple(3, mod, am_start_link, kv_list(1, arg)), am_restart,
+                  restart == am_nil ? am_permanent : restart, am_shutdown, shutdown, am_type, type);
+}
+
+/* The same spec as Elixir 1.14's `use` writes it: default values left out. */
+API term child_spec_as_1_14(term spec) {
+    term type = map_get(spec, am_type, am_worker);
+    term shutdown = type == am_supervisor ? am_infinity : kv_int(DEFAULT_SHUTDOWN);
+    if (type == am_worker) spec = map_delete(spec, am_type);
+    if (map_get(spec, am_restart, NULL) == am_permanent) spec = map_delete(spec, am_restart);
+    term s = map_get(spec, am_shutdown, NULL);
+    if (s && term_eq(s, shutdown)) spec = map_delete(spec, am_shutdown);
+    return spec;
+}
+
+static NORETURN void child_spec_error(term module, const char *what) {
+    struct buf b = {0};
+    buf_puts(&b, "The module ");
+    inspect_to(&b, module);
+    buf_puts(&b, what);
+    term e = argument_error(buf_str(&b));
+    buf_free(&b);
+    raise_error(e);
+}
+
+/* Supervisor.child_spec/2: a child spec from a module (KV.Registry means
+ * KV.Registry.child_spec([])), a {module, arg} pair (module.child_spec(arg))
+ * or a map, with `overrides` ([restart: :temporary], ...) applied. */
+API term supervisor_child_spec(term child, term overrides) {
+    term spec = child;
+    if (is_atom(child) || (is_tuple(child) && tuple_size(child) == 2 && is_atom(elem(child, 0)))) {
+        term module = is_atom(child) ? child : elem(child, 0);
+        term arg = is_atom(child) ? NIL : elem(child, 1);
+        const struct module *m = code_find(module);
+        if (!m) child_spec_error(module, " was given as a child to a supervisor but it does not exist.");
+        bool has = false;
+        for (const struct export *e = m->exports; e && e->name; e++)
+            has = has || (e->arity == 1 && strcmp(e->name, "child_spec") == 0);
+        if (!has)
+            child_spec_error(module, " was given as a child to a supervisor\nbut it does not implement "
+                                     "child_spec/1.");
+        spec = erlang_apply(module, am_child_spec, kv_list(1, arg));
+    } else if (!is_map(child)) {
+        struct buf b = {0};
+        buf_puts(&b, "supervisors expect each child to be one of the following:\n\n"
+                     "  * a module\n  * a {module, arg} tuple\n  * a child specification as a map with at "
+                     "least the :id and :start fields\n  * or a tuple with 6 elements generated by "
+                     "Supervisor.child_spec/2\n\nGot: ");
+        inspect_to(&b, child);
+        term e = argument_error(buf_str(&b));
+        buf_free(&b);
+        raise_error(e);
+    }
+    static const char *const keys[] = {"id", "start", "restart", "shutdown", "type", "modules", "significant", NULL};
+    for (term o = overrides; o->kind == K_CONS; o = tl(o)) {
+        term key = elem(hd(o), 0);
+        bool known = false;
+        for (size_t i = 0; keys[i]; i++) known = known || key == kv_atom(keys[i]);
+        if (!known) {
+            struct buf b = {0};
+            buf_puts(&b, "unknown key ");
+            inspect_to(&b, key);
+            buf_puts(&b, " in child specification override");
+            term e = argument_error(buf_str(&b));
+            buf_free(&b);
+            raise_error(e);
+        }
+        spec = map_put(spec, key, elem(hd(o), 1));
+    }
+    return spec;
+}
+
+/* Check a child spec the way OTP's supervisor does, and fill in the
+ * defaults.  Returns the child as the supervisor keeps it (the spec plus
+ * pid: :undefined) or {:error, reason}. */
+static term child_check(term spec) {
+    if (!is_map(spec)) return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_child_spec"), spec));
+    term id = map_get(spec, am_id, NULL), start = map_get(spec, am_start, NULL);
+    if (!id) return kv_tuple(2, am_error, kv_atom("missing_id"));
+    if (!start) return kv_tuple(2, am_error, kv_atom("missing_start"));
+    if (!is_tuple(start) || tuple_size(start) != 3 || !is_atom(elem(start, 0)) || !is_atom(elem(start, 1)) ||
+        !is_list(elem(start, 2)))
+        return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_mfa"), start));
+    term restart = map_get(spec, am_restart, am_permanent);
+    if (restart != am_permanent && restart != am_transient && restart != am_temporary)
+        return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_restart_type"), restart));
+    term type = map_get(spec, am_type, am_worker);
+    if (type != am_worker && type != am_supervisor)
+        return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_child_type"), type));
+    term shutdown = map_get(spec, am_shutdown, type == am_worker ? kv_int(DEFAULT_SHUTDOWN) : am_infinity);
+    if (!(shutdown == am_infinity || shutdown == am_brutal_kill || (is_integer(shutdown) && int_value(shutdown) >= 0)))
+        return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_shutdown"), shutdown));
+    term modules = map_get(spec, am_modules, kv_list(1, elem(start, 0)));
+    bool modules_ok = modules == am_dynamic || is_list(modules);
+    for (term l = modules; modules_ok && l->kind == K_CONS; l = tl(l)) modules_ok = is_atom(hd(l));
+    if (!modules_ok) return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_modules"), modules));
+    return kv_map(7, am_id, id, am_start, start, am_restart, restart, am_shutdown, shutdown, am_type, type,
+                  am_modules, modules, am_pid, am_undefined);
+}
+
+/* OTP's internal child record, as start_child errors show it:
+ * {:child, :undefined, id, mfa, restart, significant, shutdown, type, modules} */
+static term child_record(term child) {
+    term items[9] = {am_child, am_undefined, map_get(child, am_id, am_nil), map_get(child, am_start, am_nil),
+                     map_get(child, am_restart, am_nil), am_false, map_get(child, am_shutdown, am_nil),
+                     map_get(child, am_type, am_nil), map_get(child, am_modules, am_nil)};
+    return kv_tuple_of(9, items);
+}
+
+/* --------------------------------------------------------------------------
+ * supervisor-and-application.md — "Our first supervisor": the supervisor
+ * --------------------------------------------------------------------------
+ * The supervisor's state is a map:
+ *
+ *     %{module: KV.Supervisor, strategy: :one_for_one, intensity: 3,
+ *       period: 5, restarts: [seconds...], children: [child, ...]}
+ *
+ * with the children in start order, each one its checked spec plus the
+ * current pid (or :undefined when it is not running, :restarting while a
+ * restart is being retried).
+ */
+
+static term child_get(term child, term key) { return map_get(child, key, am_nil); }
+static term sup_get(term st, term key) { return map_get(st, key, am_nil); }
+
+/* Start one child with its start function.  Never raises: as OTP's
+ * `catch apply(M, F, A)`, a raise comes back as {:error, {:EXIT, {e, []}}}.
+ * Returns {:ok, pid}, {:ok, pid, info}, {:ok, :undefined} (:ignore) or
+ * {:error, reason}. */
+struct apply_run {
+    term mfa, result;
+};
+
+static void apply_mfa(void *arg) {
+    struct apply_run *r = arg;
+    r->result = erlang_apply(elem(r->mfa, 0), elem(r->mfa, 1), elem(r->mfa, 2));
+}
+
+static term child_start(term child) {
+    struct apply_run r = {child_get(child, am_start), NULL};
+    term caught, what;
+    switch (try_catch(apply_mfa, &r, &caught)) {
+    case CAUGHT_NOTHING: what = r.result; break;
+    case CAUGHT_ERROR: what = kv_tuple(2, am_EXIT, kv_tuple(2, caught, NIL)); break;
+    case CAUGHT_EXIT: what = kv_tuple(2, am_EXIT, caught); break;
+    default: what = caught; break;
+    }
+    if ((is_tagged(what, am_ok, 2) || is_tagged(what, am_ok, 3)) && is_pid(elem(what, 1))) return what;
+    if (what == am_ignore) return kv_tuple(2, am_ok, am_undefined);
+    if (is_tagged(what, am_error, 2)) return what;
+    return kv_tuple(2, am_error, what);
+}
+
+static bool match_down_of(term msg, const void *mref) {
+    return is_tagged(msg, am_DOWN, 5) && term_eq(elem(msg, 1), (term)mref);
+}
+
+/* Stop one running child the way its spec says (OTP's shutdown/2):
+ * monitor it, unlink it (taking an EXIT that may already be waiting), then
+ * :kill at once for :brutal_kill; otherwise :shutdown, and :kill if it is
+ * not gone within the shutdown time.  Waits until it is gone. */
+static void child_shutdown(term child) {
+    term pid = child_get(child, am_pid);
+    if (!is_pid(pid)) return;
+    term mref = process_monitor(pid);
+    process_unlink(pid);
+    if (receive(is_exit_from, pid, 0)) { /* it died already */
+        receive(match_down_of, mref, VM_INFINITY);
+        return;
+    }
+    term shutdown = child_get(child, am_shutdown);
+    if (shutdown == am_brutal_kill) {
+        process_exit(pid, am_kill);
+        receive(match_down_of, mref, VM_INFINITY);
+        return;
+    }
+    process_exit(pid, am_shutdown);
+    long wait = shutdown == am_infinity ? VM_INFINITY : (long)int_value(shutdown);
+    if (!receive_full(match_down_of, mref, wait, "a child to shut down:", pid)) {
+        process_exit(pid, am_kill); /* too slow */
+        receive(match_down_of, mref, VM_INFINITY);
+    }
+}
+
+/* Stop running children in reverse start order; `skip` (a pid) is left
+ * alone.  Temporary children are then forgotten, the others kept with
+ * pid :undefined. */
+static term children_shutdown(term children, term skip) {
+    size_t n = list_length(children);
+    term *v = vm_realloc(NULL, (n ? n : 1) * sizeof *v);
+    size_t i = 0;
+    for (term l = children; l->kind == K_CONS; l = tl(l)) v[i++] = hd(l);
+    for (i = n; i-- > 0;)
+        if (!skip || !term_eq(child_get(v[i], am_pid), skip)) child_shutdown(v[i]);
+    term kept = NIL;
+    for (i = n; i-- > 0;)
+        if (child_get(v[i], am_restart) != am_temporary) kept = kv_cons(map_put(v[i], am_pid, am_undefined), kept);
+    free(v);
+    return kept;
+}
+
+static term child_by(term children, term key, term value) {
+    for (term l = children; l->kind == K_CONS; l = tl(l))
+        if (term_eq(child_get(hd(l), key), value)) return hd(l);
+    return NULL;
+}
+
+/* children, with the child whose id is `id` replaced by `child` (or
+ * removed, when child is NULL). */
+static term children_replace(term children, term id, term child) {
+    if (children->kind != K_CONS) return NIL;
+    term rest = children_replace(tl(children), id, child);
+    if (!term_eq(child_get(hd(children), am_id), id)) return kv_cons(hd(children), rest);
+    return child ? kv_cons(child, rest) : rest;
+}
+
+/* The restart times (newest first) still inside the period. */
+static term restarts_within(term times, int64_t now, int64_t period) {
+    if (times->kind != K_CONS || now > int_value(hd(times)) + period) return NIL;
+    return kv_cons(hd(times), restarts_within(tl(times), now, period));
+}
+
+/* Restart intensity, as OTP counts it: note this restart's time in whole
+ * seconds (erlang:monotonic_time(:second)), forget those older than the
+ * period, and say whether more than `intensity` remain: time to give up. */
+static bool add_restart(term *st) {
+    int64_t now = now_ms() / 1000, period = int_value(sup_get(*st, am_period));
+    term times = kv_cons(kv_int(now), restarts_within(sup_get(*st, am_restarts), now, period));
+    *st = map_put(*st, am_restarts, times);
+    return (int64_t)list_length(times) > int_value(sup_get(*st, am_intensity));
+}
+
+/* Start `children` (in order) that are not running.  Stops at the first
+ * failure and returns its id, with *out the children so far; NULL if all
+ * started. */
+static term children_start(term children, term *out, term *failure) {
+    term started = NIL, failed_id = NULL;
+    for (term l = children; l->kind == K_CONS; l = tl(l)) {
+        term c = hd(l);
+        if (!failed_id && !is_pid(child_get(c, am_pid))) {
+            term r = child_start(c);
+            if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3)) {
+                if (elem(r, 1) == am_undefined && child_get(c, am_restart) == am_temporary) continue;
+                c = map_put(c, am_pid, elem(r, 1));
+            } else {
+                failed_id = child_get(c, am_id);
+                if (failure) *failure = elem(r, 1);
+            }
+        }
+        started = list_append(started, c);
+    }
+    *out = started;
+    return failed_id;
+}
+
+/* A child died (or must be restarted again): restart it as the strategy
+ * says, updating *state.  Returns false when the restart intensity is
+ * exceeded and the supervisor must shut down. */
+static bool sup_restart(term *state, term child) {
+    term st = *state;
+    if (add_restart(&st)) {
+        *state = st;
+        return false;
+    }
+    term children = sup_get(st, am_children), strategy = sup_get(st, am_strategy);
+    term id = child_get(child, am_id);
+    if (strategy == am_one_for_all || strategy == am_rest_for_one) {
+        /* Stop the others (one_for_all) or those started after it
+         * (rest_for_one), newest first; then start them all again. */
+        term before = NIL, after = NIL;
+        bool seen = false;
+        for (term l = children; l->kind == K_CONS; l = tl(l)) {
+            if (term_eq(child_get(hd(l), am_id), id)) { seen = true; continue; }
+            if (strategy == am_rest_for_one && !seen) before = list_append(before, hd(l));
+            else after = list_append(after, hd(l));
+        }
+        after = children_shutdown(after, NULL);
+        term restart_set = kv_cons(map_put(child, am_pid, am_undefined), after);
+        if (strategy == am_one_for_all) { /* back to start order */
+            restart_set = NIL;
+            for (term l = children; l->kind == K_CONS; l = tl(l)) {
+                term c = term_eq(child_get(hd(l), am_id), id) ? child : child_by(after, am_id, child_get(hd(l), am_id));
+                if (c) restart_set = list_append(restart_set, map_put(c, am_pid, am_undefined));
+            }
+        }
+        term restarted;
+        term failed = children_start(restart_set, &restarted, NULL);
+        children = before;
+        for (term l = restarted; l->kind == K_CONS; l = tl(l)) children = list_append(children, hd(l));
+        st = map_put(st, am_children, children);
+        if (failed) { /* retry later; every attempt counts */
+            st = map_put(st, am_children, children_replace(children, failed,
+                                                           map_put(child_by(children, am_id, failed), am_pid, am_restarting)));
+            gen_server_cast(self(), kv_tuple(2, kv_atom("try_again_restart"), failed));
+        }
+        *state = st;
+        return true;
+    }
+    term r = child_start(child); /* :one_for_one */
+    term pid = is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3) ? elem(r, 1) : am_restarting;
+    if (pid == am_restarting) gen_server_cast(self(), kv_tuple(2, kv_atom("try_again_restart"), id));
+    *state = map_put(st, am_children, children_replace(children, id, map_put(child, am_pid, pid)));
+    return true;
+}
+
+/* A child has exited with `reason`: restart it or not, by its restart
+ * type.  Returns false if the supervisor must now shut down. */
+static bool sup_child_exited(term *st, term child, term reason) {
+    term children = sup_get(*st, am_children), restart = child_get(child, am_restart);
+    term id = child_get(child, am_id);
+    if (restart == am_temporary) {
+        *st = map_put(*st, am_children, children_replace(children, id, NULL));
+        return true;
+    }
+    if (restart == am_transient && is_normal_exit(reason)) {
+        *st = map_put(*st, am_children, children_replace(children, id, map_put(child, am_pid, am_undefined)));
+        return true;
+    }
+    /* The dead child is no longer running, whatever happens next. */
+    child = map_put(child, am_pid, am_undefined);
+    *st = map_put(*st, am_children, children_replace(children, id, child));
+    return sup_restart(st, child);
+}
+
+/* The supervisor's init: trap exits, ask the module for its flags and
+ * children, check them, and start the children one by one, in order.  A
+ * child that fails to start stops everything: the ones already started
+ * are shut down again. */
+static term sup_init(term arg) {
+    process_flag_trap_exit(true);
+    term module = elem(arg, 0);
+    const struct module *m = code_find(module);
+    term r = m->init(elem(arg, 1));
+    if (r == am_ignore) return am_ignore;
+    if (!is_tagged(r, am_ok, 2) || !is_tuple(elem(r, 1)) || tuple_size(elem(r, 1)) != 2)
+        return kv_tuple(2, am_stop, kv_tuple(2, am_bad_return, kv_tuple(3, module, kv_atom("init"), r)));
+    term flags = elem(elem(r, 1), 0), specs = elem(elem(r, 1), 1);
+    term strategy = map_get(flags, am_strategy, am_one_for_one);
+    term intensity = map_get(flags, am_intensity, kv_int(1)), period = map_get(flags, am_period, kv_int(5));
+    term bad = NULL;
+    if (strategy != am_one_for_one && strategy != am_one_for_all && strategy != am_rest_for_one)
+        bad = kv_tuple(2, kv_atom("invalid_strategy"), strategy);
+    else if (!is_integer(intensity) || int_value(intensity) < 0)
+        bad = kv_tuple(2, kv_atom("invalid_intensity"), intensity);
+    else if (!is_integer(period) || int_value(period) < 1)
+        bad = kv_tuple(2, kv_atom("invalid_period"), period);
+    if (bad) return kv_tuple(2, am_stop, kv_tuple(2, am_supervisor_data, bad));
+    term children = NIL;
+    for (term l = specs; l->kind == K_CONS; l = tl(l)) {
+        term c = child_check(hd(l));
+        if (is_tagged(c, am_error, 2)) return kv_tuple(2, am_stop, kv_tuple(2, am_start_spec, elem(c, 1)));
+        if (child_by(children, am_id, child_get(c, am_id)))
+            return kv_tuple(2, am_stop, kv_tuple(2, am_start_spec,
+                                                 kv_tuple(2, kv_atom("duplicate_child_name"), child_get(c, am_id))));
+        children = list_append(children, c);
+    }
+    term reason = NULL, started;
+    term failed = children_start(children, &started, &reason);
+    if (failed) {
+        children_shutdown(started, NULL);
+        return kv_tuple(2, am_stop, kv_tuple(2, am_shutdown, kv_tuple(3, am_failed_to_start_child, failed, reason)));
+    }
+    term st = kv_map(6, am_module, module, am_strategy, strategy, am_intensity, intensity, am_period, period,
+                     am_restarts, NIL, am_children, started);
+    return kv_tuple(2, am_ok, st);
+}
+
+static term reply(term value, term st) { return kv_tuple(3, am_reply, value, st); }
+
+/* Supervisor.start_child: {:ok, pid}, or OTP's errors. */
+static term sup_start_child(term spec, term st) {
+    term c = child_check(spec);
+    if (is_tagged(c, am_error, 2)) return reply(c, st);
+    term children = sup_get(st, am_children);
+    term old = child_by(children, am_id, child_get(c, am_id));
+    if (old && is_pid(child_get(old, am_pid)))
+        return reply(kv_tuple(2, am_error, kv_tuple(2, am_already_started, child_get(old, am_pid))), st);
+    if (old) return reply(kv_tuple(2, am_error, am_already_present), st);
+    term r = child_start(c);
+    if (is_tagged(r, am_error, 2))
+        return reply(kv_tuple(2, am_error, kv_tuple(2, elem(r, 1), child_record(c))), st);
+    if (elem(r, 1) != am_undefined || child_get(c, am_restart) != am_temporary)
+        st = map_put(st, am_children, list_append(children, map_put(c, am_pid, elem(r, 1))));
+    return reply(r, st);
+}
+
+static term sup_handle_call(term req, term from, term st) {
+    (void)from;
+    term children = sup_get(st, am_children);
+    if (req == am_which_children) { /* newest first, as OTP lists them */
+        term list = NIL;
+        for (term l = children; l->kind == K_CONS; l = tl(l)) {
+            term c = hd(l);
+            list = kv_cons(kv_tuple(4, child_get(c, am_id), child_get(c, am_pid), child_get(c, am_type),
+                                    child_get(c, am_modules)), list);
+        }
+        return reply(list, st);
+    }
+    if (req == am_count_children) {
+        int64_t active = 0, specs = 0, sups = 0, workers = 0;
+        for (term l = children; l->kind == K_CONS; l = tl(l)) {
+            specs++;
+            active += is_pid(child_get(hd(l), am_pid));
+            if (child_get(hd(l), am_type) == am_supervisor) sups++; else workers++;
+        }
+        return reply(kv_map(4, am_active, kv_int(active), am_specs, kv_int(specs), am_supervisors,
+                             kv_int(sups), am_workers, kv_int(workers)), st);
+    }
+    if (is_tagged(req, am_start_child, 2)) return sup_start_child(elem(req, 1), st);
+    term id = is_tuple(req) && tuple_size(req) == 2 ? elem(req, 1) : NULL;
+    term c = id ? child_by(children, am_id, id) : NULL;
+    if (id && !c) return reply(kv_tuple(2, am_error, am_not_found), st);
+    if (is_tagged(req, am_terminate_child, 2)) {
+        child_shutdown(c);
+        term rest = child_get(c, am_restart) == am_temporary ? NULL : map_put(c, am_pid, am_undefined);
+        return reply(am_ok, map_put(st, am_children, children_replace(children, id, rest)));
+    }
+    if (is_tagged(req, am_restart_child, 2)) {
+        term pid = child_get(c, am_pid);
+        if (is_pid(pid)) return reply(kv_tuple(2, am_error, am_running), st);
+        if (pid == am_restarting) return reply(kv_tuple(2, am_error, am_restarting), st);
+        term r = child_start(c);
+        if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3))
+            st = map_put(st, am_children, children_replace(children, id, map_put(c, am_pid, elem(r, 1))));
+        return reply(r, st);
+    }
+    if (is_tagged(req, am_delete_child, 2)) {
+        term pid = child_get(c, am_pid);
+        if (is_pid(pid)) return reply(kv_tuple(2, am_error, am_running), st);
+        if (pid == am_restarting) return reply(kv_tuple(2, am_error, am_restarting), st);
+        return reply(am_ok, map_put(st, am_children, children_replace(children, id, NULL)));
+    }
+    raise_error(function_clause_error(kv_atom("supervisor"), kv_atom("handle_call"), 3));
+}
+
+static term sup_handle_cast(term req, term st) {
+    /* {:try_again_restart, id}: a restart that failed, tried again. */
+    term c = child_by(sup_get(st, am_children), am_id, elem(req, 1));
+    if (c && child_get(c, am_pid) == am_restarting && !sup_restart(&st, c))
+        return kv_tuple(3, am_stop, am_shutdown, st);
+    return kv_tuple(2, am_noreply, st);
+}
+
+static term sup_handle_info(term msg, term st) {
+    if (!is_tagged(msg, am_EXIT, 3)) {
+        struct buf b = {0};
+        buf_puts(&b, "Supervisor received unexpected message: ");
+        inspect_to(&b, msg);
+        logger_log(LOG_ERROR, buf_str(&b));
+        buf_free(&b);
+        return kv_tuple(2, am_noreply, st);
+    }
+    term child = child_by(sup_get(st, am_children), am_pid, elem(msg, 1));
+    if (!child) return kv_tuple(2, am_noreply, st); /* not one of ours (any more) */
+    /* Too many restarts too quickly: shut every child down and exit with
+     * :shutdown (terminate/2 below does the shutting down). */
+    if (!sup_child_exited(&st, child, elem(msg, 2))) return kv_tuple(3, am_stop, am_shutdown, st);
+    return kv_tuple(2, am_noreply, st);
+}
+
+static void sup_terminate(term reason, term st) {
+    (void)reason;
+    if (is_map(st)) children_shutdown(sup_get(st, am_children), NULL);
+}
+
+static const struct module supervisor_engine = {
+    .name = "supervisor", /* OTP's module, which Elixir's Supervisor calls */
+    .init = sup_init,
+    .handle_call = sup_handle_call,
+    .handle_cast = sup_handle_cast,
+    .handle_info = sup_handle_info,
+    .terminate = sup_terminate,
+};
+
+/* Supervisor.init/2: {:ok, {flags, child specs}} for a supervisor's init/1.
+ * opts: strategy: (required), max_restarts: (3), max_seconds: (5). */
+API term supervisor_init(term children, term opts) {
+    term strategy = keyword_get(opts, am_strategy, NULL);
+    if (!strategy) raise_error(argument_error("expected :strategy option to be given"));
+    term flags = kv_map(3, am_strategy, strategy, am_intensity, keyword_get(opts, am_max_restarts, kv_int(3)),
+                        am_period, keyword_get(opts, am_max_seconds, kv_int(5)));
+    term specs = NIL;
+    for (term l = children; l->kind == K_CONS; l = tl(l))
+        specs = list_append(specs, supervisor_child_spec(hd(l), NIL));
+    return kv_tuple(2, am_ok, kv_tuple(2, flags, specs));
+}
+
+/* Supervisor.start_link/3 — a supervisor whose module's init/1 gives its
+ * children: KV.Supervisor.start_link(opts) calls this. */
+API term supervisor_start_link(const struct module *mod, term arg, term opts) {
+    return gen_start(&supervisor_engine, kv_tuple(2, module_atom(mod), arg), opts, true);
+}
+
+/* Supervisor.start_link/2 with a list of children: its module is
+ * Supervisor.Default, whose init/1 returns what Supervisor.init/2 made. */
+static term default_init(term spec) { return spec; }
+static const struct module supervisor_default = {.name = "Supervisor.Default", .init = default_init};
+
+API term supervisor_start_link_children(term children, term opts) {
+    term sup_opts = NIL, start_opts = NIL;
+    for (term l = opts; l->kind == K_CONS; l = tl(l)) {
+        term k = elem(hd(l), 0);
+        if (k == am_strategy || k == am_max_restarts || k == am_max_seconds) sup_opts = kv_cons(hd(l), sup_opts);
+        else start_opts = kv_cons(hd(l), start_opts);
+    }
+    term spec = supervisor_init(children, sup_opts);
+    return gen_start(&supervisor_engine, kv_tuple(2, module_atom(&supervisor_default), spec), start_opts, true);
+}
+
+/* Supervisor.which_children/1 — [{id, pid, type, modules}], newest first */
+API term supervisor_which_children(term sup) {
+    return gen_server_call_timeout(sup, am_which_children, VM_INFINITY);
+}
+
+/* Supervisor.count_children/1 — %{active:, specs:, supervisors:, workers:} */
+API term supervisor_count_children(term sup) {
+    return gen_server_call_timeout(sup, am_count_children, VM_INFINITY);
+}
+
+/* Supervisor.start_child/2 — the child is a module, {module, arg} or a map */
+API term supervisor_start_child(term sup, term child) {
+    return gen_server_call_timeout(sup, kv_tuple(2, am_start_child, supervisor_child_spec(child, NIL)), VM_INFINITY);
+}
+
+/* Supervisor.terminate_child/2 — by id: :ok or {:error, :not_found} */
+API term supervisor_terminate_child(term sup, term id) {
+    return gen_server_call_timeout(sup, kv_tuple(2, am_terminate_child, id), VM_INFINITY);
+}
+
+/* Supervisor.restart_child/2 — start a stopped child again */
+API term supervisor_restart_child(term sup, term id) {
+    return gen_server_call_timeout(sup, kv_tuple(2, am_restart_child, id), VM_INFINITY);
+}
+
+/* Supervisor.delete_child/2 — forget a stopped child's spec */
+API term supervisor_delete_child(term sup, term id) {
+    return gen_server_call_timeout(sup, kv_tuple(2, am_delete_child, id), VM_INFINITY);
+}
+
+/* Supervisor.stop/3 */
+API term supervisor_stop(term sup, term reason, long timeout) { return gen_server_stop(sup, reason, timeout); }
+
+/* --------------------------------------------------------------------------
+ * supervisor-and-application.md — "Our first supervisor", "Naming
+ * processes": KV.Supervisor
+ * --------------------------------------------------------------------------
+ * The guide's first KV.Supervisor has one child, KV.Registry, under
+ * :one_for_one; "Naming processes" starts it as {KV.Registry, name:
+ * KV.Registry}, so that the registry can be reached by name from anywhere.
+ * The dynamic-supervisor chapter then adds the bucket supervisor in front
+ * of it and switches to :one_for_all ("Supervision trees", Part V): what
+ * you see here is that final version.
+ */
+
+static const struct module kv_supervisor;
+static term kv_bucket_supervisor_spec(void); /* Part V */
+
+/* KV.Supervisor.start_link/1 — Supervisor.start_link(__MODULE__, :ok, opts) */
+API term kv_supervisor_start_link(term opts) { return supervisor_start_link(&kv_supervisor, am_ok, opts); }
+
+/* KV.Supervisor.init/1 */
+static term kv_supervisor_init(term arg) {
+    (void)arg;
+    term children = kv_list(2, kv_bucket_supervisor_spec(),
+                            kv_tuple(2, kv_alias("KV.Registry"), kv_list(1, kv_tuple(2, am_name, kv_alias("KV.Registry")))));
+    return supervisor_init(children, kv_list(1, kv_tuple(2, am_strategy, am_one_for_all)));
+}
+
+/* KV.Supervisor.child_spec/1 (use Supervisor) */
+static term kv_supervisor_child_spec(term arg) { return use_child_spec(&kv_supervisor, arg, am_nil, am_supervisor); }
+
+static term kv_supervisor_start_link_apply(term args) { return kv_supervisor_start_link(hd(args)); }
+static term kv_supervisor_child_spec_apply(term args) { return kv_supervisor_child_spec(hd(args)); }
+
+static const struct export kv_supervisor_exports[] = {
+    {"start_link", 1, kv_supervisor_start_link_apply},
+    {"child_spec", 1, kv_supervisor_child_spec_apply},
+    {NULL, 0, NULL},
+};
+
+static const struct module kv_supervisor = {
+    .name = "KV.Supervisor",
+    .exports = kv_supervisor_exports,
+    .init = kv_supervisor_init,
+};
+
+/* --------------------------------------------------------------------------
+ * supervisor-and-application.md — "Understanding applications"
+ * --------------------------------------------------------------------------
+ * Mix writes _build/dev/lib/kv/ebin/kv.app, an Erlang term, with io_lib's
+ * pretty printer (~p): the application's name, description, version,
+ * modules, the applications it depends on, and, once the guide adds the
+ * application callback, `mod`.  kv.c keeps the same facts in C and prints
+ * the term the same way.
+ */
+
+struct app_spec {
+    const char *name, *description, *vsn;
+    const char *applications[5]; /* what must be started first */
+    const char *modules[5];
+    const struct module *mod;    /* the application callback module */
+};
+
+static const struct module kv_application; /* below: "The application callback" */
+
+static const struct app_spec app_specs[] = {
+    {"kernel", "ERTS  CXC 138 10", "8.5.3", {NULL}, {NULL}, NULL},
+    {"stdlib", "ERTS  CXC 138 10", "4.2", {"kernel", NULL}, {NULL}, NULL},
+    {"elixir", "elixir", "1.14.0", {"kernel", "stdlib", NULL}, {NULL}, NULL},
+    {"logger", "logger", "1.14.0", {"kernel", "stdlib", "elixir", NULL}, {NULL}, NULL},
+    {"kv", "kv", "0.1.0", {"kernel", "stdlib", "elixir", "logger", NULL},
+     {"KV", "KV.Bucket", "KV.Registry", "KV.Supervisor", NULL}, &kv_application},
+    {NULL, NULL, NULL, {NULL}, {NULL}, NULL},
+};
+
+static const struct app_spec *app_spec_of(term app) {
+    for (const struct app_spec *a = app_specs; a->name; a++)
+        if (is_atom(app) && strcmp(a->name, BYTES(app)) == 0) return a;
+    return NULL;
+}
+
+/* 'kv' — an Erlang string, a list of character codes. */
+static term charlist(const char *s) {
+    term l = NIL;
+    for (size_t i = strlen(s); i-- > 0;) l = kv_cons(kv_int((unsigned char)s[i]), l);
+    return l;
+}
+
+static term atom_list(const char *const *names, bool aliases) {
+    term l = NIL;
+    size_t n = 0;
+    while (names[n]) n++;
+    while (n--) l = kv_cons(aliases ? kv_alias(names[n]) : kv_atom(names[n]), l);
+    return l;
+}
+
+/* The application resource file's term: {:application, :kv, [...]}. */
+API term application_spec(term app) {
+    const struct app_spec *a = app_spec_of(app);
+    if (!a) return am_nil;
+    term keys = kv_list(5, kv_tuple(2, kv_atom("applications"), atom_list(a->applications, false)),
+                        kv_tuple(2, kv_atom("description"), charlist(a->description)),
+                        kv_tuple(2, am_modules, atom_list(a->modules, true)),
+                        kv_tuple(2, kv_atom("registered"), NIL), kv_tuple(2, kv_atom("vsn"), charlist(a->vsn)));
+    if (a->mod)
+        keys = list_append(keys, kv_tuple(2, kv_atom("mod"), kv_tuple(2, module_atom(a->mod), NIL)));
+    return kv_tuple(3, kv_atom("application"), app, keys);
+}
+
+/* ---- Erlang's ~p, for the .app file --------------------------------------
+ * io_lib_pretty prints a term on one line when it fits in 80 columns.
+ * Otherwise a tuple that starts with an atom keeps "{tag," on the line and
+ * puts the other elements one under the other, in the column after it; a
+ * list puts its elements one per line in the column after "[", or, when
+ * each of them fits on a line, fills lines with as many as fit.  That is
+ * the subset of its rules the .app term needs. */
+
+static bool erl_atom_plain(term a) {
+    const char *s = BYTES(a);
+    if (a->n == 0 || !(s[0] >= 'a' && s[0] <= 'z')) return false;
+    for (size_t i = 1; i < a->n; i++)
+        if (!is_ident_char((unsigned char)s[i])) return false;
+    return true;
+}
+
+static void erl_flat(struct buf *b, term t) {
+    switch ((enum kind)t->kind) {
+    case K_ATOM:
+        if (erl_atom_plain(t)) buf_add(b, BYTES(t), t->n);
+        else { buf_puts(b, "'"); escape_into(b, BYTES(t), t->n, '\''); buf_puts(b, "'"); }
+        return;
+    case K_TUPLE:
+        buf_puts(b, "{");
+        for (size_t i = 0; i < t->n; i++) { if (i) buf_puts(b, ","); erl_flat(b, elem(t, i)); }
+        buf_puts(b, "}");
+        return;
+    case K_NIL:
+        buf_puts(b, "[]");
+        return;
+    case K_CONS:
+        if (charlist_printable(t)) {
+            buf_puts(b, "\"");
+            for (term l = t; l->kind == K_CONS; l = tl(l)) {
+                char c = (char)int_value(hd(l));
+                escape_into(b, &c, 1, '"');
+            }
+            buf_puts(b, "\"");
+            return;
+        }
+        buf_puts(b, "[");
+        for (term l = t; l->kind == K_CONS; l = tl(l)) {
+            erl_flat(b, hd(l));
+            if (tl(l)->kind == K_CONS) buf_puts(b, ",");
+            else if (tl(l)->kind != K_NIL) { buf_puts(b, "|"); erl_flat(b, tl(l)); }
+        }
+        buf_puts(b, "]");
+        return;
+    default:
+        inspect_to(b, t);
+        return;
+    }
+}
+
+static size_t erl_width(term t) {
+    struct buf b = {0};
+    erl_flat(&b, t);
+    size_t n = b.len;
+    buf_free(&b);
+    return n;
+}
+
+static void erl_indent(struct buf *b, size_t col) {
+    buf_puts(b, "\n");
+    for (size_t i = 0; i < col; i++) buf_puts(b, " ");
+}
+
+/* Print t at column `col`; `tail` characters (closing brackets, a comma)
+ * will follow it on its last line. */
+static void erl_pretty(struct buf *b, term t, size_t col, size_t tail) {
+    if (col + erl_width(t) + tail <= 80 || (t->kind != K_TUPLE && t->kind != K_CONS) ||
+        (t->kind == K_CONS && charlist_printable(t))) {
+        erl_flat(b, t);
+        return;
+    }
+    if (t->kind == K_TUPLE && t->n >= 2 && is_atom(elem(t, 0))) {
+        buf_puts(b, "{");
+        erl_flat(b, elem(t, 0));
+        buf_puts(b, ",");
+        size_t at = col + 1 + erl_width(elem(t, 0)) + 1;
+        for (size_t i = 1; i < t->n; i++) {
+            if (i > 1) erl_indent(b, at);
+            erl_pretty(b, elem(t, i), at, i + 1 < t->n ? 1 : tail + 1);
+            if (i + 1 < t->n) buf_puts(b, ",");
+        }
+        buf_puts(b, "}");
+        return;
+    }
+    bool is_tuple_ = t->kind == K_TUPLE;
+    size_t n = is_tuple_ ? t->n : list_length(t), at = col + 1;
+    term items = is_tuple_ ? NIL : t;
+    bool fill = true;
+    for (size_t i = 0; i < n; i++) {
+        term e = is_tuple_ ? elem(t, i) : hd(items);
+        if (!is_tuple_) items = tl(items);
+        fill = fill && at + erl_width(e) + 1 <= 80;
+    }
+    buf_puts(b, is_tuple_ ? "{" : "[");
+    size_t pos = at;
+    items = is_tuple_ ? NIL : t;
+    for (size_t i = 0; i < n; i++) {
+        term e = is_tuple_ ? elem(t, i) : hd(items);
+        if (!is_tuple_) items = tl(items);
+        size_t after = i + 1 < n ? 1 : tail + 1;
+        if (i > 0) {
+            if (!fill || pos + erl_width(e) + after > 80) { erl_indent(b, at); pos = at; }
+        }
+        size_t before = b->len;
+        erl_pretty(b, e, pos, after);
+        pos += b->len - before;
+        if (i + 1 < n) { buf_puts(b, ","); pos++; }
+    }
+    buf_puts(b, is_tuple_ ? "}" : "]");
+}
+
+/* The text of kv.app: the term as io_lib:format("~p.~n") writes it. */
+API void application_resource_file(struct buf *b, term app) {
+    erl_pretty(b, application_spec(app), 0, 1);
+    buf_puts(b, ".\n");
+}
+
+/* --------------------------------------------------------------------------
+ * supervisor-and-application.md — "Starting applications"
+ * --------------------------------------------------------------------------
+ * OTP's application controller is a process that knows which applications
+ * are running.  Starting one checks that the applications it depends on
+ * run already, then, if it has a callback module, starts an application
+ * master: a process that calls the callback's start/2, links to the
+ * supervisor it returns, and reports to the controller when that
+ * supervisor dies.  Stopping one shuts its supervision tree down.
+ *
+ * Elixir's :logger is an application too; while it is stopped, kv.c's
+ * Logger prints nothing.
+ */
+
+static term app_start_mfa(const struct app_spec *a) {
+    return kv_tuple(3, module_atom(a->mod), am_start, kv_list(2, am_normal, NIL));
+}
+
+struct app_run {
+    const struct app_spec *spec;
+    term result;
+};
+
+static void app_call_start(void *arg) {
+    struct app_run *r = arg;
+    r->result = r->spec->mod->start(am_normal, NIL);
+}
+
+/* The application master: start the callback, then watch the tree.
+ * arg is {app, controller}. */
+static void app_master(term arg) {
+    const struct app_spec *a = app_spec_of(elem(arg, 0));
+    term controller = elem(arg, 1);
+    process_flag_trap_exit(true);
+    struct app_run r = {a, NULL};
+    term caught, result;
+    enum caught kind = try_catch(app_call_start, &r, &caught);
+    term mfa = app_start_mfa(a);
+    if (kind == CAUGHT_ERROR) caught = kv_tuple(2, caught, NIL);
+    if (kind != CAUGHT_NOTHING)
+        result = kv_tuple(2, am_bad_return, kv_tuple(2, mfa, kv_tuple(2, am_EXIT, caught)));
+    else if ((is_tagged(r.result, am_ok, 2) || is_tagged(r.result, am_ok, 3)) && is_pid(elem(r.result, 1)))
+        result = am_ok;
+    else if (is_tagged(r.result, am_error, 2))
+        result = kv_tuple(2, elem(r.result, 1), mfa);
+    else
+        result = kv_tuple(2, am_bad_return, kv_tuple(2, mfa, r.result));
+    process_send(controller, kv_tuple(3, kv_atom("app_started"), self(), result));
+    if (result != am_ok) return;
+    term sup = elem(r.result, 1);
+    term state = tuple_size(r.result) == 3 ? elem(r.result, 2) : am_nil;
+    for (;;) {
+        term m = receive(NULL, NULL, VM_INFINITY);
+        if (is_tagged(m, am_EXIT, 3) && term_eq(elem(m, 1), sup)) { /* the tree died */
+            process_send(controller, kv_tuple(3, kv_atom("app_exited"), elem(arg, 0), elem(m, 2)));
+            return;
+        }
+        if (m == am_stop) { /* Application.stop: prep_stop, the tree, stop */
+            if (a->mod->prep_stop) state = a->mod->prep_stop(state);
+            term ref = process_monitor(sup);
+            process_exit(sup, am_shutdown);
+            receive(match_down_of, ref, VM_INFINITY);
+            if (a->mod->stop) a->mod->stop(state);
+            return;
+        }
+    }
+}
+
+/* The controller's state: %{started: [{app, master pid or nil}, ...]},
+ * newest first. */
+static term started_find(term st, term app) {
+    for (term l = map_get(st, kv_atom("started"), NIL); l->kind == K_CONS; l = tl(l))
+        if (elem(hd(l), 0) == app) return hd(l);
+    return NULL;
+}
+
+static term started_without(term list, term app) {
+    if (list->kind != K_CONS) return NIL;
+    if (elem(hd(list), 0) == app) return tl(list);
+    return kv_cons(hd(list), started_without(tl(list), app));
+}
+
+static bool is_start_mfa(term t) {
+    return is_tuple(t) && tuple_size(t) == 3 && elem(t, 1) == am_start;
+}
+
+/* [notice] Application kv exited: ... — the reason as Application.format_error/1 words it. */
+static void log_app_exit(term app, term reason) {
+    struct buf b = {0};
+    buf_printf(&b, "Application %s exited: ", BYTES(app));
+    term inner = is_tagged(reason, am_bad_return, 2) ? elem(reason, 1) : NULL;
+    if (is_tuple(reason) && tuple_size(reason) == 2 && !inner && is_start_mfa(elem(reason, 1))) {
+        mfa_call_text(&b, elem(reason, 1)); /* start/2 returned {:error, _} */
+        buf_puts(&b, " returned an error: ");
+        format_exit_to(&b, elem(reason, 0), "\n    ");
+    } else if (inner && is_tagged(elem(inner, 1), am_EXIT, 2)) { /* it raised or exited */
+        format_exit_to(&b, kv_tuple(2, elem(elem(inner, 1), 1), elem(inner, 0)), "\n    ");
+    } else if (inner) { /* it returned something else */
+        mfa_call_text(&b, elem(inner, 0));
+        buf_puts(&b, " returned a bad value: ");
+        inspect_to(&b, elem(inner, 1));
+    } else {
+        format_exit_to(&b, reason, "\n    ");
+    }
+    logger_log(LOG_NOTICE, buf_str(&b));
+    buf_free(&b);
+}
+
+static bool match_app_started(term msg, const void *pid) {
+    return is_tagged(msg, kv_atom("app_started"), 3) && term_eq(elem(msg, 1), (term)pid);
+}
+
+static term ctl_start(term app, term st) {
+    const struct app_spec *a = app_spec_of(app);
+    if (!a) {
+        struct buf b = {0};
+        buf_printf(&b, "%s.app", BYTES(app));
+        term r = kv_tuple(2, am_error, kv_tuple(2, charlist("no such file or directory"), charlist(buf_str(&b))));
+        buf_free(&b);
+        return reply(r, st);
+    }
+    if (started_find(st, app)) return reply(kv_tuple(2, am_error, kv_tuple(2, am_already_started, app)), st);
+    for (size_t i = 0; a->applications[i]; i++)
+        if (!started_find(st, kv_atom(a->applications[i])))
+            return reply(kv_tuple(2, am_error, kv_tuple(2, kv_atom("not_started"), kv_atom(a->applications[i]))), st);
+    term master = am_nil;
+    if (a->mod) {
+        master = spawn_link(app_master, kv_tuple(2, app, self()));
+        term m = receive(match_app_started, master, VM_INFINITY);
+        term result = elem(m, 2);
+        if (result != am_ok) {
+            log_app_exit(app, result);
+            return reply(kv_tuple(2, am_error, result), st);
+        }
+    }
+    if (app == kv_atom("logger")) logger_started = true;
+    term started = kv_cons(kv_tuple(2, app, master), map_get(st, kv_atom("started"), NIL));
+    return reply(am_ok, map_put(st, kv_atom("started"), started));
+}
+
+static term ctl_stop(term app, term st) {
+    term entry = started_find(st, app);
+    if (!entry) return reply(kv_tuple(2, am_error, kv_tuple(2, kv_atom("not_started"), app)), st);
+    term master = elem(entry, 1);
+    if (is_pid(master)) {
+        term ref = process_monitor(master);
+        process_send(master, am_stop);
+        receive(match_down_of, ref, VM_INFINITY);
+    }
+    st = map_put(st, kv_atom("started"), started_without(map_get(st, kv_atom("started"), NIL), app));
+    log_app_exit(app, kv_atom("stopped"));
+    if (app == kv_atom("logger")) logger_started = false;
+    return reply(am_ok, st);
+}
+
+static term ctl_init(term arg) {
+    process_flag_trap_exit(true);
+    term started = NIL;
+    for (term l = arg; l->kind == K_CONS; l = tl(l)) started = kv_cons(kv_tuple(2, hd(l), am_nil), started);
+    logger_started = true;
+    return kv_tuple(2, am_ok, kv_map(1, kv_atom("started"), started));
+}
+
+static term ctl_handle_call(term req, term from, term st) {
+    (void)from;
+    if (is_tagged(req, am_start, 2)) return ctl_start(elem(req, 1), st);
+    if (is_tagged(req, am_stop, 2)) return ctl_stop(elem(req, 1), st);
+    /* :started_applications */
+    term list = NIL, l = map_get(st, kv_atom("started"), NIL);
+    for (; l->kind == K_CONS; l = tl(l)) {
+        const struct app_spec *a = app_spec_of(elem(hd(l), 0));
+        list = list_append(list, kv_tuple(3, elem(hd(l), 0), charlist(a->description), charlist(a->vsn)));
+    }
+    return reply(list, st);
+}
+
+static term ctl_handle_info(term msg, term st) {
+    if (is_tagged(msg, kv_atom("app_exited"), 3)) { /* an application's tree died */
+        term app = elem(msg, 1);
+        st = map_put(st, kv_atom("started"), started_without(map_get(st, kv_atom("started"), NIL), app));
+        log_app_exit(app, elem(msg, 2));
+    }
+    return kv_tuple(2, am_noreply, st);
+}
+
+static const struct module application_controller = {
+    .name = "application_controller",
+    .init = ctl_init,
+    .handle_call = ctl_handle_call,
+    .handle_info = ctl_handle_info,
+};
+
+#define CONTROLLER kv_atom("application_controller")
+
+/* Boot what `iex -S mix` boots: the application controller with kernel,
+ * stdlib, elixir and logger running, then :kv itself unless `no_start`
+ * (iex -S mix run --no-start). */
+API term application_boot(bool no_start) {
+    term base = kv_list(4, kv_atom("kernel"), kv_atom("stdlib"), kv_atom("elixir"), kv_atom("logger"));
+    term r = gen_server_start(&application_controller, base, kv_list(1, kv_tuple(2, am_name, CONTROLLER)));
+    if (!is_tagged(r, am_ok, 2) || no_start) return r;
+    term started = gen_server_call_timeout(CONTROLLER, kv_tuple(2, am_start, kv_atom("kv")), VM_INFINITY);
+    return started == am_ok ? r : started;
+}
+
+/* Application.start/1 — :ok, {:error, {:already_started, app}},
+ * {:error, {:not_started, dependency}}, ... */
+API term application_start(term app) {
+    return gen_server_call_timeout(CONTROLLER, kv_tuple(2, am_start, app), VM_INFINITY);
+}
+
+/* Application.stop/1 */
+API term application_stop(term app) {
+    return gen_server_call_timeout(CONTROLLER, kv_tuple(2, am_stop, app), VM_INFINITY);
+}
+
+/* Application.started_applications/0 — [{app, description, vsn}], newest first */
+API term application_started_applications(void) {
+    return gen_server_call_timeout(CONTROLLER, kv_atom("started_applications"), VM_INFINITY);
+}
+
+static term ensure_started(term app, term started) {
+    const struct app_spec *a = app_spec_of(app);
+    for (size_t i = 0; a->applications[i]; i++) {
+        started = ensure_started(kv_atom(a->applications[i]), started);
+        if (is_tagged(started, am_error, 2)) return started;
+    }
+    term r = application_start(app);
+    if (r == am_ok) return list_append(started, app);
+    if (is_tagged(r, am_error, 2) && is_tagged(elem(r, 1), am_already_started, 2)) return started;
+    return kv_tuple(2, am_error, kv_tuple(2, app, elem(r, 1)));
+}
+
+/* Application.ensure_all_started/1 — starts what app needs, then app:
+ * {:ok, [the applications it started, in order]} */
+API term application_ensure_all_started(term app) {
+    if (!app_spec_of(app)) {
+        struct buf b = {0};
+        buf_printf(&b, "%s.app", BYTES(app));
+        term r = kv_tuple(2, am_error, kv_tuple(2, app, kv_tuple(2, charlist("no such file or directory"),
+                                                                 charlist(buf_str(&b)))));
+        buf_free(&b);
+        return r;
+    }
+    term r = ensure_started(app, NIL);
+    return is_tagged(r, am_error, 2) ? r : kv_tuple(2, am_ok, r);
+}
+
+/* --------------------------------------------------------------------------
+ * supervisor-and-application.md — "The application callback": KV
+ * --------------------------------------------------------------------------
+ * mod: {KV, []} in the application spec names KV as the callback module;
+ * starting :kv calls KV.start(:normal, []), which starts the tree. */
+
+/* KV.start/2 — KV.Supervisor.start_link(name: KV.Supervisor) */
+static term kv_start(term type, term args) {
+    (void)type, (void)args;
+    return kv_supervisor_start_link(kv_list(1, kv_tuple(2, am_name, kv_alias("KV.Supervisor"))));
+}
+
+static const struct module kv_application = {.name = "KV", .start = kv_start};
+
+/* ==========================================================================
+ * PART V — dynamic-supervisor.md: "Supervising dynamic children"
+ * ==========================================================================
+ *
+ * A DynamicSupervisor starts with no children and is given them one at a
+ * time, with start_child.  Its children are not known by id but by pid, so
+ * it keeps them in a map, pid => {start, restart, shutdown, type, modules},
+ * and it has a single strategy, :one_for_one.  Like Supervisor, it is a
+ * GenServer that traps exits.
+ */
+
+/* --------------------------------------------------------------------------
+ * dynamic-supervisor.md — "The bucket supervisor": DynamicSupervisor
+ * -------------------------------------------------------------------------- */
+
+static const struct module dynamic_supervisor;
+
+/* The child as DynamicSupervisor keeps it: {mfa, restart, shutdown, type, modules}. */
+static term dyn_child_of(term spec) {
+    term c = child_check(spec);
+    if (is_tagged(c, am_error, 2)) return c;
+    return kv_tuple(5, child_get(c, am_start), child_get(c, am_restart), child_get(c, am_shutdown),
+                    child_get(c, am_type), child_get(c, am_modules));
+}
+
+/* DynamicSupervisor.init/1 — the flags: strategy (only :one_for_one),
+ * max_restarts (3), max_seconds (5), max_children, extra_arguments. */
+API term dynamic_supervisor_init(term opts) {
+    return kv_tuple(2, am_ok, kv_map(5, am_strategy, keyword_get(opts, am_strategy, am_one_for_one),
+                                    am_intensity, keyword_get(opts, am_max_restarts, kv_int(3)),
+                                    am_period, keyword_get(opts, am_max_seconds, kv_int(5)),
+                                    am_max_children, keyword_get(opts, am_max_children, am_infinity),
+                                    am_extra_arguments, keyword_get(opts, am_extra_arguments, NIL)));
+}
+
+/* arg: {module, init_arg}; module.init(init_arg) gives the flags. */
+static term dyn_init(term arg) {
+    process_flag_trap_exit(true);
+    term module = elem(arg, 0);
+    term r = code_find(module)->init(elem(arg, 1));
+    if (r == am_ignore) return am_ignore;
+    if (!is_tagged(r, am_ok, 2) || !is_map(elem(r, 1)))
+        return kv_tuple(2, am_stop, kv_tuple(2, am_bad_return, kv_tuple(3, module, kv_atom("init"), r)));
+    term flags = elem(r, 1), strategy = sup_get(flags, am_strategy);
+    if (strategy != am_one_for_one)
+        return kv_tuple(2, am_stop, kv_tuple(2, am_supervisor_data, kv_tuple(2, kv_atom("invalid_strategy"), strategy)));
+    return kv_tuple(2, am_ok, map_put(map_put(flags, am_restarts, NIL), am_children, kv_map_empty()));
+}
+
+/* Start one child: OTP's apply, with extra_arguments in front. */
+static term dyn_start(term child, term st) {
+    term mfa = elem(child, 0);
+    term a = list_concat(sup_get(st, am_extra_arguments), elem(mfa, 2));
+    struct apply_run r = {kv_tuple(3, elem(mfa, 0), elem(mfa, 1), a), NULL};
+    term caught;
+    switch (try_catch(apply_mfa, &r, &caught)) {
+    case CAUGHT_NOTHING: break;
+    case CAUGHT_ERROR: return kv_tuple(2, am_error, kv_tuple(2, caught, NIL));
+    case CAUGHT_EXIT: return kv_tuple(2, am_error, caught);
+    case CAUGHT_THROW: return kv_tuple(2, am_error, kv_tuple(2, kv_tuple(2, kv_atom("nocatch"), caught), NIL));
+    }
+    term w = r.result;
+    if ((is_tagged(w, am_ok, 2) || is_tagged(w, am_ok, 3)) && is_pid(elem(w, 1))) return w;
+    if (w == am_ignore || is_tagged(w, am_error, 2)) return w;
+    return kv_tuple(2, am_error, w);
+}
+
+/* Stop every child at once: send each its exit signal first, then wait
+ * for them all, killing any that outlives its shutdown time. */
+static void dyn_shutdown_all(term children) {
+    size_t n = children->n;
+    struct { term pid, ref; int64_t deadline; bool done; } *c = vm_realloc(NULL, (n ? n : 1) * sizeof *c);
+    for (size_t i = 0; i < n; i++) {
+        term pid = map_key(children, i), child = map_value(children, i);
+        if (is_tagged(child, am_restarting, 2)) { c[i].done = true; continue; }
+        term shutdown = elem(child, 2);
+        c[i].pid = pid;
+        c[i].ref = process_monitor(pid);
+        c[i].done = false;
+        process_unlink(pid);
+        process_exit(pid, shutdown == am_brutal_kill ? am_kill : am_shutdown);
+        c[i].deadline = is_integer(shutdown) ? now_ms() + int_value(shutdown) : INT64_MAX;
+    }
+    for (;;) {
+        int64_t next = INT64_MAX;
+        size_t left = 0;
+        for (size_t i = 0; i < n; i++)
+            if (!c[i].done) { left++; if (c[i].deadline < next) next = c[i].deadline; }
+        if (!left) break;
+        long wait = next == INT64_MAX ? VM_INFINITY : (long)(next > now_ms() ? next - now_ms() : 0);
+        term m = receive_full(NULL, NULL, wait, "its children to shut down", NULL);
+        for (size_t i = 0; i < n; i++) {
+            if (c[i].done) continue;
+            if (m && is_down_for(m, c[i].ref->u.id)) c[i].done = true;
+            else if (!m && c[i].deadline <= now_ms()) { process_exit(c[i].pid, am_kill); c[i].deadline = INT64_MAX; }
+        }
+    }
+    free(c);
+}
+
+/* Restart the child that ran as pid; false if the intensity is exceeded. */
+static bool dyn_restart(term *state, term pid, term child) {
+    term st = map_put(*state, am_children, map_delete(sup_get(*state, am_children), pid));
+    *state = st;
+    if (add_restart(state)) return false;
+    st = *state;
+    term children = sup_get(st, am_children), r = dyn_start(child, st);
+    if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3)) {
+        *state = map_put(st, am_children, map_put(children, elem(r, 1), child));
+    } else { /* could not start it: try again, keeping it under the old pid */
+        gen_server_cast(self(), kv_tuple(2, kv_atom("try_again_restart"), pid));
+        *state = map_put(st, am_children, map_put(children, pid, kv_tuple(2, am_restarting, child)));
+    }
+    return true;
+}
+
+static term dyn_handle_call(term req, term from, term st) {
+    (void)from;
+    term children = sup_get(st, am_children);
+    if (req == am_which_children) {
+        term list = NIL;
+        for (size_t i = children->n; i-- > 0;) {
+            term c = map_value(children, i);
+            bool restarting = is_tagged(c, am_restarting, 2);
+            if (restarting) c = elem(c, 1);
+            list = kv_cons(kv_tuple(4, am_undefined, restarting ? am_restarting : map_key(children, i),
+                                    elem(c, 3), elem(c, 4)), list);
+        }
+        return reply(list, st);
+    }
+    if (req == am_count_children) {
+        int64_t active = 0, sups = 0, workers = 0;
+        for (size_t i = 0; i < children->n; i++) {
+            term c = map_value(children, i);
+            if (is_tagged(c, am_restarting, 2)) c = elem(c, 1); else active++;
+            if (elem(c, 3) == am_supervisor) sups++; else workers++;
+        }
+        return reply(kv_map(4, am_active, kv_int(active), am_specs, kv_int((int64_t)children->n), am_supervisors,
+                             kv_int(sups), am_workers, kv_int(workers)), st);
+    }
+    if (is_tagged(req, am_start_child, 2)) {
+        term max = sup_get(st, am_max_children);
+        if (is_integer(max) && (int64_t)children->n >= int_value(max))
+            return reply(kv_tuple(2, am_error, am_max_children), st);
+        term child = elem(req, 1), r = dyn_start(child, st);
+        if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3))
+            st = map_put(st, am_children, map_put(children, elem(r, 1), child));
+        return reply(r, st);
+    }
+    if (is_tagged(req, am_terminate_child, 2)) {
+        term pid = elem(req, 1), child = map_get(children, pid, NULL);
+        if (!child) return reply(kv_tuple(2, am_error, am_not_found), st);
+        child_shutdown(kv_map(2, am_pid, pid, am_shutdown, elem(child, 2)));
+        return reply(am_ok, map_put(st, am_children, map_delete(children, pid)));
+    }
+    raise_error(function_clause_error(kv_alias("DynamicSupervisor"), kv_atom("handle_call"), 3));
+}
+
+static term dyn_handle_cast(term req, term st) { /* {:try_again_restart, pid} */
+    term pid = elem(req, 1), child = map_get(sup_get(st, am_children), pid, NULL);
+    if (child && is_tagged(child, am_restarting, 2) && !dyn_restart(&st, pid, elem(child, 1)))
+        return kv_tuple(3, am_stop, am_shutdown, st);
+    return kv_tuple(2, am_noreply, st);
+}
+
+static term dyn_handle_info(term msg, term st) {
+    if (!is_tagged(msg, am_EXIT, 3)) return kv_tuple(2, am_noreply, st);
+    term pid = elem(msg, 1), reason = elem(msg, 2);
+    term children = sup_get(st, am_children), child = map_get(children, pid, NULL);
+    if (!child) return kv_tuple(2, am_noreply, st);
+    term restart = elem(child, 1);
+    if (restart == am_temporary || (restart == am_transient && is_normal_exit(reason)))
+        return kv_tuple(2, am_noreply, map_put(st, am_children, map_delete(children, pid)));
+    if (!dyn_restart(&st, pid, child)) return kv_tuple(3, am_stop, am_shutdown, st);
+    return kv_tuple(2, am_noreply, st);
+}
+
+static void dyn_terminate(term reason, term st) {
+    (void)reason;
+    if (is_map(st)) dyn_shutdown_all(sup_get(st, am_children));
+}
+
+/* DynamicSupervisor.child_spec/1 — for {DynamicSupervisor, opts} children:
+ * its id is the name, and it is a supervisor. */
+API term dynamic_supervisor_child_spec(term opts) {
+    term id = keyword_get(opts, am_name, kv_alias("DynamicSupervisor"));
+    return kv_map(3, am_id, id, am_start, kv_tuple(3, kv_alias("DynamicSupervisor"), am_start_link, kv_list(1, opts)),
+                  am_type, am_supervisor);
+}
+
+/* DynamicSupervisor.start_link/1 — options: name:, strategy:, max_restarts:,
+ * max_seconds:, max_children:, extra_arguments: */
+API term dynamic_supervisor_start_link(term opts) {
+    term sup_opts = NIL, start_opts = NIL;
+    for (term l = opts; l->kind == K_CONS; l = tl(l)) {
+        term k = elem(hd(l), 0);
+        if (k == am_strategy || k == am_max_restarts || k == am_max_seconds || k == am_max_children ||
+            k == am_extra_arguments)
+            sup_opts = kv_cons(hd(l), sup_opts);
+        else
+            start_opts = kv_cons(hd(l), start_opts);
+    }
+    term flags = dynamic_supervisor_init(sup_opts);
+    return gen_start(&dynamic_supervisor, kv_tuple(2, module_atom(&supervisor_default), flags), start_opts, true);
+}
+
+/* DynamicSupervisor.start_child/2 — {:ok, pid}, :ignore or {:error, reason} */
+API term dynamic_supervisor_start_child(term sup, term child_spec) {
+    term child = dyn_child_of(supervisor_child_spec(child_spec, NIL));
+    if (is_tagged(child, am_error, 2)) {
+        term why = elem(child, 1);
+        if (why == kv_atom("missing_id") || why == kv_atom("missing_start"))
+            why = kv_tuple(2, kv_atom("invalid_child_spec"), child_spec);
+        return kv_tuple(2, am_error, why);
+    }
+    return gen_server_call_timeout(sup, kv_tuple(2, am_start_child, child), VM_INFINITY);
+}
+
+/* DynamicSupervisor.terminate_child/2 — by pid */
+API term dynamic_supervisor_terminate_child(term sup, term pid) {
+    return gen_server_call_timeout(sup, kv_tuple(2, am_terminate_child, pid), VM_INFINITY);
+}
+
+/* DynamicSupervisor.which_children/1 — [{:undefined, pid, type, modules}] */
+API term dynamic_supervisor_which_children(term sup) {
+    return gen_server_call_timeout(sup, am_which_children, VM_INFINITY);
+}
+
+/* DynamicSupervisor.count_children/1 */
+API term dynamic_supervisor_count_children(term sup) {
+    return gen_server_call_timeout(sup, am_count_children, VM_INFINITY);
+}
+
+static term dynamic_supervisor_start_link_apply(term args) { return dynamic_supervisor_start_link(hd(args)); }
+static term dynamic_supervisor_child_spec_apply(term args) { return dynamic_supervisor_child_spec(hd(args)); }
+
+static const struct export dynamic_supervisor_exports[] = {
+    {"start_link", 1, dynamic_supervisor_start_link_apply},
+    {"child_spec", 1, dynamic_supervisor_child_spec_apply},
+    {NULL, 0, NULL},
+};
+
+static const struct module dynamic_supervisor = {
+    .name = "DynamicSupervisor",
+    .exports = dynamic_supervisor_exports,
+    .init = dyn_init,
+    .handle_call = dyn_handle_call,
+    .handle_cast = dyn_handle_cast,
+    .handle_info = dyn_handle_info,
+    .terminate = dyn_terminate,
+};
+
+/* --------------------------------------------------------------------------
+ * dynamic-supervisor.md — "Supervision trees"
+ * --------------------------------------------------------------------------
+ * KV.Supervisor's children, final form (its init/1 is in Part IV): the
+ * bucket supervisor first, because the registry calls it; then the
+ * registry; and :one_for_all, because buckets without the registry are
+ * orphans and the registry without its buckets is wrong.
+ */
+
+/* {DynamicSupervisor, name: KV.BucketSupervisor, strategy: :one_for_one} */
+static term kv_bucket_supervisor_spec(void) {
+    return kv_tuple(2, kv_alias("DynamicSupervisor"),
+                    kv_list(2, kv_tuple(2, am_name, kv_alias("KV.BucketSupervisor")),
+                            kv_tuple(2, am_strategy, am_one_for_one)));
+}
+
 /* Every module kv.c defines, loaded for apply/3 and the behaviours. */
 static void kv_load_modules(void) {
     code_load(&agent_server);
+    code_load(&agent_module);
     code_load(&kv_bucket);
     code_load(&kv_registry);
+    code_load(&supervisor_engine);
+    code_load(&supervisor_default);
+    code_load(&kv_supervisor);
+    code_load(&application_controller);
+    code_load(&kv_application);
+    code_load(&dynamic_supervisor);
 }
 
 #ifndef KV_NO_MAIN /* the self-test, kv_test.c, has a main of its own */

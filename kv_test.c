@@ -37,6 +37,7 @@ static struct {
     struct buf log;       /* what the Logger and the VM wrote during the test */
     struct buf failure;   /* why it failed, as ExUnit would print it */
     uint64_t test_pid;
+    uint64_t test_sup;    /* the test's supervisor, for start_supervised! */
     bool finished;        /* the test process reached the end of its body */
     bool failed;
     jmp_buf main_fail;    /* where a failed assertion in a main-level test goes */
@@ -154,6 +155,31 @@ static term catch_error(void (*fn)(void *), void *arg) {
     return try_catch(fn, arg, &reason) == CAUGHT_ERROR ? reason : NULL;
 }
 
+/* ExUnit.Callbacks.start_supervised!/1: start a child under the test's own
+ * supervisor, which the test process starts on first use.  When the test
+ * process ends (exit :shutdown), its supervisor, linked to it, shuts the
+ * children down before the next test starts. */
+static term start_supervised(term child_spec) {
+    if (!H.test_sup || !proc_of_pid(H.test_sup)) {
+        term opts = kv_list(3, kv_tuple(2, am_strategy, am_one_for_one), kv_tuple(2, am_max_restarts, kv_int(1000000)),
+                            kv_tuple(2, am_max_seconds, kv_int(1)));
+        H.test_sup = ok_value(supervisor_start_link_children(NIL, opts))->u.id;
+    }
+    term r = supervisor_start_child(kv_pid(H.test_sup), child_spec);
+    if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3)) return elem(r, 1);
+    struct buf b = {0};
+    buf_puts(&b, "failed to start child with the spec ");
+    inspect_to(&b, child_spec);
+    buf_puts(&b, ".\nReason: ");
+    inspect_to(&b, r);
+    term e = runtime_error(buf_str(&b));
+    buf_free(&b);
+    raise_error(e);
+}
+
+/* The :kv application running, as `mix test` leaves it for the tests. */
+static void boot_kv(void) { ok_value(application_boot(false)); }
+
 /* receive with a timeout that must not pass: assert_receive. */
 static term receive_any(long timeout) { return receive(NULL, NULL, timeout); }
 
@@ -230,6 +256,8 @@ static void print_indented(const char *text, const char *indent) {
 
 static void run_test(const struct test *t) {
     H.test = t;
+    H.test_sup = 0;
+    logger_started = true;
     H.finished = H.failed = false;
     H.log.len = 0;
     H.failure.len = 0;
@@ -1135,9 +1163,12 @@ static const struct module test_server = {
 static term no_info_init(term arg) { return kv_tuple(2, am_ok, arg); }
 static const struct module no_info = {.name = "NoInfo", .init = no_info_init};
 
+static void load_supervisor_test_modules(void);
+
 static void load_test_modules(void) {
     code_load(&test_server);
     code_load(&no_info);
+    load_supervisor_test_modules();
 }
 
 static term start_ts(term arg) { return gen_server_start(&test_server, arg, NIL); }
@@ -1476,6 +1507,7 @@ static void t_heap_compaction(term ctx) {
 /* "GenServer callbacks": the session that starts a registry by hand. */
 static void t_registry_session(term ctx) {
     (void)ctx;
+    boot_kv();
     term registry = ok_value(gen_server_start_link(&kv_registry, am_ok, NIL));
     assert_eq(gen_server_cast(registry, kv_tuple(2, am_create, S("shopping"))), am_ok);
     term r = gen_server_call(registry, kv_tuple(2, am_lookup, S("shopping")));
@@ -1492,8 +1524,11 @@ static void t_monitor_session(term ctx) {
     assert_eq(iex_flush(), kv_list(1, kv_tuple(5, am_DOWN, ref, am_process, pid, am_normal)));
 }
 
+/* setup do registry = start_supervised!(KV.Registry); %{registry: registry} end
+ * (with :kv running, as under mix test: buckets go to KV.BucketSupervisor) */
 static term registry_setup(void) {
-    term registry = ok_value(kv_registry_start_link(NIL));
+    boot_kv();
+    term registry = start_supervised(kv_alias("KV.Registry"));
     return kv_map(1, A("registry"), registry);
 }
 
@@ -1534,6 +1569,7 @@ static void bad_input(void *registry) { gen_server_call((term)registry, A("bad_i
 static void t_registry_bad_input(term ctx) {
     (void)ctx;
     term registry = ok_value(gen_server_start(&kv_registry, am_ok, kv_list(1, kv_tuple(2, am_name, kv_alias("KV.Registry")))));
+    /* (No application here: this registry is the only KV.Registry.) */
     term reason = catch_exit(bad_input, (void *)registry);
     assert_eq(elem(reason, 0),
               kv_tuple(2, function_clause_error(kv_alias("KV.Registry"), A("handle_call"), 3), NIL));
@@ -1546,6 +1582,692 @@ static void t_registry_bad_input(term ctx) {
     buf_puts(&want, " is alive\n");
     assert_contains(captured_log(), buf_str(&want));
     buf_free(&want);
+}
+
+/* ==========================================================================
+ * supervisor-and-application.md and dynamic-supervisor.md
+ * ========================================================================== */
+
+/* Test.Worker: a GenServer child that tells the witness (the test process,
+ * registered as :witness) when it starts and when it terminates.  Its
+ * argument is {name, options}; options: trap: false (do not trap exits),
+ * init: :fail | :ignore | :junk, slow: ms spent in terminate. */
+static int tw_fail_after_first; /* > 0: starts after the first one fail */
+
+static term tw_init(term arg) {
+    term name = elem(arg, 0), opts = elem(arg, 1);
+    tell_witness(kv_tuple(2, A("started"), name));
+    if (keyword_get(opts, A("trap"), am_true) == am_true) process_flag_trap_exit(true);
+    term init = keyword_get(opts, A("init"), am_ok);
+    if (init == A("fail")) return kv_tuple(2, am_stop, A("cannot"));
+    if (init == am_ignore) return am_ignore;
+    if (init == A("junk")) return A("weird");
+    if (init == A("fail_later") && tw_fail_after_first++ > 0) return kv_tuple(2, am_stop, A("cannot"));
+    return kv_tuple(2, am_ok, arg);
+}
+
+static term tw_handle_call(term req, term from, term state) {
+    (void)req, (void)from;
+    return kv_tuple(3, am_reply, A("pong"), state);
+}
+
+static term tw_handle_cast(term req, term state) { /* {:exit, reason} */
+    return kv_tuple(3, am_stop, elem(req, 1), state);
+}
+
+static void tw_terminate(term reason, term state) {
+    tell_witness(kv_tuple(3, am_terminate, elem(state, 0), reason));
+    term slow = keyword_get(elem(state, 1), A("slow"), NULL);
+    if (slow) process_sleep((long)int_value(slow));
+}
+
+static const struct module test_worker;
+static term tw_start_link(term args) { return gen_server_start_link(&test_worker, hd(args), NIL); }
+static term tw_start_error(term args) { (void)args; return kv_tuple(2, am_error, A("my_reason")); }
+static term tw_start_weird(term args) { (void)args; return A("weird"); }
+static term tw_start_raise(term args) { (void)args; raise_error(runtime_error("start raised")); }
+static term tw_start_exit(term args) { (void)args; exit_self(A("start_exit")); }
+static term tw_start_extra(term args) { return kv_tuple(2, am_ok, spawn(wait_forever, args)); }
+
+static const struct export test_worker_exports[] = {
+    {"start_link", 1, tw_start_link},   {"start_error", 1, tw_start_error},
+    {"start_weird", 1, tw_start_weird}, {"start_raise", 1, tw_start_raise},
+    {"start_exit", 1, tw_start_exit},   {"start_extra", 2, tw_start_extra},
+    {NULL, 0, NULL},
+};
+
+static const struct module test_worker = {
+    .name = "Test.Worker", .exports = test_worker_exports, .init = tw_init,
+    .handle_call = tw_handle_call, .handle_cast = tw_handle_cast, .terminate = tw_terminate,
+};
+
+/* Test.Sup: a supervisor module whose init/1 returns its argument. */
+static term tsup_init(term arg) { return arg; }
+static const struct module test_sup = {.name = "Test.Sup", .init = tsup_init};
+
+/* The guide's first KV.Supervisor: children [KV.Registry], :one_for_one. */
+static term first_kv_supervisor_init(term arg) {
+    (void)arg;
+    return supervisor_init(kv_list(1, kv_alias("KV.Registry")), kv_list(1, kv_tuple(2, am_strategy, am_one_for_one)));
+}
+static const struct module first_kv_supervisor = {.name = "KV.FirstSupervisor", .init = first_kv_supervisor_init};
+
+/* A Test.Worker child spec: %{id: name, start: ..., restart: ..., shutdown: ...} */
+static term worker_opts(const char *name, term restart, term shutdown, term opts) {
+    term spec = kv_map(2, am_id, A(name), am_start,
+                       kv_tuple(3, kv_alias("Test.Worker"), am_start_link, kv_list(1, kv_tuple(2, A(name), opts))));
+    if (restart) spec = map_put(spec, am_restart, restart);
+    if (shutdown) spec = map_put(spec, am_shutdown, shutdown);
+    return spec;
+}
+static term worker(const char *name) { return worker_opts(name, NULL, NULL, NIL); }
+
+static term strategy(term s) { return kv_list(1, kv_tuple(2, am_strategy, s)); }
+
+/* Start a Test.Sup with these children, linked, the test as the witness. */
+static term start_sup(term children, term opts) {
+    if (!whereis_proc(A("witness"))) process_register(self(), A("witness"));
+    return ok_value(supervisor_start_link(&test_sup, supervisor_init(children, opts), NIL));
+}
+
+/* The next n witness messages, as a list. */
+static term events(int n) {
+    term items[32];
+    for (int i = 0; i < n && i < 32; i++) items[i] = assert_receive(60000);
+    return kv_list_of((size_t)n, items);
+}
+
+static term started(const char *n) { return kv_tuple(2, A("started"), A(n)); }
+static term terminated(const char *n, term reason) { return kv_tuple(3, am_terminate, A(n), reason); }
+
+/* The pid of child `id` of sup. */
+static term child_pid(term sup, const char *id) {
+    for (term l = supervisor_which_children(sup); l->kind == K_CONS; l = tl(l))
+        if (elem(hd(l), 0) == A(id)) return elem(hd(l), 1);
+    return am_nil;
+}
+
+static void crash(term sup, const char *id, term reason) {
+    gen_server_cast(child_pid(sup, id), kv_tuple(2, am_EXIT, reason));
+}
+
+static void load_supervisor_test_modules(void) {
+    code_load(&test_worker);
+    code_load(&test_sup);
+    code_load(&first_kv_supervisor);
+}
+
+/* supervisor-and-application.md "Our first supervisor": the child spec
+ * session, in both editions, and Supervisor.child_spec/2. */
+static void t_child_specs(term ctx) {
+    (void)ctx;
+    term spec = kv_registry_child_spec(NIL);
+    assert_pretty(spec, "%{\n  id: KV.Registry,\n  restart: :permanent,\n  shutdown: 5000,\n"
+                        "  start: {KV.Registry, :start_link, [[]]},\n  type: :worker\n}"); /* the seed */
+    assert_inspect(child_spec_as_1_14(spec), "%{id: KV.Registry, start: {KV.Registry, :start_link, [[]]}}");
+    assert_inspect(child_spec_as_1_14(kv_bucket_child_spec(NIL)),
+                   "%{id: KV.Bucket, restart: :temporary, start: {KV.Bucket, :start_link, [[]]}}");
+    assert_inspect(child_spec_as_1_14(kv_supervisor_child_spec(NIL)),
+                   "%{id: KV.Supervisor, start: {KV.Supervisor, :start_link, [[]]}, type: :supervisor}");
+    term over = kv_list(3, kv_tuple(2, am_id, A("r2")), kv_tuple(2, am_restart, am_temporary),
+                        kv_tuple(2, am_shutdown, am_brutal_kill));
+    assert_inspect(child_spec_as_1_14(supervisor_child_spec(kv_tuple(2, kv_alias("KV.Registry"), NIL), over)),
+                   "%{id: :r2, restart: :temporary, shutdown: :brutal_kill, start: {KV.Registry, :start_link, [[]]}}");
+    term kw = kv_list(2, kv_tuple(2, am_name, kv_alias("KV.BucketSupervisor")), kv_tuple(2, am_strategy, am_one_for_one));
+    assert_inspect(dynamic_supervisor_child_spec(kw),
+                   "%{id: KV.BucketSupervisor, start: {DynamicSupervisor, :start_link, "
+                   "[[name: KV.BucketSupervisor, strategy: :one_for_one]]}, type: :supervisor}");
+}
+
+static void bogus_override(void *arg) {
+    (void)arg;
+    supervisor_child_spec(kv_alias("KV.Registry"), kv_list(1, kv_tuple(2, A("bogus"), I(1))));
+}
+static void unknown_child(void *arg) { (void)arg; supervisor_child_spec(kv_alias("NoSuchModule"), NIL); }
+static void init_without_strategy(void *arg) { (void)arg; supervisor_init(NIL, NIL); }
+
+static void t_child_spec_errors(term ctx) {
+    (void)ctx;
+    assert_eq(catch_error(bogus_override, NULL), argument_error("unknown key :bogus in child specification override"));
+    assert_eq(catch_error(unknown_child, NULL),
+              argument_error("The module NoSuchModule was given as a child to a supervisor but it does not exist."));
+    assert_eq(catch_error(init_without_strategy, NULL), argument_error("expected :strategy option to be given"));
+    term r = supervisor_init(kv_list(1, kv_alias("KV.Registry")), strategy(am_one_for_one));
+    assert_pretty(r, "{:ok,\n {%{intensity: 3, period: 5, strategy: :one_for_one},\n  [\n    %{\n      id: KV.Registry,\n"
+                     "      restart: :permanent,\n      shutdown: 5000,\n      start: {KV.Registry, :start_link, [[]]},\n"
+                     "      type: :worker\n    }\n  ]}}");
+}
+
+static void bad_input_to(void *pid) { gen_server_call((term)pid, A("bad_input")); }
+
+/* "Our first supervisor": start it, list its child, crash the registry. */
+static void t_first_supervisor(term ctx) {
+    (void)ctx;
+    term sup = ok_value(supervisor_start_link(&first_kv_supervisor, am_ok, NIL));
+    term children = supervisor_which_children(sup);
+    assert_eq(I((int64_t)list_length(children)), I(1));
+    term first = hd(children), registry = elem(first, 1);
+    assert_eq(first, kv_tuple(4, kv_alias("KV.Registry"), registry, am_worker, kv_list(1, kv_alias("KV.Registry"))));
+    catch_exit(bad_input_to, (void *)registry);
+    struct buf want = {0};
+    buf_puts(&want, "[error] GenServer ");
+    inspect_to(&want, registry);
+    buf_puts(&want, " terminating\n** (FunctionClauseError) no function clause matching in KV.Registry.handle_call/3\n");
+    assert_contains(captured_log(), buf_str(&want));
+    buf_free(&want);
+    term again = hd(supervisor_which_children(sup));
+    assert_true(is_pid(elem(again, 1)) && !term_eq(elem(again, 1), registry)); /* a new registry */
+}
+
+static void t_start_order(term ctx) {
+    (void)ctx;
+    term sup = start_sup(kv_list(3, worker("a"), worker("b"), worker("c")), strategy(am_one_for_one));
+    assert_eq(events(3), kv_list(3, started("a"), started("b"), started("c")));
+    assert_inspect(supervisor_count_children(sup), "%{active: 3, specs: 3, supervisors: 0, workers: 3}");
+    term ids = NIL;
+    for (term l = supervisor_which_children(sup); l->kind == K_CONS; l = tl(l)) ids = list_append(ids, elem(hd(l), 0));
+    assert_eq(ids, kv_list(3, A("c"), A("b"), A("a"))); /* newest first */
+    /* Supervisor.stop: every child gets :shutdown, newest first. */
+    assert_eq(supervisor_stop(sup, am_normal, VM_INFINITY), am_ok);
+    assert_eq(events(3), kv_list(3, terminated("c", am_shutdown), terminated("b", am_shutdown), terminated("a", am_shutdown)));
+}
+
+static void t_strategies(term ctx) {
+    (void)ctx;
+    term three = kv_list(3, worker("a"), worker("b"), worker("c"));
+    term sup = start_sup(three, strategy(am_one_for_one));
+    events(3);
+    crash(sup, "b", A("boom"));
+    assert_eq(events(2), kv_list(2, terminated("b", A("boom")), started("b")));
+    supervisor_stop(sup, am_normal, VM_INFINITY);
+    events(3);
+
+    sup = start_sup(three, strategy(am_one_for_all));
+    events(3);
+    crash(sup, "b", A("boom"));
+    assert_eq(events(6), kv_list(6, terminated("b", A("boom")), terminated("c", am_shutdown), terminated("a", am_shutdown),
+                                 started("a"), started("b"), started("c")));
+    supervisor_stop(sup, am_normal, VM_INFINITY);
+    events(3);
+
+    sup = start_sup(three, strategy(am_rest_for_one));
+    events(3);
+    crash(sup, "b", A("boom"));
+    assert_eq(events(4), kv_list(4, terminated("b", A("boom")), terminated("c", am_shutdown), started("b"), started("c")));
+    crash(sup, "c", A("boom"));
+    assert_eq(events(2), kv_list(2, terminated("c", A("boom")), started("c")));
+    crash(sup, "a", A("boom"));
+    assert_eq(events(6), kv_list(6, terminated("a", A("boom")), terminated("c", am_shutdown), terminated("b", am_shutdown),
+                                 started("a"), started("b"), started("c")));
+}
+
+/* A temporary bystander of a :one_for_all restart is not restarted. */
+static void t_temporary_bystander(term ctx) {
+    (void)ctx;
+    term sup = start_sup(kv_list(2, worker("a"), worker_opts("t", am_temporary, NULL, NIL)), strategy(am_one_for_all));
+    events(2);
+    crash(sup, "a", A("boom"));
+    assert_eq(events(3), kv_list(3, terminated("a", A("boom")), terminated("t", am_shutdown), started("a")));
+    assert_eq(I((int64_t)list_length(supervisor_which_children(sup))), I(1));
+}
+
+/* Which exit reasons restart which children. */
+static void t_restart_types(term ctx) {
+    (void)ctx;
+    term reasons[] = {am_normal, am_shutdown, kv_tuple(2, am_shutdown, A("x")), A("boom"), am_killed};
+    term types[] = {am_permanent, am_transient, am_temporary};
+    for (size_t t = 0; t < 3; t++) {
+        for (size_t r = 0; r < 5; r++) {
+            term sup = start_sup(kv_list(1, worker_opts("w", types[t], NULL, NIL)), strategy(am_one_for_one));
+            events(1);
+            term pid = child_pid(sup, "w");
+            if (reasons[r] == am_killed) process_exit(pid, am_kill);
+            else { crash(sup, "w", reasons[r]); events(1); }
+            term children = supervisor_which_children(sup);
+            bool restarted = types[t] == am_permanent || (types[t] == am_transient && (r == 3 || r == 4));
+            if (restarted) {
+                assert_eq(events(1), kv_list(1, started("w")));
+                assert_true(is_pid(elem(hd(children), 1)) && !term_eq(elem(hd(children), 1), pid));
+            } else if (types[t] == am_transient) {
+                assert_eq(children, kv_list(1, kv_tuple(4, A("w"), am_undefined, am_worker, kv_list(1, kv_alias("Test.Worker")))));
+            } else {
+                assert_eq(children, NIL);
+            }
+            process_unlink(sup);
+            supervisor_stop(sup, am_normal, VM_INFINITY);
+            while (receive_any(0)) {}
+        }
+    }
+}
+
+static term wait_exit_from(term pid) {
+    term m = receive(is_exit_from, pid, 60000);
+    assert_true(m != NULL);
+    return elem(m, 2);
+}
+
+/* Restart intensity: 3 restarts in 5 seconds are fine; the 4th shuts the
+ * supervisor down, children first, and it exits with :shutdown. */
+static void t_intensity(term ctx) {
+    (void)ctx;
+    process_flag_trap_exit(true);
+    term sup = start_sup(kv_list(2, worker("a"), worker("b")), strategy(am_one_for_one));
+    events(2);
+    for (int i = 0; i < 3; i++) {
+        crash(sup, "b", A("boom"));
+        assert_eq(events(2), kv_list(2, terminated("b", A("boom")), started("b")));
+    }
+    crash(sup, "b", A("boom"));
+    assert_eq(events(2), kv_list(2, terminated("b", A("boom")), terminated("a", am_shutdown)));
+    assert_eq(wait_exit_from(sup), am_shutdown);
+    /* max_restarts: 0: the first crash is too many. */
+    sup = start_sup(kv_list(1, worker("a")), kv_list(2, kv_tuple(2, am_strategy, am_one_for_one),
+                                                     kv_tuple(2, am_max_restarts, I(0))));
+    events(1);
+    crash(sup, "a", A("boom"));
+    events(1);
+    assert_eq(wait_exit_from(sup), am_shutdown);
+    /* Restarts more than the period apart never add up. */
+    term opts = kv_list(3, kv_tuple(2, am_strategy, am_one_for_one), kv_tuple(2, am_max_restarts, I(1)),
+                        kv_tuple(2, am_max_seconds, I(1)));
+    sup = start_sup(kv_list(1, worker("a")), opts);
+    events(1);
+    for (int i = 0; i < 5; i++) {
+        crash(sup, "a", A("boom"));
+        assert_eq(events(2), kv_list(2, terminated("a", A("boom")), started("a")));
+        process_sleep(2100);
+    }
+    crash(sup, "a", A("boom"));
+    events(2);
+    process_sleep(500);
+    crash(sup, "a", A("boom"));
+    events(1);
+    assert_eq(wait_exit_from(sup), am_shutdown);
+}
+
+/* A restart that fails is retried, and every attempt counts. */
+static void t_failed_restarts(term ctx) {
+    (void)ctx;
+    process_flag_trap_exit(true);
+    tw_fail_after_first = 0;
+    term failing = worker_opts("f", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), A("fail_later"))));
+    term sup = start_sup(kv_list(2, worker("a"), failing), strategy(am_one_for_one));
+    events(2);
+    crash(sup, "f", A("boom"));
+    /* terminate, then three starts that fail; the 4th restart is too many */
+    assert_eq(events(5), kv_list(5, terminated("f", A("boom")), started("f"), started("f"), started("f"),
+                                 terminated("a", am_shutdown)));
+    assert_eq(wait_exit_from(sup), am_shutdown);
+}
+
+static void t_shutdown_modes(term ctx) {
+    (void)ctx;
+    term slow = kv_list(1, kv_tuple(2, A("slow"), I(1000)));
+    term sup = start_sup(kv_list(5, worker_opts("five", NULL, I(5000), NIL), worker_opts("hundred", NULL, I(100), slow),
+                                 worker_opts("brutal", NULL, am_brutal_kill, NIL),
+                                 worker_opts("patient", NULL, am_infinity, kv_list(1, kv_tuple(2, A("slow"), I(300)))),
+                                 worker_opts("plain", NULL, I(5000), kv_list(1, kv_tuple(2, A("trap"), am_false)))),
+                         strategy(am_one_for_one));
+    events(5);
+    const char *ids[] = {"five", "hundred", "brutal", "patient", "plain"};
+    term down[5];
+    int64_t took[5];
+    bool ran_terminate[5];
+    for (int i = 0; i < 5; i++) {
+        term pid = child_pid(sup, ids[i]);
+        term ref = process_monitor(pid);
+        int64_t t0 = now_ms();
+        assert_eq(supervisor_terminate_child(sup, A(ids[i])), am_ok);
+        took[i] = now_ms() - t0;
+        down[i] = elem(receive(match_down_of, ref, 0), 4);
+        ran_terminate[i] = receive_any(0) != NULL;
+    }
+    assert_eq(kv_list_of(5, down), kv_list(5, am_shutdown, am_killed, am_killed, am_shutdown, am_shutdown));
+    assert_eq(kv_list(5, I(took[0]), I(took[1]), I(took[2]), I(took[3]), I(took[4])),
+              kv_list(5, I(0), I(100), I(0), I(300), I(0)));
+    assert_eq(kv_list(5, kv_bool(ran_terminate[0]), kv_bool(ran_terminate[1]), kv_bool(ran_terminate[2]),
+                      kv_bool(ran_terminate[3]), kv_bool(ran_terminate[4])),
+              kv_list(5, am_true, am_true, am_false, am_true, am_false)); /* "hundred" started, never finished */
+    assert_eq(supervisor_terminate_child(sup, A("five")), am_ok); /* again: still :ok */
+    assert_eq(supervisor_terminate_child(sup, child_pid(sup, "brutal")), kv_tuple(2, am_error, am_not_found));
+}
+
+static void t_child_management(term ctx) {
+    (void)ctx;
+    term sup = start_sup(kv_list(1, worker("a")), strategy(am_one_for_one));
+    events(1);
+    term b = worker("b");
+    term r = supervisor_start_child(sup, b);
+    term bpid = elem(r, 1);
+    assert_true(is_tagged(r, am_ok, 2));
+    events(1);
+    assert_eq(supervisor_start_child(sup, b), kv_tuple(2, am_error, kv_tuple(2, am_already_started, bpid)));
+    assert_eq(supervisor_restart_child(sup, A("b")), kv_tuple(2, am_error, am_running));
+    assert_eq(supervisor_delete_child(sup, A("b")), kv_tuple(2, am_error, am_running));
+    assert_eq(supervisor_terminate_child(sup, A("b")), am_ok);
+    events(1);
+    assert_eq(supervisor_start_child(sup, b), kv_tuple(2, am_error, am_already_present));
+    r = supervisor_restart_child(sup, A("b"));
+    assert_true(is_tagged(r, am_ok, 2) && !term_eq(elem(r, 1), bpid));
+    events(1);
+    supervisor_terminate_child(sup, A("b"));
+    events(1);
+    assert_eq(supervisor_delete_child(sup, A("b")), am_ok);
+    assert_eq(supervisor_delete_child(sup, A("b")), kv_tuple(2, am_error, am_not_found));
+    assert_eq(supervisor_restart_child(sup, A("nope")), kv_tuple(2, am_error, am_not_found));
+    /* :ignore keeps the entry, unless the child is temporary. */
+    assert_eq(supervisor_start_child(sup, worker_opts("ig", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), am_ignore)))),
+              kv_tuple(2, am_ok, am_undefined));
+    assert_eq(child_pid(sup, "ig"), am_undefined);
+    assert_eq(supervisor_start_child(sup, worker_opts("igt", am_temporary, NULL, kv_list(1, kv_tuple(2, A("init"), am_ignore)))),
+              kv_tuple(2, am_ok, am_undefined));
+    assert_eq(child_pid(sup, "igt"), am_nil);
+    events(2);
+    /* Failures carry OTP's child record; the supervisor stays up. */
+    term st = worker_opts("st", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), A("fail"))));
+    r = supervisor_start_child(sup, st);
+    events(1);
+    assert_inspect(r, "{:error, {:cannot, {:child, :undefined, :st, {Test.Worker, :start_link, [st: [init: :fail]]}, "
+                      ":permanent, false, 5000, :worker, [Test.Worker]}}}");
+    term how[] = {A("start_error"), A("start_weird"), A("start_raise"), A("start_exit")};
+    const char *want[] = {":my_reason", ":weird", "{:EXIT, {%RuntimeError{message: \"start raised\"}, []}}",
+                          "{:EXIT, :start_exit}"};
+    for (int i = 0; i < 4; i++) {
+        term spec = kv_map(2, am_id, A("x"), am_start, kv_tuple(3, kv_alias("Test.Worker"), how[i], kv_list(1, NIL)));
+        struct buf b1 = {0};
+        inspect_to(&b1, elem(elem(supervisor_start_child(sup, spec), 1), 0));
+        assert_eq(S(buf_str(&b1)), S(want[i]));
+        buf_free(&b1);
+    }
+    assert_true(process_alive(sup));
+    /* Invalid specs: the reason alone. */
+    term bad = kv_map(3, am_id, A("x"), am_start, kv_tuple(3, kv_alias("Test.Worker"), am_start_link, NIL), am_restart, A("maybe"));
+    assert_eq(supervisor_start_child(sup, bad), kv_tuple(2, am_error, kv_tuple(2, A("invalid_restart_type"), A("maybe"))));
+    bad = kv_map(3, am_id, A("x"), am_start, kv_tuple(3, kv_alias("Test.Worker"), am_start_link, NIL), am_shutdown, I(-1));
+    assert_eq(supervisor_start_child(sup, bad), kv_tuple(2, am_error, kv_tuple(2, A("invalid_shutdown"), I(-1))));
+    assert_eq(supervisor_start_child(sup, kv_map(1, am_id, A("x"))), kv_tuple(2, am_error, A("missing_start")));
+}
+
+static void t_supervisor_start_failures(term ctx) {
+    (void)ctx;
+    process_flag_trap_exit(true);
+    process_register(self(), A("witness"));
+    term fails = worker_opts("c", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), A("fail"))));
+    term r = supervisor_start_link(&test_sup, supervisor_init(kv_list(3, worker("a"), worker("b"), fails),
+                                                              strategy(am_one_for_one)), NIL);
+    assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_shutdown, kv_tuple(3, am_failed_to_start_child, A("c"), A("cannot")))));
+    assert_eq(events(5), kv_list(5, started("a"), started("b"), started("c"), terminated("b", am_shutdown),
+                                 terminated("a", am_shutdown)));
+    assert_true(is_tagged(assert_receive(0), am_EXIT, 3)); /* the caller gets the EXIT too */
+    struct buf b = {0};
+    format_exit_to(&b, elem(r, 1), "\n    ");
+    assert_eq(S(buf_str(&b)), S("shutdown: failed to start child: :c\n    ** (EXIT) :cannot"));
+    buf_free(&b);
+    assert_eq(supervisor_start_link(&test_sup, am_ignore, NIL), am_ignore);
+    assert_receive(0);
+    assert_eq(supervisor_start_link(&test_sup, A("invalid"), NIL),
+              kv_tuple(2, am_error, kv_tuple(2, am_bad_return, kv_tuple(3, kv_alias("Test.Sup"), A("init"), A("invalid")))));
+    assert_receive(0);
+    term flags = kv_map(1, am_strategy, A("none_for_one"));
+    assert_eq(supervisor_start_link(&test_sup, kv_tuple(2, am_ok, kv_tuple(2, flags, NIL)), NIL),
+              kv_tuple(2, am_error, kv_tuple(2, am_supervisor_data, kv_tuple(2, A("invalid_strategy"), A("none_for_one")))));
+    assert_receive(0);
+    r = supervisor_start_link(&test_sup, supervisor_init(kv_list(2, worker("a"), worker("a")), strategy(am_one_for_one)), NIL);
+    assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_start_spec, kv_tuple(2, A("duplicate_child_name"), A("a")))));
+    assert_receive(0);
+    term nameless = kv_map(1, am_start, kv_tuple(3, kv_alias("Test.Worker"), am_start_link, NIL));
+    r = supervisor_start_link(&test_sup, kv_tuple(2, am_ok, kv_tuple(2, kv_map(1, am_strategy, am_one_for_one),
+                                                                    kv_list(1, nameless))), NIL);
+    assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_start_spec, A("missing_id"))));
+}
+
+/* dynamic-supervisor.md: "The bucket supervisor" session. */
+static void t_bucket_supervisor_session(term ctx) {
+    (void)ctx;
+    boot_kv();
+    term r = dynamic_supervisor_start_child(kv_alias("KV.BucketSupervisor"), kv_alias("KV.Bucket"));
+    assert_true(is_tagged(r, am_ok, 2));
+    term bucket = elem(r, 1);
+    assert_eq(kv_bucket_put(bucket, S("eggs"), I(3)), am_ok);
+    assert_eq(kv_bucket_get(bucket, S("eggs")), I(3));
+    term children = dynamic_supervisor_which_children(kv_alias("KV.BucketSupervisor"));
+    assert_eq(children, kv_list(1, kv_tuple(4, am_undefined, bucket, am_worker, kv_list(1, kv_alias("KV.Bucket")))));
+    assert_inspect(dynamic_supervisor_count_children(kv_alias("KV.BucketSupervisor")),
+                   "%{active: 1, specs: 1, supervisors: 0, workers: 1}");
+}
+
+static term start_dyn(term opts) { return ok_value(dynamic_supervisor_start_link(opts)); }
+
+static void t_dynamic_supervisor(term ctx) {
+    (void)ctx;
+    process_register(self(), A("witness"));
+    term sup = start_dyn(kv_list(1, kv_tuple(2, am_strategy, am_one_for_one)));
+    term a = ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", am_temporary, NULL, NIL)));
+    events(1);
+    assert_eq(dynamic_supervisor_terminate_child(sup, a), am_ok);
+    events(1);
+    assert_eq(dynamic_supervisor_terminate_child(sup, a), kv_tuple(2, am_error, am_not_found));
+    /* A crashed temporary child is dropped; a permanent one restarted. */
+    a = ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", am_temporary, NULL, NIL)));
+    term p = ok_value(dynamic_supervisor_start_child(sup, worker_opts("p", NULL, NULL, NIL)));
+    events(2);
+    gen_server_cast(a, kv_tuple(2, am_EXIT, A("boom")));
+    gen_server_cast(p, kv_tuple(2, am_EXIT, A("boom")));
+    assert_eq(events(3), kv_list(3, terminated("a", A("boom")), terminated("p", A("boom")), started("p")));
+    term children = dynamic_supervisor_which_children(sup);
+    assert_eq(I((int64_t)list_length(children)), I(1));
+    assert_true(!term_eq(elem(hd(children), 1), p));
+    /* start_child's answers, without child records; ids mean nothing. */
+    term ig = worker_opts("ig", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), am_ignore)));
+    assert_eq(dynamic_supervisor_start_child(sup, ig), am_ignore);
+    term st = worker_opts("st", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), A("fail"))));
+    assert_eq(dynamic_supervisor_start_child(sup, st), kv_tuple(2, am_error, A("cannot")));
+    term junk = worker_opts("j", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), A("junk"))));
+    assert_eq(dynamic_supervisor_start_child(sup, junk), kv_tuple(2, am_error, kv_tuple(2, am_bad_return_value, A("weird"))));
+    events(3);
+    term raise = kv_map(2, am_id, A("x"), am_start, kv_tuple(3, kv_alias("Test.Worker"), A("start_raise"), kv_list(1, NIL)));
+    assert_eq(dynamic_supervisor_start_child(sup, raise), kv_tuple(2, am_error, kv_tuple(2, runtime_error("start raised"), NIL)));
+    term bad = map_put(worker("x"), am_restart, A("maybe"));
+    assert_eq(dynamic_supervisor_start_child(sup, bad), kv_tuple(2, am_error, kv_tuple(2, A("invalid_restart_type"), A("maybe"))));
+    term nostart = kv_map(1, am_id, I(1));
+    assert_eq(dynamic_supervisor_start_child(sup, nostart), kv_tuple(2, am_error, kv_tuple(2, A("invalid_child_spec"), nostart)));
+    term w = worker("same");
+    ok_value(dynamic_supervisor_start_child(sup, w));
+    ok_value(dynamic_supervisor_start_child(sup, w)); /* the same spec twice: two children */
+    events(2);
+    assert_inspect(dynamic_supervisor_count_children(sup), "%{active: 3, specs: 3, supervisors: 0, workers: 3}");
+}
+
+static void start_child_of_nobody(void *arg) {
+    (void)arg;
+    dynamic_supervisor_start_child(A("no_sup"), kv_tuple(2, am_Agent, F(fn_one)));
+}
+
+static void t_dynamic_supervisor_options(term ctx) {
+    (void)ctx;
+    process_flag_trap_exit(true);
+    process_register(self(), A("witness"));
+    term sup = start_dyn(kv_list(1, kv_tuple(2, am_max_children, I(2))));
+    ok_value(dynamic_supervisor_start_child(sup, worker("a")));
+    ok_value(dynamic_supervisor_start_child(sup, worker("b")));
+    assert_eq(dynamic_supervisor_start_child(sup, worker("c")), kv_tuple(2, am_error, am_max_children));
+    events(2);
+    /* extra_arguments come first: start_extra(:extra, arg) */
+    sup = start_dyn(kv_list(1, kv_tuple(2, am_extra_arguments, kv_list(1, A("extra")))));
+    term spec = kv_map(2, am_id, A("x"), am_start, kv_tuple(3, kv_alias("Test.Worker"), A("start_extra"), kv_list(1, A("arg"))));
+    term pid = ok_value(dynamic_supervisor_start_child(sup, spec));
+    assert_eq(proc_of(pid)->arg, kv_list(2, A("extra"), A("arg")));
+    assert_eq(dynamic_supervisor_start_link(kv_list(1, kv_tuple(2, am_strategy, am_one_for_all))),
+              kv_tuple(2, am_error, kv_tuple(2, am_supervisor_data, kv_tuple(2, A("invalid_strategy"), am_one_for_all))));
+    assert_receive(0);
+    assert_inspect(dynamic_supervisor_init(kv_list(1, kv_tuple(2, am_strategy, am_one_for_one))),
+                   "{:ok, %{extra_arguments: [], intensity: 3, max_children: :infinity, period: 5, strategy: :one_for_one}}");
+    /* The 4th crash in 5 seconds: the others get :shutdown, it exits. */
+    sup = start_dyn(NIL);
+    term a = ok_value(dynamic_supervisor_start_child(sup, worker("a")));
+    ok_value(dynamic_supervisor_start_child(sup, worker("other")));
+    events(2);
+    (void)a;
+    for (int i = 0; i < 4; i++) {
+        term children = dynamic_supervisor_which_children(sup);
+        term target = NULL;
+        for (term l = children; l->kind == K_CONS; l = tl(l))
+            if (term_eq(sys_get_state(elem(hd(l), 1)), kv_tuple(2, A("a"), NIL))) target = elem(hd(l), 1);
+        gen_server_cast(target, kv_tuple(2, am_EXIT, A("boom")));
+        events(i < 3 ? 2 : 1);
+    }
+    assert_eq(events(1), kv_list(1, terminated("other", am_shutdown)));
+    assert_eq(wait_exit_from(sup), am_shutdown);
+    term reason = catch_exit(start_child_of_nobody, NULL);
+    assert_inspect(reason, "{:noproc, {GenServer, :call, [:no_sup, {:start_child, {{Agent, :start_link, "
+                           "[#Function<fn_one/0 in AgentTest>]}, :permanent, 5000, :worker, [Agent]}}, :infinity]}}");
+}
+
+/* A DynamicSupervisor stops its children all at once: both slow children
+ * are told together, so the whole shutdown takes one timeout, not two. */
+static void t_dynamic_shutdown_concurrent(term ctx) {
+    (void)ctx;
+    process_register(self(), A("witness"));
+    term sup = start_dyn(NIL);
+    term slow = kv_list(1, kv_tuple(2, A("slow"), I(1000)));
+    ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", NULL, I(100), slow)));
+    ok_value(dynamic_supervisor_start_child(sup, worker_opts("b", NULL, I(100), slow)));
+    events(2);
+    int64_t t0 = now_ms();
+    process_unlink(sup);
+    gen_server_stop(sup, am_shutdown, VM_INFINITY);
+    assert_eq(I(now_ms() - t0), I(100));
+    assert_eq(I((int64_t)list_length(events(2))), I(2));
+}
+
+/* test "are temporary workers" */
+static void t_are_temporary_workers(term ctx) {
+    (void)ctx;
+    assert_eq(map_get(supervisor_child_spec(kv_alias("KV.Bucket"), NIL), am_restart, NULL), am_temporary);
+}
+
+/* test "removes bucket on crash", %{registry: registry} */
+static void t_removes_bucket_on_crash(term ctx) {
+    term registry = map_get(ctx, A("registry"), am_nil);
+    kv_registry_create(registry, S("shopping"));
+    term bucket = ok_value(kv_registry_lookup(registry, S("shopping")));
+
+    /* Stop the bucket with non-normal reason */
+    agent_stop(bucket, am_shutdown, VM_INFINITY);
+    assert_eq(kv_registry_lookup(registry, S("shopping")), am_error);
+}
+
+/* ---- Applications ---- */
+
+static void t_app_file(term ctx) {
+    (void)ctx;
+    struct buf b = {0};
+    application_resource_file(&b, A("kv"));
+    assert_eq(S(buf_str(&b)), S("{application,kv,\n"
+                                "             [{applications,[kernel,stdlib,elixir,logger]},\n"
+                                "              {description,\"kv\"},\n"
+                                "              {modules,['Elixir.KV','Elixir.KV.Bucket','Elixir.KV.Registry',\n"
+                                "                        'Elixir.KV.Supervisor']},\n"
+                                "              {registered,[]},\n"
+                                "              {vsn,\"0.1.0\"},\n"
+                                "              {mod,{'Elixir.KV',[]}}]}.\n"));
+    buf_free(&b);
+}
+
+/* "Starting applications": the session, with :kv started as by iex -S mix. */
+static void t_starting_applications(term ctx) {
+    (void)ctx;
+    boot_kv();
+    assert_eq(application_start(A("kv")), kv_tuple(2, am_error, kv_tuple(2, am_already_started, A("kv"))));
+    assert_true(term_eq(hd(application_started_applications()), kv_tuple(3, A("kv"), charlist("kv"), charlist("0.1.0"))));
+    assert_inspect(hd(application_started_applications()), "{:kv, 'kv', '0.1.0'}");
+    assert_eq(application_stop(A("kv")), am_ok);
+    assert_contains(captured_log(), "[notice] Application kv exited: :stopped\n");
+    assert_eq(process_whereis(kv_alias("KV.Registry")), am_nil); /* the tree is gone */
+    assert_eq(application_stop(A("kv")), kv_tuple(2, am_error, kv_tuple(2, A("not_started"), A("kv"))));
+    assert_eq(application_stop(A("logger")), am_ok);
+    assert_eq(application_start(A("kv")), kv_tuple(2, am_error, kv_tuple(2, A("not_started"), A("logger"))));
+    assert_eq(application_ensure_all_started(A("kv")), kv_tuple(2, am_ok, kv_list(2, A("logger"), A("kv"))));
+    assert_eq(application_ensure_all_started(A("kv")), kv_tuple(2, am_ok, NIL));
+    assert_true(is_pid(process_whereis(kv_alias("KV.Registry"))));
+    assert_eq(application_start(A("nope")),
+              kv_tuple(2, am_error, kv_tuple(2, charlist("no such file or directory"), charlist("nope.app"))));
+    assert_eq(application_ensure_all_started(A("nope")),
+              kv_tuple(2, am_error, kv_tuple(2, A("nope"), kv_tuple(2, charlist("no such file or directory"),
+                                                                    charlist("nope.app")))));
+}
+
+/* The seed's `iex -S mix run --no-start`. */
+static void t_no_start(term ctx) {
+    (void)ctx;
+    ok_value(application_boot(true));
+    assert_eq(process_whereis(kv_alias("KV.Registry")), am_nil);
+    assert_eq(application_start(A("kv")), am_ok);
+    assert_true(is_pid(process_whereis(kv_alias("KV.Registry"))));
+}
+
+/* "The application callback": with :kv running, the registry is there by name. */
+static void t_application_callback(term ctx) {
+    (void)ctx;
+    boot_kv();
+    assert_eq(kv_registry_create(kv_alias("KV.Registry"), S("shopping")), am_ok);
+    term r = kv_registry_lookup(kv_alias("KV.Registry"), S("shopping"));
+    assert_true(is_tagged(r, am_ok, 2) && is_pid(elem(r, 1)));
+    term children = supervisor_which_children(kv_alias("KV.Supervisor"));
+    assert_eq(elem(hd(children), 0), kv_alias("KV.Registry"));
+    assert_eq(hd(tl(children)), kv_tuple(4, kv_alias("KV.BucketSupervisor"), process_whereis(kv_alias("KV.BucketSupervisor")),
+                                         am_supervisor, kv_list(1, kv_alias("DynamicSupervisor"))));
+}
+
+/* Stopping :kv shuts the tree down newest first: the registry, then the
+ * bucket supervisor (with its buckets), then KV.Supervisor. */
+static void t_app_stop_order(term ctx) {
+    (void)ctx;
+    boot_kv();
+    kv_registry_create(kv_alias("KV.Registry"), S("shopping"));
+    term bucket = ok_value(kv_registry_lookup(kv_alias("KV.Registry"), S("shopping")));
+    term reg = process_whereis(kv_alias("KV.Registry")), bsup = process_whereis(kv_alias("KV.BucketSupervisor"));
+    term top = process_whereis(kv_alias("KV.Supervisor"));
+    process_monitor(reg), process_monitor(bucket), process_monitor(bsup), process_monitor(top);
+    application_stop(A("kv"));
+    term order = NIL;
+    for (int i = 0; i < 4; i++) order = list_append(order, elem(assert_receive(0), 3));
+    assert_eq(order, kv_list(4, reg, bucket, bsup, top));
+}
+
+/* The registered process `name`, once its supervisor has (re)started it. */
+static term registered(term name) {
+    term pid;
+    while ((pid = process_whereis(name)) == am_nil) process_sleep(1);
+    return pid;
+}
+
+static void crash_registry_times(int n) {
+    for (int i = 0; i < n; i++) {
+        term reg = registered(kv_alias("KV.Registry"));
+        term ref = process_monitor(reg);
+        process_exit(reg, A("boom"));
+        receive(match_down_of, ref, VM_INFINITY);
+    }
+}
+
+/* Four registry crashes in a row: KV.Supervisor gives up (:shutdown), the
+ * application exits and says so; the VM keeps running. */
+static void t_app_exits_with_its_tree(term ctx) {
+    (void)ctx;
+    boot_kv();
+    term top = process_whereis(kv_alias("KV.Supervisor"));
+    term ref = process_monitor(top);
+    crash_registry_times(4);
+    assert_eq(elem(receive(match_down_of, ref, VM_INFINITY), 4), am_shutdown);
+    process_sleep(1);
+    assert_contains(captured_log(), "[notice] Application kv exited: shutdown\n");
+    assert_eq(process_whereis(kv_alias("KV.Supervisor")), am_nil);
+    assert_true(!term_eq(hd(application_started_applications()), kv_tuple(3, A("kv"), charlist("kv"), charlist("0.1.0"))));
+    assert_eq(application_start(A("kv")), am_ok); /* and it can start again */
+    process_exit(process_whereis(kv_alias("KV.Supervisor")), am_kill);
+    process_sleep(1);
+    assert_contains(captured_log(), "[notice] Application kv exited: killed\n");
 }
 
 /* ==========================================================================
@@ -1608,5 +2330,29 @@ static const struct test tests[] = {
     {"KV.RegistryTest", "removes buckets on exit", registry_setup, t_removes_buckets_on_exit, NULL},
     {"KV.RegistryTest", "logs and ignores unexpected messages", registry_setup, t_registry_unexpected_message, NULL},
     {"KV.RegistryTest", "a bad request crashes it, with a report", NULL, t_registry_bad_input, NULL},
+    {"SupervisorTest", "child specs, as both editions of the guide print them", NULL, t_child_specs, NULL},
+    {"SupervisorTest", "child spec errors and Supervisor.init/2", NULL, t_child_spec_errors, NULL},
+    {"SupervisorTest", "the first KV.Supervisor restarts a crashed registry", NULL, t_first_supervisor, NULL},
+    {"SupervisorTest", "children start in order and stop in reverse order", NULL, t_start_order, NULL},
+    {"SupervisorTest", ":one_for_one, :one_for_all and :rest_for_one", NULL, t_strategies, NULL},
+    {"SupervisorTest", "a temporary bystander is not restarted", NULL, t_temporary_bystander, NULL},
+    {"SupervisorTest", "which exits restart which children", NULL, t_restart_types, NULL},
+    {"SupervisorTest", "restart intensity", NULL, t_intensity, NULL},
+    {"SupervisorTest", "a failed restart is retried and counts", NULL, t_failed_restarts, NULL},
+    {"SupervisorTest", "shutdown: a timeout, :brutal_kill, :infinity", NULL, t_shutdown_modes, NULL},
+    {"SupervisorTest", "start_child, terminate_child, restart_child, delete_child", NULL, t_child_management, NULL},
+    {"SupervisorTest", "a child that cannot start stops the supervisor's start", NULL, t_supervisor_start_failures, NULL},
+    {"KV.BucketTest", "are temporary workers", NULL, t_are_temporary_workers, NULL},
+    {"KV.RegistryTest", "removes bucket on crash", registry_setup, t_removes_bucket_on_crash, NULL},
+    {"DynamicSupervisorTest", "the bucket supervisor session", NULL, t_bucket_supervisor_session, NULL},
+    {"DynamicSupervisorTest", "start_child, terminate_child and restarts", NULL, t_dynamic_supervisor, NULL},
+    {"DynamicSupervisorTest", "max_children, extra_arguments, strategy and intensity", NULL, t_dynamic_supervisor_options, NULL},
+    {"DynamicSupervisorTest", "children are shut down all at once", NULL, t_dynamic_shutdown_concurrent, NULL},
+    {"ApplicationTest", "kv.app, as Mix writes it", NULL, t_app_file, NULL},
+    {"ApplicationTest", "starting and stopping applications", NULL, t_starting_applications, NULL},
+    {"ApplicationTest", "with --no-start, :kv is not running", NULL, t_no_start, NULL},
+    {"ApplicationTest", "the application callback starts the tree", NULL, t_application_callback, NULL},
+    {"ApplicationTest", "stopping :kv shuts the tree down, newest first", NULL, t_app_stop_order, NULL},
+    {"ApplicationTest", "the application exits when its tree dies", NULL, t_app_exits_with_its_tree, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
