@@ -174,10 +174,15 @@
 #define API static
 #endif
 
-/* AddressSanitizer keeps "poison" marks for stack frames.  Copying a saved
- * stack in and out moves bytes that ASan believes belong to dead or foreign
- * frames, so under ASan the stage is unpoisoned before each copy.  The
- * macro is nothing at all in a normal build. */
+/* AddressSanitizer support; every macro here is nothing in a normal build.
+ * ASan keeps "poison" marks for stack frames, and copying a saved stack in
+ * and out moves bytes it believes belong to dead or foreign frames, so the
+ * stage is unpoisoned before each copy (UNPOISON).  With ASan's
+ * detect_stack_use_after_return, local variables live on a "fake stack" in
+ * the heap instead; each process then needs a fake stack of its own, and
+ * ASan's fiber calls switch them as processes switch (FIBER_LEAVE before
+ * control leaves a process or the scheduler, FIBER_ARRIVE when it arrives).
+ * NO_ASAN keeps a function's locals on the real stack. */
 #if defined(__SANITIZE_ADDRESS__)
 #define KV_ASAN 1
 #elif defined(__has_feature)
@@ -187,9 +192,17 @@
 #endif
 #ifdef KV_ASAN
 void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
+void __sanitizer_start_switch_fiber(void **fake_stack_save, const void *bottom, size_t size);
+void __sanitizer_finish_switch_fiber(void *fake_stack_save, const void **bottom_old, size_t *size_old);
 #define UNPOISON(addr, size) __asan_unpoison_memory_region((addr), (size))
+#define FIBER_LEAVE(save) __sanitizer_start_switch_fiber((save), (const void *)vm.stack_end, vm.stack_size)
+#define FIBER_ARRIVE(save) __sanitizer_finish_switch_fiber((save), NULL, NULL)
+#define NO_ASAN __attribute__((no_sanitize_address))
 #else
 #define UNPOISON(addr, size) ((void)0)
+#define FIBER_LEAVE(save) ((void)0)
+#define FIBER_ARRIVE(save) ((void)0)
+#define NO_ASAN
 #endif
 
 /* --------------------------------------------------------------------------
@@ -1617,6 +1630,7 @@ struct proc {
     enum caught caught;          /* what the last throw to it carried */
     term caught_reason;
 
+    void *fake_stack;         /* ASan's fake stack for it (see FIBER_LEAVE) */
     void (*entry)(term arg);  /* the function it runs; returning = :normal */
     term arg;
     term exit_reason;         /* set when it starts dying */
@@ -1645,6 +1659,8 @@ static struct vm {
     bool in_run;         /* vm_run is on the C stack */
     uintptr_t stage_top; /* every process's stack starts just below this */
     uintptr_t stack_end; /* the lowest address the C stack may reach */
+    size_t stack_size;   /* ...and the C stack's size */
+    void *sched_fake_stack; /* ASan's fake stack for the scheduler */
     struct proc *on_stage; /* whose bytes are on the stage right now */
     unsigned direct;     /* switches since the scheduler last looked around */
     uint64_t switches;
@@ -1785,7 +1801,7 @@ static void runq_remove(struct proc *p) {
 
 /* Roughly the current stack pointer: the address of a local in a fresh
  * frame below the caller's. */
-static NOINLINE uintptr_t stack_address(void) {
+static NOINLINE NO_ASAN uintptr_t stack_address(void) {
     volatile char here = 0;
     uintptr_t a = (uintptr_t)&here;
     return a;
@@ -1824,7 +1840,8 @@ static NORETURN NOINLINE void stage_land(struct proc *p, volatile char *pad) {
         if (stack_address() >= vm.stage_top) abort(); /* cannot happen */
         p->started = true;
         vm.on_stage = p;
-        proc_main(p); /* a new process starts here and never returns */
+        FIBER_ARRIVE(NULL); /* a new process: ASan gives it a new fake stack */
+        proc_main(p);       /* a new process starts here and never returns */
     }
     char *dest = (char *)(vm.stage_top - p->stack_len);
     if (stack_address() >= (uintptr_t)dest) abort(); /* cannot happen */
@@ -1860,6 +1877,7 @@ static void proc_wait(void) {
     struct proc *p = vm.current;
     if (_setjmp(p->ctx) == 0) {
         stack_save(p);
+        FIBER_LEAVE(&p->fake_stack);
         /* Hand over directly to the next process if it has run before.
          * A new process must start from the top of the stage, and every
          * 64th switch goes through the scheduler so it can look at the
@@ -1871,6 +1889,7 @@ static void proc_wait(void) {
         }
         _longjmp(vm.sched_ctx, JUMP_SWITCHED); /* up: vm_run's frame */
     }
+    FIBER_ARRIVE(p->fake_stack);
 }
 
 /* Kernel.exit from the process itself, for real (no catch): give the CPU
@@ -1880,6 +1899,7 @@ static NORETURN void exit_current(term reason) {
     p->exit_reason = reason;
     p->state = P_EXITING;
     vm.exiting = p;
+    FIBER_LEAVE(NULL); /* for good: ASan may drop its fake stack */
     _longjmp(vm.sched_ctx, JUMP_EXITED); /* up: vm_run's frame */
 }
 
@@ -1926,8 +1946,9 @@ static void overflow_handler(int sig, siginfo_t *info, void *ucontext) {
 
 static void overflow_guard_install(void) {
     struct rlimit rl;
-    if (getrlimit(RLIMIT_STACK, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
-        vm.stack_end = vm.stage_top + STAGE_GAP - (uintptr_t)rl.rlim_cur;
+    vm.stack_size = 8 << 20; /* the usual limit, if the real one is unlimited */
+    if (getrlimit(RLIMIT_STACK, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) vm.stack_size = (size_t)rl.rlim_cur;
+    vm.stack_end = vm.stage_top + STAGE_GAP - vm.stack_size;
     stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0};
     if (sigaltstack(&ss, NULL) != 0) return;
     struct sigaction sa;
@@ -2125,7 +2146,11 @@ static void proc_finish(struct proc *p);
  * this frame changes after _setjmp. */
 static NOINLINE int sched_enter(struct proc *p) {
     int why = _setjmp(vm.sched_ctx);
-    if (why == 0) stage_enter(p);
+    if (why == 0) {
+        FIBER_LEAVE(&vm.sched_fake_stack);
+        stage_enter(p);
+    }
+    FIBER_ARRIVE(vm.sched_fake_stack);
     return why;
 }
 
@@ -2602,6 +2627,7 @@ static void settle(void) {
     struct proc *self = vm.current;
     if (self && self->state == P_EXITING) {
         vm.exiting = self;
+        FIBER_LEAVE(NULL);
         _longjmp(vm.sched_ctx, JUMP_EXITED); /* up: vm_run's frame */
     }
 }
