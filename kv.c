@@ -4904,8 +4904,8 @@ static term ctl_stop(term app, term st) {
         receive(match_down_of, ref, VM_INFINITY);
     }
     st = map_put(st, kv_atom("started"), started_without(map_get(st, kv_atom("started"), NIL), app));
+    if (app == kv_atom("logger")) logger_started = false; /* so it cannot say so */
     log_app_exit(app, kv_atom("stopped"));
-    if (app == kv_atom("logger")) logger_started = false;
     return reply(am_ok, st);
 }
 
@@ -5433,15 +5433,210 @@ static int bench_main(void) {
     return 0;
 }
 
-int main(int argc, char **argv) {
-    if (argc > 1 && strcmp(argv[1], "bench") == 0) return bench_main();
-    if (argc > 1) {
-        fprintf(stderr, "usage: %s [bench]\n", argv[0]);
-        return 2;
+/* ---- ./kv: the guide's iex sessions, replayed -----------------------------
+ * Each session of the guide runs here, in order, on kv.c's processes: the
+ * `iex>` line says what the guide typed, the line below is what came back,
+ * printed as iex prints it (pretty, 80 columns).  Pids and references are
+ * kv.c's own.  The clock is the virtual one, so nothing waits. */
+
+static void iex_prompt(const char *code) {
+    printf("iex> %s\n", code);
+    fflush(stdout);
+}
+
+static void iex_result(term result) {
+    struct buf b = {0};
+    inspect_pretty_to(&b, result, 80);
+    printf("%s\n", buf_str(&b));
+    buf_free(&b);
+}
+
+/* iex> code, then its result.  A macro so that the prompt is printed
+ * before `expr` runs: whatever expr logs comes after it, as in iex. */
+#define iex(code, expr)        \
+    do {                       \
+        iex_prompt(code);      \
+        iex_result(expr);      \
+    } while (0)
+
+static void banner(const char *chapter, const char *section) {
+    printf("\n# %s, \"%s\"\n\n", chapter, section);
+}
+
+/* iex> code, where code exits: iex prints the exit and carries on. */
+static void iex_exit(const char *code, void (*fn)(void *), void *arg) {
+    printf("iex> %s\n", code);
+    fflush(stdout);
+    term reason;
+    if (try_catch(fn, arg, &reason) == CAUGHT_NOTHING) return;
+    struct buf b = {0};
+    format_exit_banner(&b, reason);
+    printf("%s\n", buf_str(&b));
+    buf_free(&b);
+}
+
+static void print_out(const char *text, size_t len) {
+    fwrite(text, 1, len, stdout);
+    fflush(stdout);
+}
+
+static term fn_empty(term env, term x) { (void)env, (void)x; return NIL; }
+static term fn_eggs(term env, term list) { (void)env; return kv_cons(kv_string("eggs"), list); }
+static term fn_same(term env, term x) { (void)env; return x; }
+static term fn_123(term env, term x) { (void)env, (void)x; return kv_int(123); }
+static term fn_wrap(term env, term x) { (void)env; return kv_map(1, kv_atom("a"), x); }
+static term fn_12(term env, term x) { (void)env; return kv_cons(kv_int(12), kv_list(1, x)); }
+static term fn_nop(term env, term list) { (void)env; return kv_cons(kv_atom("nop"), list); }
+
+static const struct fun_def tour_funs[] = {
+    {"fn_empty", 0, "the tour", fn_empty}, {"fn_eggs", 1, "the tour", fn_eggs},
+    {"fn_same", 1, "the tour", fn_same},   {"fn_123", 1, "the tour", fn_123},
+    {"fn_wrap", 1, "the tour", fn_wrap},   {"fn_12", 1, "the tour", fn_12},
+    {"fn_nop", 1, "the tour", fn_nop},
+};
+#define TOUR_FUN(i) kv_fun(&tour_funs[i], NIL)
+
+static void tour_agents(void) {
+    banner("agents.md", "Agents 101");
+    term agent;
+    iex("{:ok, agent} = Agent.start_link(fn -> [] end)", kv_tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
+    iex("Agent.update(agent, fn list -> [\"eggs\" | list] end)", agent_update(agent, TOUR_FUN(1)));
+    iex("Agent.get(agent, fn list -> list end)", agent_get(agent, TOUR_FUN(2)));
+    iex("Agent.stop(agent)", agent_stop(agent, am_normal, VM_INFINITY));
+    printf("\n");
+    iex("{:ok, agent} = Agent.start_link(fn -> [] end)", kv_tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
+    iex("Agent.update(agent, fn _list -> 123 end)", agent_update(agent, TOUR_FUN(3)));
+    iex("Agent.update(agent, fn content -> %{a: content} end)", agent_update(agent, TOUR_FUN(4)));
+    iex("Agent.update(agent, fn content -> [12 | [content]] end)", agent_update(agent, TOUR_FUN(5)));
+    iex("Agent.update(agent, fn list -> [:nop | list] end)", agent_update(agent, TOUR_FUN(6)));
+    iex("Agent.get(agent, fn content -> content end)", agent_get(agent, TOUR_FUN(2)));
+}
+
+static void tour_genservers(void) {
+    banner("genservers.md", "Client-server communication with GenServer");
+    term shopping = kv_list(1, kv_tuple(2, am_name, kv_atom("shopping")));
+    iex("Agent.start_link(fn -> %{} end, name: :shopping)", agent_start_link(kv_fun(&empty_map_fun, NIL), shopping));
+    iex("KV.Bucket.put(:shopping, \"milk\", 1)", kv_bucket_put(kv_atom("shopping"), kv_string("milk"), kv_int(1)));
+    iex("KV.Bucket.get(:shopping, \"milk\")", kv_bucket_get(kv_atom("shopping"), kv_string("milk")));
+
+    banner("genservers.md", "GenServer callbacks");
+    term registry;
+    iex("{:ok, registry} = GenServer.start_link(KV.Registry, :ok)",
+        kv_tuple(2, am_ok, registry = ok_value(gen_server_start_link(&kv_registry, am_ok, NIL))));
+    iex("GenServer.cast(registry, {:create, \"shopping\"})",
+        gen_server_cast(registry, kv_tuple(2, am_create, kv_string("shopping"))));
+    iex("{:ok, bk} = GenServer.call(registry, {:lookup, \"shopping\"})",
+        gen_server_call(registry, kv_tuple(2, am_lookup, kv_string("shopping"))));
+
+    banner("genservers.md", "The need for monitoring");
+    term pid;
+    iex("{:ok, pid} = KV.Bucket.start_link([])", kv_tuple(2, am_ok, pid = ok_value(kv_bucket_start_link(NIL))));
+    iex("Process.monitor(pid)", process_monitor(pid));
+    iex("Agent.stop(pid)", agent_stop(pid, am_normal, VM_INFINITY));
+    printf("iex> flush()\n");
+    for (term m; (m = receive(NULL, NULL, 0));) {
+        struct buf b = {0};
+        inspect_pretty_to(&b, m, 80);
+        printf("%s\n", buf_str(&b));
+        buf_free(&b);
     }
-    printf("kv.c: the KV application of Elixir's Mix and OTP guide, in C.\n\n"
-           "  %s bench    the runtime's figures (make bench)\n"
-           "  ./kv_test       the self-test (make test)\n", argv[0]);
+    printf(":ok\n");
+}
+
+static void call_bad_input(void *registry) { gen_server_call((term)registry, kv_atom("bad_input")); }
+
+static void tour_supervisors(void) {
+    banner("supervisor-and-application.md", "Our first supervisor");
+    term spec = kv_registry_child_spec(NIL);
+    printf("# The seed edition of the chapter (its Elixir spelled out the defaults):\n");
+    iex("KV.Registry.child_spec([])", spec);
+    printf("# The newer edition (Elixir 1.14 leaves the defaults out):\n");
+    iex("KV.Registry.child_spec([])", child_spec_as_1_14(spec));
+    printf("# The chapter's first KV.Supervisor has one child, KV.Registry:\n");
+    term sup, children;
+    iex("{:ok, sup} = KV.Supervisor.start_link([])",
+        kv_tuple(2, am_ok, sup = ok_value(supervisor_start_link_children(kv_list(1, kv_alias("KV.Registry")),
+                                                                         kv_list(1, kv_tuple(2, am_strategy, am_one_for_one))))));
+    iex("Supervisor.which_children(sup)", supervisor_which_children(sup));
+    iex("[{_, registry, _, _}] = Supervisor.which_children(sup)", children = supervisor_which_children(sup));
+    iex_exit("GenServer.call(registry, :bad_input)", call_bad_input, (void *)elem(hd(children), 1));
+    iex("Supervisor.which_children(sup)", supervisor_which_children(sup));
+
+    banner("supervisor-and-application.md", "Naming processes");
+    printf("# KV.Registry is the registry the application's tree started, by name:\n");
+    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(kv_alias("KV.Registry"), kv_string("shopping")));
+    iex("KV.Registry.lookup(KV.Registry, \"shopping\")", kv_registry_lookup(kv_alias("KV.Registry"), kv_string("shopping")));
+
+    banner("supervisor-and-application.md", "Understanding applications");
+    struct buf b = {0};
+    application_resource_file(&b, kv_atom("kv"));
+    printf("$ cat _build/dev/lib/kv/ebin/kv.app\n%s", buf_str(&b));
+    buf_free(&b);
+
+    banner("supervisor-and-application.md", "Starting applications");
+    iex("Application.start(:kv)", application_start(kv_atom("kv")));
+    iex("Application.stop(:kv)", application_stop(kv_atom("kv")));
+    iex("Application.stop(:logger)", application_stop(kv_atom("logger")));
+    iex("Application.start(:kv)", application_start(kv_atom("kv")));
+    iex("Application.ensure_all_started(:kv)", application_ensure_all_started(kv_atom("kv")));
+
+    banner("supervisor-and-application.md", "The application callback");
+    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(kv_alias("KV.Registry"), kv_string("shopping")));
+    iex("KV.Registry.lookup(KV.Registry, \"shopping\")", kv_registry_lookup(kv_alias("KV.Registry"), kv_string("shopping")));
+}
+
+static void tour_dynamic(void) {
+    banner("dynamic-supervisor.md", "The bucket supervisor");
+    term r;
+    iex("{:ok, bucket} = DynamicSupervisor.start_child(KV.BucketSupervisor, KV.Bucket)",
+        r = dynamic_supervisor_start_child(kv_alias("KV.BucketSupervisor"), kv_alias("KV.Bucket")));
+    term bucket = ok_value(r);
+    iex("KV.Bucket.put(bucket, \"eggs\", 3)", kv_bucket_put(bucket, kv_string("eggs"), kv_int(3)));
+    iex("KV.Bucket.get(bucket, \"eggs\")", kv_bucket_get(bucket, kv_string("eggs")));
+
+    banner("dynamic-supervisor.md", "Observer");
+    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(kv_alias("KV.Registry"), kv_string("shopping")));
+    printf("# What Observer's tree shows, asked for with which_children:\n");
+    iex("Supervisor.which_children(KV.Supervisor)", supervisor_which_children(kv_alias("KV.Supervisor")));
+    iex("DynamicSupervisor.which_children(KV.BucketSupervisor)",
+        dynamic_supervisor_which_children(kv_alias("KV.BucketSupervisor")));
+}
+
+static void tour(term arg) {
+    bool no_start = arg == am_true;
+    term booted = application_boot(no_start);
+    if (!is_tagged(booted, am_ok, 2)) {
+        iex("Application.start(:kv)", booted);
+        exit_self(am_shutdown);
+    }
+    if (no_start) { /* the seed edition's iex -S mix run --no-start */
+        printf("# Started with --no-start (iex -S mix run --no-start, in the seed edition):\n");
+        iex("Application.start(:kv)", application_start(kv_atom("kv")));
+    }
+    tour_agents();
+    tour_genservers();
+    tour_supervisors();
+    tour_dynamic();
+    exit_self(am_shutdown);
+}
+
+static int tour_main(bool no_start) {
+    vm_init(true);
+    kv_load_modules();
+    vm.out = print_out;
+    printf("kv.c replays the iex sessions of Elixir's Mix and OTP guide on its own processes.\n"
+           "(Pids and references are kv.c's; everything else is computed here, not copied.)\n");
+    uint64_t pid = vm_spawn(tour, kv_bool(no_start), "the tour");
+    heap_free(&outside_heap);
+    if (vm_run(pid) == VM_DEADLOCK) return 1;
     return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 2 && strcmp(argv[1], "bench") == 0) return bench_main();
+    if (argc == 1) return tour_main(false);
+    if (argc == 2 && strcmp(argv[1], "--no-start") == 0) return tour_main(true);
+    fprintf(stderr, "usage: %s [--no-start | bench]\n", argv[0]);
+    return 2;
 }
 #endif
