@@ -552,6 +552,7 @@ static term kv_alias(const char *name) {
     return kv_atom(buf);
 }
 
+/* true or false, the atoms, from a C bool */
 API term kv_bool(bool b) { return b ? am_true : am_false; }
 
 /* ---- Building terms --------------------------------------------------- */
@@ -646,6 +647,7 @@ static bool is_tuple(term t) { return t->kind == K_TUPLE; }
 static bool is_map(term t) { return t->kind == K_MAP; }
 static bool is_binary(term t) { return t->kind == K_BIN; }
 static bool is_list(term t) { return t->kind == K_NIL || t->kind == K_CONS; }
+/* is_function/1 */
 API bool is_function(term t) { return t->kind == K_FUN; }
 static size_t tuple_size(term t) { return t->n; }
 static term elem(term t, size_t i) { return t->item[i]; }
@@ -658,6 +660,7 @@ static bool is_tagged(term t, term tag, size_t size) {
     return t->kind == K_TUPLE && t->n == size && t->item[0] == tag;
 }
 
+/* length/1 */
 API size_t list_length(term l) {
     size_t n = 0;
     for (; l->kind == K_CONS; l = l->item[1]) n++;
@@ -1426,6 +1429,9 @@ static const struct struct_def struct_defs[] = {
     {"FunctionClauseError", {"module", "function", "arity", "kind", "args", "clauses"}},
     {"ErlangError", {"original", "reason"}},
     {"UndefinedFunctionError", {"module", "function", "arity", "reason", "message"}},
+    {"BadFunctionError", {"term"}},
+    {"BadArityError", {"function", "args"}},
+    {"SystemLimitError", {"message"}},
     {"ExUnit.AssertionError", {"left", "right", "message", "expr", "args", "doctest", "context"}},
     {NULL, {NULL}},
 };
@@ -2334,6 +2340,7 @@ static term receive_full(match_fn match, const void *arg, long timeout_ms, const
     return NULL;
 }
 
+/* receive do ... after timeout_ms -> ... end, for a process's own code */
 API term receive(match_fn match, const void *arg, long timeout_ms) {
     return receive_full(match, arg, timeout_ms, "a message", NULL);
 }
@@ -3020,6 +3027,16 @@ static void exception_message(struct buf *b, term e) {
     } else if (module == am_ErlangError) {
         buf_puts(b, "Erlang error: ");
         inspect_to(b, map_get(e, am_original, am_nil));
+    } else if (module == kv_alias("BadFunctionError")) {
+        buf_puts(b, "expected a function, got: ");
+        inspect_to(b, map_get(e, am_term, am_nil));
+    } else if (module == kv_alias("BadArityError")) {
+        term args = map_get(e, am_args, NIL);
+        buf_puts(b, "");
+        inspect_to(b, map_get(e, kv_atom("function"), am_nil));
+        buf_printf(b, " with arity %d called with %s", map_get(e, kv_atom("function"), NULL)->u.fun->arity,
+                   list_length(args) ? "1 argument (" : "no arguments");
+        if (list_length(args)) { inspect_to(b, hd(args)); buf_puts(b, ")"); }
     } else if (module == am_UndefinedFunctionError) {
         buf_puts(b, "function ");
         mfa_text(b, map_get(e, am_module, am_nil), map_get(e, am_function, am_nil),
@@ -3230,8 +3247,16 @@ API term ok_value(term result) {
     return elem(result, 1);
 }
 
-/* Calling a fun: f.(arg), or f.() for a fun of arity 0. */
-API term fun_call(term f, term arg) { return f->u.fun->code(f->item[0], arg); }
+/* Calling a fun: f.(arg), or f.() for a fun of arity 0.  Anything that is
+ * not a fun of that arity raises, as in Elixir. */
+API term fun_call(term f, term arg) {
+    int arity = arg ? 1 : 0;
+    if (!is_function(f)) raise_error(exception_new(kv_alias("BadFunctionError"), 1, am_term, f));
+    if (f->u.fun->arity != arity)
+        raise_error(exception_new(kv_alias("BadArityError"), 2, kv_atom("function"), f, am_args,
+                                  arg ? kv_list(1, arg) : NIL));
+    return f->u.fun->code(f->item[0], arg);
+}
 
 /* ==========================================================================
  * PART II — agents.md: "Simple state management with agents"
@@ -3290,16 +3315,28 @@ static const struct module agent_server = {
     .handle_cast = agent_handle_cast,
 };
 
+/* Agent's functions only take funs of the right arity (a guard in Elixir):
+ * anything else is a FunctionClauseError in the caller. */
+static term agent_fun(term fun, int arity, const char *function, int function_arity) {
+    if (!is_function(fun) || fun->u.fun->arity != arity)
+        raise_error(function_clause_error(am_Agent, kv_atom(function), function_arity));
+    return fun;
+}
+
 /* Agent.start_link/2 — {:ok, pid}; fun computes the initial state in the
  * new process.  opts: [name: atom], [timeout: ms]. */
-API term agent_start_link(term fun, term opts) { return gen_start(&agent_server, fun, opts, true); }
+API term agent_start_link(term fun, term opts) {
+    return gen_start(&agent_server, agent_fun(fun, 0, "start_link", 2), opts, true);
+}
 
 /* Agent.start/2 — the same, unlinked */
-API term agent_start(term fun, term opts) { return gen_start(&agent_server, fun, opts, false); }
+API term agent_start(term fun, term opts) {
+    return gen_start(&agent_server, agent_fun(fun, 0, "start", 2), opts, false);
+}
 
 /* Agent.get/3 — fun.(state), computed in the agent */
 API term agent_get_timeout(term agent, term fun, long timeout) {
-    return gen_server_call_timeout(agent, kv_tuple(2, am_get, fun), timeout);
+    return gen_server_call_timeout(agent, kv_tuple(2, am_get, agent_fun(fun, 1, "get", 3)), timeout);
 }
 
 /* Agent.get/2 */
@@ -3309,16 +3346,20 @@ API term agent_get(term agent, term fun) {
 
 /* Agent.update/2 — the state becomes fun.(state); returns :ok */
 API term agent_update(term agent, term fun) {
-    return gen_server_call_timeout(agent, kv_tuple(2, am_update, fun), GEN_SERVER_DEFAULT_TIMEOUT);
+    return gen_server_call_timeout(agent, kv_tuple(2, am_update, agent_fun(fun, 1, "update", 3)),
+                                   GEN_SERVER_DEFAULT_TIMEOUT);
 }
 
 /* Agent.get_and_update/2 — fun.(state) returns {reply, new_state} */
 API term agent_get_and_update(term agent, term fun) {
-    return gen_server_call_timeout(agent, kv_tuple(2, am_get_and_update, fun), GEN_SERVER_DEFAULT_TIMEOUT);
+    return gen_server_call_timeout(agent, kv_tuple(2, am_get_and_update, agent_fun(fun, 1, "get_and_update", 3)),
+                                   GEN_SERVER_DEFAULT_TIMEOUT);
 }
 
 /* Agent.cast/2 — like update, without waiting; always :ok */
-API term agent_cast(term agent, term fun) { return gen_server_cast(agent, kv_tuple(2, am_cast, fun)); }
+API term agent_cast(term agent, term fun) {
+    return gen_server_cast(agent, kv_tuple(2, am_cast, agent_fun(fun, 1, "cast", 2)));
+}
 
 /* Agent.stop/3 — :ok once the agent has exited with `reason` */
 API term agent_stop(term agent, term reason, long timeout) {
@@ -4482,6 +4523,7 @@ API term supervisor_start_link(const struct module *mod, term arg, term opts) {
 static term default_init(term spec) { return spec; }
 static const struct module supervisor_default = {.name = "Supervisor.Default", .init = default_init};
 
+/* Supervisor.start_link/2 — children and options: [strategy: ...] */
 API term supervisor_start_link_children(term children, term opts) {
     term sup_opts = NIL, start_opts = NIL;
     for (term l = opts; l->kind == K_CONS; l = tl(l)) {

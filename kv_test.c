@@ -932,6 +932,7 @@ static term fn_12(term env, term x) { (void)env; return kv_cons(I(12), kv_list(1
 static term fn_nop(term env, term list) { (void)env; return kv_cons(A("nop"), list); }
 static term fn_one(term env, term x) { (void)env, (void)x; return I(1); }
 static term fn_raise(term env, term x) { (void)x; raise_error(runtime_error(BYTES(env))); }
+static term fn_raise0(term env, term x) { (void)x; raise_error(runtime_error(BYTES(env))); }
 static term fn_sleep(term env, term x) { process_sleep((long)int_value(env)); return x; }
 static term fn_pop_milk(term env, term map) { (void)env; return map_pop(map, S("milk")); }
 static term fn_not_a_pair(term env, term x) { (void)env, (void)x; return A("oops"); }
@@ -939,7 +940,7 @@ static term fn_not_a_pair(term env, term x) { (void)env, (void)x; return A("oops
 #define FUN(name, arity) static const struct fun_def name##_def = {#name, arity, "AgentTest", name}
 FUN(fn_empty_list, 0); FUN(fn_eggs, 1); FUN(fn_identity, 1); FUN(fn_123, 1); FUN(fn_wrap_a, 1);
 FUN(fn_12, 1); FUN(fn_nop, 1); FUN(fn_one, 0); FUN(fn_raise, 1); FUN(fn_sleep, 1);
-FUN(fn_pop_milk, 1); FUN(fn_not_a_pair, 1);
+FUN(fn_pop_milk, 1); FUN(fn_not_a_pair, 1); FUN(fn_raise0, 0);
 #define F(name) kv_fun(&name##_def, NIL)
 #define F_ENV(name, env) kv_fun(&name##_def, (env))
 
@@ -994,10 +995,6 @@ static void t_agent_after_stop(term ctx) {
 
 static void t_agent_get_and_update(term ctx) {
     (void)ctx;
-    term b = ok_value(agent_start_link(F(fn_identity), NIL));
-    agent_update(b, F(fn_wrap_a));
-    b = ok_value(agent_start_link(F(fn_identity), NIL));
-    agent_cast(b, F(fn_identity));
     term bucket = ok_value(kv_bucket_start_link(NIL));
     kv_bucket_put(bucket, S("milk"), I(3));
     assert_eq(agent_get_and_update(bucket, F(fn_pop_milk)), I(3));
@@ -1044,7 +1041,7 @@ static void t_agent_timeouts_and_init(term ctx) {
     process_sleep(200);
     assert_eq(receive_any(0), NULL); /* the late reply was dropped */
     assert_eq(agent_get(agent, F(fn_identity)), I(1));
-    assert_eq(agent_start(F_ENV(fn_raise, S("init")), NIL),
+    assert_eq(agent_start(F_ENV(fn_raise0, S("init")), NIL),
               kv_tuple(2, am_error, kv_tuple(2, runtime_error("init"), NIL)));
 }
 
@@ -1057,6 +1054,26 @@ static void stop_own_agent(term test) {
 
 /* Agent.stop(b, :shutdown) by the process that started b with start_link:
  * the link's :shutdown signal takes that process down before :ok. */
+static void call_with_bad_fun(void *agent) {
+    gen_server_call((term)agent, kv_tuple(2, am_get, F(fn_one)));
+}
+
+static void get_with_atom(void *agent) { agent_get((term)agent, A("notafun")); }
+static void get_with_fn0(void *agent) { agent_get((term)agent, F(fn_one)); }
+
+/* Agent's guards: a fun of the right arity, or FunctionClauseError. */
+static void t_agent_guards(term ctx) {
+    (void)ctx;
+    term agent = ok_value(agent_start(F(fn_one), NIL));
+    term e = function_clause_error(am_Agent, am_get, 3);
+    assert_eq(catch_error(get_with_atom, (void *)agent), e);
+    assert_eq(catch_error(get_with_fn0, (void *)agent), e);
+    assert_true(process_alive(agent));
+    /* A fun of the wrong arity sent behind Agent's back fails in the agent. */
+    term r = catch_exit(call_with_bad_fun, (void *)agent);
+    assert_inspect(elem(r, 0), "{%BadArityError{function: #Function<fn_one/0 in AgentTest>, args: [1]}, []}");
+}
+
 static void t_agent_stop_by_linker(term ctx) {
     (void)ctx;
     term caller = spawn(stop_own_agent, self());
@@ -2351,6 +2368,7 @@ static const struct test tests[] = {
     {"agents", "AgentTest", "a fun that raises takes the agent down", NULL, t_agent_fun_raises, NULL},
     {"agents", "AgentTest", "per-call timeouts, and an init fun that raises", NULL, t_agent_timeouts_and_init, NULL},
     {"agents", "AgentTest", "Agent.stop with :shutdown takes down the linked caller first", NULL, t_agent_stop_by_linker, NULL},
+    {"agents", "AgentTest", "Agent's functions take funs of the right arity", NULL, t_agent_guards, NULL},
     {"agents", "KV.BucketTest", "stores values by key", bucket_setup, t_stores_values_by_key, NULL},
     {"agents", "KV.BucketTest", "deletes values by key", bucket_setup, t_deletes_values_by_key, NULL},
     /* ---- genservers.md: "Client-server communication with GenServer" ---- */
