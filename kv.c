@@ -19,7 +19,7 @@
  *   Part III  genservers.md                GenServer and KV.Registry
  *   Part IV   supervisor-and-application.md   Supervisor, Application, KV
  *   Part V    dynamic-supervisor.md        DynamicSupervisor, the final tree
- *   Part VI   ./kv: the program (benchmarks)
+ *   Part VI   ./kv: the program (the sessions replayed, and benchmarks)
  *
  * Every banner names the guide chapter and section it mirrors.  Every public
  * function says, in its first comment line, which Elixir call it mirrors.
@@ -86,8 +86,9 @@
  *     |   (rest of the C stack)  |  a deep call chain simply keeps going;
  *     v                          v  no other process's bytes live here
  *
- *     P's saved copy (heap):  [ bytes from its stack pointer up to
- *                               vm.stage_top ]  typically 200-900 bytes
+ *     P's saved copy, p->stack, a malloc'd buffer of its own:
+ *                       [ bytes from its stack pointer up to vm.stage_top ]
+ *                       typically 200 to 900 bytes
  *
  * Why this way?  An idle process costs only the bytes it was really using
  * (BEAM's idle process costs about 2.7 KB; ours a little less), there is no
@@ -110,10 +111,15 @@
  * Three kinds of jmp_buf exist here:
  *
  *     vm.sched_ctx    in the scheduler's frame, above the stage: every
- *                     jump to it goes upward, to an older frame, as C allows
+ *                     jump to it goes upward, to an older frame, as C allows.
+ *                     It stays valid however many times processes hand the
+ *                     CPU to one another directly, because all of them run
+ *                     below the scheduler's frame, which is still live
  *     proc->ctx       where a waiting process continues; valid only while
  *                     its saved bytes are back on the stage
- *     catch->env      a catch point inside one process (exit from any depth)
+ *     catch->env      a catch point inside one process (exit from any
+ *                     depth); dead once the try_catch call that set it has
+ *                     returned, which is why it is unlinked on the way out
  *
  * Every _longjmp in this file goes to a frame above the current one, which
  * is also why glibc's _FORTIFY_SOURCE check (it aborts a longjmp that goes
@@ -213,8 +219,10 @@ void __sanitizer_finish_switch_fiber(void *fake_stack_save, const void **bottom_
  * mem_free with its size, so vm_memory() says exactly how many bytes the
  * processes hold.  The self-test uses it to prove that a dead process
  * leaves nothing behind.  The VM's own tables (process table, timer heap,
- * names, text buffers) come from vm_alloc and are not counted: they belong
- * to no process.  Running out of memory stops the program with a message.
+ * names, text buffers) come from vm_realloc and are not counted: they
+ * belong to no process.  (The scratch heaps used while printing are counted
+ * but freed straight after use.)  Running out of memory stops the program
+ * with a message.
  */
 
 static size_t mem_in_use;
@@ -422,9 +430,18 @@ static void heap_free(struct heap *h) {
 
 /* Where new terms go.  Normally the running process's heap; the VM points
  * it elsewhere for a moment when it builds a message on behalf of nobody
- * (an exit signal from a dead process, say).  See with_heap(). */
+ * (an exit signal from a dead process, say), with WITH_HEAP. */
 static struct heap *alloc_heap;
 static struct heap outside_heap; /* terms built when no process runs */
+
+/* Run `code` with new terms going to heap h, then put things back. */
+#define WITH_HEAP(h, code)                 \
+    do {                                   \
+        struct heap *saved_ = alloc_heap;  \
+        alloc_heap = (h);                  \
+        code;                              \
+        alloc_heap = saved_;               \
+    } while (0)
 
 static struct term *term_alloc(enum kind kind, uint32_t n, size_t items) {
     struct term *t = heap_alloc(alloc_heap, sizeof *t + items * sizeof(term));
@@ -598,6 +615,7 @@ static term kv_tuple_of(size_t n, const term *items) {
 /* {a, b, ...} — kv_tuple(3, am_ok, x, y) builds {:ok, x, y}. */
 static term kv_tuple(size_t n, ...) {
     term items[16];
+    if (n > 16) abort(); /* use kv_tuple_of for more */
     va_list ap;
     va_start(ap, n);
     for (size_t i = 0; i < n && i < 16; i++) items[i] = va_arg(ap, term);
@@ -622,6 +640,7 @@ static term kv_list_of(size_t n, const term *items) {
 /* [a, b, ...] */
 API term kv_list(size_t n, ...) {
     term items[16];
+    if (n > 16) abort(); /* use kv_list_of for more */
     va_list ap;
     va_start(ap, n);
     for (size_t i = 0; i < n && i < 16; i++) items[i] = va_arg(ap, term);
@@ -676,8 +695,11 @@ API bool truthy(term t) { return t != am_nil && t != am_false; }
  * term_cmp is Erlang's total order, the one `<` and `==` use: different
  * kinds compare by kind; numbers by value; atoms by name; tuples by size,
  * then element by element; maps by size, then keys, then values; lists
- * element by element.  Lists are walked in a loop rather than by recursion
- * on the tail, so a list of a million elements costs no C stack.
+ * element by element.  term_cmp, term_size and copy_rec walk a list's
+ * spine in a loop rather than by recursion on the tail, so even a list of a
+ * million elements costs them no C stack.  (The list helpers further down,
+ * list_concat and the supervisors' child lists, do recurse: their lists are
+ * a handful of children long.)
  */
 
 static int cmp_bytes(const char *a, size_t an, const char *b, size_t bn) {
@@ -701,7 +723,7 @@ static int term_cmp(term a, term b) {
         case K_PID:
             return a->u.id < b->u.id ? -1 : a->u.id > b->u.id;
         case K_FUN:
-            if (a->u.fun != b->u.fun) return a->u.fun < b->u.fun ? -1 : 1;
+            if (a->u.fun != b->u.fun) return (uintptr_t)a->u.fun < (uintptr_t)b->u.fun ? -1 : 1;
             a = a->item[0], b = b->item[0];
             continue;
         case K_NIL:
@@ -953,15 +975,6 @@ static term heap_compact(struct heap *h, term root) {
     h->live = h->bytes;
     return root;
 }
-
-/* Run code with new terms going to heap h (see with_heap's uses below). */
-#define WITH_HEAP(h, code)                 \
-    do {                                   \
-        struct heap *saved_ = alloc_heap;  \
-        alloc_heap = (h);                  \
-        code;                              \
-        alloc_heap = saved_;               \
-    } while (0)
 
 /* --------------------------------------------------------------------------
  * I.5  Inspect: printing terms the way iex does
@@ -1835,7 +1848,8 @@ static NOINLINE void stack_save(struct proc *p) {
 /* Contract: called with the stack pointer below vm.stage_top - p's saved
  * length (stage_enter made sure of it).  Live stack after it: p's.  Valid
  * jmp_buf: p->ctx, whose frame is exactly what the memcpy put back.
- * Nothing of the caller survives: stage_enter's frame was overwritten. */
+ * Nothing of the caller is used again: stage_enter's frame is never
+ * returned to (when the caller was a process, it was even overwritten). */
 static NORETURN NOINLINE void stage_land(struct proc *p, volatile char *pad) {
     (void)pad; /* only here so the compiler keeps stage_enter's array */
     vm.current = p;
@@ -1910,8 +1924,15 @@ static NORETURN void exit_current(term reason) {
 }
 
 /* A process's first frame.  Returning from its function means :normal. */
+static void signals_flush(struct proc *p);
+static void settle(void);
+
 static NORETURN void proc_main(struct proc *p) {
+    signals_flush(p); /* a signal may have come before its first turn */
+    settle();
     p->entry(p->arg);
+    signals_flush(p); /* ...or while it ran without receiving */
+    settle();
     exit_current(am_normal);
 }
 
@@ -2360,6 +2381,8 @@ API void erlang_yield(void) {
     struct proc *p = vm.current;
     runq_push(p);
     proc_wait();
+    signals_flush(p); /* exit signals that came meanwhile take effect now */
+    settle();
 }
 
 /* Wait until fd has input (the shell reads standard input this way). */
@@ -2367,9 +2390,14 @@ API void process_wait_input(int fd) {
     struct proc *p = vm.current;
     p->wait_fd = fd;
     vm.fd_waiters++;
-    p->state = P_WAITING;
-    p->waiting_for = "input";
-    proc_wait();
+    while (p->wait_fd >= 0) { /* poll_input clears it when fd is ready */
+        p->state = P_WAITING;
+        p->waiting_for = "input";
+        proc_wait();
+        /* Woken by an exit signal, maybe (messages do not wake it). */
+        signals_flush(p);
+        settle();
+    }
     p->waiting_for = NULL;
 }
 
@@ -2560,12 +2588,13 @@ static void exit_signal(struct proc *p, term from, term reason, bool link) {
     if (p->state == P_WAITING) runq_push(p); /* wake it, even from input */
 }
 
-/* Handle every exit signal waiting in p's mailbox now, in order: what
- * Process.alive?/1 does for its caller's signals, and what a process woken
- * from a wait other than receive does for its own. */
-static void signals_flush(struct proc *p) {
+/* Handle the exit signals waiting in p's mailbox now, in order: those from
+ * the process `from` (0: from anyone).  A process that resumes from a wait
+ * other than receive does this for all of its own; Process.alive?/1 does
+ * it for the signals its caller sent. */
+static void signals_flush_from(struct proc *p, uint64_t from) {
     for (struct msg **pp = &p->mbox_head, *m; (m = *pp) && p->state != P_EXITING;) {
-        if (!m->signal) { pp = &m->next; continue; }
+        if (!m->signal || (from && elem(m->value, 1)->u.id != from)) { pp = &m->next; continue; }
         *pp = m->next;
         if (p->mbox_tail == &m->next) p->mbox_tail = pp;
         p->mbox_len--;
@@ -2578,6 +2607,8 @@ static void signals_flush(struct proc *p) {
         }
     }
 }
+
+static void signals_flush(struct proc *p) { signals_flush_from(p, 0); }
 
 static void names_remove(struct proc *p);
 
@@ -2707,7 +2738,7 @@ static uint64_t vm_spawn(void (*fn)(term), term arg, const char *label) {
 API bool process_alive(term pid) {
     struct proc *p = proc_of(pid);
     if (!p) return false;
-    signals_flush(p);
+    signals_flush_from(p, vm.current->pid);
     settle();
     return p->state != P_EXITING;
 }
@@ -2940,10 +2971,13 @@ static NORETURN void raise_error(term exception) {
     exit_current(kv_tuple(2, exception, NIL));
 }
 
-/* Kernel.throw/1 */
+/* Kernel.throw/1.  Uncaught, the process exits with {{:nocatch, value},
+ * stacktrace}, as on BEAM. */
 API NORETURN void throw_value(term value) {
     if (vm.current->catcher) throw_to_catcher(CAUGHT_THROW, value);
-    raise_error(erlang_error(kv_tuple(2, kv_atom("nocatch"), value)));
+    term reason = kv_tuple(2, kv_atom("nocatch"), value);
+    log_raised(erlang_error(reason));
+    exit_current(kv_tuple(2, reason, NIL));
 }
 
 /* --------------------------------------------------------------------------
@@ -2954,9 +2988,17 @@ API NORETURN void throw_value(term value) {
  * raises one exits with {exception, stacktrace}.  How Elixir turns exit
  * reasons into text (Exception.format_exit/1) and how its Logger lays out
  * reports is reproduced here, because that text is how a reader recognises
- * what happened.  One difference: Elixir only treats {exception, trace} as
- * an exception when the trace is a non-empty list; ours is always [] (C
- * keeps no stack trace), so kv.c recognises the pair by the exception.
+ * what happened.  Two differences, both because C keeps no stack trace:
+ *
+ *   - Elixir only treats {exception, trace} as an exception when the trace
+ *     is a non-empty list; ours is always [], so kv.c recognises the pair
+ *     by the exception struct in it.
+ *   - Errors the runtime raises itself (linking to a dead process, sending
+ *     to an unknown name) carry on BEAM a raw Erlang reason, {:noproc,
+ *     trace}, which Elixir turns into %ErlangError{} or %ArgumentError{}
+ *     with the help of the trace when it is rescued or printed.  kv.c
+ *     raises the Elixir exception directly, so a process that dies of one
+ *     exits with {%ErlangError{original: :noproc}, []}.
  */
 
 /* %Module{field: value, ...} with __exception__: true */
@@ -3581,7 +3623,8 @@ static void run_callback(void *arg) {
 
 /* Run a callback.  Returns its result, or NULL with *reason set to the
  * exit reason its crash means: {exception, []} for a raise, the reason of
- * an exit, {{:nocatch, value}, []} for an uncaught throw. */
+ * an exit.  A value thrown with throw/1 is taken as the callback's result,
+ * as OTP's gen_server does. */
 static term callback(struct gen_server *gs, enum callback which, term msg, term from, term *reason) {
     struct callback_run r = {gs, which, msg, from, NULL};
     term caught;
@@ -3589,20 +3632,24 @@ static term callback(struct gen_server *gs, enum callback which, term msg, term 
     case CAUGHT_NOTHING: return r.result;
     case CAUGHT_EXIT: *reason = caught; return NULL;
     case CAUGHT_ERROR: *reason = kv_tuple(2, caught, NIL); return NULL;
-    case CAUGHT_THROW:
-        *reason = kv_tuple(2, erlang_error(kv_tuple(2, kv_atom("nocatch"), caught)), NIL);
-        return NULL;
+    case CAUGHT_THROW: /* gen_server catches a throw: it is the result */
+        return caught;
     }
     return NULL;
 }
 
+API term gen_server_reply(term from, term reply);
+
 /* Stop the server: terminate/2 if the module has one, a crash report if
  * the reason is not a normal one, then exit.  `last` and `from` are the
- * message being handled, for the report. */
-static NORETURN void gen_server_terminate(struct gen_server *gs, term reason, term last, term from) {
+ * message being handled, for the report.  A {:stop, reason, reply, state}
+ * from handle_call also passes `reply`: OTP sends it after terminate/2 has
+ * run, just before the server exits. */
+static NORETURN void gen_server_terminate(struct gen_server *gs, term reason, term last, term from, term reply) {
     term crash;
     if (!callback(gs, CB_TERMINATE, reason, NULL, &crash)) reason = crash;
     if (!is_normal_exit(reason)) log_terminate(gs, reason, last, from);
+    if (reply) gen_server_reply(from, reply);
     exit_current(reason);
 }
 
@@ -3630,14 +3677,13 @@ static void handle_call_result(struct gen_server *gs, term r, term msg, term fro
         gs->state = elem(r, 1);
         if (n == 3) gs->timeout = timeout_of(elem(r, 2));
     } else if (tag == am_stop && n == 4) {
-        gen_server_reply(from, elem(r, 2));
         gs->state = elem(r, 3);
-        gen_server_terminate(gs, elem(r, 1), msg, from);
+        gen_server_terminate(gs, elem(r, 1), msg, from, elem(r, 2));
     } else if (tag == am_stop && n == 3) {
         gs->state = elem(r, 2);
-        gen_server_terminate(gs, elem(r, 1), msg, from);
+        gen_server_terminate(gs, elem(r, 1), msg, from, NULL);
     } else {
-        gen_server_terminate(gs, kv_tuple(2, am_bad_return_value, r), msg, from);
+        gen_server_terminate(gs, kv_tuple(2, am_bad_return_value, r), msg, from, NULL);
     }
 }
 
@@ -3650,9 +3696,9 @@ static void handle_noreply_result(struct gen_server *gs, term r, term msg) {
         if (n == 3) gs->timeout = timeout_of(elem(r, 2));
     } else if (tag == am_stop && n == 3) {
         gs->state = elem(r, 2);
-        gen_server_terminate(gs, elem(r, 1), msg, NULL);
+        gen_server_terminate(gs, elem(r, 1), msg, NULL, NULL);
     } else {
-        gen_server_terminate(gs, kv_tuple(2, am_bad_return_value, r), msg, NULL);
+        gen_server_terminate(gs, kv_tuple(2, am_bad_return_value, r), msg, NULL, NULL);
     }
 }
 
@@ -3662,24 +3708,24 @@ static void gen_server_handle(struct gen_server *gs, term msg) {
     if (is_tagged(msg, am_gen_call, 3)) {
         term from = elem(msg, 1);
         if (!(r = callback(gs, CB_CALL, elem(msg, 2), from, &reason)))
-            gen_server_terminate(gs, reason, elem(msg, 2), from);
+            gen_server_terminate(gs, reason, elem(msg, 2), from, NULL);
         handle_call_result(gs, r, elem(msg, 2), from);
     } else if (is_tagged(msg, am_gen_cast, 2)) {
         if (!(r = callback(gs, CB_CAST, elem(msg, 1), NULL, &reason)))
-            gen_server_terminate(gs, reason, msg, NULL);
+            gen_server_terminate(gs, reason, msg, NULL, NULL);
         handle_noreply_result(gs, r, msg);
     } else if (is_tagged(msg, am_EXIT, 3) && vm.current->trap_exit && is_pid(elem(msg, 1)) &&
                elem(msg, 1)->u.id == gs->parent) {
         /* Our parent (a supervisor, say) wants us gone: terminate, even
          * for :normal.  An EXIT from anyone else is just a message. */
-        gen_server_terminate(gs, elem(msg, 2), msg, NULL);
+        gen_server_terminate(gs, elem(msg, 2), msg, NULL, NULL);
     } else if (is_tagged(msg, am_system, 3) && is_tagged(elem(msg, 2), am_terminate, 2)) {
         /* GenServer.stop/3 */
-        gen_server_terminate(gs, elem(elem(msg, 2), 1), NIL, NULL);
+        gen_server_terminate(gs, elem(elem(msg, 2), 1), NIL, NULL, NULL);
     } else if (is_tagged(msg, am_system, 3) && elem(msg, 2) == am_get_state) {
         gen_server_reply(elem(msg, 1), gs->state); /* :sys.get_state/1 */
     } else {
-        if (!(r = callback(gs, CB_INFO, msg, NULL, &reason))) gen_server_terminate(gs, reason, msg, NULL);
+        if (!(r = callback(gs, CB_INFO, msg, NULL, &reason))) gen_server_terminate(gs, reason, msg, NULL, NULL);
         handle_noreply_result(gs, r, msg);
     }
 }
@@ -3869,6 +3915,7 @@ API term gen_server_stop(term server, term reason, long timeout) {
     term where = kv_tuple(3, am_GenServer, am_stop, kv_list(3, server, reason, t));
     struct proc *p = is_atom(server) ? whereis_proc(server) : proc_of(server);
     if (!p) exit_self(kv_tuple(2, am_noproc, where));
+    if (p == vm.current) exit_self(kv_tuple(2, am_calling_self, where));
     term pid = kv_pid(p->pid);
     term mref = process_monitor(pid);
     process_send(pid, kv_tuple(3, am_system, kv_tuple(2, self(), kv_cons(am_alias, mref)),
@@ -4150,10 +4197,7 @@ static term child_record(term child) {
 static term child_get(term child, term key) { return map_get(child, key, am_nil); }
 static term sup_get(term st, term key) { return map_get(st, key, am_nil); }
 
-/* Start one child with its start function.  Never raises: as OTP's
- * `catch apply(M, F, A)`, a raise comes back as {:error, {:EXIT, {e, []}}}.
- * Returns {:ok, pid}, {:ok, pid, info}, {:ok, :undefined} (:ignore) or
- * {:error, reason}. */
+/* apply(m, f, a) for try_catch, which takes a function and a pointer. */
 struct apply_run {
     term mfa, result;
 };
@@ -4163,6 +4207,10 @@ static void apply_mfa(void *arg) {
     r->result = erlang_apply(elem(r->mfa, 0), elem(r->mfa, 1), elem(r->mfa, 2));
 }
 
+/* Start one child with its start function.  Never raises: as OTP's
+ * `catch apply(M, F, A)`, a raise comes back as {:error, {:EXIT, {e, []}}}.
+ * Returns {:ok, pid}, {:ok, pid, info}, {:ok, :undefined} (:ignore) or
+ * {:error, reason}. */
 static term child_start(term child) {
     struct apply_run r = {child_get(child, am_start), NULL};
     term caught, what;
@@ -4257,9 +4305,10 @@ static bool add_restart(term *st) {
     return (int64_t)list_length(times) > int_value(sup_get(*st, am_intensity));
 }
 
-/* Start `children` (in order) that are not running.  Stops at the first
- * failure and returns its id, with *out the children so far; NULL if all
- * started. */
+/* Start, in order, those of `children` that are not running.  At the first
+ * failure the rest are left unstarted; *out gets every child, started or
+ * not, and the failed child's id is returned (its reason in *failure).
+ * NULL: all started. */
 static term children_start(term children, term *out, term *failure) {
     term started = NIL, failed_id = NULL;
     for (term l = children; l->kind == K_CONS; l = tl(l)) {
@@ -4850,6 +4899,8 @@ static void app_master(term arg) {
     for (;;) {
         term m = receive(NULL, NULL, VM_INFINITY);
         if (is_tagged(m, am_EXIT, 3) && term_eq(elem(m, 1), sup)) { /* the tree died */
+            if (a->mod->prep_stop) state = a->mod->prep_stop(state);
+            if (a->mod->stop) a->mod->stop(state);
             process_send(controller, kv_tuple(3, kv_atom("app_exited"), elem(arg, 0), elem(m, 2)));
             return;
         }
@@ -5210,7 +5261,8 @@ static term dyn_handle_call(term req, term from, term st) {
     if (is_tagged(req, am_terminate_child, 2)) {
         term pid = elem(req, 1), child = map_get(children, pid, NULL);
         if (!child) return reply(kv_tuple(2, am_error, am_not_found), st);
-        child_shutdown(kv_map(2, am_pid, pid, am_shutdown, elem(child, 2)));
+        if (!is_tagged(child, am_restarting, 2)) /* a child being restarted has no process */
+            child_shutdown(kv_map(2, am_pid, pid, am_shutdown, elem(child, 2)));
         return reply(am_ok, map_put(st, am_children, map_delete(children, pid)));
     }
     raise_error(function_clause_error(kv_alias("DynamicSupervisor"), kv_atom("handle_call"), 3));
@@ -5224,7 +5276,14 @@ static term dyn_handle_cast(term req, term st) { /* {:try_again_restart, pid} */
 }
 
 static term dyn_handle_info(term msg, term st) {
-    if (!is_tagged(msg, am_EXIT, 3)) return kv_tuple(2, am_noreply, st);
+    if (!is_tagged(msg, am_EXIT, 3)) {
+        struct buf b = {0};
+        buf_puts(&b, "DynamicSupervisor received unexpected message: ");
+        inspect_to(&b, msg);
+        logger_log(LOG_ERROR, buf_str(&b));
+        buf_free(&b);
+        return kv_tuple(2, am_noreply, st);
+    }
     term pid = elem(msg, 1), reason = elem(msg, 2);
     term children = sup_get(st, am_children), child = map_get(children, pid, NULL);
     if (!child) return kv_tuple(2, am_noreply, st);
@@ -5345,10 +5404,13 @@ static void kv_load_modules(void) {
 /* ==========================================================================
  * PART VI — ./kv: the program
  * ==========================================================================
- * `./kv bench` measures the runtime (make bench).  Each figure is one line,
+ * `./kv` replays the guide's iex sessions (make run); `./kv --no-start`
+ * does so after coming up without starting :kv, as the seed chapter's
+ * `iex -S mix run --no-start`.  `./kv bench` measures the runtime (make
+ * bench).  Each figure is one line,
  *     RESULT <tab> bench <tab> metric <tab> value <tab> unit
- * so scripts can compare runs, and BEAM's figures beside them.  The clock
- * is the real one here.
+ * so scripts can compare runs, and BEAM's figures beside them.  The
+ * benchmarks run on the real clock, the sessions on the virtual one.
  */
 
 static double seconds_since(const struct timespec *t0) {
@@ -5594,9 +5656,10 @@ static void tour_supervisors(void) {
     iex("KV.Registry.child_spec([])", spec);
     printf("# The newer edition (Elixir 1.14 leaves the defaults out):\n");
     iex("KV.Registry.child_spec([])", child_spec_as_1_14(spec));
-    printf("# The chapter's first KV.Supervisor has one child, KV.Registry:\n");
+    printf("# The chapter's first KV.Supervisor has one child, KV.Registry, :one_for_one;\n"
+           "# kv.c's KV.Supervisor is the final one, so the same tree is built directly:\n");
     term sup, children;
-    iex("{:ok, sup} = KV.Supervisor.start_link([])",
+    iex("{:ok, sup} = Supervisor.start_link([KV.Registry], strategy: :one_for_one)",
         kv_tuple(2, am_ok, sup = ok_value(supervisor_start_link_children(kv_list(1, kv_alias("KV.Registry")),
                                                                          kv_list(1, kv_tuple(2, am_strategy, am_one_for_one))))));
     iex("Supervisor.which_children(sup)", supervisor_which_children(sup));
