@@ -906,6 +906,47 @@ static void read_line(term arg) {
     if (n != 6 || strcmp(buf, "hello\n") != 0) exit_self(A("bad_input"));
 }
 
+static void wait_input_forever(term arg) {
+    process_flag_trap_exit(elem(arg, 1) == am_true);
+    process_wait_input((int)int_value(elem(arg, 0)));
+    exit_self(A("input_came"));
+}
+
+static void yield_then_return(term arg) {
+    (void)arg;
+    erlang_yield();
+}
+
+/* An exit signal reaches a process that waits for input, or that only
+ * yields: it takes effect when the process next gets the CPU. */
+static void t_signals_outside_receive(term ctx) {
+    (void)ctx;
+    int fds[2];
+    assert_true(pipe(fds) == 0);
+    term reader = spawn(wait_input_forever, kv_tuple(2, I(fds[0]), am_false));
+    erlang_yield();
+    term ref = process_monitor(reader);
+    process_exit(reader, A("boom"));
+    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, reader, A("boom")));
+    assert_eq(I((int64_t)vm.fd_waiters), I(0));
+    /* A trapping reader gets the EXIT as a message and goes on waiting. */
+    reader = spawn(wait_input_forever, kv_tuple(2, I(fds[0]), am_true));
+    erlang_yield();
+    process_exit(reader, A("boom"));
+    erlang_yield();
+    assert_true(process_alive(reader));
+    assert_eq(I((int64_t)proc_of(reader)->mbox_len), I(1));
+    process_exit(reader, am_kill);
+    assert_eq(I((int64_t)vm.fd_waiters), I(0));
+    close(fds[0]);
+    close(fds[1]);
+    /* A linked process that only yields, then returns, dies of the signal. */
+    process_flag_trap_exit(true);
+    term busy = spawn_link(yield_then_return, NIL);
+    process_exit(busy, A("boom"));
+    assert_eq(assert_receive(100), kv_tuple(3, am_EXIT, busy, A("boom")));
+}
+
 static void main_wait_input(void) {
     int fds[2];
     assert_true(pipe(fds) == 0);
@@ -1154,6 +1195,8 @@ static term ts_handle_call(term req, term from, term state) {
     }
     if (is_tagged(req, am_reply, 3)) return kv_tuple(4, am_reply, A("ok"), state, elem(req, 2));
     if (is_tagged(req, am_EXIT, 2)) exit_self(elem(req, 1));
+    if (req == A("throw")) throw_value(kv_tuple(3, am_reply, A("thrown"), state));
+    if (req == A("stop_self")) gen_server_stop(self(), am_normal, VM_INFINITY);
     raise_error(function_clause_error(kv_alias("Test.Server"), A("handle_call"), 3));
 }
 
@@ -1358,6 +1401,21 @@ static int occurrences(const char *text, const char *needle) {
     int n = 0;
     for (const char *p = text; (p = strstr(p, needle)); p++) n++;
     return n;
+}
+
+/* A value thrown in a callback is its result; {:stop, r, reply, s} runs
+ * terminate/2 first and replies after; a server cannot stop itself. */
+static void t_throw_and_stop_order(term ctx) {
+    (void)ctx;
+    term pid = server(A("ok"));
+    assert_eq(gen_server_call(pid, A("throw")), A("thrown"));
+    pid = server(A("slow_terminate")); /* terminate sleeps 1000 ms */
+    term reason = call_exit(pid, A("stop_with_reply"), I(100));
+    assert_eq(elem(reason, 0), am_timeout);
+    pid = server(A("ok"));
+    reason = call_exit(pid, A("stop_self"), NULL);
+    assert_eq(elem(reason, 0), kv_tuple(2, am_calling_self, kv_tuple(3, am_GenServer, am_stop,
+                                                                    kv_list(3, pid, am_normal, am_infinity))));
 }
 
 static void t_stop_from_call(term ctx) {
@@ -2136,6 +2194,27 @@ static void t_dynamic_supervisor_options(term ctx) {
                            "[#Function<fn_one/0 in AgentTest>]}, :permanent, 5000, :worker, [Agent]}}, :infinity]}}");
 }
 
+/* A child whose restart keeps failing can still be terminated, and stray
+ * messages are logged. */
+static void t_dynamic_restarting_child(term ctx) {
+    (void)ctx;
+    process_register(self(), A("witness"));
+    tw_fail_after_first = 0;
+    term sup = start_dyn(kv_list(1, kv_tuple(2, am_max_restarts, I(100))));
+    term f = ok_value(dynamic_supervisor_start_child(sup, worker_opts("f", NULL, NULL,
+                                                                      kv_list(1, kv_tuple(2, A("init"), A("fail_later"))))));
+    events(1);
+    gen_server_cast(f, kv_tuple(2, am_EXIT, A("boom")));
+    events(2); /* terminated, then a failed start */
+    term children = dynamic_supervisor_which_children(sup);
+    assert_eq(elem(hd(children), 1), am_restarting);
+    assert_eq(dynamic_supervisor_terminate_child(sup, f), am_ok);
+    assert_eq(dynamic_supervisor_which_children(sup), NIL);
+    process_send(sup, A("hello"));
+    process_sleep(1);
+    assert_contains(captured_log(), "[error] DynamicSupervisor received unexpected message: :hello\n");
+}
+
 /* A DynamicSupervisor stops its children all at once: both slow children
  * are told together, so the whole shutdown takes one timeout, not two. */
 static void t_dynamic_shutdown_concurrent(term ctx) {
@@ -2361,6 +2440,7 @@ static const struct test tests[] = {
     {"runtime", "Runtime.SchedulerTest", "a stack overflow is named and stops the VM", NULL, NULL, main_overflow},
     {"runtime", "Runtime.SchedulerTest", "262,144 processes live at once, as on BEAM", NULL, t_process_limit, NULL},
     {"runtime", "Runtime.SchedulerTest", "a process can wait for input", NULL, NULL, main_wait_input},
+    {"runtime", "Runtime.SchedulerTest", "exit signals reach processes outside receive", NULL, t_signals_outside_receive, NULL},
     /* ---- agents.md: "Simple state management with agents" ---- */
     {"agents", "AgentTest", "the sessions of Agents 101", NULL, t_agents_101, NULL},
     {"agents", "AgentTest", "after stop, calls exit with :noproc", NULL, t_agent_after_stop, NULL},
@@ -2381,6 +2461,7 @@ static const struct test tests[] = {
     {"genservers", "GenServerTest", "a crash in handle_call exits the caller and is logged", NULL, t_call_crash, NULL},
     {"genservers", "GenServerTest", "a linked caller goes down with the bare reason", NULL, t_call_crash_linked, NULL},
     {"genservers", "GenServerTest", "stop and bad returns from handle_call", NULL, t_stop_from_call, NULL},
+    {"genservers", "GenServerTest", "throw, terminate before the last reply, and stopping oneself", NULL, t_throw_and_stop_order, NULL},
     {"genservers", "GenServerTest", "GenServer.reply answers a deferred call", NULL, t_deferred_reply, NULL},
     {"genservers", "GenServerTest", "cast is always :ok and plain messages go to handle_info", NULL, t_cast_and_info, NULL},
     {"genservers", "GenServerTest", "use GenServer's default callbacks", NULL, t_default_callbacks, NULL},
@@ -2418,6 +2499,7 @@ static const struct test tests[] = {
     {"dynamic-supervisor", "DynamicSupervisorTest", "start_child, terminate_child and restarts", NULL, t_dynamic_supervisor, NULL},
     {"dynamic-supervisor", "DynamicSupervisorTest", "max_children, extra_arguments, strategy and intensity", NULL, t_dynamic_supervisor_options, NULL},
     {"dynamic-supervisor", "DynamicSupervisorTest", "children are shut down all at once", NULL, t_dynamic_shutdown_concurrent, NULL},
+    {"dynamic-supervisor", "DynamicSupervisorTest", "a child being restarted can be terminated", NULL, t_dynamic_restarting_child, NULL},
     {"dynamic-supervisor", "KV.BucketTest", "are temporary workers", NULL, t_are_temporary_workers, NULL},
     {"dynamic-supervisor", "KV.RegistryTest", "removes bucket on crash", registry_setup, t_removes_bucket_on_crash, NULL},
     {"dynamic-supervisor", "KV.RegistryTest", "before the bucket supervisor, a bucket crash took the registry down", NULL, t_registry_linked_to_buckets, NULL},
