@@ -516,12 +516,12 @@ static term kv_atom(const char *name) { return atom_n(name, strlen(name)); }
     X(stop, "stop") X(reply, "reply") X(noreply, "noreply")                 \
     X(ignore, "ignore") X(bad_return_value, "bad_return_value")             \
     X(already_started, "already_started") X(ack, "ack")                     \
-    X(trap_exit, "trap_exit") X(name, "name") X(struct_, "__struct__")      \
+    X(name, "name") X(struct_, "__struct__")      \
     X(exception_, "__exception__") X(message, "message") X(term, "term")     \
     X(module, "module") X(function, "function") X(arity, "arity")           \
     X(kind, "kind") X(clauses, "clauses")                                    \
-    X(original, "original") X(reason, "reason") X(system_limit, "system_limit") \
-    X(badarg, "badarg") X(GenServer, "Elixir.GenServer")                    \
+    X(original, "original") X(reason, "reason") \
+    X(GenServer, "Elixir.GenServer")                    \
     X(RuntimeError, "Elixir.RuntimeError")                                   \
     X(ArgumentError, "Elixir.ArgumentError")                                 \
     X(MatchError, "Elixir.MatchError")                                       \
@@ -544,13 +544,20 @@ static term kv_atom(const char *name) { return atom_n(name, strlen(name)); }
     X(already_present, "already_present") X(which_children, "which_children") \
     X(count_children, "count_children") X(start_child, "start_child")      \
     X(terminate_child, "terminate_child") X(restart_child, "restart_child") \
-    X(delete_child, "delete_child") X(args, "args") X(significant, "significant") \
+    X(delete_child, "delete_child") X(args, "args") \
     X(start_spec, "start_spec") X(supervisor_data, "supervisor_data")       \
     X(bad_return, "bad_return") X(child_spec, "child_spec")                 \
     X(start_link, "start_link") X(failed_to_start_child, "failed_to_start_child") \
     X(active, "active") X(specs, "specs") X(supervisors, "supervisors")     \
     X(workers, "workers") X(dynamic, "dynamic") X(max_children, "max_children") \
-    X(extra_arguments, "extra_arguments")
+    X(extra_arguments, "extra_arguments") X(started, "started") X(kv, "kv")  \
+    X(logger, "logger") X(handle_call, "handle_call") X(handle_cast, "handle_cast") \
+    X(try_again_restart, "try_again_restart") X(nocatch, "nocatch")          \
+    X(not_started, "not_started") X(missing_id, "missing_id")                \
+    X(missing_start, "missing_start") X(invalid_strategy, "invalid_strategy") \
+    X(invalid_child_spec, "invalid_child_spec") X(init, "init")              \
+    X(app_started, "app_started") X(app_exited, "app_exited")                \
+    X(application_controller, "application_controller")
 
 #define DECLARE_ATOM(id, text) static term am_##id;
 KV_ATOMS(DECLARE_ATOM)
@@ -678,6 +685,12 @@ static int64_t int_value(term t) { return t->u.i; }
 static bool is_tagged(term t, term tag, size_t size) {
     return t->kind == K_TUPLE && t->n == size && t->item[0] == tag;
 }
+
+/* {:ok, x} or {:ok, x, info}: what a start function returns on success */
+static bool is_ok_tuple(term t) { return is_tagged(t, am_ok, 2) || is_tagged(t, am_ok, 3); }
+
+/* ...with a pid for x: a started process */
+static bool is_started(term t) { return is_ok_tuple(t) && is_pid(elem(t, 1)); }
 
 /* length/1 */
 API size_t list_length(term l) {
@@ -863,6 +876,21 @@ API term keyword_get(term kw, term key, term dflt) {
             return elem(pair, 1);
     }
     return dflt;
+}
+
+/* Keyword.split/2: the pairs of kw whose key is one of `keys` (ending with
+ * NULL) in *taken, the others in *rest, both in their order. */
+static void keyword_split(term kw, const term *keys, term *taken, term *rest) {
+    if (kw->kind != K_CONS) {
+        *taken = *rest = NIL;
+        return;
+    }
+    keyword_split(tl(kw), keys, taken, rest);
+    term key = elem(hd(kw), 0);
+    bool mine = false;
+    for (size_t i = 0; keys[i]; i++) mine = mine || keys[i] == key;
+    if (mine) *taken = kv_cons(hd(kw), *taken);
+    else *rest = kv_cons(hd(kw), *rest);
 }
 
 /* Kernel.++/2 */
@@ -1546,24 +1574,32 @@ static const struct doc *to_doc(term t, long limit) {
     return &doc_nil;
 }
 
-/* inspect/1 — appends the one-line form of t to b. */
-static void inspect_to(struct buf *b, term t) {
-    /* The byte lists and pair lists built above are scratch terms: give
-     * them the scratch heap so they vanish with the documents. */
-    struct heap *saved = alloc_heap;
-    alloc_heap = &doc_heap;
-    doc_format(b, to_doc(t, INSPECT_LIMIT), LONG_MAX);
-    alloc_heap = saved;
-    heap_free(&doc_heap);
-}
-
-/* What iex prints for a result: pretty, at 80 columns. */
-API void inspect_pretty_to(struct buf *b, term t, long width) {
+/* inspect(t, pretty: true, width: width) — appended to b.  iex prints
+ * results this way, at 80 columns. */
+static void inspect_pretty_to(struct buf *b, term t, long width) {
+    /* The byte lists and pair lists to_doc builds are scratch terms: they
+     * go to the scratch heap, to vanish with the documents. */
     struct heap *saved = alloc_heap;
     alloc_heap = &doc_heap;
     doc_format(b, to_doc(t, INSPECT_LIMIT), width);
     alloc_heap = saved;
     heap_free(&doc_heap);
+}
+
+/* inspect/1 — the one-line form of t, appended to b. */
+static void inspect_to(struct buf *b, term t) { inspect_pretty_to(b, t, LONG_MAX); }
+
+/* Append fmt to b, each %T replaced by the next term argument, inspected:
+ * Elixir's "... #{inspect(t)} ..." in C. */
+static void buf_terms(struct buf *b, const char *fmt, va_list ap) {
+    for (const char *p = fmt; *p; p++) {
+        if (p[0] == '%' && p[1] == 'T') {
+            inspect_to(b, va_arg(ap, term));
+            p++;
+        } else {
+            buf_add(b, p, 1);
+        }
+    }
 }
 
 /* --------------------------------------------------------------------------
@@ -1660,7 +1696,7 @@ struct proc {
 #define VM_INFINITY (-1L) /* receive without `after` */
 
 enum vm_result { VM_DONE, VM_IDLE, VM_DEADLOCK };
-enum jump { JUMP_START, JUMP_SWITCHED, JUMP_EXITED };
+enum jump { JUMP_SWITCHED = 1, JUMP_EXITED }; /* what _setjmp(vm.sched_ctx) returns */
 
 static struct vm {
     /* The process table: process N lives in table[N & (cap - 1)]. */
@@ -1680,7 +1716,6 @@ static struct vm {
     uintptr_t stack_end; /* the lowest address the C stack may reach */
     size_t stack_size;   /* ...and the C stack's size */
     void *sched_fake_stack; /* ASan's fake stack for the scheduler */
-    struct proc *on_stage; /* whose bytes are on the stage right now */
     unsigned direct;     /* switches since the scheduler last looked around */
     uint64_t switches;
 
@@ -1859,17 +1894,13 @@ static NORETURN NOINLINE void stage_land(struct proc *p, volatile char *pad) {
     if (!p->started) {
         if (stack_address() >= vm.stage_top) abort(); /* cannot happen */
         p->started = true;
-        vm.on_stage = p;
         FIBER_ARRIVE(NULL); /* a new process: ASan gives it a new fake stack */
         proc_main(p);       /* a new process starts here and never returns */
     }
     char *dest = (char *)(vm.stage_top - p->stack_len);
     if (stack_address() >= (uintptr_t)dest) abort(); /* cannot happen */
-    if (vm.on_stage != p) {
-        UNPOISON(dest, p->stack_len);
-        memcpy(dest, p->stack, p->stack_len);
-        vm.on_stage = p;
-    }
+    UNPOISON(dest, p->stack_len);
+    memcpy(dest, p->stack, p->stack_len);
     _longjmp(p->ctx, 1);
 }
 
@@ -1912,15 +1943,22 @@ static void proc_wait(void) {
     FIBER_ARRIVE(p->fake_stack);
 }
 
-/* Kernel.exit from the process itself, for real (no catch): give the CPU
- * to the scheduler, which finishes the process (proc_finish). */
+/* The running process p is finished for good: give the CPU to the
+ * scheduler, which frees it (proc_finish).
+ * Contract: vm.sched_ctx is valid (see I.1); p's stack is not saved and
+ * never entered again. */
+static NORETURN void leave_to_scheduler(struct proc *p) {
+    vm.exiting = p;
+    FIBER_LEAVE(NULL); /* for good: ASan may drop its fake stack */
+    _longjmp(vm.sched_ctx, JUMP_EXITED); /* up: vm_run's frame */
+}
+
+/* Kernel.exit from the process itself, for real (no catch). */
 static NORETURN void exit_current(term reason) {
     struct proc *p = vm.current;
     p->exit_reason = reason;
     p->state = P_EXITING;
-    vm.exiting = p;
-    FIBER_LEAVE(NULL); /* for good: ASan may drop its fake stack */
-    _longjmp(vm.sched_ctx, JUMP_EXITED); /* up: vm_run's frame */
+    leave_to_scheduler(p);
 }
 
 /* A process's first frame.  Returning from its function means :normal. */
@@ -2193,7 +2231,6 @@ static enum vm_result vm_run(uint64_t watch) {
     enum vm_result result;
     for (;;) {
         reap();
-        vm.on_stage = NULL; /* our own calls may have used the stage */
         vm.direct = 0;
         if (watch && !proc_of_pid(watch)) { result = VM_DONE; break; }
         struct proc *p = runq_pop();
@@ -2258,6 +2295,16 @@ static void mailbox_append(struct proc *p, struct msg *m) {
     if (p->state == P_WAITING && p->wait_fd < 0) runq_push(p); /* wake it */
 }
 
+/* Take the message *at (at is the link that points to it) out of p's
+ * mailbox, and return it. */
+static struct msg *mbox_take(struct proc *p, struct msg **at) {
+    struct msg *m = *at;
+    *at = m->next;
+    if (p->mbox_tail == &m->next) p->mbox_tail = at;
+    p->mbox_len--;
+    return m;
+}
+
 /* Deliver a copy of t to p (nothing happens if p is dying). */
 static void deliver(struct proc *p, term t) {
     if (p->state == P_EXITING) return;
@@ -2278,6 +2325,7 @@ static void mailbox_free(struct proc *p) {
 
 static NORETURN void raise_error(term exception);
 static term argument_error(const char *message);
+static NORETURN void raise_argument_error(const char *message, ...);
 static struct proc *whereis_proc(term name);
 
 /* Process.send/3 (Kernel.send/2): dest is a pid or a registered name.  A
@@ -2295,7 +2343,7 @@ API term process_send(term dest, term msg) {
     return msg;
 }
 
-static bool signal_handle(struct proc *p, struct msg *sig);
+static bool signal_handle(struct proc *p, struct msg **at);
 static void signals_flush(struct proc *p);
 static void settle(void);
 
@@ -2318,26 +2366,17 @@ static term receive_full(match_fn match, const void *arg, long timeout_ms, const
     p->timed_out = false;
     for (;;) {
         for (struct msg *m; (m = *scan);) {
-            if (m->signal) { /* an exit signal, reached in order */
-                *scan = m->next;
-                if (p->mbox_tail == &m->next) p->mbox_tail = scan;
-                p->mbox_len--;
-                if (!signal_handle(p, m)) {
-                    settle(); /* leaves here if it killed us */
-                    continue;
-                }
-                m->next = *scan; /* trapped: it is a message now */
-                *scan = m;
-                if (p->mbox_tail == scan) p->mbox_tail = &m->next;
-                p->mbox_len++;
+            /* An exit signal, reached in order: if it is not kept as a
+             * message, it is gone (and may have killed us). */
+            if (m->signal && !signal_handle(p, scan)) {
+                settle();
+                continue;
             }
             if (match && !match(m->value, arg)) {
                 scan = &m->next;
                 continue;
             }
-            *scan = m->next;
-            if (p->mbox_tail == &m->next) p->mbox_tail = scan;
-            p->mbox_len--;
+            mbox_take(p, scan);
             timer_cancel(p);
             heap_add_chunk(&p->heap, m->chunk); /* its memory is ours now */
             p->waiting_for = NULL;
@@ -2520,9 +2559,10 @@ static void deliver_tuple(struct proc *p, size_t n, const term *items) {
 /* {:DOWN, ref, :process, object, reason} to whoever holds monitor m. */
 static void send_down(struct proc *watcher, uint64_t ref, term object, term reason) {
     struct heap scratch = {0};
-    term t;
-    WITH_HEAP(&scratch, t = kv_tuple(5, am_DOWN, kv_ref(ref), am_process, object, reason));
-    deliver(watcher, t);
+    term r;
+    WITH_HEAP(&scratch, r = kv_ref(ref));
+    term items[5] = {am_DOWN, r, am_process, object, reason};
+    deliver_tuple(watcher, 5, items);
     heap_free(&scratch);
 }
 
@@ -2542,14 +2582,17 @@ static void die(struct proc *p, term reason) {
     vm.dying_tail = p;
 }
 
-/* Handle the exit signal `sig`, an {:EXIT, from, reason} entry taken out of
- * p's mailbox: for a trapping process it goes back as a message (true); for
- * the others it is dropped, and kills p unless the reason is :normal. */
-static bool signal_handle(struct proc *p, struct msg *sig) {
+/* Handle the exit signal *at, an {:EXIT, from, reason} entry in p's
+ * mailbox: a trapping process keeps it as an ordinary message (true); for
+ * any other process it is taken out, and kills p unless the reason is
+ * :normal (false). */
+static bool signal_handle(struct proc *p, struct msg **at) {
+    struct msg *sig = *at;
     if (p->trap_exit) {
         sig->signal = false;
         return true;
     }
+    mbox_take(p, at);
     term reason = elem(sig->value, 2);
     if (reason != am_normal) {
         heap_add_chunk(&p->heap, sig->chunk); /* keep the reason's memory */
@@ -2576,11 +2619,13 @@ static void exit_signal(struct proc *p, term from, term reason, bool link) {
     heap_free(&scratch);
     sig->signal = true;
     if (from->u.id == p->pid) { /* sent to itself: handled at once */
+        struct msg **at = p->mbox_tail;
+        mailbox_append(p, sig);
         if (reason == am_normal && !p->trap_exit && !link) {
-            chunk_free(sig->chunk);
+            chunk_free(mbox_take(p, at)->chunk);
             die(p, am_normal);
-        } else if (signal_handle(p, sig)) {
-            mailbox_append(p, sig);
+        } else {
+            signal_handle(p, at);
         }
         return;
     }
@@ -2594,17 +2639,9 @@ static void exit_signal(struct proc *p, term from, term reason, bool link) {
  * it for the signals its caller sent. */
 static void signals_flush_from(struct proc *p, uint64_t from) {
     for (struct msg **pp = &p->mbox_head, *m; (m = *pp) && p->state != P_EXITING;) {
-        if (!m->signal || (from && elem(m->value, 1)->u.id != from)) { pp = &m->next; continue; }
-        *pp = m->next;
-        if (p->mbox_tail == &m->next) p->mbox_tail = pp;
-        p->mbox_len--;
-        if (signal_handle(p, m)) { /* a message now: put it back */
-            m->next = *pp;
-            *pp = m;
-            if (p->mbox_tail == pp) p->mbox_tail = &m->next;
-            p->mbox_len++;
-            pp = &m->next;
-        }
+        bool mine = m->signal && (!from || elem(m->value, 1)->u.id == from);
+        if (mine && !signal_handle(p, pp)) continue; /* taken out: *pp is the next */
+        pp = &m->next;
     }
 }
 
@@ -2634,7 +2671,6 @@ static void proc_finish(struct proc *p) {
         monitor_remove(m);
     }
     while (p->monitors) monitor_remove(p->monitors);
-    if (vm.on_stage == p) vm.on_stage = NULL;
     mailbox_free(p);
     heap_free(&p->heap);
     mem_free(p->stack, p->stack_cap);
@@ -2663,11 +2699,7 @@ static void reap(void) {
 static void settle(void) {
     reap();
     struct proc *self = vm.current;
-    if (self && self->state == P_EXITING) {
-        vm.exiting = self;
-        FIBER_LEAVE(NULL);
-        _longjmp(vm.sched_ctx, JUMP_EXITED); /* up: vm_run's frame */
-    }
+    if (self && self->state == P_EXITING) leave_to_scheduler(self);
 }
 
 /* --------------------------------------------------------------------------
@@ -2814,11 +2846,8 @@ API term process_demonitor(term ref, bool flush) {
     if (m) monitor_remove(m);
     if (flush) {
         for (struct msg **pp = &me->mbox_head, *msg; (msg = *pp);) {
-            if (!is_down_for(msg->value, ref->u.id)) { pp = &msg->next; continue; }
-            *pp = msg->next;
-            if (me->mbox_tail == &msg->next) me->mbox_tail = pp;
-            me->mbox_len--;
-            chunk_free(msg->chunk);
+            if (is_down_for(msg->value, ref->u.id)) chunk_free(mbox_take(me, pp)->chunk);
+            else pp = &msg->next;
         }
     }
     return am_true;
@@ -2848,6 +2877,10 @@ static struct proc *whereis_proc(term name) {
     return NULL;
 }
 
+/* A GenServer's `server` argument: a pid or a registered name.  The live
+ * process it means, or NULL. */
+static struct proc *server_proc(term server) { return is_atom(server) ? whereis_proc(server) : proc_of(server); }
+
 /* Process.whereis/1 — the pid, or nil */
 API term process_whereis(term name) {
     struct proc *p = whereis_proc(name);
@@ -2868,19 +2901,9 @@ static void names_remove(struct proc *p) {
  * name; both are checked, as on BEAM. */
 API term process_register(term pid, term name) {
     struct proc *p = proc_of(pid);
-    if (!p || !is_atom(name) || name == am_nil || name == am_undefined || p->name ||
-        whereis_proc(name)) {
-        struct buf b = {0};
-        buf_puts(&b, "could not register ");
-        inspect_to(&b, pid);
-        buf_puts(&b, " with name ");
-        inspect_to(&b, name);
-        buf_puts(&b, " because it is not alive, the name is already taken, or it has "
-                     "already been given another name");
-        term e = argument_error(buf_str(&b));
-        buf_free(&b);
-        raise_error(e);
-    }
+    if (!p || !is_atom(name) || name == am_nil || name == am_undefined || p->name || whereis_proc(name))
+        raise_argument_error("could not register %T with name %T because it is not alive, the name is "
+                             "already taken, or it has already been given another name", pid, name);
     if (vm.nnames == vm.names_cap) {
         size_t cap = vm.names_cap ? vm.names_cap * 2 : 16;
         vm.names = vm_realloc(vm.names, cap * sizeof *vm.names);
@@ -2975,7 +2998,7 @@ static NORETURN void raise_error(term exception) {
  * stacktrace}, as on BEAM. */
 API NORETURN void throw_value(term value) {
     if (vm.current->catcher) throw_to_catcher(CAUGHT_THROW, value);
-    term reason = kv_tuple(2, kv_atom("nocatch"), value);
+    term reason = kv_tuple(2, am_nocatch, value);
     log_raised(erlang_error(reason));
     exit_current(kv_tuple(2, reason, NIL));
 }
@@ -3023,6 +3046,21 @@ API term runtime_error(const char *message) {
 /* %ArgumentError{message: message} */
 static term argument_error(const char *message) {
     return exception_new(am_ArgumentError, 1, am_message, kv_string(message));
+}
+
+static void buf_terms(struct buf *b, const char *fmt, va_list ap);
+
+/* raise ArgumentError, message, where each %T in the message is the next
+ * argument, a term, inspected: raise_argument_error("got: %T", t). */
+static NORETURN void raise_argument_error(const char *message, ...) {
+    struct buf b = {0};
+    va_list ap;
+    va_start(ap, message);
+    buf_terms(&b, message, ap);
+    va_end(ap);
+    term e = argument_error(buf_str(&b));
+    buf_free(&b);
+    raise_error(e);
 }
 
 /* %MatchError{term: value} — what `{:ok, x} = value` raises when it fails */
@@ -3341,12 +3379,12 @@ static term agent_handle_call(term request, term from, term state) {
         if (is_tuple(r) && tuple_size(r) == 2) return kv_tuple(3, am_reply, elem(r, 0), elem(r, 1));
         return kv_tuple(3, am_stop, kv_tuple(2, am_bad_return_value, r), state);
     }
-    raise_error(function_clause_error(kv_alias("Agent.Server"), kv_atom("handle_call"), 3));
+    raise_error(function_clause_error(kv_alias("Agent.Server"), am_handle_call, 3));
 }
 
 static term agent_handle_cast(term request, term state) {
     if (!is_tagged(request, am_cast, 2))
-        raise_error(function_clause_error(kv_alias("Agent.Server"), kv_atom("handle_cast"), 2));
+        raise_error(function_clause_error(kv_alias("Agent.Server"), am_handle_cast, 2));
     return kv_tuple(2, am_noreply, fun_call(elem(request, 1), state));
 }
 
@@ -3564,21 +3602,13 @@ struct callback_run {
     term result;
 };
 
-static term default_handle_call(struct gen_server *gs) {
+/* use GenServer's handle_call/3 and handle_cast/2: a module that receives
+ * a call (or a cast) it has no callback for crashes, saying so. */
+static NORETURN term no_callback(struct gen_server *gs, const char *what, const char *callback_name) {
     struct buf b = {0};
-    buf_puts(&b, "attempted to call GenServer ");
+    buf_printf(&b, "attempted to %s GenServer ", what);
     inspect_to(&b, server_label(gs));
-    buf_puts(&b, " but no handle_call/3 clause was provided");
-    term e = runtime_error(buf_str(&b));
-    buf_free(&b);
-    raise_error(e);
-}
-
-static term default_handle_cast(struct gen_server *gs) {
-    struct buf b = {0};
-    buf_puts(&b, "attempted to cast GenServer ");
-    inspect_to(&b, server_label(gs));
-    buf_puts(&b, " but no handle_cast/2 clause was provided");
+    buf_printf(&b, " but no %s clause was provided", callback_name);
     term e = runtime_error(buf_str(&b));
     buf_free(&b);
     raise_error(e);
@@ -3606,10 +3636,10 @@ static void run_callback(void *arg) {
         r->result = m->init(r->msg);
         break;
     case CB_CALL:
-        r->result = m->handle_call ? m->handle_call(r->msg, r->from, gs->state) : default_handle_call(gs);
+        r->result = m->handle_call ? m->handle_call(r->msg, r->from, gs->state) : no_callback(gs, "call", "handle_call/3");
         break;
     case CB_CAST:
-        r->result = m->handle_cast ? m->handle_cast(r->msg, gs->state) : default_handle_cast(gs);
+        r->result = m->handle_cast ? m->handle_cast(r->msg, gs->state) : no_callback(gs, "cast", "handle_cast/2");
         break;
     case CB_INFO:
         r->result = m->handle_info ? m->handle_info(r->msg, gs->state) : default_handle_info(gs, r->msg);
@@ -3768,7 +3798,7 @@ static void gen_server_main(term arg) {
     term ack;
     if (!r) {
         ack = kv_tuple(2, am_error, reason); /* init raised or exited */
-    } else if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3)) {
+    } else if (is_ok_tuple(r)) {
         gs.state = elem(r, 1);
         if (tuple_size(r) == 3) gs.timeout = timeout_of(elem(r, 2));
         process_send(starter, kv_tuple(3, am_ack, tag, kv_tuple(2, am_ok, self())));
@@ -3807,13 +3837,8 @@ static bool is_exit_from(term msg, const void *pid) {
  * forms need distribution and registries kv.c does not have). */
 static void check_name_option(term name) {
     if (name == am_nil || is_atom(name)) return;
-    struct buf b = {0};
-    buf_puts(&b, "expected :name option to be one of the following:\n\n  * nil\n  * atom\n"
-                 "  * {:global, term}\n  * {:via, module, term}\n\nGot: ");
-    inspect_to(&b, name);
-    term e = argument_error(buf_str(&b));
-    buf_free(&b);
-    raise_error(e);
+    raise_argument_error("expected :name option to be one of the following:\n\n  * nil\n  * atom\n"
+                         "  * {:global, term}\n  * {:via, module, term}\n\nGot: %T", name);
 }
 
 /* Start a GenServer running `mod`, linked to the caller if `link`, and
@@ -3865,7 +3890,7 @@ static bool match_reply(term msg, const void *mref) {
 static term gen_call(term server, term label, term request, long timeout, term module, term fun) {
     term t = timeout == VM_INFINITY ? am_infinity : kv_int(timeout);
     term where = kv_tuple(3, module, fun, kv_list(3, server, request, t));
-    struct proc *p = is_atom(server) ? whereis_proc(server) : proc_of(server);
+    struct proc *p = server_proc(server);
     if (p == vm.current) exit_self(kv_tuple(2, am_calling_self, where));
     term pid = p ? kv_pid(p->pid) : server;
     term mref = process_monitor(p ? pid : server);
@@ -3898,7 +3923,7 @@ API term gen_server_call(term server, term request) {
 
 /* GenServer.cast/2 — always :ok, even if nobody is there to receive it */
 API term gen_server_cast(term server, term request) {
-    struct proc *p = is_atom(server) ? whereis_proc(server) : proc_of(server);
+    struct proc *p = server_proc(server);
     if (p) deliver(p, kv_tuple(2, am_gen_cast, request));
     return am_ok;
 }
@@ -3913,7 +3938,7 @@ API term sys_get_state(term server) {
 API term gen_server_stop(term server, term reason, long timeout) {
     term t = timeout == VM_INFINITY ? am_infinity : kv_int(timeout);
     term where = kv_tuple(3, am_GenServer, am_stop, kv_list(3, server, reason, t));
-    struct proc *p = is_atom(server) ? whereis_proc(server) : proc_of(server);
+    struct proc *p = server_proc(server);
     if (!p) exit_self(kv_tuple(2, am_noproc, where));
     if (p == vm.current) exit_self(kv_tuple(2, am_calling_self, where));
     term pid = kv_pid(p->pid);
@@ -3950,7 +3975,7 @@ static term kv_registry_init(term arg) {
 static term kv_registry_handle_call(term request, term from, term state) {
     (void)from;
     if (!is_tagged(request, am_lookup, 2))
-        raise_error(function_clause_error(kv_alias("KV.Registry"), kv_atom("handle_call"), 3));
+        raise_error(function_clause_error(kv_alias("KV.Registry"), am_handle_call, 3));
     term names = elem(state, 0);
     return kv_tuple(3, am_reply, map_fetch(names, elem(request, 1)), state);
 }
@@ -3966,7 +3991,7 @@ API term dynamic_supervisor_start_child(term sup, term child_spec); /* Part V */
  * starts it under KV.BucketSupervisor instead, as here. */
 static term kv_registry_handle_cast(term request, term state) {
     if (!is_tagged(request, am_create, 2))
-        raise_error(function_clause_error(kv_alias("KV.Registry"), kv_atom("handle_cast"), 2));
+        raise_error(function_clause_error(kv_alias("KV.Registry"), am_handle_cast, 2));
     term name = elem(request, 1), names = elem(state, 0), refs = elem(state, 1);
     if (map_has_key(names, name)) return kv_tuple(2, am_noreply, state);
     term bucket = ok_value(dynamic_supervisor_start_child(kv_alias("KV.BucketSupervisor"), kv_alias("KV.Bucket")));
@@ -4087,16 +4112,6 @@ API term child_spec_as_1_14(term spec) {
     return spec;
 }
 
-static NORETURN void child_spec_error(term module, const char *what) {
-    struct buf b = {0};
-    buf_puts(&b, "The module ");
-    inspect_to(&b, module);
-    buf_puts(&b, what);
-    term e = argument_error(buf_str(&b));
-    buf_free(&b);
-    raise_error(e);
-}
-
 /* Supervisor.child_spec/2: a child spec from a module (KV.Registry means
  * KV.Registry.child_spec([])), a {module, arg} pair (module.child_spec(arg))
  * or a map, with `overrides` ([restart: :temporary], ...) applied. */
@@ -4106,39 +4121,26 @@ API term supervisor_child_spec(term child, term overrides) {
         term module = is_atom(child) ? child : elem(child, 0);
         term arg = is_atom(child) ? NIL : elem(child, 1);
         const struct module *m = code_find(module);
-        if (!m) child_spec_error(module, " was given as a child to a supervisor but it does not exist.");
+        if (!m) raise_argument_error("The module %T was given as a child to a supervisor but it does not exist.", module);
         bool has = false;
         for (const struct export *e = m->exports; e && e->name; e++)
             has = has || (e->arity == 1 && strcmp(e->name, "child_spec") == 0);
         if (!has)
-            child_spec_error(module, " was given as a child to a supervisor\nbut it does not implement "
-                                     "child_spec/1.");
+            raise_argument_error("The module %T was given as a child to a supervisor\nbut it does not "
+                                 "implement child_spec/1.", module);
         spec = erlang_apply(module, am_child_spec, kv_list(1, arg));
     } else if (!is_map(child)) {
-        struct buf b = {0};
-        buf_puts(&b, "supervisors expect each child to be one of the following:\n\n"
-                     "  * a module\n  * a {module, arg} tuple\n  * a child specification as a map with at "
-                     "least the :id and :start fields\n  * or a tuple with 6 elements generated by "
-                     "Supervisor.child_spec/2\n\nGot: ");
-        inspect_to(&b, child);
-        term e = argument_error(buf_str(&b));
-        buf_free(&b);
-        raise_error(e);
+        raise_argument_error("supervisors expect each child to be one of the following:\n\n"
+                             "  * a module\n  * a {module, arg} tuple\n  * a child specification as a map "
+                             "with at least the :id and :start fields\n  * or a tuple with 6 elements "
+                             "generated by Supervisor.child_spec/2\n\nGot: %T", child);
     }
     static const char *const keys[] = {"id", "start", "restart", "shutdown", "type", "modules", "significant", NULL};
     for (term o = overrides; o->kind == K_CONS; o = tl(o)) {
         term key = elem(hd(o), 0);
         bool known = false;
         for (size_t i = 0; keys[i]; i++) known = known || key == kv_atom(keys[i]);
-        if (!known) {
-            struct buf b = {0};
-            buf_puts(&b, "unknown key ");
-            inspect_to(&b, key);
-            buf_puts(&b, " in child specification override");
-            term e = argument_error(buf_str(&b));
-            buf_free(&b);
-            raise_error(e);
-        }
+        if (!known) raise_argument_error("unknown key %T in child specification override", key);
         spec = map_put(spec, key, elem(hd(o), 1));
     }
     return spec;
@@ -4148,10 +4150,10 @@ API term supervisor_child_spec(term child, term overrides) {
  * defaults.  Returns the child as the supervisor keeps it (the spec plus
  * pid: :undefined) or {:error, reason}. */
 static term child_check(term spec) {
-    if (!is_map(spec)) return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_child_spec"), spec));
+    if (!is_map(spec)) return kv_tuple(2, am_error, kv_tuple(2, am_invalid_child_spec, spec));
     term id = map_get(spec, am_id, NULL), start = map_get(spec, am_start, NULL);
-    if (!id) return kv_tuple(2, am_error, kv_atom("missing_id"));
-    if (!start) return kv_tuple(2, am_error, kv_atom("missing_start"));
+    if (!id) return kv_tuple(2, am_error, am_missing_id);
+    if (!start) return kv_tuple(2, am_error, am_missing_start);
     if (!is_tuple(start) || tuple_size(start) != 3 || !is_atom(elem(start, 0)) || !is_atom(elem(start, 1)) ||
         !is_list(elem(start, 2)))
         return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_mfa"), start));
@@ -4220,7 +4222,7 @@ static term child_start(term child) {
     case CAUGHT_EXIT: what = kv_tuple(2, am_EXIT, caught); break;
     default: what = caught; break;
     }
-    if ((is_tagged(what, am_ok, 2) || is_tagged(what, am_ok, 3)) && is_pid(elem(what, 1))) return what;
+    if (is_started(what)) return what;
     if (what == am_ignore) return kv_tuple(2, am_ok, am_undefined);
     if (is_tagged(what, am_error, 2)) return what;
     return kv_tuple(2, am_error, what);
@@ -4257,16 +4259,15 @@ static void child_shutdown(term child) {
     }
 }
 
-/* Stop running children in reverse start order; `skip` (a pid) is left
- * alone.  Temporary children are then forgotten, the others kept with
- * pid :undefined. */
-static term children_shutdown(term children, term skip) {
+/* Stop running children in reverse start order.  Temporary children are
+ * then forgotten, the others kept with pid :undefined. */
+static term children_shutdown(term children) {
     size_t n = list_length(children);
     term *v = vm_realloc(NULL, (n ? n : 1) * sizeof *v);
     size_t i = 0;
     for (term l = children; l->kind == K_CONS; l = tl(l)) v[i++] = hd(l);
     for (i = n; i-- > 0;)
-        if (!skip || !term_eq(child_get(v[i], am_pid), skip)) child_shutdown(v[i]);
+        child_shutdown(v[i]);
     term kept = NIL;
     for (i = n; i-- > 0;)
         if (child_get(v[i], am_restart) != am_temporary) kept = kv_cons(map_put(v[i], am_pid, am_undefined), kept);
@@ -4315,7 +4316,7 @@ static term children_start(term children, term *out, term *failure) {
         term c = hd(l);
         if (!failed_id && !is_pid(child_get(c, am_pid))) {
             term r = child_start(c);
-            if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3)) {
+            if (is_ok_tuple(r)) {
                 if (elem(r, 1) == am_undefined && child_get(c, am_restart) == am_temporary) continue;
                 c = map_put(c, am_pid, elem(r, 1));
             } else {
@@ -4350,7 +4351,7 @@ static bool sup_restart(term *state, term child) {
             if (strategy == am_rest_for_one && !seen) before = list_append(before, hd(l));
             else after = list_append(after, hd(l));
         }
-        after = children_shutdown(after, NULL);
+        after = children_shutdown(after);
         term restart_set = kv_cons(map_put(child, am_pid, am_undefined), after);
         if (strategy == am_one_for_all) { /* back to start order */
             restart_set = NIL;
@@ -4367,14 +4368,14 @@ static bool sup_restart(term *state, term child) {
         if (failed) { /* retry later; every attempt counts */
             st = map_put(st, am_children, children_replace(children, failed,
                                                            map_put(child_by(children, am_id, failed), am_pid, am_restarting)));
-            gen_server_cast(self(), kv_tuple(2, kv_atom("try_again_restart"), failed));
+            gen_server_cast(self(), kv_tuple(2, am_try_again_restart, failed));
         }
         *state = st;
         return true;
     }
     term r = child_start(child); /* :one_for_one */
-    term pid = is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3) ? elem(r, 1) : am_restarting;
-    if (pid == am_restarting) gen_server_cast(self(), kv_tuple(2, kv_atom("try_again_restart"), id));
+    term pid = is_ok_tuple(r) ? elem(r, 1) : am_restarting;
+    if (pid == am_restarting) gen_server_cast(self(), kv_tuple(2, am_try_again_restart, id));
     *state = map_put(st, am_children, children_replace(children, id, map_put(child, am_pid, pid)));
     return true;
 }
@@ -4409,13 +4410,13 @@ static term sup_init(term arg) {
     term r = m->init(elem(arg, 1));
     if (r == am_ignore) return am_ignore;
     if (!is_tagged(r, am_ok, 2) || !is_tuple(elem(r, 1)) || tuple_size(elem(r, 1)) != 2)
-        return kv_tuple(2, am_stop, kv_tuple(2, am_bad_return, kv_tuple(3, module, kv_atom("init"), r)));
+        return kv_tuple(2, am_stop, kv_tuple(2, am_bad_return, kv_tuple(3, module, am_init, r)));
     term flags = elem(elem(r, 1), 0), specs = elem(elem(r, 1), 1);
     term strategy = map_get(flags, am_strategy, am_one_for_one);
     term intensity = map_get(flags, am_intensity, kv_int(1)), period = map_get(flags, am_period, kv_int(5));
     term bad = NULL;
     if (strategy != am_one_for_one && strategy != am_one_for_all && strategy != am_rest_for_one)
-        bad = kv_tuple(2, kv_atom("invalid_strategy"), strategy);
+        bad = kv_tuple(2, am_invalid_strategy, strategy);
     else if (!is_integer(intensity) || int_value(intensity) < 0)
         bad = kv_tuple(2, kv_atom("invalid_intensity"), intensity);
     else if (!is_integer(period) || int_value(period) < 1)
@@ -4433,7 +4434,7 @@ static term sup_init(term arg) {
     term reason = NULL, started;
     term failed = children_start(children, &started, &reason);
     if (failed) {
-        children_shutdown(started, NULL);
+        children_shutdown(started);
         return kv_tuple(2, am_stop, kv_tuple(2, am_shutdown, kv_tuple(3, am_failed_to_start_child, failed, reason)));
     }
     term st = kv_map(6, am_module, module, am_strategy, strategy, am_intensity, intensity, am_period, period,
@@ -4496,7 +4497,7 @@ static term sup_handle_call(term req, term from, term st) {
         if (is_pid(pid)) return reply(kv_tuple(2, am_error, am_running), st);
         if (pid == am_restarting) return reply(kv_tuple(2, am_error, am_restarting), st);
         term r = child_start(c);
-        if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3))
+        if (is_ok_tuple(r))
             st = map_put(st, am_children, children_replace(children, id, map_put(c, am_pid, elem(r, 1))));
         return reply(r, st);
     }
@@ -4506,7 +4507,7 @@ static term sup_handle_call(term req, term from, term st) {
         if (pid == am_restarting) return reply(kv_tuple(2, am_error, am_restarting), st);
         return reply(am_ok, map_put(st, am_children, children_replace(children, id, NULL)));
     }
-    raise_error(function_clause_error(kv_atom("supervisor"), kv_atom("handle_call"), 3));
+    raise_error(function_clause_error(kv_atom("supervisor"), am_handle_call, 3));
 }
 
 static term sup_handle_cast(term req, term st) {
@@ -4536,7 +4537,7 @@ static term sup_handle_info(term msg, term st) {
 
 static void sup_terminate(term reason, term st) {
     (void)reason;
-    if (is_map(st)) children_shutdown(sup_get(st, am_children), NULL);
+    if (is_map(st)) children_shutdown(sup_get(st, am_children));
 }
 
 static const struct module supervisor_engine = {
@@ -4574,12 +4575,8 @@ static const struct module supervisor_default = {.name = "Supervisor.Default", .
 
 /* Supervisor.start_link/2 — children and options: [strategy: ...] */
 API term supervisor_start_link_children(term children, term opts) {
-    term sup_opts = NIL, start_opts = NIL;
-    for (term l = opts; l->kind == K_CONS; l = tl(l)) {
-        term k = elem(hd(l), 0);
-        if (k == am_strategy || k == am_max_restarts || k == am_max_seconds) sup_opts = kv_cons(hd(l), sup_opts);
-        else start_opts = kv_cons(hd(l), start_opts);
-    }
+    term sup_opts, start_opts, keys[] = {am_strategy, am_max_restarts, am_max_seconds, NULL};
+    keyword_split(opts, keys, &sup_opts, &start_opts);
     term spec = supervisor_init(children, sup_opts);
     return gen_start(&supervisor_engine, kv_tuple(2, module_atom(&supervisor_default), spec), start_opts, true);
 }
@@ -4886,13 +4883,13 @@ static void app_master(term arg) {
     if (kind == CAUGHT_ERROR) caught = kv_tuple(2, caught, NIL);
     if (kind != CAUGHT_NOTHING)
         result = kv_tuple(2, am_bad_return, kv_tuple(2, mfa, kv_tuple(2, am_EXIT, caught)));
-    else if ((is_tagged(r.result, am_ok, 2) || is_tagged(r.result, am_ok, 3)) && is_pid(elem(r.result, 1)))
+    else if (is_started(r.result))
         result = am_ok;
     else if (is_tagged(r.result, am_error, 2))
         result = kv_tuple(2, elem(r.result, 1), mfa);
     else
         result = kv_tuple(2, am_bad_return, kv_tuple(2, mfa, r.result));
-    process_send(controller, kv_tuple(3, kv_atom("app_started"), self(), result));
+    process_send(controller, kv_tuple(3, am_app_started, self(), result));
     if (result != am_ok) return;
     term sup = elem(r.result, 1);
     term state = tuple_size(r.result) == 3 ? elem(r.result, 2) : am_nil;
@@ -4901,7 +4898,7 @@ static void app_master(term arg) {
         if (is_tagged(m, am_EXIT, 3) && term_eq(elem(m, 1), sup)) { /* the tree died */
             if (a->mod->prep_stop) state = a->mod->prep_stop(state);
             if (a->mod->stop) a->mod->stop(state);
-            process_send(controller, kv_tuple(3, kv_atom("app_exited"), elem(arg, 0), elem(m, 2)));
+            process_send(controller, kv_tuple(3, am_app_exited, elem(arg, 0), elem(m, 2)));
             return;
         }
         if (m == am_stop) { /* Application.stop: prep_stop, the tree, stop */
@@ -4918,7 +4915,7 @@ static void app_master(term arg) {
 /* The controller's state: %{started: [{app, master pid or nil}, ...]},
  * newest first. */
 static term started_find(term st, term app) {
-    for (term l = map_get(st, kv_atom("started"), NIL); l->kind == K_CONS; l = tl(l))
+    for (term l = map_get(st, am_started, NIL); l->kind == K_CONS; l = tl(l))
         if (elem(hd(l), 0) == app) return hd(l);
     return NULL;
 }
@@ -4956,7 +4953,7 @@ static void log_app_exit(term app, term reason) {
 }
 
 static bool match_app_started(term msg, const void *pid) {
-    return is_tagged(msg, kv_atom("app_started"), 3) && term_eq(elem(msg, 1), (term)pid);
+    return is_tagged(msg, am_app_started, 3) && term_eq(elem(msg, 1), (term)pid);
 }
 
 static term ctl_start(term app, term st) {
@@ -4971,7 +4968,7 @@ static term ctl_start(term app, term st) {
     if (started_find(st, app)) return reply(kv_tuple(2, am_error, kv_tuple(2, am_already_started, app)), st);
     for (size_t i = 0; a->applications[i]; i++)
         if (!started_find(st, kv_atom(a->applications[i])))
-            return reply(kv_tuple(2, am_error, kv_tuple(2, kv_atom("not_started"), kv_atom(a->applications[i]))), st);
+            return reply(kv_tuple(2, am_error, kv_tuple(2, am_not_started, kv_atom(a->applications[i]))), st);
     term master = am_nil;
     if (a->mod) {
         master = spawn_link(app_master, kv_tuple(2, app, self()));
@@ -4982,22 +4979,22 @@ static term ctl_start(term app, term st) {
             return reply(kv_tuple(2, am_error, result), st);
         }
     }
-    if (app == kv_atom("logger")) logger_started = true;
-    term started = kv_cons(kv_tuple(2, app, master), map_get(st, kv_atom("started"), NIL));
-    return reply(am_ok, map_put(st, kv_atom("started"), started));
+    if (app == am_logger) logger_started = true;
+    term started = kv_cons(kv_tuple(2, app, master), map_get(st, am_started, NIL));
+    return reply(am_ok, map_put(st, am_started, started));
 }
 
 static term ctl_stop(term app, term st) {
     term entry = started_find(st, app);
-    if (!entry) return reply(kv_tuple(2, am_error, kv_tuple(2, kv_atom("not_started"), app)), st);
+    if (!entry) return reply(kv_tuple(2, am_error, kv_tuple(2, am_not_started, app)), st);
     term master = elem(entry, 1);
     if (is_pid(master)) {
         term ref = process_monitor(master);
         process_send(master, am_stop);
         receive(match_down_of, ref, VM_INFINITY);
     }
-    st = map_put(st, kv_atom("started"), started_without(map_get(st, kv_atom("started"), NIL), app));
-    if (app == kv_atom("logger")) logger_started = false; /* so it cannot say so */
+    st = map_put(st, am_started, started_without(map_get(st, am_started, NIL), app));
+    if (app == am_logger) logger_started = false; /* so it cannot say so */
     log_app_exit(app, kv_atom("stopped"));
     return reply(am_ok, st);
 }
@@ -5007,7 +5004,7 @@ static term ctl_init(term arg) {
     term started = NIL;
     for (term l = arg; l->kind == K_CONS; l = tl(l)) started = kv_cons(kv_tuple(2, hd(l), am_nil), started);
     logger_started = true;
-    return kv_tuple(2, am_ok, kv_map(1, kv_atom("started"), started));
+    return kv_tuple(2, am_ok, kv_map(1, am_started, started));
 }
 
 static term ctl_handle_call(term req, term from, term st) {
@@ -5015,7 +5012,7 @@ static term ctl_handle_call(term req, term from, term st) {
     if (is_tagged(req, am_start, 2)) return ctl_start(elem(req, 1), st);
     if (is_tagged(req, am_stop, 2)) return ctl_stop(elem(req, 1), st);
     /* :started_applications */
-    term list = NIL, l = map_get(st, kv_atom("started"), NIL);
+    term list = NIL, l = map_get(st, am_started, NIL);
     for (; l->kind == K_CONS; l = tl(l)) {
         const struct app_spec *a = app_spec_of(elem(hd(l), 0));
         list = list_append(list, kv_tuple(3, elem(hd(l), 0), charlist(a->description), charlist(a->vsn)));
@@ -5024,9 +5021,9 @@ static term ctl_handle_call(term req, term from, term st) {
 }
 
 static term ctl_handle_info(term msg, term st) {
-    if (is_tagged(msg, kv_atom("app_exited"), 3)) { /* an application's tree died */
+    if (is_tagged(msg, am_app_exited, 3)) { /* an application's tree died */
         term app = elem(msg, 1);
-        st = map_put(st, kv_atom("started"), started_without(map_get(st, kv_atom("started"), NIL), app));
+        st = map_put(st, am_started, started_without(map_get(st, am_started, NIL), app));
         log_app_exit(app, elem(msg, 2));
     }
     return kv_tuple(2, am_noreply, st);
@@ -5039,33 +5036,32 @@ static const struct module application_controller = {
     .handle_info = ctl_handle_info,
 };
 
-#define CONTROLLER kv_atom("application_controller")
 
 /* Boot what `iex -S mix` boots: the application controller with kernel,
  * stdlib, elixir and logger running, then :kv itself unless `no_start`
  * (iex -S mix run --no-start). */
 API term application_boot(bool no_start) {
-    term base = kv_list(4, kv_atom("kernel"), kv_atom("stdlib"), kv_atom("elixir"), kv_atom("logger"));
-    term r = gen_server_start(&application_controller, base, kv_list(1, kv_tuple(2, am_name, CONTROLLER)));
+    term base = kv_list(4, kv_atom("kernel"), kv_atom("stdlib"), kv_atom("elixir"), am_logger);
+    term r = gen_server_start(&application_controller, base, kv_list(1, kv_tuple(2, am_name, am_application_controller)));
     if (!is_tagged(r, am_ok, 2) || no_start) return r;
-    term started = gen_server_call_timeout(CONTROLLER, kv_tuple(2, am_start, kv_atom("kv")), VM_INFINITY);
+    term started = gen_server_call_timeout(am_application_controller, kv_tuple(2, am_start, am_kv), VM_INFINITY);
     return started == am_ok ? r : started;
 }
 
 /* Application.start/1 — :ok, {:error, {:already_started, app}},
  * {:error, {:not_started, dependency}}, ... */
 API term application_start(term app) {
-    return gen_server_call_timeout(CONTROLLER, kv_tuple(2, am_start, app), VM_INFINITY);
+    return gen_server_call_timeout(am_application_controller, kv_tuple(2, am_start, app), VM_INFINITY);
 }
 
 /* Application.stop/1 */
 API term application_stop(term app) {
-    return gen_server_call_timeout(CONTROLLER, kv_tuple(2, am_stop, app), VM_INFINITY);
+    return gen_server_call_timeout(am_application_controller, kv_tuple(2, am_stop, app), VM_INFINITY);
 }
 
 /* Application.started_applications/0 — [{app, description, vsn}], newest first */
 API term application_started_applications(void) {
-    return gen_server_call_timeout(CONTROLLER, kv_atom("started_applications"), VM_INFINITY);
+    return gen_server_call_timeout(am_application_controller, kv_atom("started_applications"), VM_INFINITY);
 }
 
 static term ensure_started(term app, term started) {
@@ -5151,10 +5147,10 @@ static term dyn_init(term arg) {
     term r = code_find(module)->init(elem(arg, 1));
     if (r == am_ignore) return am_ignore;
     if (!is_tagged(r, am_ok, 2) || !is_map(elem(r, 1)))
-        return kv_tuple(2, am_stop, kv_tuple(2, am_bad_return, kv_tuple(3, module, kv_atom("init"), r)));
+        return kv_tuple(2, am_stop, kv_tuple(2, am_bad_return, kv_tuple(3, module, am_init, r)));
     term flags = elem(r, 1), strategy = sup_get(flags, am_strategy);
     if (strategy != am_one_for_one)
-        return kv_tuple(2, am_stop, kv_tuple(2, am_supervisor_data, kv_tuple(2, kv_atom("invalid_strategy"), strategy)));
+        return kv_tuple(2, am_stop, kv_tuple(2, am_supervisor_data, kv_tuple(2, am_invalid_strategy, strategy)));
     return kv_tuple(2, am_ok, map_put(map_put(flags, am_restarts, NIL), am_children, kv_map_empty()));
 }
 
@@ -5168,10 +5164,10 @@ static term dyn_start(term child, term st) {
     case CAUGHT_NOTHING: break;
     case CAUGHT_ERROR: return kv_tuple(2, am_error, kv_tuple(2, caught, NIL));
     case CAUGHT_EXIT: return kv_tuple(2, am_error, caught);
-    case CAUGHT_THROW: return kv_tuple(2, am_error, kv_tuple(2, kv_tuple(2, kv_atom("nocatch"), caught), NIL));
+    case CAUGHT_THROW: return kv_tuple(2, am_error, kv_tuple(2, kv_tuple(2, am_nocatch, caught), NIL));
     }
     term w = r.result;
-    if ((is_tagged(w, am_ok, 2) || is_tagged(w, am_ok, 3)) && is_pid(elem(w, 1))) return w;
+    if (is_started(w)) return w;
     if (w == am_ignore || is_tagged(w, am_error, 2)) return w;
     return kv_tuple(2, am_error, w);
 }
@@ -5216,10 +5212,10 @@ static bool dyn_restart(term *state, term pid, term child) {
     if (add_restart(state)) return false;
     st = *state;
     term children = sup_get(st, am_children), r = dyn_start(child, st);
-    if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3)) {
+    if (is_ok_tuple(r)) {
         *state = map_put(st, am_children, map_put(children, elem(r, 1), child));
     } else { /* could not start it: try again, keeping it under the old pid */
-        gen_server_cast(self(), kv_tuple(2, kv_atom("try_again_restart"), pid));
+        gen_server_cast(self(), kv_tuple(2, am_try_again_restart, pid));
         *state = map_put(st, am_children, map_put(children, pid, kv_tuple(2, am_restarting, child)));
     }
     return true;
@@ -5254,7 +5250,7 @@ static term dyn_handle_call(term req, term from, term st) {
         if (is_integer(max) && (int64_t)children->n >= int_value(max))
             return reply(kv_tuple(2, am_error, am_max_children), st);
         term child = elem(req, 1), r = dyn_start(child, st);
-        if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3))
+        if (is_ok_tuple(r))
             st = map_put(st, am_children, map_put(children, elem(r, 1), child));
         return reply(r, st);
     }
@@ -5265,7 +5261,7 @@ static term dyn_handle_call(term req, term from, term st) {
             child_shutdown(kv_map(2, am_pid, pid, am_shutdown, elem(child, 2)));
         return reply(am_ok, map_put(st, am_children, map_delete(children, pid)));
     }
-    raise_error(function_clause_error(kv_alias("DynamicSupervisor"), kv_atom("handle_call"), 3));
+    raise_error(function_clause_error(kv_alias("DynamicSupervisor"), am_handle_call, 3));
 }
 
 static term dyn_handle_cast(term req, term st) { /* {:try_again_restart, pid} */
@@ -5310,15 +5306,9 @@ API term dynamic_supervisor_child_spec(term opts) {
 /* DynamicSupervisor.start_link/1 — options: name:, strategy:, max_restarts:,
  * max_seconds:, max_children:, extra_arguments: */
 API term dynamic_supervisor_start_link(term opts) {
-    term sup_opts = NIL, start_opts = NIL;
-    for (term l = opts; l->kind == K_CONS; l = tl(l)) {
-        term k = elem(hd(l), 0);
-        if (k == am_strategy || k == am_max_restarts || k == am_max_seconds || k == am_max_children ||
-            k == am_extra_arguments)
-            sup_opts = kv_cons(hd(l), sup_opts);
-        else
-            start_opts = kv_cons(hd(l), start_opts);
-    }
+    term sup_opts, start_opts;
+    term keys[] = {am_strategy, am_max_restarts, am_max_seconds, am_max_children, am_extra_arguments, NULL};
+    keyword_split(opts, keys, &sup_opts, &start_opts);
     term flags = dynamic_supervisor_init(sup_opts);
     return gen_start(&dynamic_supervisor, kv_tuple(2, module_atom(&supervisor_default), flags), start_opts, true);
 }
@@ -5328,8 +5318,8 @@ API term dynamic_supervisor_start_child(term sup, term child_spec) {
     term child = dyn_child_of(supervisor_child_spec(child_spec, NIL));
     if (is_tagged(child, am_error, 2)) {
         term why = elem(child, 1);
-        if (why == kv_atom("missing_id") || why == kv_atom("missing_start"))
-            why = kv_tuple(2, kv_atom("invalid_child_spec"), child_spec);
+        if (why == am_missing_id || why == am_missing_start)
+            why = kv_tuple(2, am_invalid_child_spec, child_spec);
         return kv_tuple(2, am_error, why);
     }
     return gen_server_call_timeout(sup, kv_tuple(2, am_start_child, child), VM_INFINITY);
@@ -5674,16 +5664,16 @@ static void tour_supervisors(void) {
 
     banner("supervisor-and-application.md", "Understanding applications");
     struct buf b = {0};
-    application_resource_file(&b, kv_atom("kv"));
+    application_resource_file(&b, am_kv);
     printf("$ cat _build/dev/lib/kv/ebin/kv.app\n%s", buf_str(&b));
     buf_free(&b);
 
     banner("supervisor-and-application.md", "Starting applications");
-    iex("Application.start(:kv)", application_start(kv_atom("kv")));
-    iex("Application.stop(:kv)", application_stop(kv_atom("kv")));
-    iex("Application.stop(:logger)", application_stop(kv_atom("logger")));
-    iex("Application.start(:kv)", application_start(kv_atom("kv")));
-    iex("Application.ensure_all_started(:kv)", application_ensure_all_started(kv_atom("kv")));
+    iex("Application.start(:kv)", application_start(am_kv));
+    iex("Application.stop(:kv)", application_stop(am_kv));
+    iex("Application.stop(:logger)", application_stop(am_logger));
+    iex("Application.start(:kv)", application_start(am_kv));
+    iex("Application.ensure_all_started(:kv)", application_ensure_all_started(am_kv));
 
     banner("supervisor-and-application.md", "The application callback");
     iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(kv_alias("KV.Registry"), kv_string("shopping")));
@@ -5716,7 +5706,7 @@ static void tour(term arg) {
     }
     if (no_start) { /* the seed edition's iex -S mix run --no-start */
         printf("# Started with --no-start (iex -S mix run --no-start, in the seed edition):\n");
-        iex("Application.start(:kv)", application_start(kv_atom("kv")));
+        iex("Application.start(:kv)", application_start(am_kv));
     }
     tour_agents();
     tour_genservers();

@@ -1174,7 +1174,7 @@ static term ts_init(term arg) {
         return kv_tuple(2, am_ok, arg);
     }
     if (is_tagged(arg, am_timeout, 2)) return kv_tuple(3, am_ok, A("waiting"), elem(arg, 1));
-    if (is_tagged(arg, am_trap_exit, 2)) {
+    if (is_tagged(arg, A("trap_exit"), 2)) {
         process_flag_trap_exit(true);
         return kv_tuple(2, am_ok, elem(arg, 1));
     }
@@ -1520,7 +1520,7 @@ static void t_gen_server_stop(term ctx) {
 }
 
 static void parent_then_exit(term arg) { /* {test, how the parent goes} */
-    term pid = ok_value(gen_server_start_link(&test_server, kv_tuple(2, am_trap_exit, A("child")), NIL));
+    term pid = ok_value(gen_server_start_link(&test_server, kv_tuple(2, A("trap_exit"), A("child")), NIL));
     process_send(elem(arg, 0), pid);
     receive_any(VM_INFINITY);
     exit_self(elem(arg, 1));
@@ -1541,7 +1541,7 @@ static void t_terminate_on_parent_exit(term ctx) {
     process_send(parent, A("go"));
     assert_eq(assert_receive(100), kv_tuple(3, am_terminate, am_normal, A("child")));
     /* From anyone else, the EXIT is just a message for handle_info. */
-    child = server(kv_tuple(2, am_trap_exit, A("child")));
+    child = server(kv_tuple(2, A("trap_exit"), A("child")));
     process_exit(child, A("from_a_stranger"));
     assert_eq(gen_server_call(child, A("state")),
               kv_tuple(2, A("info"), kv_tuple(3, am_EXIT, self(), A("from_a_stranger"))));
