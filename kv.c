@@ -3467,9 +3467,15 @@ static const struct module agent_module = {.name = "Agent", .exports = agent_exp
  * --------------------------------------------------------------------------
  * The bucket is an agent whose state is a map.  Each operation is a small
  * function sent to the agent: in Elixir, &Map.get(&1, key); here a C
- * function plus the one term it captures (struct fun_def, I.3).  Only the
- * function's code runs in the agent, the server; everything else in these
- * functions runs in the caller, the client.
+ * function plus the one term it captures (struct fun_def, I.3).
+ *
+ * "Test setup with ExUnit callbacks": the guide's KV.BucketTest, its setup
+ * and "stores values by key", are in kv_test.c.
+ *
+ * "Client/server in agents": only the fun's code (bucket_get and friends
+ * below) runs in the agent process, the server; everything else in
+ * kv_bucket_get and friends runs in the calling process, the client.  A
+ * slow fun holds up every other client of that bucket.
  */
 
 static term empty_map(term env, term unused) {
@@ -3530,20 +3536,26 @@ static const struct module kv_bucket = {.name = "KV.Bucket", .exports = kv_bucke
  * A GenServer is a process running a loop that Elixir (really OTP's
  * gen_server) writes once for everybody: receive a message, decide what
  * kind it is, call the callback module's function for it, keep the new
- * state, repeat.  Part III first builds that loop ("GenServer callbacks"),
- * then the functions clients call ("The Client API"), then the guide's
- * registry of buckets on top.
+ * state, repeat.  The guide only writes callbacks and clients, so Part III
+ * first builds what they run on, OTP's side, under the two guide sections
+ * that use it ("GenServer callbacks" for the server's loop, "The Client
+ * API" for call, cast and the rest); then, section by section, the guide's
+ * registry of buckets.
  */
 
 /* --------------------------------------------------------------------------
- * genservers.md — "GenServer callbacks": the server's loop
+ * genservers.md — "GenServer callbacks": what calls them (OTP's gen_server)
  * --------------------------------------------------------------------------
  *
- *     client                                server (gen_server_loop)
- *     ------                                ------------------------
- *     GenServer.call(pid, req) --- {:"$gen_call", {client, tag}, req} --->
- *        (waits, monitoring pid)           handle_call(req, from, state)
- *     <----------------------------------- {tag, reply}   ({:reply, ...})
+ *     client                                  server (gen_server_loop)
+ *     ------                                  ------------------------
+ *     GenServer.call(pid, req)
+ *       monitors pid: mref, a reply alias
+ *       ------ {:"$gen_call", {client, [:alias | mref]}, req} ------>
+ *                                             handle_call(req, from, state)
+ *       <----- {[:alias | mref], reply} ------ (it returned {:reply, ...})
+ *       demonitors: the alias is gone, so a reply that comes after a
+ *       timeout is dropped instead of landing in the client's mailbox
  *
  *     GenServer.cast(pid, req) --- {:"$gen_cast", req} --->  handle_cast
  *     send(pid, msg) ------------- msg --------------------->  handle_info
@@ -3820,7 +3832,7 @@ static void gen_server_main(term arg) {
 }
 
 /* --------------------------------------------------------------------------
- * genservers.md — "The Client API": start_link, call, cast, stop
+ * genservers.md — "The Client API": GenServer.start_link, call, cast, stop
  * -------------------------------------------------------------------------- */
 
 static bool match_ack(term msg, const void *arg) {
@@ -3956,12 +3968,12 @@ API term gen_server_stop(term server, term reason, long timeout) {
 }
 
 /* --------------------------------------------------------------------------
- * genservers.md — "The need for monitoring": KV.Registry
+ * genservers.md — "GenServer callbacks": KV.Registry's callbacks
  * --------------------------------------------------------------------------
  * The registry maps bucket names to bucket processes.  Its state is a pair
- * of maps, {names, refs}: name => pid, and monitor ref => name, so that when
- * a bucket goes down (a {:DOWN, ref, ...} message, handled in handle_info)
- * the registry forgets its name.
+ * of maps, {names, refs}: name => bucket pid, and monitor ref => name.  (The
+ * guide's first version keeps only `names`; "The need for monitoring"
+ * below adds `refs`.  This is the final version.)
  */
 
 static term kv_registry_init(term arg) {
@@ -3983,12 +3995,8 @@ static term kv_registry_handle_call(term request, term from, term state) {
 API term dynamic_supervisor_start_child(term sup, term child_spec); /* Part V */
 
 /* handle_cast({:create, name}, {names, refs}): start a bucket unless the
- * name is taken, monitor it, remember it under both maps.
- *
- * In this chapter the guide starts the bucket with KV.Bucket.start_link([]),
- * which links it to the registry: a bucket's crash then takes the registry
- * down.  The dynamic-supervisor chapter ("The bucket supervisor", Part V)
- * starts it under KV.BucketSupervisor instead, as here. */
+ * name is taken, monitor it, remember it under both maps.  (How the bucket
+ * is started changes twice in the guide: see "Monitors or links?" below.) */
 static term kv_registry_handle_cast(term request, term state) {
     if (!is_tagged(request, am_create, 2))
         raise_error(function_clause_error(kv_alias("KV.Registry"), am_handle_cast, 2));
@@ -4001,8 +4009,15 @@ static term kv_registry_handle_cast(term request, term state) {
     return kv_tuple(2, am_noreply, kv_tuple(2, names, refs));
 }
 
-/* handle_info({:DOWN, ref, :process, _pid, _reason}, {names, refs}): forget
- * the bucket.  Anything else is logged at debug level and ignored. */
+/* --------------------------------------------------------------------------
+ * genservers.md — "The need for monitoring", "call, cast or info?"
+ * --------------------------------------------------------------------------
+ * When a monitored bucket goes down, the registry receives {:DOWN, ref,
+ * :process, pid, reason}: not a call, not a cast, so handle_info gets it,
+ * and the ref finds the name to forget.  Any other stray message is logged
+ * at debug level and ignored: without that catch-all clause, a message no
+ * clause matches would crash the registry. */
+
 static term kv_registry_handle_info(term msg, term state) {
     if (is_tagged(msg, am_DOWN, 5)) {
         term popped = map_pop(elem(state, 1), elem(msg, 1)); /* {name, refs} */
@@ -4016,6 +4031,23 @@ static term kv_registry_handle_info(term msg, term state) {
     buf_free(&b);
     return kv_tuple(2, am_noreply, state);
 }
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "Monitors or links?"
+ * --------------------------------------------------------------------------
+ * In this chapter the registry starts each bucket with KV.Bucket.start_link/1,
+ * which links the bucket to the registry *and* monitors it.  The guide
+ * points out the flaw: a bucket's crash then takes the registry down too.
+ * The dynamic-supervisor chapter ("The bucket supervisor", Part V) fixes
+ * it by starting buckets under KV.BucketSupervisor, linked to that
+ * supervisor, and only monitored by the registry; handle_cast above is
+ * that final version.  (kv_test.c keeps the linked version, to show the
+ * failure the guide shows.)
+ */
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "The Client API": KV.Registry's
+ * -------------------------------------------------------------------------- */
 
 static const struct module kv_registry; /* below: the callbacks and exports */
 
@@ -4032,7 +4064,7 @@ API term kv_registry_create(term server, term name) {
     return gen_server_cast(server, kv_tuple(2, am_create, name));
 }
 
-/* KV.Registry.child_spec/1 — what `use GenServer` generates */
+/* KV.Registry.child_spec/1 — what `use GenServer` generates (Part IV) */
 API term kv_registry_child_spec(term arg) { return use_child_spec(&kv_registry, arg, am_nil, am_worker); }
 
 static term kv_registry_start_link_apply(term args) { return kv_registry_start_link(hd(args)); }
@@ -4052,6 +4084,14 @@ static const struct module kv_registry = {
     .handle_cast = kv_registry_handle_cast,
     .handle_info = kv_registry_handle_info,
 };
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "Testing a GenServer"
+ * --------------------------------------------------------------------------
+ * The guide's tests, "spawns buckets" and "removes buckets on exit", are in
+ * kv_test.c (KV.RegistryTest), with start_supervised! as the guide writes
+ * them.
+ */
 
 /* ==========================================================================
  * PART IV — supervisor-and-application.md: "Supervision trees and applications"
@@ -5105,6 +5145,14 @@ static term kv_start(term type, term args) {
 
 static const struct module kv_application = {.name = "KV", .start = kv_start};
 
+/* --------------------------------------------------------------------------
+ * supervisor-and-application.md — "Projects or applications?"
+ * --------------------------------------------------------------------------
+ * Mix, the project side, has no twin here: the project is this file and
+ * its Makefile.  The application, what OTP starts and stops as a whole, is
+ * :kv: its spec in app_specs and its callback module, KV, above.
+ */
+
 /* ==========================================================================
  * PART V — dynamic-supervisor.md: "Supervising dynamic children"
  * ==========================================================================
@@ -5374,6 +5422,15 @@ static term kv_bucket_supervisor_spec(void) {
                     kv_list(2, kv_tuple(2, am_name, kv_alias("KV.BucketSupervisor")),
                             kv_tuple(2, am_strategy, am_one_for_one)));
 }
+
+/* --------------------------------------------------------------------------
+ * dynamic-supervisor.md — "Shared state in tests", "Observer"
+ * --------------------------------------------------------------------------
+ * The guide's tests share KV.BucketSupervisor; kv_test.c boots a fresh :kv
+ * application for each test that needs one, so no test sees another's
+ * buckets.  Observer's view of the tree is what which_children shows, and
+ * ./kv prints it at the end of its sessions.
+ */
 
 /* Every module kv.c defines, loaded for apply/3 and the behaviours. */
 static void kv_load_modules(void) {
