@@ -367,7 +367,19 @@ static const struct term nil_term = {.kind = K_NIL};
  * A heap is a chain of chunks.  Allocation bumps a pointer in the newest
  * chunk; nothing is freed one by one.  A message is built in a chunk of its
  * own, sized exactly, and that chunk joins the receiver's heap when the
- * message is received. */
+ * message is received:
+ *
+ *     P's heap:  chunks -> [chunk 3: 256 B, used 80] -> [chunk 2] -> [chunk 1]
+ *                             ^ new terms go here (a pointer bump)
+ *
+ *     a message to P:  [chunk: struct msg | {:hello, "world"} copied]
+ *     P receives it:   chunks -> [that chunk] -> [chunk 3] -> ...
+ *
+ * So a term stays where it was built until the whole heap goes, when the
+ * process dies (heap_free) or when it is compacted around the one term it
+ * still needs (heap_compact, I.4: GenServer does this between callbacks).
+ * Nothing ever points from one process's heap into another's, because
+ * every term that crosses is copied. */
 
 struct chunk {
     struct chunk *next;
@@ -1015,6 +1027,32 @@ static term heap_compact(struct heap *h, term root) {
  * iex lays out results at 80 columns, which is why a long child spec comes
  * back one key per line.  kv.c builds the same documents and lays them out
  * with the same rules, so both kinds of output match Elixir 1.14's.
+ *
+ * An example.  The document for %{a: 1, b: [2, 3]} is, roughly,
+ *
+ *     group("%{" nest(2, break("") "a: 1" "," break(" ") "b: " LIST)
+ *           break("") "}")
+ *     LIST = group("[" nest(1, "2" "," flex_break(" ") "3") "]")
+ *
+ * Laid out in 80 columns, the outer group fits on the line, so every break
+ * in it prints its text (nothing, or a space):
+ *
+ *     %{a: 1, b: [2, 3]}
+ *
+ * In 12 columns it does not fit: its breaks become newlines, indented by
+ * the nest around them.  The inner group, LIST, is decided on its own, and
+ * it still fits on its line:
+ *
+ *     %{
+ *       a: 1,
+ *       b: [2, 3]
+ *     }
+ *
+ * Lists of plain items (numbers, atoms, strings) use flex breaks, which
+ * fill each line as far as they can: that is how iex prints a long list of
+ * integers.  Maps, keyword lists and lists of containers use strict breaks:
+ * one item per line once the group does not fit.  Tuples are always flex.
+ * Collections show at most 50 items, then "...", like inspect's :limit.
  */
 
 enum doc_kind { DOC_NIL, DOC_STR, DOC_CONS, DOC_NEST, DOC_BREAK, DOC_GROUP };
@@ -1604,7 +1642,28 @@ static void buf_terms(struct buf *b, const char *fmt, va_list ap) {
 
 /* --------------------------------------------------------------------------
  * I.6  Processes and the process table
- * -------------------------------------------------------------------------- */
+ * --------------------------------------------------------------------------
+ * A process is a struct proc.  Its life, in states:
+ *
+ *          spawn
+ *            |
+ *            v             its turn comes
+ *        RUNNABLE ---------------------------> RUNNING
+ *          ^    ^----- erlang_yield -----------   |   |
+ *          |                                      |   |  it returns, calls
+ *   a message, its      receive finds nothing     |   |  exit/1, or handles
+ *   timer, or input     to take: proc_wait        |   |  a killing signal
+ *        WAITING <--------------------------------+   |
+ *           |                                         v
+ *           +---- :kill, or a signal it handles --> EXITING
+ *
+ *     EXITING: proc_finish tells its links and monitors, and frees it all.
+ *
+ * RUNNING is the one process on the CPU: vm.current.  Only it can change
+ * its own stack; everything the others may touch (mailbox, links,
+ * monitors, heap, state) is in its struct proc, in malloc'd memory that
+ * stays put while the process is off the stage.
+ */
 
 enum pstate {
     P_RUNNABLE, /* in the run queue, waiting for its turn */
@@ -2045,6 +2104,14 @@ static void overflow_guard_install(void) {
  * jumps straight to the next deadline: a 5-second GenServer.call timeout is
  * over in microseconds, with exactly the order of events a real wait would
  * give.
+ *
+ * Fairness.  The run queue is first in, first out: a process that becomes
+ * runnable waits behind those that already were.  A process that waits
+ * hands the CPU to the head of the queue directly (proc_wait), without
+ * passing through vm_run; every 64th such hand-off goes through vm_run
+ * anyway, so that a busy system still looks at the clock and at input.
+ * Nothing interrupts a running process: one that never waits or yields
+ * keeps the CPU.
  */
 
 /* The VM's clock, in milliseconds. */
@@ -2271,7 +2338,31 @@ API void vm_set_process_limit(size_t limit) { vm.limit = limit; }
 
 /* --------------------------------------------------------------------------
  * I.9  Messages: send and receive
- * -------------------------------------------------------------------------- */
+ * --------------------------------------------------------------------------
+ * send copies the message into a chunk of its own and appends it to the
+ * receiver's mailbox; if the receiver was waiting, it becomes runnable.
+ * The sender carries on: sending never blocks, as on BEAM.
+ *
+ * receive is where a process waits.  It walks the mailbox from the oldest
+ * message, asking the match function about each, and takes the first one
+ * the function accepts.  Here a process waits for {:reply, _} with two
+ * other messages ahead of it:
+ *
+ *     mbox_head -> [{:hello, 1}] -> [{:EXIT, pid, :boom} signal] -> NULL
+ *                                                                  ^
+ *                     scan: how far this receive has looked -------+
+ *
+ *     1. {:hello, 1} does not match: scan moves past it, it stays.
+ *     2. The exit signal is handled where it stands (I.10): a process that
+ *        traps exits sees an ordinary message there; any other exits now.
+ *     3. Nothing matched: the process waits (proc_wait).  A new message
+ *        makes it runnable; it resumes here and tests only what came after
+ *        `scan`.  The `after` timeout, if any, is a timer (I.8) that wakes
+ *        it with nothing: receive returns NULL.
+ *     4. {:reply, 42} arrives: it matches; it is unlinked from the list
+ *        and its chunk joins this process's heap.  The others stay, in
+ *        their order, for a later receive.
+ */
 
 /* Copy t into a new message, in one chunk sized exactly. */
 static struct msg *msg_new(term t) {
@@ -2471,6 +2562,20 @@ API void process_wait_input(int fd) {
  * finishes the queued processes.  The running process cannot be finished
  * while its code runs: it is marked, and settle() sends it to the
  * scheduler as soon as the runtime call that killed it is done.
+ *
+ * The data.  A link is two `struct link_end`s, one in each process's list,
+ * each pointing at the other (its twin); a monitor is one `struct monitor`
+ * on two lists, the watcher's `monitors` and the target's `watchers`:
+ *
+ *     A->links: [end: peer B] <--twin--> [end: peer A] :B->links
+ *
+ *     W->monitors: [monitor ref 7] ...        (watcher W, target T)
+ *                        |
+ *     T->watchers:  [the same monitor] ...
+ *
+ * Either side can remove a link or a monitor in constant time, and a dying
+ * process walks its own two lists to tell everyone it is linked to or
+ * watched by.
  */
 
 static void link_push(struct proc *owner, struct link_end *e) {
@@ -2936,6 +3041,21 @@ API term process_unregister(term name) {
  * mailbox, saved stack) is listed in its struct proc and freed there.
  * try_catch() sets a catch point, so OTP's machinery (GenServer, below) can
  * run callbacks and survive their crashes long enough to report them.
+ *
+ *     a process's stack                 catch points (p->catcher)
+ *     +--------------------------+
+ *     | gen_server_loop          |
+ *     | callback -> try_catch    | <---- frame 1: jmp_buf env  (prev: NULL)
+ *     |   handle_call            |
+ *     |   gen_server_call        |
+ *     |     ...                  |
+ *     |     exit_self(reason)    | ----> _longjmp(frame 1's env)
+ *     +--------------------------+
+ *
+ * exit_self stores the kind and reason in the struct proc (not on the
+ * stack, which it is about to abandon), pops the innermost catch point and
+ * jumps to it: upward, inside the same process, so no copying is needed.
+ * With no catch point, exit_current jumps to the scheduler instead.
  */
 
 static NORETURN void throw_to_catcher(enum caught kind, term reason) {
