@@ -1748,7 +1748,7 @@ struct proc {
     void (*entry)(term arg);  /* the function it runs; returning = :normal */
     term arg;
     term exit_reason;         /* set when it starts dying */
-    struct proc *run_next;    /* run queue */
+    struct proc *run_next, *run_prev; /* run queue */
     struct proc *dying_next;  /* queue of processes to finish */
 };
 
@@ -1802,6 +1802,9 @@ static void out_stderr(const char *text, size_t len) {
     fflush(stderr);
 }
 
+/* The process with this pid number, alive or dying, or NULL: one array
+ * read, and a check that the slot holds that pid and not another whose
+ * number falls in the same slot. */
 static struct proc *proc_of_pid(uint64_t pid) {
     if (!vm.table || pid == 0) return NULL;
     struct proc *p = vm.table[pid & (vm.table_cap - 1)];
@@ -1815,6 +1818,8 @@ static struct proc *proc_of(term pid) {
     return p && p->state != P_EXITING ? p : NULL;
 }
 
+/* Double the table (it is kept at most half full, so that new numbers find
+ * a free slot quickly) and move every process to its slot in the new one. */
 static void table_grow(void) {
     size_t cap = vm.table_cap ? vm.table_cap * 2 : 1024;
     struct proc **table = vm_realloc(NULL, cap * sizeof *table);
@@ -1843,38 +1848,40 @@ static void table_insert(struct proc *p) {
     }
 }
 
+/* Free p's slot; its number is never given out again (numbers only grow). */
 static void table_remove(struct proc *p) {
     vm.table[p->pid & (vm.table_cap - 1)] = NULL;
     vm.count--;
 }
 
-/* ---- The run queue ---- */
+/* ---- The run queue ------------------------------------------------------
+ * The processes that can run, in the order they became runnable: a doubly
+ * linked list through the processes themselves, so that a process killed
+ * while it waits its turn leaves the queue in constant time. */
 
+/* p may run: to the back of the queue (a no-op if it is queued already). */
 static void runq_push(struct proc *p) {
     if (p->queued) return;
     p->queued = true;
     p->state = P_RUNNABLE;
     p->run_next = NULL;
+    p->run_prev = vm.run_tail;
     if (vm.run_tail) vm.run_tail->run_next = p; else vm.run_head = p;
     vm.run_tail = p;
 }
 
-static struct proc *runq_pop(void) {
-    struct proc *p = vm.run_head;
-    if (!p) return NULL;
-    vm.run_head = p->run_next;
-    if (!vm.run_head) vm.run_tail = NULL;
-    p->queued = false;
-    return p;
-}
-
 static void runq_remove(struct proc *p) {
     if (!p->queued) return;
-    struct proc **pp = &vm.run_head, *prev = NULL;
-    while (*pp != p) { prev = *pp; pp = &(*pp)->run_next; }
-    *pp = p->run_next;
-    if (vm.run_tail == p) vm.run_tail = prev;
+    if (p->run_prev) p->run_prev->run_next = p->run_next; else vm.run_head = p->run_next;
+    if (p->run_next) p->run_next->run_prev = p->run_prev; else vm.run_tail = p->run_prev;
     p->queued = false;
+}
+
+/* The process whose turn it is, taken off the queue; NULL if none. */
+static struct proc *runq_pop(void) {
+    struct proc *p = vm.run_head;
+    if (p) runq_remove(p);
+    return p;
 }
 
 /* --------------------------------------------------------------------------
@@ -2122,7 +2129,17 @@ static int64_t now_ms(void) {
     return (int64_t)(t.tv_sec - vm.epoch.tv_sec) * 1000 + (t.tv_nsec - vm.epoch.tv_nsec) / 1000000;
 }
 
-/* ---- Timers: a binary min-heap of waiting processes, by deadline ---- */
+/* ---- Timers: a binary min-heap of waiting processes, by deadline --------
+ * A process waiting in a receive with an `after` is in vm.timers, a binary
+ * heap: an array in which every entry's deadline is no later than those of
+ * its two children (entries 2i+1 and 2i+2), so the earliest deadline is
+ * always vm.timers[0].  Adding or removing one costs O(log n) swaps.  Each
+ * process remembers where it sits (timer_slot, 1-based; 0: not there), so
+ * a message that ends its wait can take it out without a search.
+ *
+ *     vm.timers:  [ 0: P7 @ 100 | 1: P2 @ 150 | 2: P9 @ 400 | 3: P4 @ 160 ]
+ *                        \______ children of 0: 1 and 2;  of 1: 3 and 4
+ */
 
 static void timer_swap(size_t i, size_t j) {
     struct proc *t = vm.timers[i];
@@ -2132,6 +2149,7 @@ static void timer_swap(size_t i, size_t j) {
     vm.timers[j]->timer_slot = j + 1;
 }
 
+/* Move entry i up while it is earlier than its parent. */
 static void timer_up(size_t i) {
     while (i > 0 && vm.timers[(i - 1) / 2]->deadline > vm.timers[i]->deadline) {
         timer_swap(i, (i - 1) / 2);
@@ -2139,6 +2157,7 @@ static void timer_up(size_t i) {
     }
 }
 
+/* Move entry i down while a child is earlier than it. */
 static void timer_down(size_t i) {
     for (;;) {
         size_t l = 2 * i + 1, r = l + 1, m = i;
@@ -2150,6 +2169,7 @@ static void timer_down(size_t i) {
     }
 }
 
+/* p waits until `deadline` at the latest (a receive's `after`). */
 static void timer_set(struct proc *p, int64_t deadline) {
     if (vm.ntimers == vm.timers_cap) {
         size_t cap = vm.timers_cap ? vm.timers_cap * 2 : 64;
@@ -2162,6 +2182,8 @@ static void timer_set(struct proc *p, int64_t deadline) {
     timer_up(vm.ntimers - 1);
 }
 
+/* p no longer waits for its deadline: move the last entry into its place
+ * and let that entry find its level, up or down. */
 static void timer_cancel(struct proc *p) {
     if (!p->timer_slot) return;
     size_t i = p->timer_slot - 1;
@@ -2174,7 +2196,8 @@ static void timer_cancel(struct proc *p) {
     }
 }
 
-/* Wake every process whose deadline has come. */
+/* Wake every process whose deadline has come.  timed_out tells its
+ * receive that it was the clock, not a message, that woke it. */
 static void timers_fire(int64_t now) {
     while (vm.ntimers && vm.timers[0]->deadline <= now) {
         struct proc *p = vm.timers[0];
@@ -2189,6 +2212,8 @@ static void timers_fire(int64_t now) {
  * waits on standard input).  The scheduler polls those descriptors when
  * nothing else can run. */
 
+/* poll(2) the descriptors waited on, for up to timeout_ms (-1: no limit,
+ * 0: just look), and make their readers runnable.  Whether any woke. */
 static bool poll_input(int timeout_ms) {
     size_t cap = vm.fd_waiters;
     if (cap == 0) return false;
