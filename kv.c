@@ -395,15 +395,54 @@ struct heap {
 
 #define ALIGN8(n) (((n) + 7) & ~(size_t)7)
 
+/* Chunks come and go with every message, so small ones are recycled: a
+ * freed chunk of 64, 128, ... or 4096 bytes waits in a pool for the next
+ * request of its size instead of going back to malloc.  A request is
+ * rounded up to the next of those sizes.  Pooled chunks belong to no
+ * process, so vm_memory() does not count them. */
+#define POOL_CLASSES 7        /* 64 << 0 ... 64 << 6 = 4096 bytes */
+#define POOL_MAX_PER_CLASS 1024
+
+static struct {
+    struct chunk *free[POOL_CLASSES];
+    size_t n[POOL_CLASSES];
+} pool;
+
+static int pool_class(size_t size) {
+    for (int c = 0; c < POOL_CLASSES; c++)
+        if (size <= (size_t)64 << c) return c;
+    return -1;
+}
+
 static struct chunk *chunk_new(size_t size) {
-    struct chunk *c = mem_alloc(sizeof *c + size);
+    int cls = pool_class(size);
+    struct chunk *c;
+    if (cls >= 0) size = (size_t)64 << cls;
+    if (cls >= 0 && pool.free[cls]) {
+        c = pool.free[cls];
+        pool.free[cls] = c->next;
+        pool.n[cls]--;
+        mem_in_use += sizeof *c + size;
+    } else {
+        c = mem_alloc(sizeof *c + size);
+        c->size = size;
+    }
     c->next = NULL;
-    c->size = size;
     c->used = 0;
     return c;
 }
 
-static void chunk_free(struct chunk *c) { mem_free(c, sizeof *c + c->size); }
+static void chunk_free(struct chunk *c) {
+    int cls = pool_class(c->size);
+    if (cls >= 0 && c->size == (size_t)64 << cls && pool.n[cls] < POOL_MAX_PER_CLASS) {
+        mem_in_use -= sizeof *c + c->size;
+        c->next = pool.free[cls];
+        pool.free[cls] = c;
+        pool.n[cls]++;
+        return;
+    }
+    mem_free(c, sizeof *c + c->size);
+}
 
 static void heap_add_chunk(struct heap *h, struct chunk *c) {
     c->next = h->chunks;
