@@ -3441,11 +3441,13 @@ static void log_raised(term exception) {
  * for a module that `use`s a behaviour, the callbacks that behaviour calls.
  */
 
-/* A function apply/3 can call: `fun` receives the argument list. */
+/* A function apply/3 can call.  One of arity 1 is the C function itself,
+ * called with its one argument; for any other arity, `fun` receives the
+ * argument list. */
 struct export {
     const char *name;
     int arity;
-    term (*fun)(term args);
+    term (*fun)(term arg_or_args);
 };
 
 struct module {
@@ -3499,7 +3501,7 @@ API term erlang_apply(term module, term function, term args) {
     const struct module *m = code_find(module);
     int arity = (int)list_length(args);
     for (const struct export *e = m ? m->exports : NULL; e && e->name; e++)
-        if (e->arity == arity && strcmp(e->name, BYTES(function)) == 0) return e->fun(args);
+        if (e->arity == arity && strcmp(e->name, BYTES(function)) == 0) return e->fun(arity == 1 ? hd(args) : args);
     raise_error(exception_new(am_UndefinedFunctionError, 3, am_module, module, am_function, function,
                               am_arity, kv_int(arity)));
 }
@@ -3633,14 +3635,16 @@ API term agent_stop(term agent, term reason, long timeout) {
 /* Agent as a module children can name: {Agent, fun} starts an agent. */
 static const struct module agent_module;
 
-static term agent_start_link_apply(term args) { return agent_start_link(hd(args), NIL); }
-static term agent_child_spec_apply(term args) {
-    return kv_map(2, am_id, am_Agent, am_start, kv_tuple(3, am_Agent, am_start_link, args));
+static term agent_start_link_1(term fun) { return agent_start_link(fun, NIL); }
+
+/* Agent.child_spec/1 (use GenServer, in Agent) */
+static term agent_child_spec(term arg) {
+    return kv_map(2, am_id, am_Agent, am_start, kv_tuple(3, am_Agent, am_start_link, kv_list(1, arg)));
 }
 
 static const struct export agent_exports[] = {
-    {"start_link", 1, agent_start_link_apply},
-    {"child_spec", 1, agent_child_spec_apply},
+    {"start_link", 1, agent_start_link_1},
+    {"child_spec", 1, agent_child_spec},
     {NULL, 0, NULL},
 };
 
@@ -3702,12 +3706,9 @@ static term use_child_spec(const struct module *m, term arg, term restart, term 
  * dies is not restarted (dynamic-supervisor.md, "The bucket supervisor"). */
 API term kv_bucket_child_spec(term arg) { return use_child_spec(&kv_bucket, arg, am_temporary, am_worker); }
 
-static term kv_bucket_start_link_apply(term args) { return kv_bucket_start_link(hd(args)); }
-static term kv_bucket_child_spec_apply(term args) { return kv_bucket_child_spec(hd(args)); }
-
 static const struct export kv_bucket_exports[] = {
-    {"start_link", 1, kv_bucket_start_link_apply},
-    {"child_spec", 1, kv_bucket_child_spec_apply},
+    {"start_link", 1, kv_bucket_start_link},
+    {"child_spec", 1, kv_bucket_child_spec},
     {NULL, 0, NULL},
 };
 
@@ -4251,12 +4252,9 @@ API term kv_registry_create(term server, term name) {
 /* KV.Registry.child_spec/1 — what `use GenServer` generates (Part IV) */
 API term kv_registry_child_spec(term arg) { return use_child_spec(&kv_registry, arg, am_nil, am_worker); }
 
-static term kv_registry_start_link_apply(term args) { return kv_registry_start_link(hd(args)); }
-static term kv_registry_child_spec_apply(term args) { return kv_registry_child_spec(hd(args)); }
-
 static const struct export kv_registry_exports[] = {
-    {"start_link", 1, kv_registry_start_link_apply},
-    {"child_spec", 1, kv_registry_child_spec_apply},
+    {"start_link", 1, kv_registry_start_link},
+    {"child_spec", 1, kv_registry_child_spec},
     {NULL, 0, NULL},
 };
 
@@ -4867,12 +4865,9 @@ static term kv_supervisor_init(term arg) {
 /* KV.Supervisor.child_spec/1 (use Supervisor) */
 static term kv_supervisor_child_spec(term arg) { return use_child_spec(&kv_supervisor, arg, am_nil, am_supervisor); }
 
-static term kv_supervisor_start_link_apply(term args) { return kv_supervisor_start_link(hd(args)); }
-static term kv_supervisor_child_spec_apply(term args) { return kv_supervisor_child_spec(hd(args)); }
-
 static const struct export kv_supervisor_exports[] = {
-    {"start_link", 1, kv_supervisor_start_link_apply},
-    {"child_spec", 1, kv_supervisor_child_spec_apply},
+    {"start_link", 1, kv_supervisor_start_link},
+    {"child_spec", 1, kv_supervisor_child_spec},
     {NULL, 0, NULL},
 };
 
@@ -5572,12 +5567,9 @@ API term dynamic_supervisor_count_children(term sup) {
     return gen_server_call_timeout(sup, am_count_children, VM_INFINITY);
 }
 
-static term dynamic_supervisor_start_link_apply(term args) { return dynamic_supervisor_start_link(hd(args)); }
-static term dynamic_supervisor_child_spec_apply(term args) { return dynamic_supervisor_child_spec(hd(args)); }
-
 static const struct export dynamic_supervisor_exports[] = {
-    {"start_link", 1, dynamic_supervisor_start_link_apply},
-    {"child_spec", 1, dynamic_supervisor_child_spec_apply},
+    {"start_link", 1, dynamic_supervisor_start_link},
+    {"child_spec", 1, dynamic_supervisor_child_spec},
     {NULL, 0, NULL},
 };
 

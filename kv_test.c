@@ -1698,11 +1698,11 @@ static void tw_terminate(term reason, term state) {
 }
 
 static const struct module test_worker;
-static term tw_start_link(term args) { return gen_server_start_link(&test_worker, hd(args), NIL); }
-static term tw_start_error(term args) { (void)args; return kv_tuple(2, am_error, A("my_reason")); }
-static term tw_start_weird(term args) { (void)args; return A("weird"); }
-static term tw_start_raise(term args) { (void)args; raise_error(runtime_error("start raised")); }
-static term tw_start_exit(term args) { (void)args; exit_self(A("start_exit")); }
+static term tw_start_link(term arg) { return gen_server_start_link(&test_worker, arg, NIL); }
+static term tw_start_error(term arg) { (void)arg; return kv_tuple(2, am_error, A("my_reason")); }
+static term tw_start_weird(term arg) { (void)arg; return A("weird"); }
+static term tw_start_raise(term arg) { (void)arg; raise_error(runtime_error("start raised")); }
+static term tw_start_exit(term arg) { (void)arg; exit_self(A("start_exit")); }
 static term tw_start_extra(term args) { return kv_tuple(2, am_ok, spawn(wait_forever, args)); }
 
 static const struct export test_worker_exports[] = {
