@@ -1372,11 +1372,12 @@ static void escape_into(struct buf *b, const char *s, size_t n, char quote) {
 }
 
 /* How an atom is written: nil, true and false bare; KV.Registry without
- * its "Elixir." prefix; :ok; :"$gen_call" quoted; as a keyword key, name: */
+ * its "Elixir." prefix; :ok and :+ bare; :"$gen_call" quoted; as a keyword
+ * key, name: or +: (operators need no quotes there either, as in 1.14). */
 static void atom_text(struct buf *b, term a, bool as_key) {
     const char *s = BYTES(a);
     size_t n = a->n;
-    bool plain = is_identifier(s, n) || (!as_key && is_operator(s, n));
+    bool plain = is_identifier(s, n) || is_operator(s, n);
     if (as_key) {
         if (plain) { buf_add(b, s, n); buf_puts(b, ":"); }
         else { buf_puts(b, "\""); escape_into(b, s, n, '"'); buf_puts(b, "\":"); }
