@@ -1373,18 +1373,22 @@ static void escape_into(struct buf *b, const char *s, size_t n, char quote) {
 
 /* How an atom is written: nil, true and false bare; KV.Registry without
  * its "Elixir." prefix; :ok and :+ bare; :"$gen_call" quoted; as a keyword
- * key, name: or +: (operators need no quotes there either, as in 1.14). */
+ * key, name: or +: (operators need no quotes there either, as in 1.14).
+ * The atom Elixir prints bare as a value, but as a key 1.14 quotes it,
+ * "Elixir": 1, because Elixir: would read as the alias. */
 static void atom_text(struct buf *b, term a, bool as_key) {
     const char *s = BYTES(a);
     size_t n = a->n;
+    bool is_elixir = n == 6 && memcmp(s, "Elixir", 6) == 0;
     bool plain = is_identifier(s, n) || is_operator(s, n);
     if (as_key) {
+        plain = plain && !is_elixir;
         if (plain) { buf_add(b, s, n); buf_puts(b, ":"); }
         else { buf_puts(b, "\""); escape_into(b, s, n, '"'); buf_puts(b, "\":"); }
         return;
     }
     if (a == am_nil || a == am_true || a == am_false) buf_add(b, s, n);
-    else if (n == 6 && memcmp(s, "Elixir", 6) == 0) buf_add(b, s, n);
+    else if (is_elixir) buf_add(b, s, n);
     else if (is_alias(s, n)) buf_add(b, s + 7, n - 7);
     else if (plain) { buf_puts(b, ":"); buf_add(b, s, n); }
     else { buf_puts(b, ":\""); escape_into(b, s, n, '"'); buf_puts(b, "\""); }

@@ -355,6 +355,7 @@ static void t_inspect_basic(term ctx) {
     assert_inspect(kv_list(2, kv_tuple(2, A("name"), kv_alias("KV.Registry")), kv_tuple(2, A("$gen"), I(1))),
                    "[name: KV.Registry, \"$gen\": 1]");
     assert_inspect(kv_map(3, A("@"), am_nil, A("+"), I(1), A("::"), I(2)), "%{+: 1, \"::\": 2, @: nil}");
+    assert_inspect(kv_list(2, kv_tuple(2, A("a"), I(1)), kv_tuple(2, A("Elixir"), I(2))), "[a: 1, \"Elixir\": 2]");
     assert_inspect(kv_tuple(11, A("$gen_call"), A("foo bar"), A("ok?"), A("+"), A("Elixir"), A("Elixir"),
                             kv_alias("Foo.Bar"), A("9a"), A("a@b"), A("A"), A("a-b")),
                    "{:\"$gen_call\", :\"foo bar\", :ok?, :+, Elixir, Elixir, Foo.Bar, :\"9a\", :a@b, :A, :\"a-b\"}");
