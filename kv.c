@@ -1510,8 +1510,8 @@ static const struct doc *join(const struct doc *a, const struct doc *b, bool fle
  * "strict" (maps and keywords: one item per line when it doesn't fit). */
 enum break_style { BREAK_MAYBE, BREAK_FLEX, BREAK_STRICT };
 
-static const struct doc *container_doc(const char *left, const struct items *it, const char *right,
-                                       long limit, enum break_style brk) {
+static const struct doc *container_doc_nest(const char *left, const struct items *it, const char *right,
+                                            long limit, enum break_style brk, int indent) {
     if (it->count == 0) return concat(doc_str(left), doc_str(right));
     const struct doc **docs = vm_realloc(NULL, (it->count + 2) * sizeof *docs);
     size_t n = 0;
@@ -1534,8 +1534,14 @@ static const struct doc *container_doc(const char *left, const struct items *it,
     const struct doc *body = n ? docs[n - 1] : &doc_nil;
     for (size_t i = n - 1; i-- > 0;) body = join(docs[i], body, flex, ",");
     free(docs);
-    if (flex) return group(concat(concat(doc_str(left), nest(body, 1)), doc_str(right)));
+    if (flex) return group(concat(concat(doc_str(left), nest(body, indent)), doc_str(right)));
     return group(glue(nest(glue(doc_str(left), "", false, body), 2), "", false, doc_str(right)));
+}
+
+/* A broken list or tuple goes on one column right of its bracket. */
+static const struct doc *container_doc(const char *left, const struct items *it, const char *right,
+                                       long limit, enum break_style brk) {
+    return container_doc_nest(left, it, right, limit, brk, 1);
 }
 
 /* Exception structs print as %Name{field: value, ...} in the order their
@@ -1610,7 +1616,8 @@ static const struct doc *to_doc(term t, long limit) {
             for (size_t i = t->n; i-- > 0;) bytes = kv_cons(kv_int((unsigned char)BYTES(t)[i]), bytes);
             it.src = bytes;
             it.count = t->n;
-            return container_doc("<<", &it, ">>", limit, BREAK_FLEX);
+            /* Inspect.BitString indents by the width of "<<", not by one. */
+            return container_doc_nest("<<", &it, ">>", limit, BREAK_FLEX, 2);
         }
     case K_TUPLE: {
         struct items it = {ITEM_PLAIN, t, t->n, NULL, NULL};
@@ -1636,12 +1643,16 @@ static const struct doc *to_doc(term t, long limit) {
         return doc_str("[]");
     case K_CONS: {
         if (charlist_printable(t)) {
-            buf_puts(&b, "'");
+            /* Escaped as a whole, not char by char: '#{' needs a look ahead. */
+            struct buf chars = {0};
             for (term l = t; l->kind == K_CONS; l = tl(l)) {
                 char c = (char)hd(l)->u.i;
-                escape_into(&b, &c, 1, '\'');
+                buf_add(&chars, &c, 1);
             }
             buf_puts(&b, "'");
+            escape_into(&b, chars.s, chars.len, '\'');
+            buf_puts(&b, "'");
+            buf_free(&chars);
             return doc_buf(&b);
         }
         size_t n = 0;

@@ -361,6 +361,7 @@ static void t_inspect_basic(term ctx) {
                    "{:\"$gen_call\", :\"foo bar\", :ok?, :+, Elixir, Elixir, Foo.Bar, :\"9a\", :a@b, :A, :\"a-b\"}");
     assert_inspect(kv_list(2, kv_list(2, I('k'), I('v')), kv_list(2, I(1), I(2))), "['kv', [1, 2]]");
     assert_inspect(kv_cons(I(1), I(2)), "[1 | 2]");
+    assert_inspect(kv_list(4, I('#'), I('#'), I('{'), I('}')), "'#\\#{}'");
     assert_inspect(kv_tuple(0), "{}");
     assert_inspect(kv_map_empty(), "%{}");
     assert_inspect(NIL, "[]");
@@ -423,6 +424,12 @@ static void t_inspect_pretty(term ctx) {
     term pairs = NIL;
     for (int i = 3; i >= 1; i--) pairs = kv_cons(kv_tuple(2, I(i), A("a")), pairs);
     assert_pretty(pairs, "[{1, :a}, {2, :a}, {3, :a}]");
+    /* A broken binary continues two columns right of its "<<". */
+    char bytes[30];
+    for (int i = 0; i < 30; i++) bytes[i] = (char)(200 + i);
+    assert_pretty(kv_tuple(2, I(1), kv_binary(bytes, 30)),
+                  "{1,\n <<200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214,\n"
+                  "   215, 216, 217, 218, 219, 220, 221, 222, 223, 224, 225, 226, 227, 228, 229>>}");
 }
 
 static void t_term_order(term ctx) {
