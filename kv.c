@@ -27,7 +27,8 @@
  * kv_bucket_put, Process.monitor is process_monitor.  Kernel's auto-imported
  * functions keep their bare names (self, spawn, spawn_link, make_ref) except
  * where the C library owns the name already: Kernel.exit/1 is exit_self and
- * Kernel.send/2 is process_send (Process.send/3, which it calls).
+ * Kernel.send/2 is process_send (both it and Process.send/3 are
+ * :erlang.send).
  *
  * Words from the guide and the BEAM are used in their Erlang sense: a
  * "process" is one of ours (a coroutine), never an operating-system process;
@@ -91,7 +92,7 @@
  *                       typically 200 to 900 bytes
  *
  * Why this way?  An idle process costs only the bytes it was really using
- * (BEAM's idle process costs about 2.7 KB; ours a little less), there is no
+ * (BEAM's idle process costs about 2.7 KB; ours about a third of that), there is no
  * memory map per process and so no limit near 32,000 processes (a guard
  * page per stack costs two kernel mappings, and Linux allows 65,530), and
  * no assembly is needed anywhere: entering the stage is an ordinary call,
@@ -124,6 +125,15 @@
  * Every _longjmp in this file goes to a frame above the current one, which
  * is also why glibc's _FORTIFY_SOURCE check (it aborts a longjmp that goes
  * *down* the stack) never fires.
+ *
+ * Why _setjmp and not setjmp?  POSIX's setjmp may also save the signal
+ * mask, which costs a system call on every switch; _setjmp never does,
+ * and kv.c changes no signal mask while processes run.  And C's one rule
+ * about locals: a local variable of the function that called _setjmp,
+ * changed after the _setjmp and before the _longjmp back, holds an
+ * undefined value afterwards unless it is volatile (it may have lived in
+ * a register that the jump restored).  Each contract comment below says
+ * why its locals are safe: usually, nothing is changed in between.
  *
  * The mailbox.  Messages are copied when sent (processes share nothing)
  * into a block of memory of their own and queued in arrival order:
@@ -1824,7 +1834,7 @@ static struct vm {
     struct proc *exiting;             /* the process that just exited */
 
     /* The stage (I.7). */
-    jmp_buf sched_ctx;   /* in vm_run's frame: where processes jump back to */
+    jmp_buf sched_ctx;   /* in sched_enter's frame: where processes jump back to */
     bool in_run;         /* vm_run is on the C stack */
     uintptr_t stage_top; /* every process's stack starts just below this */
     uintptr_t stack_end; /* the lowest address the C stack may reach */
@@ -2048,19 +2058,27 @@ static NORETURN NOINLINE void stage_enter(struct proc *p) {
 static void proc_wait(void) {
     struct proc *p = vm.current;
     if (_setjmp(p->ctx) == 0) {
+        /* First return (0): we are leaving.  Once stack_save has copied
+         * our bytes out, this frame is scratch: a write to it would be
+         * lost, and on a direct hand-off stage_land overwrites it with
+         * the next process's bytes. */
         stack_save(p);
         FIBER_LEAVE(&p->fake_stack);
         /* Hand over directly to the next process if it has run before.
-         * A new process must start from the top of the stage, and every
-         * 64th switch goes through the scheduler so it can look at the
-         * clock and at input; both cases jump to the scheduler. */
+         * A new process should start from the top of the stage (deeper
+         * down, the dead frames above it would ride along in every copy
+         * of its stack), and every 64th switch goes through the scheduler
+         * so it can look at the clock and at input; both cases jump to
+         * the scheduler. */
         struct proc *next = vm.run_head;
         if (next && next->started && ++vm.direct < 64) {
             runq_pop();
             stage_enter(next);
         }
-        _longjmp(vm.sched_ctx, JUMP_SWITCHED); /* up: vm_run's frame */
+        _longjmp(vm.sched_ctx, JUMP_SWITCHED); /* up: sched_enter's frame */
     }
+    /* Second return (1): stage_land copied our bytes back and jumped
+     * here; every caller's locals are as we left them. */
     FIBER_ARRIVE(p->fake_stack);
 }
 
@@ -2071,7 +2089,7 @@ static void proc_wait(void) {
 static NORETURN void leave_to_scheduler(struct proc *p) {
     vm.exiting = p;
     FIBER_LEAVE(NULL); /* for good: ASan may drop its fake stack */
-    _longjmp(vm.sched_ctx, JUMP_EXITED); /* up: vm_run's frame */
+    _longjmp(vm.sched_ctx, JUMP_EXITED); /* up: sched_enter's frame */
 }
 
 /* Kernel.exit from the process itself, for real (no catch). */
@@ -2353,9 +2371,12 @@ static void reap(void);
 static void proc_finish(struct proc *p);
 
 /* Enter p and come back when control returns to the scheduler.
- * Contract: _setjmp saves this frame, which lies above the stage; every
- * process jumps back here with JUMP_SWITCHED or JUMP_EXITED.  Nothing in
- * this frame changes after _setjmp. */
+ * Contract: _setjmp saves this frame, which lies above the stage, in
+ * vm.sched_ctx; it is set afresh for every turn, and stays valid while
+ * processes hand the CPU to one another below it.  Every process jumps
+ * back here with JUMP_SWITCHED or JUMP_EXITED; then the live stack is the
+ * scheduler's again, and vm.current still names the process that last ran
+ * until vm_run clears it.  Nothing in this frame changes after _setjmp. */
 static NOINLINE int sched_enter(struct proc *p) {
     int why = _setjmp(vm.sched_ctx);
     if (why == 0) {
@@ -2630,13 +2651,15 @@ API void process_wait_input(int fd) {
  * When does it arrive?  On BEAM, signals from one process to another keep
  * their order with the messages between them, and the receiver handles
  * them when it next runs.  kv.c queues an exit signal in the mailbox, as
- * an {:EXIT, from, reason} entry marked `signal`, and the receiver handles
- * it when its receive reaches it: a trapping process finds an ordinary
- * message there, any other process exits or ignores it.  So a server that
- * answers and then dies lets its caller read the answer first, and a
- * process linked to a dying server dies before it can read the server's
- * DOWN message, both as on BEAM.  Two things act at once instead: an
- * untrappable :kill, and a signal a process sends itself.
+ * an {:EXIT, from, reason} entry marked `signal`, and acts on it only
+ * when a receive walks past it: a trapping process finds an ordinary
+ * message there, any other process exits or ignores it.  The order is
+ * kept, so messages that arrived earlier can always be read first: a
+ * server that answers and then dies lets its caller read the answer.  On
+ * BEAM the caller may also die before reading it, if it handles both
+ * signals in one go; kv.c picks one of the orders BEAM allows, and the
+ * one that repeats the same way every run.  Two things act at once
+ * instead: an untrappable :kill, and a signal a process sends itself.
  *
  * A process that must exit now is marked (die) and queued; reap() then
  * finishes the queued processes.  The running process cannot be finished
@@ -3138,6 +3161,14 @@ API term process_unregister(term name) {
  * With no catch point, exit_current jumps to the scheduler instead.
  */
 
+/* Jump to the innermost catch point of the running process.
+ * Contract: the caller runs on vm.current's stack, and p->catcher is the
+ * catch_frame of a try_catch call that has not yet returned (try_catch
+ * unlinks its frame when fn returns normally), so f->env is valid and the
+ * jump goes up the same stack.  The frames in between are dropped without
+ * running anything: code that may exit holds no malloc'd memory across
+ * the call that exits (terms live in the process heap, which outlives
+ * them).  kind and reason travel in struct proc, not on the stack. */
 static NORETURN void throw_to_catcher(enum caught kind, term reason) {
     struct proc *p = vm.current;
     struct catch_frame *f = p->catcher;
@@ -4197,7 +4228,8 @@ API term dynamic_supervisor_start_child(term sup, term child_spec); /* Part V */
 
 /* handle_cast({:create, name}, {names, refs}): start a bucket unless the
  * name is taken, monitor it, remember it under both maps.  (How the bucket
- * is started changes twice in the guide: see "Monitors or links?" below.) */
+ * is started changes in the dynamic-supervisor chapter, and the monitor
+ * arrives in "The need for monitoring": see the sections below.) */
 static term kv_registry_handle_cast(term request, term state) {
     if (!is_tagged(request, am_create, 2))
         raise_error(function_clause_error(kv_alias("KV.Registry"), am_handle_cast, 2));
@@ -4322,9 +4354,11 @@ static const struct module kv_registry = {
  * `use GenServer` (and Agent, and Supervisor) defines child_spec/1 for the
  * module.  The guide's two editions print it differently: the seed chapter
  * shows the full map above, as the Elixir of its day generated it, and the
- * newer edition shows %{id: ..., start: ...}, because Elixir 1.14 leaves
- * out every key whose value is the default.  kv.c generates the seed's
- * full map; child_spec_as_1_14() gives the newer form of the same spec.
+ * newer edition shows %{id: ..., start: ...}: newer Elixir (1.14 among
+ * them) writes only id and start, plus whatever options were given to
+ * `use` (Agent's restart: :temporary for KV.Bucket), and lets the
+ * supervisor fill in the rest.  kv.c generates the seed's full map;
+ * child_spec_as_1_14() gives the newer form of the same spec.
  */
 
 #define DEFAULT_SHUTDOWN 5000 /* ms a worker gets to stop after :shutdown */
@@ -4339,7 +4373,10 @@ static term use_child_spec(const struct module *m, term arg, term restart, term 
                   restart == am_nil ? am_permanent : restart, am_shutdown, shutdown, am_type, type);
 }
 
-/* The same spec as Elixir 1.14's `use` writes it: default values left out. */
+/* The same spec as Elixir 1.14's `use` writes it.  1.14 leaves out what
+ * `use` was not given; kv.c's modules give `use` nothing but a restart
+ * that is not :permanent, so dropping the keys that hold their defaults
+ * gives the same map. */
 API term child_spec_as_1_14(term spec) {
     term type = map_get(spec, am_type, am_worker);
     term shutdown = type == am_supervisor ? am_infinity : kv_int(DEFAULT_SHUTDOWN);
@@ -5663,7 +5700,9 @@ static void bench_result(const char *bench, const char *metric, double value, co
     fflush(stdout);
 }
 
-/* The bare cost every switch pays: one _setjmp and one _longjmp. */
+/* The bare cost every switch pays: one _setjmp and one _longjmp.
+ * Contract: the jump lands in this same frame, which is live throughout;
+ * buf and i are static, so no local changes between the two calls. */
 static NOINLINE void bench_switch(void) {
     static jmp_buf buf;
     static volatile long i;
