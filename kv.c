@@ -211,11 +211,13 @@ void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
 void __sanitizer_start_switch_fiber(void **fake_stack_save, const void *bottom, size_t size);
 void __sanitizer_finish_switch_fiber(void *fake_stack_save, const void **bottom_old, size_t *size_old);
 #define UNPOISON(addr, size) __asan_unpoison_memory_region((addr), (size))
+#define ASAN_WINDOW 16384 /* bytes below the scheduler's frame kept clear */
 #define FIBER_LEAVE(save) __sanitizer_start_switch_fiber((save), (const void *)vm.stack_end, vm.stack_size)
 #define FIBER_ARRIVE(save) __sanitizer_finish_switch_fiber((save), NULL, NULL)
 #define NO_ASAN __attribute__((no_sanitize_address))
 #else
 #define UNPOISON(addr, size) ((void)0)
+#define ASAN_WINDOW 0
 #define FIBER_LEAVE(save) ((void)0)
 #define FIBER_ARRIVE(save) ((void)0)
 #define NO_ASAN
@@ -607,6 +609,8 @@ static term kv_atom(const char *name) { return atom_n(name, strlen(name)); }
     X(terminate_child, "terminate_child") X(restart_child, "restart_child") \
     X(delete_child, "delete_child") X(args, "args") \
     X(start_spec, "start_spec") X(supervisor_data, "supervisor_data")       \
+    X(bad_start_spec, "bad_start_spec") X(bad_call, "bad_call")             \
+    X(bad_cast, "bad_cast") X(duplicate_child_name, "duplicate_child_name") \
     X(bad_return, "bad_return") X(child_spec, "child_spec")                 \
     X(start_link, "start_link") X(failed_to_start_child, "failed_to_start_child") \
     X(active, "active") X(specs, "specs") X(supervisors, "supervisors")     \
@@ -2380,6 +2384,11 @@ static void proc_finish(struct proc *p);
 static NOINLINE int sched_enter(struct proc *p) {
     int why = _setjmp(vm.sched_ctx);
     if (why == 0) {
+        /* ASan: stage_enter never returns, so the guard marks ASan put
+         * around its `pad` array are never taken off, and they lie just
+         * below this frame.  ASan's own code, which runs here before a
+         * call that does not return, would trip over them: clear them. */
+        UNPOISON((void *)(stack_address() - ASAN_WINDOW), ASAN_WINDOW);
         FIBER_LEAVE(&vm.sched_fake_stack);
         stage_enter(p);
     }
@@ -3381,6 +3390,62 @@ static void mfa_call_text(struct buf *b, term mfa) {
     buf_puts(b, ")");
 }
 
+/* How Exception.format_exit words a supervisor's complaint about a child
+ * spec ({:start_spec, what}) or about its own flags ({:supervisor_data,
+ * what}): what = {tag, value} becomes before <> inspect(value) <> after. */
+struct exit_words {
+    const char *tag, *before, *after;
+};
+
+static const struct exit_words start_spec_words[] = {
+    {"invalid_child_spec", "invalid child specification: ", ""},
+    {"invalid_child_type", "invalid child type: ", ". Must be :worker or :supervisor."},
+    {"invalid_mfa", "invalid mfa: ", ""},
+    {"invalid_restart_type", "invalid restart type: ", ". Must be :permanent, :transient or :temporary."},
+    {"invalid_shutdown", "invalid shutdown: ", ". Must be an integer >= 0, :infinity or :brutal_kill."},
+    {"invalid_module", "invalid module: ", ". Must be an atom."},
+    {"invalid_modules", "invalid modules: ", ". Must be a list of atoms or :dynamic."},
+    {NULL, NULL, NULL},
+};
+
+static const struct exit_words supervisor_data_words[] = {
+    {"invalid_type", "invalid type: ", ""},
+    {"invalid_strategy", "invalid strategy: ", ""},
+    {"invalid_intensity", "invalid max_restarts (intensity): ", ""},
+    {"invalid_period", "invalid max_seconds (period): ", ""},
+    {"invalid_max_children", "invalid max_children: ", ""},
+    {"invalid_extra_arguments", "invalid extra_arguments: ", ""},
+    {NULL, NULL, NULL},
+};
+
+static void exit_words_to(struct buf *b, const struct exit_words *w, term what) {
+    for (; w->tag; w++) {
+        if (!is_tagged(what, kv_atom(w->tag), 2)) continue;
+        buf_puts(b, w->before);
+        inspect_to(b, elem(what, 1));
+        buf_puts(b, w->after);
+        return;
+    }
+    buf_puts(b, "got: "); /* anything else, e.g. :missing_id */
+    inspect_to(b, what);
+}
+
+/* {:start_spec, what}: two ids alike get a whole paragraph of advice. */
+static void start_spec_text(struct buf *b, term what) {
+    buf_puts(b, "bad child specification, ");
+    if (!is_tagged(what, am_duplicate_child_name, 2)) {
+        exit_words_to(b, start_spec_words, what);
+        return;
+    }
+    buf_puts(b, "more than one child specification has the id: ");
+    inspect_to(b, elem(what, 1));
+    buf_puts(b, ".\nIf using maps as child specifications, make sure the :id keys are unique.\n"
+                "If using a module or {module, arg} as child, use Supervisor.child_spec/2 to change "
+                "the :id, for example:\n\n    children = [\n"
+                "      Supervisor.child_spec({MyWorker, arg}, id: :my_worker_1),\n"
+                "      Supervisor.child_spec({MyWorker, arg}, id: :my_worker_2)\n    ]\n");
+}
+
 /* Exception.format_exit/1: an exit reason as people read it.  `joiner` is
  * the newline-plus-indent between nested parts. */
 static void format_exit_to(struct buf *b, term reason, const char *joiner) {
@@ -3433,6 +3498,23 @@ static void format_exit_to(struct buf *b, term reason, const char *joiner) {
     } else if (is_tagged(reason, am_already_started, 2)) {
         buf_puts(b, "already started: ");
         inspect_to(b, elem(reason, 1));
+    } else if (is_tagged(reason, am_bad_call, 2) || is_tagged(reason, am_bad_cast, 2)) {
+        buf_puts(b, elem(reason, 0) == am_bad_call ? "bad call: " : "bad cast: ");
+        inspect_to(b, elem(reason, 1));
+    } else if (is_tagged(reason, am_bad_return, 2) && is_tuple(elem(reason, 1)) &&
+               tuple_size(elem(reason, 1)) == 3 &&
+               is_atom(elem(elem(reason, 1), 0)) && elem(elem(reason, 1), 1) == am_init) {
+        mfa_text(b, elem(elem(reason, 1), 0), am_init, 1); /* a supervisor's init/1 */
+        buf_puts(b, " returned a bad value: ");
+        inspect_to(b, elem(elem(reason, 1), 2));
+    } else if (is_tagged(reason, am_bad_start_spec, 2)) {
+        buf_puts(b, "bad child specification, invalid children: ");
+        inspect_to(b, elem(reason, 1));
+    } else if (is_tagged(reason, am_start_spec, 2)) {
+        start_spec_text(b, elem(reason, 1));
+    } else if (is_tagged(reason, am_supervisor_data, 2)) {
+        buf_puts(b, "bad supervisor configuration, ");
+        exit_words_to(b, supervisor_data_words, elem(reason, 1));
     } else {
         inspect_to(b, reason);
     }
@@ -4703,7 +4785,7 @@ static term sup_init(term arg) {
         if (is_tagged(c, am_error, 2)) return kv_tuple(2, am_stop, kv_tuple(2, am_start_spec, elem(c, 1)));
         if (child_by(children, am_id, child_get(c, am_id)))
             return kv_tuple(2, am_stop, kv_tuple(2, am_start_spec,
-                                                 kv_tuple(2, kv_atom("duplicate_child_name"), child_get(c, am_id))));
+                                                 kv_tuple(2, am_duplicate_child_name, child_get(c, am_id))));
         children = list_append(children, c);
     }
     term reason = NULL, started;
@@ -5337,8 +5419,8 @@ API term application_started_applications(void) {
 }
 
 static term ensure_started(term app, term started) {
-    const struct app_spec *a = app_spec_of(app);
-    for (size_t i = 0; a->applications[i]; i++) {
+    const struct app_spec *a = app_spec_of(app); /* NULL: no such app, and */
+    for (size_t i = 0; a && a->applications[i]; i++) { /* start says so */
         started = ensure_started(kv_atom(a->applications[i]), started);
         if (is_tagged(started, am_error, 2)) return started;
     }
@@ -5351,14 +5433,6 @@ static term ensure_started(term app, term started) {
 /* Application.ensure_all_started/1 — starts what app needs, then app:
  * {:ok, [the applications it started, in order]} */
 API term application_ensure_all_started(term app) {
-    if (!app_spec_of(app)) {
-        struct buf b = {0};
-        buf_printf(&b, "%s.app", BYTES(app));
-        term r = kv_tuple(2, am_error, kv_tuple(2, app, kv_tuple(2, charlist("no such file or directory"),
-                                                                 charlist(buf_str(&b)))));
-        buf_free(&b);
-        return r;
-    }
     term r = ensure_started(app, NIL);
     return is_tagged(r, am_error, 2) ? r : kv_tuple(2, am_ok, r);
 }

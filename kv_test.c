@@ -136,6 +136,15 @@ static void assert_contains_at(const char *file, int line, const char *expr, con
 #define assert_pretty(t, expected) assert_inspect_at(__FILE__, __LINE__, #t, (t), 80, (expected))
 #define assert_contains(text, needle) assert_contains_at(__FILE__, __LINE__, #text, (text), (needle))
 
+/* "** (exit) ..." for reason, as a string term: what iex would print. */
+static term exit_text(term reason) {
+    struct buf b = {0};
+    format_exit_banner(&b, reason);
+    term s = kv_string(buf_str(&b));
+    buf_free(&b);
+    return s;
+}
+
 /* Short names for the literals tests use most. */
 static term S(const char *s) { return kv_string(s); }
 static term A(const char *s) { return kv_atom(s); }
@@ -2099,6 +2108,21 @@ static void t_supervisor_start_failures(term ctx) {
     r = supervisor_start_link(&test_sup, kv_tuple(2, am_ok, kv_tuple(2, kv_map(1, am_strategy, am_one_for_one),
                                                                     kv_list(1, nameless))), NIL);
     assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_start_spec, A("missing_id"))));
+    /* ... and each reason reads as Exception.format_exit/1 words it */
+    assert_eq(exit_text(elem(r, 1)), S("** (exit) bad child specification, got: :missing_id"));
+    assert_eq(exit_text(kv_tuple(2, am_start_spec, kv_tuple(2, A("invalid_restart_type"), A("sometimes")))),
+              S("** (exit) bad child specification, invalid restart type: :sometimes. "
+                "Must be :permanent, :transient or :temporary."));
+    assert_eq(exit_text(kv_tuple(2, am_supervisor_data, kv_tuple(2, A("invalid_strategy"), A("none_for_one")))),
+              S("** (exit) bad supervisor configuration, invalid strategy: :none_for_one"));
+    assert_eq(exit_text(kv_tuple(2, am_bad_return, kv_tuple(3, kv_alias("Test.Sup"), A("init"), A("invalid")))),
+              S("** (exit) Test.Sup.init/1 returned a bad value: :invalid"));
+    assert_contains(BYTES(exit_text(kv_tuple(2, am_start_spec, kv_tuple(2, A("duplicate_child_name"), A("a"))))),
+                    "** (exit) bad child specification, more than one child specification has the id: :a.\n"
+                    "If using maps as child specifications, make sure the :id keys are unique.\n");
+    assert_eq(exit_text(kv_tuple(2, am_shutdown, kv_tuple(3, am_failed_to_start_child, A("a"),
+                                                          kv_tuple(2, am_start_spec, A("missing_id"))))),
+              S("** (exit) shutdown: failed to start child: :a\n    ** (EXIT) bad child specification, got: :missing_id"));
 }
 
 /* dynamic-supervisor.md: "The bucket supervisor" session. */
