@@ -6020,17 +6020,27 @@ static void tour_supervisors(void) {
     iex("Supervisor.which_children(sup)", supervisor_which_children(sup));
 
     banner("supervisor-and-application.md", "Naming processes");
-    printf("# KV.Registry is the registry the application's tree started, by name:\n");
+    printf("# The chapter starts KV.Supervisor by hand here, with KV.Supervisor.start_link([]).\n"
+           "# In kv.c the application's callback has started it already, under its name,\n"
+           "# and a second one could not take the names KV.Registry and KV.BucketSupervisor:\n");
+    iex("Process.whereis(KV.Supervisor)", process_whereis(kv_alias("KV.Supervisor")));
     iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(kv_alias("KV.Registry"), kv_string("shopping")));
     iex("KV.Registry.lookup(KV.Registry, \"shopping\")", kv_registry_lookup(kv_alias("KV.Registry"), kv_string("shopping")));
 
     banner("supervisor-and-application.md", "Understanding applications");
     struct buf b = {0};
     application_resource_file(&b, am_kv);
+    printf("# kv.c's kv.app is the final one: its mod: entry is added in \"The application\n"
+           "# callback\" below (the seed edition also lists {extra_applications,[logger]}).\n");
     printf("$ cat _build/dev/lib/kv/ebin/kv.app\n%s", buf_str(&b));
     buf_free(&b);
 
     banner("supervisor-and-application.md", "Starting applications");
+    iex("Application.start(:kv)", application_start(am_kv));
+    printf("# The chapter now restarts iex with `iex -S mix run --no-start`, so that :kv is\n"
+           "# not running (`./kv --no-start` starts kv.c that way).  Here :kv is stopped\n"
+           "# instead, which leaves the VM in the same state:\n");
+    iex("Application.stop(:kv)", application_stop(am_kv));
     iex("Application.start(:kv)", application_start(am_kv));
     iex("Application.stop(:kv)", application_stop(am_kv));
     iex("Application.stop(:logger)", application_stop(am_logger));
