@@ -6078,7 +6078,9 @@ static void tour(term arg) {
     }
     if (no_start) { /* the seed edition's iex -S mix run --no-start */
         printf("# Started with --no-start (iex -S mix run --no-start, in the seed edition):\n");
+        iex("Process.whereis(KV.Registry)", process_whereis(kv_alias("KV.Registry")));
         iex("Application.start(:kv)", application_start(am_kv));
+        iex("Process.whereis(KV.Registry)", process_whereis(kv_alias("KV.Registry")));
     }
     tour_agents();
     tour_genservers();
