@@ -3656,6 +3656,17 @@ API term fun_call(term f, term arg) {
 /* ==========================================================================
  * PART II — agents.md: "Simple state management with agents"
  * ==========================================================================
+ */
+
+/* --------------------------------------------------------------------------
+ * agents.md — "The trouble with (mutable) state"
+ * --------------------------------------------------------------------------
+ * No Elixir value can change, so a value that many processes read and
+ * update must live inside one process, and the others ask it by message.
+ * That is all a process in Part I needs: a loop that receives a request,
+ * answers from its state and loops with the new state.  Elixir packs the
+ * usual shapes of that loop as Agent, GenServer and Task; the guide's
+ * key-value store starts with the simplest.
  *
  * An Agent is a process that holds a value, the state, and runs the
  * functions you send it against that value.  In Elixir, Agent is a thin
@@ -3780,19 +3791,11 @@ static const struct export agent_exports[] = {
 static const struct module agent_module = {.name = "Agent", .exports = agent_exports};
 
 /* --------------------------------------------------------------------------
- * agents.md — "Agents 101", "Other agent actions": KV.Bucket
+ * agents.md — "Agents 101": KV.Bucket
  * --------------------------------------------------------------------------
  * The bucket is an agent whose state is a map.  Each operation is a small
  * function sent to the agent: in Elixir, &Map.get(&1, key); here a C
  * function plus the one term it captures (struct fun_def, I.3).
- *
- * "Test setup with ExUnit callbacks": the guide's KV.BucketTest, its setup
- * and "stores values by key", are in kv_test.c.
- *
- * "Client/server in agents": only the fun's code (bucket_get and friends
- * below) runs in the agent process, the server; everything else in
- * kv_bucket_get and friends runs in the calling process, the client.  A
- * slow fun holds up every other client of that bucket.
  */
 
 static term empty_map(term env, term unused) {
@@ -3822,11 +3825,34 @@ API term kv_bucket_put(term bucket, term key, term value) {
     return agent_update(bucket, kv_fun(&bucket_put_fun, kv_tuple(2, key, value)));
 }
 
+/* --------------------------------------------------------------------------
+ * agents.md — "Test setup with ExUnit callbacks"
+ * --------------------------------------------------------------------------
+ * The guide's KV.BucketTest, its setup and "stores values by key", are in
+ * kv_test.c, written with start_supervised! as the guide writes them.
+ */
+
+/* --------------------------------------------------------------------------
+ * agents.md — "Other agent actions"
+ * --------------------------------------------------------------------------
+ * Besides get and update, an agent can do both in one step: the function
+ * returns {value for the caller, new state}.  Map.pop/2 has that shape.
+ */
+
 /* KV.Bucket.delete/2 — Agent.get_and_update(bucket, &Map.pop(&1, key)):
  * the value that was there, or nil */
 API term kv_bucket_delete(term bucket, term key) {
     return agent_get_and_update(bucket, kv_fun(&bucket_pop_fun, key));
 }
+
+/* --------------------------------------------------------------------------
+ * agents.md — "Client/server in agents"
+ * --------------------------------------------------------------------------
+ * Only the fun's code (bucket_get, bucket_put, bucket_pop above) runs in
+ * the agent process, the server; the rest of kv_bucket_get and friends
+ * runs in the calling process, the client.  Whatever the fun does, every
+ * other client of that bucket waits for: slow work belongs in the client.
+ */
 
 static const struct module kv_bucket;
 static term use_child_spec(const struct module *m, term arg, term restart, term type); /* Part IV */
@@ -3851,14 +3877,14 @@ static const struct module kv_bucket = {.name = "KV.Bucket", .exports = kv_bucke
  * gen_server) writes once for everybody: receive a message, decide what
  * kind it is, call the callback module's function for it, keep the new
  * state, repeat.  The guide only writes callbacks and clients, so Part III
- * first builds what they run on, OTP's side, under the two guide sections
- * that use it ("GenServer callbacks" for the server's loop, "The Client
- * API" for call, cast and the rest); then, section by section, the guide's
+ * first builds what they run on, OTP's side of the two sections that use
+ * it ("GenServer callbacks": the server's loop; "The Client API": call,
+ * cast and the rest); then, section by section in the guide's order, the
  * registry of buckets.
  */
 
 /* --------------------------------------------------------------------------
- * genservers.md — "GenServer callbacks": what calls them (OTP's gen_server)
+ * genservers.md — OTP's side of "GenServer callbacks": the loop that calls them
  * --------------------------------------------------------------------------
  *
  *     client                                  server (gen_server_loop)
@@ -4146,7 +4172,7 @@ static void gen_server_main(term arg) {
 }
 
 /* --------------------------------------------------------------------------
- * genservers.md — "The Client API": GenServer.start_link, call, cast, stop
+ * genservers.md — OTP's side of "The Client API": GenServer.start_link, call, cast
  * -------------------------------------------------------------------------- */
 
 static bool match_ack(term msg, const void *arg) {
@@ -4325,46 +4351,11 @@ static term kv_registry_handle_cast(term request, term state) {
 }
 
 /* --------------------------------------------------------------------------
- * genservers.md — "The need for monitoring", "call, cast or info?"
- * --------------------------------------------------------------------------
- * When a monitored bucket goes down, the registry receives {:DOWN, ref,
- * :process, pid, reason}: not a call, not a cast, so handle_info gets it,
- * and the ref finds the name to forget.  Any other stray message is logged
- * at debug level and ignored: without that catch-all clause, a message no
- * clause matches would crash the registry. */
-
-static term kv_registry_handle_info(term msg, term state) {
-    if (is_tagged(msg, am_DOWN, 5)) {
-        term popped = map_pop(elem(state, 1), elem(msg, 1)); /* {name, refs} */
-        term names = map_delete(elem(state, 0), elem(popped, 0));
-        return kv_tuple(2, am_noreply, kv_tuple(2, names, elem(popped, 1)));
-    }
-    struct buf b = {0};
-    buf_puts(&b, "Unexpected message in KV.Registry: ");
-    inspect_to(&b, msg);
-    logger_log(LOG_DEBUG, buf_str(&b));
-    buf_free(&b);
-    return kv_tuple(2, am_noreply, state);
-}
-
-/* --------------------------------------------------------------------------
- * genservers.md — "Monitors or links?"
- * --------------------------------------------------------------------------
- * In this chapter the registry starts each bucket with KV.Bucket.start_link/1,
- * which links the bucket to the registry *and* monitors it.  The guide
- * points out the flaw: a bucket's crash then takes the registry down too.
- * The dynamic-supervisor chapter ("The bucket supervisor", Part V) fixes
- * it by starting buckets under KV.BucketSupervisor, linked to that
- * supervisor, and only monitored by the registry; handle_cast above is
- * that final version.  (kv_test.c keeps the linked version, to show the
- * failure the guide shows.)
- */
-
-/* --------------------------------------------------------------------------
  * genservers.md — "The Client API": KV.Registry's
  * -------------------------------------------------------------------------- */
 
 static const struct module kv_registry; /* below: the callbacks and exports */
+static term kv_registry_handle_info(term msg, term state); /* "The need for monitoring" */
 
 /* KV.Registry.start_link/1 — GenServer.start_link(__MODULE__, :ok, opts) */
 API term kv_registry_start_link(term opts) { return gen_server_start_link(&kv_registry, am_ok, opts); }
@@ -4403,6 +4394,60 @@ static const struct module kv_registry = {
  * The guide's tests, "spawns buckets" and "removes buckets on exit", are in
  * kv_test.c (KV.RegistryTest), with start_supervised! as the guide writes
  * them.
+ */
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "The need for monitoring"
+ * --------------------------------------------------------------------------
+ * A stopped bucket's name stayed in the registry (the guide's test
+ * "removes buckets on exit", in kv_test.c, fails without this section).
+ * So handle_cast above monitors every bucket it starts and keeps the
+ * monitor's ref in `refs`.  When a monitored bucket goes down, the
+ * registry receives {:DOWN, ref, :process, pid, reason}, which is neither
+ * a call nor a cast, so handle_info/2 gets it, and the ref finds the name
+ * to forget.  The client API did not change at all.
+ */
+
+static term kv_registry_handle_info(term msg, term state) {
+    if (is_tagged(msg, am_DOWN, 5)) {
+        term popped = map_pop(elem(state, 1), elem(msg, 1)); /* {name, refs} */
+        term names = map_delete(elem(state, 0), elem(popped, 0));
+        return kv_tuple(2, am_noreply, kv_tuple(2, names, elem(popped, 1)));
+    }
+    struct buf b = {0};
+    buf_puts(&b, "Unexpected message in KV.Registry: ");
+    inspect_to(&b, msg);
+    logger_log(LOG_DEBUG, buf_str(&b));
+    buf_free(&b);
+    return kv_tuple(2, am_noreply, state);
+}
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "call, cast or info?"
+ * --------------------------------------------------------------------------
+ * Which callback a message reaches depends only on how it was sent:
+ * GenServer.call arrives as {:"$gen_call", from, request} and goes to
+ * handle_call; GenServer.cast as {:"$gen_cast", request}, to handle_cast;
+ * anything else (send/2, a monitor's :DOWN, a timer) to handle_info.  See
+ * gen_server_handle, under OTP's side of "GenServer callbacks".  Only handle_info
+ * can receive what nobody planned for, which is why the registry's
+ * handle_info ends with a clause that logs and ignores the message: a
+ * stray message must not crash it.  Calls and casts come only through
+ * the registry's own client API, so an unknown one is a bug, and the
+ * FunctionClauseError it raises is the right answer.
+ */
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "Monitors or links?"
+ * --------------------------------------------------------------------------
+ * In this chapter the registry starts each bucket with KV.Bucket.start_link/1,
+ * which links the bucket to the registry *and* monitors it.  The guide
+ * points out the flaw: a bucket's crash then takes the registry down too.
+ * The dynamic-supervisor chapter ("The bucket supervisor", Part V) fixes
+ * it by starting buckets under KV.BucketSupervisor, linked to that
+ * supervisor, and only monitored by the registry; handle_cast above is
+ * that final version.  (kv_test.c keeps the linked version, to show the
+ * failure the guide shows.)
  */
 
 /* ==========================================================================
@@ -4972,15 +5017,13 @@ API term supervisor_delete_child(term sup, term id) {
 API term supervisor_stop(term sup, term reason, long timeout) { return gen_server_stop(sup, reason, timeout); }
 
 /* --------------------------------------------------------------------------
- * supervisor-and-application.md — "Our first supervisor", "Naming
- * processes": KV.Supervisor
+ * supervisor-and-application.md — "Our first supervisor": KV.Supervisor
  * --------------------------------------------------------------------------
  * The guide's first KV.Supervisor has one child, KV.Registry, under
- * :one_for_one; "Naming processes" starts it as {KV.Registry, name:
- * KV.Registry}, so that the registry can be reached by name from anywhere.
- * The dynamic-supervisor chapter then adds the bucket supervisor in front
- * of it and switches to :one_for_all ("Supervision trees", Part V): what
- * you see here is that final version.
+ * :one_for_one; "Naming processes" (next) names it.  The dynamic-supervisor
+ * chapter then adds the bucket supervisor in front of it and switches to
+ * :one_for_all ("Supervision trees", Part V): what you see here is that
+ * final version.
  */
 
 static const struct module kv_supervisor;
@@ -5011,6 +5054,19 @@ static const struct module kv_supervisor = {
     .exports = kv_supervisor_exports,
     .init = kv_supervisor_init,
 };
+
+/* --------------------------------------------------------------------------
+ * supervisor-and-application.md — "Naming processes"
+ * --------------------------------------------------------------------------
+ * A pid is only known to whoever started the process, and a restarted
+ * child gets a new one.  So KV.Supervisor's init lists the registry as
+ * {KV.Registry, name: KV.Registry}: its child spec's start becomes
+ * KV.Registry.start_link([name: KV.Registry]), which passes the option on
+ * to GenServer.start_link, which registers the new process under that
+ * atom (process_register, I.11) before init runs.  Every process can then
+ * write KV.Registry where it needed the pid, and after a restart the name
+ * points at the new registry.
+ */
 
 /* --------------------------------------------------------------------------
  * supervisor-and-application.md — "Understanding applications"
