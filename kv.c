@@ -5524,6 +5524,11 @@ static const struct module kv_application = {.name = "KV", .start = kv_start};
  * it keeps them in a map, pid => {start, restart, shutdown, type, modules},
  * and it has a single strategy, :one_for_one.  Like Supervisor, it is a
  * GenServer that traps exits.
+ *
+ * The chapter opens with a failing test, "removes bucket on crash" (in
+ * kv_test.c): a bucket that stops with :shutdown takes the registry down
+ * with it, because the registry started the bucket with start_link.  The
+ * cure is to start buckets under a supervisor of their own.
  */
 
 /* --------------------------------------------------------------------------
