@@ -266,7 +266,7 @@ static void mem_free(void *p, size_t size) {
     free(p);
 }
 
-/* Bytes the processes hold right now. */
+/* Like :erlang.memory(:processes) — the bytes the processes hold right now */
 API size_t vm_memory(void) { return mem_in_use; }
 
 /* A growable string, used to build everything that gets printed. */
@@ -641,7 +641,7 @@ static term kv_alias(const char *name) {
     return kv_atom(buf);
 }
 
-/* true or false, the atoms, from a C bool */
+/* true or false, the atoms, from a C bool (C's side only; Elixir needs none) */
 API term kv_bool(bool b) { return b ? am_true : am_false; }
 
 /* ---- Building terms --------------------------------------------------- */
@@ -709,7 +709,7 @@ static term kv_list_of(size_t n, const term *items) {
     return l;
 }
 
-/* [a, b, ...] */
+/* [a, b, ...] — a list literal */
 API term kv_list(size_t n, ...) {
     term items[16];
     if (n > 16) abort(); /* use kv_list_of for more */
@@ -730,6 +730,7 @@ static term kv_fun(const struct fun_def *def, term env) {
 /* ---- Looking at terms -------------------------------------------------
  * Kernel's guards and accessors, with their Elixir names. */
 
+/* is_integer/1, is_atom/1, ... — the guards */
 API bool is_integer(term t) { return t->kind == K_INT; }
 static bool is_atom(term t) { return t->kind == K_ATOM; }
 static bool is_pid(term t) { return t->kind == K_PID; }
@@ -764,7 +765,8 @@ API size_t list_length(term l) {
     return n;
 }
 
-/* Atoms are compared by pointer: a truthy value in Elixir's sense. */
+/* if t, do: ... — is t truthy: anything but nil and false (atoms are
+ * compared by pointer) */
 API bool truthy(term t) { return t != am_nil && t != am_false; }
 
 /* --------------------------------------------------------------------------
@@ -2625,7 +2627,8 @@ API void erlang_yield(void) {
     settle();
 }
 
-/* Wait until fd has input (the shell reads standard input this way). */
+/* What a port does for the process that owns it: wait until fd has input
+ * (the shell reads standard input this way). */
 API void process_wait_input(int fd) {
     struct proc *p = vm.current;
     p->wait_fd = fd;
@@ -3070,16 +3073,17 @@ API term process_demonitor(term ref, bool flush) {
     return am_true;
 }
 
-/* Turn the monitor `ref` of the running process into a reply alias: a
- * message sent to the alias arrives only while the monitor exists (OTP's
- * erlang:monitor(process, Pid, [{alias, demonitor}]), which GenServer.call
- * uses so that a reply arriving after a timeout is dropped). */
+/* :erlang.monitor(:process, pid, alias: :demonitor), its alias half:
+ * turn the monitor `ref` of the running process into a reply alias.  A
+ * message sent to the alias arrives only while the monitor exists, which
+ * is why GenServer.call uses one: a reply arriving after a timeout is
+ * dropped. */
 API void monitor_make_alias(term ref) {
     struct monitor *m = monitor_find(vm.current, ref->u.id);
     if (m) m->alias = true;
 }
 
-/* Send msg to a reply alias: to pid, if its alias `ref` is still active. */
+/* send(alias, msg) — to pid, if its reply alias `ref` is still active. */
 API void process_send_alias(term pid, term ref, term msg) {
     struct proc *q = proc_of(pid);
     struct monitor *m = q ? monitor_find(q, ref->u.id) : NULL;
@@ -3278,7 +3282,7 @@ static term exception_new(term module, size_t nfields, ...) {
     return m;
 }
 
-/* %RuntimeError{message: message} */
+/* RuntimeError.exception(message) — %RuntimeError{message: message} */
 API term runtime_error(const char *message) {
     return exception_new(am_RuntimeError, 1, am_message, kv_string(message));
 }
@@ -5118,7 +5122,7 @@ static term atom_list(const char *const *names, bool aliases) {
     return l;
 }
 
-/* The application resource file's term: {:application, :kv, [...]}. */
+/* :file.consult("kv.app") — the term Mix writes there, {:application, :kv, [...]} */
 API term application_spec(term app) {
     const struct app_spec *a = app_spec_of(app);
     if (!a) return am_nil;
