@@ -2476,7 +2476,13 @@ API void vm_set_process_limit(size_t limit) { vm.limit = limit; }
  *        their order, for a later receive.
  */
 
-/* Copy t into a new message, in one chunk sized exactly. */
+/* Copy t into a new message, in one chunk sized exactly.
+ *
+ * Why a chunk of its own?  The message then owns every byte it points
+ * to, so it can sit in the mailbox as long as it likes, and when receive
+ * takes it the whole chunk simply joins the receiver's heap: a message is
+ * copied once, at send, as on BEAM, and never again.  The struct msg
+ * itself lives at the start of the same chunk. */
 static struct msg *msg_new(term t) {
     size_t head = ALIGN8(sizeof(struct msg));
     struct chunk *c = chunk_new(head + term_size(t));
@@ -2491,6 +2497,10 @@ static struct msg *msg_new(term t) {
     return m;
 }
 
+/* Append m to p's mailbox.  mbox_tail points at the link to fill (the
+ * last message's `next`, or mbox_head), so appending costs the same
+ * however long the mailbox is.  A process that waits for input rather
+ * than for a message (wait_fd) is left waiting: exit_signal wakes it. */
 static void mailbox_append(struct proc *p, struct msg *m) {
     *p->mbox_tail = m;
     p->mbox_tail = &m->next;
@@ -2560,7 +2570,14 @@ typedef bool (*match_fn)(term msg, const void *arg);
  * `scan` remembers how far the mailbox was searched, so after a wake-up
  * only the new messages are tested (BEAM keeps the same "save pointer").
  * The match function and its argument may point into this process's own
- * stack: only this process ever calls them. */
+ * stack: only this process ever calls them.
+ *
+ * Why `scan` stays valid while the process waits: it points at the
+ * `next` of a message already tested, and nothing before it is ever taken
+ * out meanwhile.  Messages are only removed by their own process, except
+ * exit signals, which others may handle (process_alive); and an exit
+ * signal never lies before `scan`, because the walk handles each one as
+ * soon as it reaches it. */
 static term receive_full(match_fn match, const void *arg, long timeout_ms, const char *what,
                          term about) {
     struct proc *p = vm.current;
