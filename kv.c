@@ -6088,7 +6088,7 @@ static void tour_supervisors(void) {
     term spec = kv_registry_child_spec(NIL);
     printf("# The seed edition of the chapter (its Elixir spelled out the defaults):\n");
     iex("KV.Registry.child_spec([])", spec);
-    printf("# The newer edition (Elixir 1.14 leaves the defaults out):\n");
+    printf("# The newer edition (newer Elixir writes only what `use` was given):\n");
     iex("KV.Registry.child_spec([])", child_spec_as_1_14(spec));
     printf("# The chapter's first KV.Supervisor has one child, KV.Registry, :one_for_one;\n"
            "# kv.c's KV.Supervisor is the final one, so the same tree is built directly:\n");
