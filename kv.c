@@ -2448,6 +2448,39 @@ static void vm_init(bool virtual_clock) {
 /* erl +P: the most processes that may be alive at once. */
 API void vm_set_process_limit(size_t limit) { vm.limit = limit; }
 
+static void reap(void);
+static void die(struct proc *p, term reason);
+static void code_purge(void);
+
+/* :init.stop/0, the end of it: every process still alive is finished as
+ * if killed, then the VM gives back its own memory (the process table,
+ * timers, names, the chunk pool and the atoms), so that nothing kv.c
+ * allocated is left at exit: valgrind can then say so.  From main() only,
+ * after vm_run; nothing may run afterwards. */
+static void vm_shutdown(void) {
+    vm.on_finish = NULL;
+    for (size_t i = 0; i < vm.table_cap; i++)
+        if (vm.table[i]) die(vm.table[i], am_killed);
+    reap();
+    heap_free(&outside_heap);
+    free(vm.table);
+    free(vm.timers);
+    free(vm.names);
+    for (int c = 0; c < POOL_CLASSES; c++) {
+        for (struct chunk *ch = pool.free[c], *next; ch; ch = next) {
+            next = ch->next;
+            free(ch); /* pooled chunks are already out of mem_in_use */
+        }
+        pool.free[c] = NULL;
+        pool.n[c] = 0;
+    }
+    for (size_t i = 0; i < atoms.cap; i++) free((struct term *)atoms.slots[i]); /* atoms are const to everyone else */
+    free(atoms.slots);
+    memset(&atoms, 0, sizeof atoms);
+    code_purge();
+    memset(&vm, 0, sizeof vm);
+}
+
 /* --------------------------------------------------------------------------
  * I.9  Messages: send and receive
  * --------------------------------------------------------------------------
@@ -3631,6 +3664,12 @@ static void code_load(const struct module *m) {
         code.mods = vm_realloc(code.mods, code.cap * sizeof *code.mods);
     }
     code.mods[code.n++] = m;
+}
+
+/* Forget every loaded module (vm_shutdown). */
+static void code_purge(void) {
+    free(code.mods);
+    memset(&code, 0, sizeof code);
 }
 
 /* The module called `name` (an atom such as KV.Registry), or NULL. */
@@ -5968,6 +6007,7 @@ static int bench_main(void) {
     run_bench(spawn_bench, kv_int(1000000));
     vm_set_process_limit(2000000);
     run_bench(idle_bench, kv_int(1000000));
+    vm_shutdown();
     return 0;
 }
 
@@ -6179,8 +6219,9 @@ static int tour_main(bool no_start) {
            "(Pids and references are kv.c's; everything else is computed here, not copied.)\n");
     uint64_t pid = vm_spawn(tour, kv_bool(no_start), "the tour");
     heap_free(&outside_heap);
-    if (vm_run(pid) == VM_DEADLOCK) return 1;
-    return 0;
+    enum vm_result r = vm_run(pid);
+    vm_shutdown(); /* the application's tree is still up: it goes too */
+    return r == VM_DEADLOCK ? 1 : 0;
 }
 
 int main(int argc, char **argv) {

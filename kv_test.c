@@ -343,6 +343,7 @@ int main(int argc, char **argv) {
     printf("\n%d passed, %d failed\n", H.passed, H.nfailed);
     buf_free(&H.log);
     buf_free(&H.failure);
+    vm_shutdown();
     return H.nfailed ? 1 : 0;
 }
 
