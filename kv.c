@@ -3691,8 +3691,8 @@ API term erlang_apply(term module, term function, term args) {
     int arity = (int)list_length(args);
     for (const struct export *e = m ? m->exports : NULL; e && e->name; e++)
         if (e->arity == arity && strcmp(e->name, BYTES(function)) == 0) return e->fun(arity == 1 ? hd(args) : args);
-    raise_error(exception_new(am_UndefinedFunctionError, 3, am_module, module, am_function, function,
-                              am_arity, kv_int(arity)));
+    raise_error(exception_new(am_UndefinedFunctionError, 5, am_module, module, am_function, function,
+                              am_arity, kv_int(arity), kv_atom("reason"), am_nil, am_message, am_nil));
 }
 
 /* The x of `{:ok, x} = result`; anything else raises MatchError, as the
@@ -3753,15 +3753,28 @@ API term gen_server_stop(term server, term reason, long timeout);
 
 static term agent_init(term fun) { return kv_tuple(2, am_ok, fun_call(fun, NULL)); }
 
+static bool is_mfa(term t) {
+    return is_tuple(t) && tuple_size(t) == 3 && is_atom(elem(t, 0)) && is_atom(elem(t, 1)) &&
+           is_list(elem(t, 2));
+}
+
+/* What a request asks the agent to run against its state: a fun,
+ * fun.(state); or, from the Agent.get/4 family, {module, function, args}:
+ * apply(module, function, [state | args]). */
+static term agent_run(term fun, term state) {
+    if (is_mfa(fun)) return erlang_apply(elem(fun, 0), elem(fun, 1), kv_cons(state, elem(fun, 2)));
+    return fun_call(fun, state);
+}
+
 static term agent_handle_call(term request, term from, term state) {
     (void)from;
     term fun = is_tuple(request) && tuple_size(request) == 2 ? elem(request, 1) : NULL;
     if (fun && elem(request, 0) == am_get)
-        return kv_tuple(3, am_reply, fun_call(fun, state), state);
+        return kv_tuple(3, am_reply, agent_run(fun, state), state);
     if (fun && elem(request, 0) == am_update)
-        return kv_tuple(3, am_reply, am_ok, fun_call(fun, state));
+        return kv_tuple(3, am_reply, am_ok, agent_run(fun, state));
     if (fun && elem(request, 0) == am_get_and_update) {
-        term r = fun_call(fun, state); /* must be {reply, new_state} */
+        term r = agent_run(fun, state); /* must be {reply, new_state} */
         if (is_tuple(r) && tuple_size(r) == 2) return kv_tuple(3, am_reply, elem(r, 0), elem(r, 1));
         return kv_tuple(3, am_stop, kv_tuple(2, am_bad_return_value, r), state);
     }
@@ -3771,7 +3784,7 @@ static term agent_handle_call(term request, term from, term state) {
 static term agent_handle_cast(term request, term state) {
     if (!is_tagged(request, am_cast, 2))
         raise_error(function_clause_error(kv_alias("Agent.Server"), am_handle_cast, 2));
-    return kv_tuple(2, am_noreply, fun_call(elem(request, 1), state));
+    return kv_tuple(2, am_noreply, agent_run(elem(request, 1), state));
 }
 
 static const struct module agent_server = {
@@ -3825,6 +3838,37 @@ API term agent_get_and_update(term agent, term fun) {
 /* Agent.cast/2 — like update, without waiting; always :ok */
 API term agent_cast(term agent, term fun) {
     return gen_server_cast(agent, kv_tuple(2, am_cast, agent_fun(fun, 1, "cast", 2)));
+}
+
+/* {module, function, args} for the Agent.get/4 family; a bad one is a
+ * FunctionClauseError in the caller, as Elixir's guards make it. */
+static term agent_mfa(term module, term function, term args, const char *name, int arity) {
+    term mfa = kv_tuple(3, module, function, args);
+    if (!is_mfa(mfa)) raise_error(function_clause_error(am_Agent, kv_atom(name), arity));
+    return mfa;
+}
+
+/* Agent.get/4 — apply(module, function, [state | args]), computed in the agent */
+API term agent_get_mfa(term agent, term module, term function, term args) {
+    return gen_server_call_timeout(agent, kv_tuple(2, am_get, agent_mfa(module, function, args, "get", 5)),
+                                   GEN_SERVER_DEFAULT_TIMEOUT);
+}
+
+/* Agent.update/4 — the state becomes apply(module, function, [state | args]) */
+API term agent_update_mfa(term agent, term module, term function, term args) {
+    return gen_server_call_timeout(agent, kv_tuple(2, am_update, agent_mfa(module, function, args, "update", 5)),
+                                   GEN_SERVER_DEFAULT_TIMEOUT);
+}
+
+/* Agent.get_and_update/4 — apply(...) returns {reply, new_state} */
+API term agent_get_and_update_mfa(term agent, term module, term function, term args) {
+    term mfa = agent_mfa(module, function, args, "get_and_update", 5);
+    return gen_server_call_timeout(agent, kv_tuple(2, am_get_and_update, mfa), GEN_SERVER_DEFAULT_TIMEOUT);
+}
+
+/* Agent.cast/4 — like update/4, without waiting; always :ok */
+API term agent_cast_mfa(term agent, term module, term function, term args) {
+    return gen_server_cast(agent, kv_tuple(2, am_cast, agent_mfa(module, function, args, "cast", 4)));
 }
 
 /* Agent.stop/3 — :ok once the agent has exited with `reason` */

@@ -1149,6 +1149,44 @@ static void t_agent_stop_by_linker(term ctx) {
     assert_eq(assert_receive(0), kv_tuple(5, am_DOWN, ref, am_process, agent, am_shutdown));
 }
 
+/* A module for the {module, function, args} forms: apply(Test.Stack,
+ * :push, [state, x]) and friends.  An export of arity 2 or more gets its
+ * arguments as a list. */
+static term stack_count(term list) { return kv_int((int64_t)list_length(list)); }
+static term stack_push(term args) { return kv_cons(hd(tl(args)), hd(args)); }
+static term stack_pop(term list) { return kv_tuple(2, hd(list), tl(list)); }
+
+static const struct export test_stack_exports[] = {
+    {"count", 1, stack_count},
+    {"push", 2, stack_push},
+    {"pop", 1, stack_pop},
+    {NULL, 0, NULL},
+};
+
+static const struct module test_stack = {.name = "Test.Stack", .exports = test_stack_exports};
+
+static void get_nope(void *agent) { agent_get_mfa((term)agent, kv_alias("Test.Stack"), A("nope"), NIL); }
+static void get_bad_args(void *agent) { agent_get_mfa((term)agent, kv_alias("Test.Stack"), A("count"), A("x")); }
+
+/* Agent.get(agent, Enum, :count, []) and the rest of the MFA family. */
+static void t_agent_mfa(term ctx) {
+    (void)ctx;
+    term stack = kv_alias("Test.Stack");
+    term agent = ok_value(agent_start(F(fn_empty_list), NIL));
+    assert_eq(agent_update_mfa(agent, stack, A("push"), kv_list(1, I(1))), am_ok);
+    assert_eq(agent_cast_mfa(agent, stack, A("push"), kv_list(1, I(2))), am_ok);
+    assert_eq(agent_get_mfa(agent, stack, A("count"), NIL), I(2));
+    assert_eq(agent_get_and_update_mfa(agent, stack, A("pop"), NIL), I(2));
+    assert_eq(agent_get(agent, F(fn_identity)), kv_list(1, I(1)));
+    /* args must be a list: a FunctionClauseError in the caller */
+    assert_eq(catch_error(get_bad_args, (void *)agent), function_clause_error(am_Agent, am_get, 5));
+    /* an unknown function raises in the agent, which dies of it */
+    term r = catch_exit(get_nope, (void *)agent);
+    assert_inspect(elem(r, 0), "{%UndefinedFunctionError{module: Test.Stack, function: :nope, arity: 1, "
+                               "reason: nil, message: nil}, []}");
+    refute(process_alive(agent));
+}
+
 static term bucket_setup(void) {
     term bucket = ok_value(kv_bucket_start_link(NIL));
     return kv_map(1, A("bucket"), bucket);
@@ -2441,6 +2479,7 @@ static void load_test_modules(void) {
     code_load(&test_sup);
     code_load(&first_kv_supervisor);
     code_load(&linked_registry);
+    code_load(&test_stack);
 }
 
 /* ==========================================================================
@@ -2483,6 +2522,7 @@ static const struct test tests[] = {
     {"agents", "AgentTest", "per-call timeouts, and an init fun that raises", NULL, t_agent_timeouts_and_init, NULL},
     {"agents", "AgentTest", "Agent.stop with :shutdown takes down the linked caller first", NULL, t_agent_stop_by_linker, NULL},
     {"agents", "AgentTest", "Agent's functions take funs of the right arity", NULL, t_agent_guards, NULL},
+    {"agents", "AgentTest", "the {module, function, args} forms", NULL, t_agent_mfa, NULL},
     {"agents", "KV.BucketTest", "stores values by key", bucket_setup, t_stores_values_by_key, NULL},
     {"agents", "KV.BucketTest", "deletes values by key", bucket_setup, t_deletes_values_by_key, NULL},
     /* ---- genservers.md: "Client-server communication with GenServer" ---- */
