@@ -2452,11 +2452,11 @@ static void reap(void);
 static void die(struct proc *p, term reason);
 static void code_purge(void);
 
-/* :init.stop/0, the end of it: every process still alive is finished as
- * if killed, then the VM gives back its own memory (the process table,
- * timers, names, the chunk pool and the atoms), so that nothing kv.c
- * allocated is left at exit: valgrind can then say so.  From main() only,
- * after vm_run; nothing may run afterwards. */
+/* System.stop/0 (:init.stop), its last step: every process still alive
+ * is finished as if killed, then the VM gives back its own memory (the
+ * process table, timers, names, the chunk pool, the atoms and the module
+ * list), so that nothing kv.c allocated is left at exit: valgrind can
+ * then say so.  From main() only, after vm_run; nothing runs afterwards. */
 static void vm_shutdown(void) {
     vm.on_finish = NULL;
     for (size_t i = 0; i < vm.table_cap; i++)
