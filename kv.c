@@ -2767,6 +2767,8 @@ static struct link_end *link_find(struct proc *p, struct proc *q) {
     return NULL;
 }
 
+/* Process.link is idempotent: linking twice still makes one link, and a
+ * process cannot link to itself. */
 static void link_add(struct proc *p, struct proc *q) {
     if (p == q || link_find(p, q)) return;
     struct link_end *a = mem_alloc(sizeof *a), *b = mem_alloc(sizeof *b);
@@ -2785,6 +2787,10 @@ static void link_remove(struct proc *owner, struct link_end *e) {
     mem_free(twin, sizeof *twin);
 }
 
+/* Unlike links, monitors are not merged: each Process.monitor call makes
+ * a new one, with its own ref, and each will deliver its own :DOWN.
+ * `name` is the registered name it was asked for by, or NULL: the :DOWN
+ * then names {name, node} instead of the pid. */
 static struct monitor *monitor_add(struct proc *watcher, struct proc *target, term name) {
     struct monitor *m = mem_alloc(sizeof *m);
     m->ref = vm.next_ref++;
@@ -2836,7 +2842,10 @@ static void send_down(struct proc *watcher, uint64_t ref, term object, term reas
     heap_free(&scratch);
 }
 
-/* p must exit with `reason`: mark it and queue it for reap(). */
+/* p must exit with `reason`: mark it and queue it for reap().  Nothing
+ * is freed yet: p may be the running process, deep in a call.  The reason
+ * is copied into p's own heap unless p is the one running (then it is
+ * already there): it must outlive the heap of whoever sent it. */
 static void die(struct proc *p, term reason) {
     if (p->state == P_EXITING) return;
     p->exit_reason = p == vm.current ? reason : term_copy(&p->heap, reason);
@@ -2920,7 +2929,11 @@ static void signals_flush(struct proc *p) { signals_flush_from(p, 0); }
 static void names_remove(struct proc *p);
 
 /* Finish a dead process: tell its links and monitors, free everything.
- * Never called for the running process (see reap and vm_run). */
+ * Never called for the running process (see reap and vm_run).  The name
+ * goes first, as on BEAM, so that a process that hears of the death can
+ * register the same name at once (a supervisor restarting a named child
+ * relies on it); then the exit signals go along the links, and the :DOWN
+ * messages to the monitors. */
 static void proc_finish(struct proc *p) {
     term reason = p->exit_reason ? p->exit_reason : am_normal;
     if (vm.on_finish) vm.on_finish(p->pid, reason);
