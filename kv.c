@@ -3766,16 +3766,36 @@ API term gen_server_stop(term server, term reason, long timeout);
 
 static term agent_init(term fun) { return kv_tuple(2, am_ok, fun_call(fun, NULL)); }
 
-static bool is_mfa(term t) {
-    return is_tuple(t) && tuple_size(t) == 3 && is_atom(elem(t, 0)) && is_atom(elem(t, 1)) &&
-           is_list(elem(t, 2));
+static bool is_proper_list(term l) {
+    while (l->kind == K_CONS) l = tl(l);
+    return l->kind == K_NIL;
+}
+
+/* apply(module, function, [state | args]) for a {module, function, args}
+ * request.  Agent checks nothing in the caller; here apply/3 refuses a
+ * module or function that is not an atom, or args that are not a proper
+ * list, with the ArgumentError it raises in Elixir. */
+static term agent_apply(term mfa, term state) {
+    static const char *const what[3] = {"1st argument: not an atom", "2nd argument: not an atom",
+                                        "3rd argument: not a proper list"};
+    bool bad[3] = {!is_atom(elem(mfa, 0)), !is_atom(elem(mfa, 1)), !is_proper_list(elem(mfa, 2))};
+    if (bad[0] || bad[1] || bad[2]) {
+        struct buf b = {0};
+        buf_puts(&b, "errors were found at the given arguments:\n\n");
+        for (int i = 0; i < 3; i++)
+            if (bad[i]) buf_printf(&b, "  * %s\n", what[i]);
+        term e = argument_error(buf_str(&b));
+        buf_free(&b);
+        raise_error(e);
+    }
+    return erlang_apply(elem(mfa, 0), elem(mfa, 1), kv_cons(state, elem(mfa, 2)));
 }
 
 /* What a request asks the agent to run against its state: a fun,
  * fun.(state); or, from the Agent.get/4 family, {module, function, args}:
  * apply(module, function, [state | args]). */
 static term agent_run(term fun, term state) {
-    if (is_mfa(fun)) return erlang_apply(elem(fun, 0), elem(fun, 1), kv_cons(state, elem(fun, 2)));
+    if (is_tuple(fun) && tuple_size(fun) == 3) return agent_apply(fun, state);
     return fun_call(fun, state);
 }
 
@@ -3853,35 +3873,29 @@ API term agent_cast(term agent, term fun) {
     return gen_server_cast(agent, kv_tuple(2, am_cast, agent_fun(fun, 1, "cast", 2)));
 }
 
-/* {module, function, args} for the Agent.get/4 family; a bad one is a
- * FunctionClauseError in the caller, as Elixir's guards make it. */
-static term agent_mfa(term module, term function, term args, const char *name, int arity) {
-    term mfa = kv_tuple(3, module, function, args);
-    if (!is_mfa(mfa)) raise_error(function_clause_error(am_Agent, kv_atom(name), arity));
-    return mfa;
-}
-
-/* Agent.get/4 — apply(module, function, [state | args]), computed in the agent */
+/* Agent.get/4 — apply(module, function, [state | args]), computed in the
+ * agent.  Unlike the fun forms, nothing is checked in the caller: a bad
+ * {module, function, args} crashes the agent (agent_apply). */
 API term agent_get_mfa(term agent, term module, term function, term args) {
-    return gen_server_call_timeout(agent, kv_tuple(2, am_get, agent_mfa(module, function, args, "get", 5)),
+    return gen_server_call_timeout(agent, kv_tuple(2, am_get, kv_tuple(3, module, function, args)),
                                    GEN_SERVER_DEFAULT_TIMEOUT);
 }
 
 /* Agent.update/4 — the state becomes apply(module, function, [state | args]) */
 API term agent_update_mfa(term agent, term module, term function, term args) {
-    return gen_server_call_timeout(agent, kv_tuple(2, am_update, agent_mfa(module, function, args, "update", 5)),
+    return gen_server_call_timeout(agent, kv_tuple(2, am_update, kv_tuple(3, module, function, args)),
                                    GEN_SERVER_DEFAULT_TIMEOUT);
 }
 
 /* Agent.get_and_update/4 — apply(...) returns {reply, new_state} */
 API term agent_get_and_update_mfa(term agent, term module, term function, term args) {
-    term mfa = agent_mfa(module, function, args, "get_and_update", 5);
-    return gen_server_call_timeout(agent, kv_tuple(2, am_get_and_update, mfa), GEN_SERVER_DEFAULT_TIMEOUT);
+    return gen_server_call_timeout(agent, kv_tuple(2, am_get_and_update, kv_tuple(3, module, function, args)),
+                                   GEN_SERVER_DEFAULT_TIMEOUT);
 }
 
 /* Agent.cast/4 — like update/4, without waiting; always :ok */
 API term agent_cast_mfa(term agent, term module, term function, term args) {
-    return gen_server_cast(agent, kv_tuple(2, am_cast, agent_mfa(module, function, args, "cast", 4)));
+    return gen_server_cast(agent, kv_tuple(2, am_cast, kv_tuple(3, module, function, args)));
 }
 
 /* Agent.stop/3 — :ok once the agent has exited with `reason` */
@@ -3946,7 +3960,8 @@ API term kv_bucket_put(term bucket, term key, term value) {
  * agents.md — "Test setup with ExUnit callbacks"
  * --------------------------------------------------------------------------
  * The guide's KV.BucketTest, its setup and "stores values by key", are in
- * kv_test.c, written with start_supervised! as the guide writes them.
+ * kv_test.c, written as the guide writes them: the setup starts a bucket
+ * with KV.Bucket.start_link([]) and hands it to the test.
  */
 
 /* --------------------------------------------------------------------------
@@ -4599,9 +4614,10 @@ static term kv_registry_handle_info(term msg, term state) {
  * module.  The guide's two editions print it differently: the seed chapter
  * shows the full map above, as the Elixir of its day generated it, and the
  * newer edition shows %{id: ..., start: ...}: newer Elixir (1.14 among
- * them) writes only id and start, plus whatever options were given to
- * `use` (Agent's restart: :temporary for KV.Bucket), and lets the
- * supervisor fill in the rest.  kv.c generates the seed's full map;
+ * them) writes only id and start, plus type: :supervisor for a
+ * supervisor, plus whatever options were given to `use` (Agent's
+ * restart: :temporary for KV.Bucket), and lets the supervisor fill in the
+ * rest.  kv.c generates the seed's full map;
  * child_spec_as_1_14() gives the newer form of the same spec.
  */
 
@@ -4618,9 +4634,10 @@ static term use_child_spec(const struct module *m, term arg, term restart, term 
 }
 
 /* The same spec as Elixir 1.14's `use` writes it.  1.14 leaves out what
- * `use` was not given; kv.c's modules give `use` nothing but a restart
- * that is not :permanent, so dropping the keys that hold their defaults
- * gives the same map. */
+ * `use` was not given, except a supervisor's type; kv.c's modules give
+ * `use` nothing but a restart that is not :permanent, so dropping the
+ * keys that hold a worker's defaults (a supervisor's shutdown too) gives
+ * the same map. */
 API term child_spec_as_1_14(term spec) {
     term type = map_get(spec, am_type, am_worker);
     term shutdown = type == am_supervisor ? am_infinity : kv_int(DEFAULT_SHUTDOWN);
@@ -6185,7 +6202,7 @@ static void tour_supervisors(void) {
     term spec = kv_registry_child_spec(NIL);
     printf("# The seed edition of the chapter (its Elixir spelled out the defaults):\n");
     iex("KV.Registry.child_spec([])", spec);
-    printf("# The newer edition (newer Elixir writes only what `use` was given):\n");
+    printf("# The newer edition (newer Elixir writes only id and start here):\n");
     iex("KV.Registry.child_spec([])", child_spec_as_1_14(spec));
     printf("# The chapter's first KV.Supervisor has one child, KV.Registry, :one_for_one;\n"
            "# kv.c's KV.Supervisor is the final one, so the same tree is built directly:\n");

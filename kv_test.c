@@ -1166,7 +1166,7 @@ static const struct export test_stack_exports[] = {
 static const struct module test_stack = {.name = "Test.Stack", .exports = test_stack_exports};
 
 static void get_nope(void *agent) { agent_get_mfa((term)agent, kv_alias("Test.Stack"), A("nope"), NIL); }
-static void get_bad_args(void *agent) { agent_get_mfa((term)agent, kv_alias("Test.Stack"), A("count"), A("x")); }
+static void get_bad_args(void *agent) { agent_get_mfa((term)agent, kv_alias("Test.Stack"), S("count"), A("x")); }
 
 /* Agent.get(agent, Enum, :count, []) and the rest of the MFA family. */
 static void t_agent_mfa(term ctx) {
@@ -1178,13 +1178,25 @@ static void t_agent_mfa(term ctx) {
     assert_eq(agent_get_mfa(agent, stack, A("count"), NIL), I(2));
     assert_eq(agent_get_and_update_mfa(agent, stack, A("pop"), NIL), I(2));
     assert_eq(agent_get(agent, F(fn_identity)), kv_list(1, I(1)));
-    /* args must be a list: a FunctionClauseError in the caller */
-    assert_eq(catch_error(get_bad_args, (void *)agent), function_clause_error(am_Agent, am_get, 5));
     /* an unknown function raises in the agent, which dies of it */
     term r = catch_exit(get_nope, (void *)agent);
     assert_inspect(elem(r, 0), "{%UndefinedFunctionError{module: Test.Stack, function: :nope, arity: 1, "
                                "reason: nil, message: nil}, []}");
     refute(process_alive(agent));
+    /* nothing is checked in the caller: apply/3 refuses bad arguments in
+     * the agent (Elixir's exit is {:badarg, stacktrace}: see I.13) */
+    agent = ok_value(agent_start(F(fn_empty_list), NIL));
+    r = catch_exit(get_bad_args, (void *)agent);
+    assert_inspect(elem(r, 0), "{%ArgumentError{message: \"errors were found at the given arguments:\\n\\n"
+                               "  * 2nd argument: not an atom\\n  * 3rd argument: not a proper list\\n\"}, []}");
+    refute(process_alive(agent));
+    agent = ok_value(agent_start(F(fn_empty_list), NIL));
+    term ref = process_monitor(agent);
+    assert_eq(agent_cast_mfa(agent, stack, A("push"), A("x")), am_ok);
+    term down = assert_receive(100);
+    assert_eq(elem(down, 1), ref);
+    assert_inspect(elem(down, 4), "{%ArgumentError{message: \"errors were found at the given arguments:\\n\\n"
+                                  "  * 3rd argument: not a proper list\\n\"}, []}");
 }
 
 static term bucket_setup(void) {
