@@ -2572,6 +2572,11 @@ static void mailbox_free(struct proc *p) {
 static NORETURN void raise_error(term exception);
 static term argument_error(const char *message);
 static NORETURN void raise_argument_error(const char *message, ...);
+
+/* What a BIF raises for an argument of the wrong kind, e.g.
+ * raise_badarg("1st argument: not a pid"), in Erlang's words. */
+#define BADARG(what) "errors were found at the given arguments:\n\n  * " what "\n"
+#define raise_badarg(what) raise_argument_error(BADARG(what))
 static struct proc *whereis_proc(term name);
 
 /* Process.send/3 (Kernel.send/2): dest is a pid or a registered name.  A
@@ -2580,10 +2585,11 @@ API term process_send(term dest, term msg) {
     struct proc *p;
     if (is_atom(dest)) {
         p = whereis_proc(dest);
-        if (!p) raise_error(argument_error("errors were found at the given arguments:\n\n"
-                                           "  * 1st argument: invalid destination\n"));
-    } else {
+        if (!p) raise_badarg("1st argument: invalid destination");
+    } else if (is_pid(dest)) {
         p = proc_of(dest);
+    } else {
+        raise_badarg("1st argument: invalid destination");
     }
     if (p) deliver(p, msg);
     return msg;
@@ -3068,6 +3074,7 @@ API bool process_flag_trap_exit(bool on) {
 /* Process.link/1.  Linking to a dead process raises :noproc, unless the
  * caller traps exits: then it gets {:EXIT, pid, :noproc}. */
 API term process_link(term pid) {
+    if (!is_pid(pid)) raise_badarg("1st argument: not a pid");
     struct proc *me = vm.current, *q = proc_of(pid);
     if (q) {
         link_add(me, q);
@@ -3082,6 +3089,7 @@ API term process_link(term pid) {
 
 /* Process.unlink/1 */
 API term process_unlink(term pid) {
+    if (!is_pid(pid)) raise_badarg("1st argument: not a pid");
     struct proc *q = proc_of(pid);
     struct link_end *e = q ? link_find(vm.current, q) : NULL;
     if (e) link_remove(vm.current, e);
@@ -3090,6 +3098,7 @@ API term process_unlink(term pid) {
 
 /* Process.exit/2: send an exit signal (see the table in I.10). */
 API term process_exit(term pid, term reason) {
+    if (!is_pid(pid)) raise_badarg("1st argument: not a pid");
     struct proc *q = proc_of(pid);
     if (q) {
         exit_signal(q, self(), reason, false);
@@ -3103,6 +3112,7 @@ API term process_exit(term pid, term reason) {
 API term process_monitor(term target) {
     struct proc *me = vm.current, *q;
     term name = NULL;
+    if (!is_atom(target) && !is_pid(target)) raise_badarg("2nd argument: not a pid");
     if (is_atom(target)) {
         name = target;
         q = whereis_proc(target);
@@ -3124,6 +3134,7 @@ static bool is_down_for(term msg, uint64_t ref) {
 /* Process.demonitor/2; flush = the [:flush] option: also drop a DOWN
  * message for this monitor that may already be in the mailbox. */
 API term process_demonitor(term ref, bool flush) {
+    if (!is_reference(ref)) raise_badarg("1st argument: not a reference");
     struct proc *me = vm.current;
     struct monitor *m = monitor_find(me, ref->u.id);
     if (m) monitor_remove(m);
@@ -3167,6 +3178,7 @@ static struct proc *server_proc(term server) { return is_atom(server) ? whereis_
 
 /* Process.whereis/1 — the pid, or nil */
 API term process_whereis(term name) {
+    if (!is_atom(name)) raise_badarg("1st argument: not an atom");
     struct proc *p = whereis_proc(name);
     return p ? kv_pid(p->pid) : am_nil;
 }
@@ -3698,8 +3710,27 @@ static const struct module *code_find(term name) {
 /* The module's name as an atom: KV.Registry is :"Elixir.KV.Registry". */
 static term module_atom(const struct module *m) { return kv_alias(m->name); }
 
-/* apply/3: call module.function(args...). */
+static bool is_proper_list(term l) {
+    while (l->kind == K_CONS) l = tl(l);
+    return l->kind == K_NIL;
+}
+
+/* apply/3: call module.function(args...).  A module or function that is
+ * not an atom, or args that are not a proper list, raise the ArgumentError
+ * :erlang.apply/3 raises, naming each bad argument. */
 API term erlang_apply(term module, term function, term args) {
+    static const char *const what[3] = {"1st argument: not an atom", "2nd argument: not an atom",
+                                        "3rd argument: not a proper list"};
+    bool bad[3] = {!is_atom(module), !is_atom(function), !is_proper_list(args)};
+    if (bad[0] || bad[1] || bad[2]) {
+        struct buf b = {0};
+        buf_puts(&b, "errors were found at the given arguments:\n\n");
+        for (int i = 0; i < 3; i++)
+            if (bad[i]) buf_printf(&b, "  * %s\n", what[i]);
+        term e = argument_error(buf_str(&b));
+        buf_free(&b);
+        raise_error(e);
+    }
     const struct module *m = code_find(module);
     int arity = (int)list_length(args);
     for (const struct export *e = m ? m->exports : NULL; e && e->name; e++)
@@ -3766,36 +3797,13 @@ API term gen_server_stop(term server, term reason, long timeout);
 
 static term agent_init(term fun) { return kv_tuple(2, am_ok, fun_call(fun, NULL)); }
 
-static bool is_proper_list(term l) {
-    while (l->kind == K_CONS) l = tl(l);
-    return l->kind == K_NIL;
-}
-
-/* apply(module, function, [state | args]) for a {module, function, args}
- * request.  Agent checks nothing in the caller; here apply/3 refuses a
- * module or function that is not an atom, or args that are not a proper
- * list, with the ArgumentError it raises in Elixir. */
-static term agent_apply(term mfa, term state) {
-    static const char *const what[3] = {"1st argument: not an atom", "2nd argument: not an atom",
-                                        "3rd argument: not a proper list"};
-    bool bad[3] = {!is_atom(elem(mfa, 0)), !is_atom(elem(mfa, 1)), !is_proper_list(elem(mfa, 2))};
-    if (bad[0] || bad[1] || bad[2]) {
-        struct buf b = {0};
-        buf_puts(&b, "errors were found at the given arguments:\n\n");
-        for (int i = 0; i < 3; i++)
-            if (bad[i]) buf_printf(&b, "  * %s\n", what[i]);
-        term e = argument_error(buf_str(&b));
-        buf_free(&b);
-        raise_error(e);
-    }
-    return erlang_apply(elem(mfa, 0), elem(mfa, 1), kv_cons(state, elem(mfa, 2)));
-}
-
 /* What a request asks the agent to run against its state: a fun,
  * fun.(state); or, from the Agent.get/4 family, {module, function, args}:
- * apply(module, function, [state | args]). */
+ * apply(module, function, [state | args]).  Agent checks nothing in the
+ * caller: a bad module, function or args fails here, in apply/3. */
 static term agent_run(term fun, term state) {
-    if (is_tuple(fun) && tuple_size(fun) == 3) return agent_apply(fun, state);
+    if (is_tuple(fun) && tuple_size(fun) == 3)
+        return erlang_apply(elem(fun, 0), elem(fun, 1), kv_cons(state, elem(fun, 2)));
     return fun_call(fun, state);
 }
 
@@ -4171,8 +4179,13 @@ static NORETURN void gen_server_terminate(struct gen_server *gs, term reason, te
  * from is {pid, [:alias | ref]}: the reply goes to the caller's alias, so
  * it is dropped if the caller has stopped waiting. */
 API term gen_server_reply(term from, term reply) {
-    term tag = elem(from, 1);
-    process_send_alias(elem(from, 0), tl(tag), kv_tuple(2, tag, reply));
+    if (!is_tuple(from) || tuple_size(from) != 2 || !is_pid(elem(from, 0)))
+        raise_error(function_clause_error(kv_atom("gen"), kv_atom("reply"), 2));
+    term to = elem(from, 0), tag = elem(from, 1);
+    if (is_list(tag) && tag->kind == K_CONS && hd(tag) == am_alias && is_reference(tl(tag)))
+        process_send_alias(to, tl(tag), kv_tuple(2, tag, reply));
+    else
+        process_send(to, kv_tuple(2, tag, reply)); /* a plain {pid, tag} */
     return am_ok;
 }
 
@@ -5595,6 +5608,7 @@ API term application_boot(bool no_start) {
 /* Application.start/1 — :ok, {:error, {:already_started, app}},
  * {:error, {:not_started, dependency}}, ... */
 API term application_start(term app) {
+    if (!is_atom(app)) raise_error(function_clause_error(kv_alias("Application"), am_start, 2));
     return gen_server_call_timeout(am_application_controller, kv_tuple(2, am_start, app), VM_INFINITY);
 }
 
@@ -5623,6 +5637,7 @@ static term ensure_started(term app, term started) {
 /* Application.ensure_all_started/1 — starts what app needs, then app:
  * {:ok, [the applications it started, in order]} */
 API term application_ensure_all_started(term app) {
+    if (!is_atom(app)) raise_error(function_clause_error(kv_alias("Application"), kv_atom("ensure_all_started"), 2));
     term r = ensure_started(app, NIL);
     return is_tagged(r, am_error, 2) ? r : kv_tuple(2, am_ok, r);
 }

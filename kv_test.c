@@ -703,6 +703,34 @@ static void register_again(void *args) {
     process_register(a[0], a[1]);
 }
 
+static void bad_monitor(void *a) { process_monitor((term)a); }
+static void bad_link(void *a) { process_link((term)a); }
+static void bad_exit(void *a) { process_exit((term)a, am_kill); }
+static void bad_send(void *a) { process_send((term)a, am_ok); }
+static void bad_demonitor(void *a) { process_demonitor((term)a, false); }
+static void bad_whereis(void *a) { process_whereis((term)a); }
+static void bad_apply(void *a) { erlang_apply((term)a, (term)a, kv_cons(I(1), I(2))); }
+static void bad_reply(void *a) { gen_server_reply((term)a, am_ok); }
+static void bad_app_start(void *a) { application_start((term)a); }
+
+/* A term of the wrong kind where a pid, reference, atom or list belongs
+ * raises ArgumentError in Erlang's words (checked against Elixir 1.14). */
+static void t_badargs(term ctx) {
+    (void)ctx;
+    term one = I(1);
+    assert_eq(catch_error(bad_monitor, (void *)one), argument_error(BADARG("2nd argument: not a pid")));
+    assert_eq(catch_error(bad_link, (void *)one), argument_error(BADARG("1st argument: not a pid")));
+    assert_eq(catch_error(bad_exit, (void *)one), argument_error(BADARG("1st argument: not a pid")));
+    assert_eq(catch_error(bad_send, (void *)one), argument_error(BADARG("1st argument: invalid destination")));
+    assert_eq(catch_error(bad_demonitor, (void *)one), argument_error(BADARG("1st argument: not a reference")));
+    assert_eq(catch_error(bad_whereis, (void *)one), argument_error(BADARG("1st argument: not an atom")));
+    assert_eq(catch_error(bad_apply, (void *)one),
+              argument_error("errors were found at the given arguments:\n\n  * 1st argument: not an atom\n"
+                             "  * 2nd argument: not an atom\n  * 3rd argument: not a proper list\n"));
+    assert_eq(catch_error(bad_reply, (void *)one), function_clause_error(A("gen"), A("reply"), 2));
+    assert_eq(catch_error(bad_app_start, (void *)one), function_clause_error(kv_alias("Application"), am_start, 2));
+}
+
 static void t_names(term ctx) {
     (void)ctx;
     term pid = spawn(register_self_as, A("foo"));
@@ -2517,6 +2545,7 @@ static const struct test tests[] = {
     {"runtime", "Runtime.ProcessTest", "sending to the dead is silent, to an unknown name an error", NULL, t_send_to_dead, NULL},
     {"runtime", "Runtime.ProcessTest", "monitors deliver DOWN messages", NULL, t_monitors, NULL},
     {"runtime", "Runtime.ProcessTest", "registered names", NULL, t_names, NULL},
+    {"runtime", "Runtime.ProcessTest", "arguments of the wrong kind raise ArgumentError", NULL, t_badargs, NULL},
     {"runtime", "Runtime.ProcessTest", "a process exits from deep inside nested calls", NULL, t_exit_from_depth, NULL},
     {"runtime", "Runtime.ProcessTest", "an exit from deep inside can be caught", NULL, t_exit_caught, NULL},
     {"runtime", "Runtime.ProcessTest", "a killed process releases every byte", NULL, t_kill_releases_memory, NULL},
