@@ -2409,17 +2409,24 @@ static enum vm_result vm_run(uint64_t watch) {
     vm.in_run = true;
     enum vm_result result;
     for (;;) {
+        /* Processes killed during the last turn (by an exit signal or a
+         * :kill) are finished here, where no process is on the stage. */
         reap();
-        vm.direct = 0;
+        vm.direct = 0; /* the next 63 hand-offs may skip this loop again */
         if (watch && !proc_of_pid(watch)) { result = VM_DONE; break; }
         struct proc *p = runq_pop();
         if (p) {
+            /* One turn: p runs, and maybe hands the CPU to others, until
+             * one of them jumps back here. */
             int why = sched_enter(p);
-            vm.current = NULL;
-            alloc_heap = &outside_heap;
+            vm.current = NULL;            /* the scheduler runs now, */
+            alloc_heap = &outside_heap;   /* and builds terms outside */
+            /* The process that jumped back had returned or exited: its
+             * own stack is dead, so it can be finished from here. */
             if (why == JUMP_EXITED) proc_finish(vm.exiting);
             continue;
         }
+        /* Nobody can run: let the clock or input wake someone. */
         if (sched_idle(watch != 0)) continue;
         if (!watch) { result = VM_IDLE; break; }
         report_deadlock();
