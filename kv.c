@@ -4184,7 +4184,9 @@ static NORETURN void gen_server_terminate(struct gen_server *gs, term reason, te
 
 /* GenServer.reply/2: send `reply` to the caller waiting in GenServer.call.
  * from is {pid, [:alias | ref]}: the reply goes to the caller's alias, so
- * it is dropped if the caller has stopped waiting. */
+ * it is dropped if the caller has stopped waiting.  Any other {pid, tag}
+ * simply gets {tag, reply}, as with :gen.reply; anything else is a
+ * FunctionClauseError, as there. */
 API term gen_server_reply(term from, term reply) {
     if (!is_tuple(from) || tuple_size(from) != 2 || !is_pid(elem(from, 0)))
         raise_error(function_clause_error(kv_atom("gen"), kv_atom("reply"), 2));
