@@ -92,15 +92,15 @@
  *                       typically 200 to 900 bytes
  *
  * Why this way?  An idle process costs only the bytes it was really using
- * (BEAM's idle process costs about 2.7 KB; ours about a third of that), there is no
- * memory map per process and so no limit near 32,000 processes (a guard
- * page per stack costs two kernel mappings, and Linux allows 65,530), and
- * no assembly is needed anywhere: entering the stage is an ordinary call,
- * leaving it is _longjmp.  The price is the copy: a switch moves a few
- * hundred bytes each way (see `./kv bench`).  A process that overflows
- * the C stack cannot trample another process either, because no other
- * process's stack is on the C stack: the kernel's guard page stops it and
- * the VM names the culprit (section I.7).
+ * (BEAM's idle process costs about 2.7 KB; ours about a third of that),
+ * there is no memory map per process and so no limit near 32,000
+ * processes (a guard page per stack costs two kernel mappings, and Linux
+ * allows 65,530), and no assembly is needed anywhere: entering the stage
+ * is an ordinary call, leaving it is _longjmp.  The price is the copy: a
+ * switch moves a few hundred bytes each way (see `./kv bench`).  A
+ * process that overflows the C stack cannot trample another process
+ * either, because no other process's stack is on the C stack: the
+ * kernel's guard page stops it and the VM names the culprit (section I.7).
  *
  * What a jmp_buf holds.  _setjmp(buf) saves the registers a C function
  * must preserve across calls: the stack pointer, the frame pointer, the
@@ -2481,7 +2481,8 @@ static void vm_shutdown(void) {
         pool.free[c] = NULL;
         pool.n[c] = 0;
     }
-    for (size_t i = 0; i < atoms.cap; i++) free((struct term *)atoms.slots[i]); /* atoms are const to everyone else */
+    for (size_t i = 0; i < atoms.cap; i++)
+        free((struct term *)atoms.slots[i]); /* const to everyone else */
     free(atoms.slots);
     memset(&atoms, 0, sizeof atoms);
     code_purge();
@@ -2582,7 +2583,8 @@ static NORETURN void raise_argument_error(const char *message, ...);
 
 /* What a BIF raises for an argument of the wrong kind, e.g.
  * raise_badarg("1st argument: not a pid"), in Erlang's words. */
-#define BADARG(what) "errors were found at the given arguments:\n\n  * " what "\n"
+#define BADARG_HEAD "errors were found at the given arguments:\n\n"
+#define BADARG(what) BADARG_HEAD "  * " what "\n"
 #define raise_badarg(what) raise_argument_error(BADARG(what))
 static struct proc *whereis_proc(term name);
 
@@ -3222,9 +3224,7 @@ API term process_register(term pid, term name) {
 /* Process.unregister/1 */
 API term process_unregister(term name) {
     struct proc *p = whereis_proc(name);
-    if (!p)
-        raise_error(argument_error("errors were found at the given arguments:\n\n"
-                                   "  * 1st argument: not a registered name\n"));
+    if (!p) raise_badarg("1st argument: not a registered name");
     names_remove(p);
     return am_true;
 }
@@ -3731,7 +3731,7 @@ API term erlang_apply(term module, term function, term args) {
     bool bad[3] = {!is_atom(module), !is_atom(function), !is_proper_list(args)};
     if (bad[0] || bad[1] || bad[2]) {
         struct buf b = {0};
-        buf_puts(&b, "errors were found at the given arguments:\n\n");
+        buf_puts(&b, BADARG_HEAD); /* then one line per bad argument */
         for (int i = 0; i < 3; i++)
             if (bad[i]) buf_printf(&b, "  * %s\n", what[i]);
         term e = argument_error(buf_str(&b));
@@ -3890,7 +3890,7 @@ API term agent_cast(term agent, term fun) {
 
 /* Agent.get/4 — apply(module, function, [state | args]), computed in the
  * agent.  Unlike the fun forms, nothing is checked in the caller: a bad
- * {module, function, args} crashes the agent (agent_apply). */
+ * {module, function, args} crashes the agent (agent_run, apply/3). */
 API term agent_get_mfa(term agent, term module, term function, term args) {
     return gen_server_call_timeout(agent, kv_tuple(2, am_get, kv_tuple(3, module, function, args)),
                                    GEN_SERVER_DEFAULT_TIMEOUT);
@@ -4582,11 +4582,11 @@ static term kv_registry_handle_info(term msg, term state) {
  * Which callback a message reaches depends only on how it was sent:
  * GenServer.call arrives as {:"$gen_call", from, request} and goes to
  * handle_call; GenServer.cast as {:"$gen_cast", request}, to handle_cast;
- * anything else (send/2, a monitor's :DOWN, a timer) to handle_info.  See
- * gen_server_handle, under OTP's side of "GenServer callbacks".  Only handle_info
- * can receive what nobody planned for, which is why the registry's
- * handle_info ends with a clause that logs and ignores the message: a
- * stray message must not crash it.  Calls and casts come only through
+ * anything else (send/2, a monitor's :DOWN, a timer) to handle_info (see
+ * gen_server_handle, under OTP's side of "GenServer callbacks").  Only
+ * handle_info can receive what nobody planned for, which is why the
+ * registry's handle_info ends with a clause that logs and ignores the
+ * message: a stray message must not crash it.  Calls and casts come only through
  * the registry's own client API, so an unknown one is a bug, and the
  * FunctionClauseError it raises is the right answer.
  */
@@ -4639,8 +4639,8 @@ static term kv_registry_handle_info(term msg, term state) {
  * them) writes only id and start, plus type: :supervisor for a
  * supervisor, plus whatever options were given to `use` (Agent's
  * restart: :temporary for KV.Bucket), and lets the supervisor fill in the
- * rest.  kv.c generates the seed's full map;
- * child_spec_as_1_14() gives the newer form of the same spec.
+ * rest.  kv.c generates the seed's full map; child_spec_as_1_14() gives
+ * the newer form of the same spec.
  */
 
 #define DEFAULT_SHUTDOWN 5000 /* ms a worker gets to stop after :shutdown */
@@ -5631,9 +5631,11 @@ API term application_started_applications(void) {
     return gen_server_call_timeout(am_application_controller, kv_atom("started_applications"), VM_INFINITY);
 }
 
+/* Start app's dependencies, then app.  An unknown app (a == NULL) has no
+ * dependencies to walk: application_start then answers for it. */
 static term ensure_started(term app, term started) {
-    const struct app_spec *a = app_spec_of(app); /* NULL: no such app, and */
-    for (size_t i = 0; a && a->applications[i]; i++) { /* start says so */
+    const struct app_spec *a = app_spec_of(app);
+    for (size_t i = 0; a && a->applications[i]; i++) {
         started = ensure_started(kv_atom(a->applications[i]), started);
         if (is_tagged(started, am_error, 2)) return started;
     }
@@ -5646,7 +5648,8 @@ static term ensure_started(term app, term started) {
 /* Application.ensure_all_started/1 — starts what app needs, then app:
  * {:ok, [the applications it started, in order]} */
 API term application_ensure_all_started(term app) {
-    if (!is_atom(app)) raise_error(function_clause_error(kv_alias("Application"), kv_atom("ensure_all_started"), 2));
+    if (!is_atom(app))
+        raise_error(function_clause_error(kv_alias("Application"), kv_atom("ensure_all_started"), 2));
     term r = ensure_started(app, NIL);
     return is_tagged(r, am_error, 2) ? r : kv_tuple(2, am_ok, r);
 }
