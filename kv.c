@@ -159,6 +159,7 @@
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI: _setjmp, sigaltstack */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <poll.h>
@@ -506,8 +507,15 @@ static struct heap outside_heap; /* terms built when no process runs */
         alloc_heap = saved_;               \
     } while (0)
 
+/* The bytes a term with `items` items takes in a heap, rounded up as
+ * heap_alloc rounds every request.  term_size (I.4) counts with this same
+ * function, so a copy always fits the chunk measured for it, on 32-bit
+ * machines too (where a pointer is 4 bytes and an odd item count would
+ * otherwise leave the two sums 4 bytes apart). */
+static size_t term_bytes(size_t items) { return ALIGN8(sizeof(struct term) + items * sizeof(term)); }
+
 static struct term *term_alloc(enum kind kind, uint32_t n, size_t items) {
-    struct term *t = heap_alloc(alloc_heap, sizeof *t + items * sizeof(term));
+    struct term *t = heap_alloc(alloc_heap, term_bytes(items));
     t->kind = (uint8_t)kind;
     t->n = n;
     t->u.i = 0;
@@ -573,6 +581,7 @@ static term kv_atom(const char *name) { return atom_n(name, strlen(name)); }
     X(killed, "killed") X(shutdown, "shutdown") X(noproc, "noproc")         \
     X(EXIT, "EXIT") X(DOWN, "DOWN") X(process, "process")                    \
     X(timeout, "timeout") X(infinity, "infinity") X(undefined, "undefined") \
+    X(timeout_value, "timeout_value") \
     X(alias, "alias") X(nonode, "nonode@nohost") X(calling_self, "calling_self") \
     X(gen_call, "$gen_call") X(gen_cast, "$gen_cast") X(system, "system")  \
     X(terminate, "terminate") X(get_state, "get_state") X(call, "call")    \
@@ -622,7 +631,7 @@ static term kv_atom(const char *name) { return atom_n(name, strlen(name)); }
     X(missing_start, "missing_start") X(invalid_strategy, "invalid_strategy") \
     X(invalid_child_spec, "invalid_child_spec") X(init, "init")              \
     X(app_started, "app_started") X(app_exited, "app_exited")                \
-    X(application_controller, "application_controller")
+    X(application_controller, "application_controller") X(get_childspec, "get_childspec")
 
 #define DECLARE_ATOM(id, text) static term am_##id;
 KV_ATOMS(DECLARE_ATOM)
@@ -752,18 +761,14 @@ static bool is_tagged(term t, term tag, size_t size) {
     return t->kind == K_TUPLE && t->n == size && t->item[0] == tag;
 }
 
+/* {key, value} with an atom key: one entry of a keyword list */
+static bool is_tagged_pair(term t) { return t->kind == K_TUPLE && t->n == 2 && t->item[0]->kind == K_ATOM; }
+
 /* {:ok, x} or {:ok, x, info}: what a start function returns on success */
 static bool is_ok_tuple(term t) { return is_tagged(t, am_ok, 2) || is_tagged(t, am_ok, 3); }
 
 /* ...with a pid for x: a started process */
 static bool is_started(term t) { return is_ok_tuple(t) && is_pid(elem(t, 1)); }
-
-/* length/1 */
-API size_t list_length(term l) {
-    size_t n = 0;
-    for (; l->kind == K_CONS; l = l->item[1]) n++;
-    return n;
-}
 
 /* if t, do: ... — is t truthy: anything but nil and false (atoms are
  * compared by pointer) */
@@ -775,12 +780,66 @@ API bool truthy(term t) { return t != am_nil && t != am_false; }
  * term_cmp is Erlang's total order, the one `<` and `==` use: different
  * kinds compare by kind; numbers by value; atoms by name; tuples by size,
  * then element by element; maps by size, then keys, then values; lists
- * element by element.  term_cmp, term_size and copy_rec walk a list's
- * spine in a loop rather than by recursion on the tail, so even a list of a
- * million elements costs them no C stack.  (The list helpers further down,
- * list_concat and the supervisors' child lists, do recurse: their lists are
- * a handful of children long.)
+ * element by element.
+ *
+ * Terms can nest as deep as anyone likes: [[[[...]]]] a million levels
+ * down is a fine message on BEAM, whose processes' stacks grow on the
+ * heap.  A C function that recursed once per level would run off the C
+ * stack long before that.  So the three walks over whole terms (term_cmp
+ * here; term_size and term_copy, below) keep the work still to do on a
+ * stack of their own, in malloc'd memory, and loop: a list's spine, the
+ * usual long direction, is followed in the loop itself, and only the
+ * other branches (a head, a tuple's elements) are pushed.  No process
+ * waits in the middle of a walk, so that memory is always freed before
+ * the walk returns.
  */
+
+/* One pending piece of a walk: a term, and what to do with it (the other
+ * term to compare it with, or the slot its copy goes to). */
+struct walk_item {
+    term t;
+    void *with;
+};
+
+/* The stack of pending pieces: the first 64 in the struct itself (most
+ * terms need no more), then in malloc'd memory. */
+struct walk {
+    struct walk_item *items;
+    size_t n, cap;
+    struct walk_item small[64];
+};
+
+static void walk_init(struct walk *w) {
+    w->items = w->small;
+    w->n = 0;
+    w->cap = sizeof w->small / sizeof w->small[0];
+}
+
+static void walk_push(struct walk *w, term t, void *with) {
+    if (w->n == w->cap) {
+        size_t cap = w->cap * 2;
+        struct walk_item *items = vm_realloc(w->items == w->small ? NULL : w->items, cap * sizeof *items);
+        if (w->items == w->small) memcpy(items, w->small, sizeof w->small);
+        w->items = items;
+        w->cap = cap;
+    }
+    w->items[w->n].t = t;
+    w->items[w->n].with = with;
+    w->n++;
+}
+
+static bool walk_pop(struct walk *w, term *t, void **with) {
+    if (w->n == 0) return false;
+    w->n--;
+    *t = w->items[w->n].t;
+    *with = w->items[w->n].with;
+    return true;
+}
+
+static void walk_free(struct walk *w) {
+    if (w->items != w->small) free(w->items);
+    walk_init(w);
+}
 
 static int cmp_bytes(const char *a, size_t an, const char *b, size_t bn) {
     int c = memcmp(a, b, an < bn ? an : bn);
@@ -788,45 +847,52 @@ static int cmp_bytes(const char *a, size_t an, const char *b, size_t bn) {
     return an < bn ? -1 : an > bn;
 }
 
-static int term_cmp(term a, term b) {
-    for (;;) {
-        if (a == b) return 0;
-        if (a->kind != b->kind) return a->kind < b->kind ? -1 : 1;
-        switch ((enum kind)a->kind) {
-        case K_INT:
-            return a->u.i < b->u.i ? -1 : a->u.i > b->u.i;
-        case K_ATOM:
-            return cmp_bytes(BYTES(a), a->n, BYTES(b), b->n);
-        case K_BIN:
-            return cmp_bytes(BYTES(a), a->n, BYTES(b), b->n);
-        case K_REF:
-        case K_PID:
-            return a->u.id < b->u.id ? -1 : a->u.id > b->u.id;
-        case K_FUN:
-            if (a->u.fun != b->u.fun) return (uintptr_t)a->u.fun < (uintptr_t)b->u.fun ? -1 : 1;
-            a = a->item[0], b = b->item[0];
-            continue;
-        case K_NIL:
-            return 0;
-        case K_TUPLE:
-        case K_MAP: {
-            if (a->n != b->n) return a->n < b->n ? -1 : 1;
-            size_t items = a->kind == K_MAP ? 2 * (size_t)a->n : a->n;
-            for (size_t i = 0; i < items; i++) {
-                int c = term_cmp(a->item[i], b->item[i]);
-                if (c) return c;
-            }
-            return 0;
-        }
-        case K_CONS: {
-            int c = term_cmp(a->item[0], b->item[0]);
-            if (c) return c;
-            a = a->item[1], b = b->item[1];
-            continue;
-        }
-        }
-        return 0;
+/* Compare two terms that are not containers (or containers only by
+ * size); 0 here means "equal so far": look inside, if they have insides. */
+static int cmp_shallow(term a, term b) {
+    if (a->kind != b->kind) return a->kind < b->kind ? -1 : 1;
+    switch ((enum kind)a->kind) {
+    case K_INT: return a->u.i < b->u.i ? -1 : a->u.i > b->u.i;
+    case K_ATOM:
+    case K_BIN: return cmp_bytes(BYTES(a), a->n, BYTES(b), b->n);
+    case K_REF:
+    case K_PID: return a->u.id < b->u.id ? -1 : a->u.id > b->u.id;
+    case K_FUN: return a->u.fun == b->u.fun ? 0 : (uintptr_t)a->u.fun < (uintptr_t)b->u.fun ? -1 : 1;
+    case K_TUPLE:
+    case K_MAP: return a->n < b->n ? -1 : a->n > b->n;
+    case K_NIL:
+    case K_CONS: return 0;
     }
+    return 0;
+}
+
+/* The pairs still to compare are pushed in reverse, so they pop in order:
+ * the first element of a tuple is compared first, as Erlang does. */
+static int term_cmp(term a, term b) {
+    struct walk w;
+    walk_init(&w);
+    int c = 0;
+    void *other = (void *)b;
+    for (;;) {
+        b = other;
+        while (c == 0 && a != b && (c = cmp_shallow(a, b)) == 0) {
+            if (a->kind == K_CONS) { /* the head now, the tail after it */
+                walk_push(&w, a->item[1], (void *)b->item[1]);
+                a = a->item[0], b = b->item[0];
+            } else if (a->kind == K_FUN) {
+                a = a->item[0], b = b->item[0];
+            } else if (a->kind == K_TUPLE || a->kind == K_MAP) {
+                size_t items = a->kind == K_MAP ? 2 * (size_t)a->n : a->n;
+                for (size_t i = items; i-- > 0;) walk_push(&w, a->item[i], (void *)b->item[i]);
+                break;
+            } else {
+                break; /* equal atoms, numbers, ...: nothing inside */
+            }
+        }
+        if (c != 0 || !walk_pop(&w, &a, &other)) break;
+    }
+    walk_free(&w);
+    return c;
 }
 
 /* Kernel.==/2 */
@@ -856,23 +922,16 @@ static long map_find(term m, term key) {
 
 static struct term *map_alloc(size_t n) { return term_alloc(K_MAP, (uint32_t)n, 2 * n); }
 
-/* Map.get/3 — nil (or the default) when the key is absent. */
-static term map_get(term m, term key, term dflt) {
+/* The value under key, or dflt.  (Map.get/3 is this with a check that m
+ * is a map at all; see "The Map module" in I.13.  Inside the VM, where m
+ * is known to be a map, the unchecked forms are used.) */
+static term map_lookup(term m, term key, term dflt) {
     long i = map_find(m, key);
     return i >= 0 ? map_value(m, (size_t)i) : dflt;
 }
 
-/* Map.has_key?/2 */
-static bool map_has_key(term m, term key) { return map_find(m, key) >= 0; }
-
-/* Map.fetch/2 — {:ok, value} or :error */
-API term map_fetch(term m, term key) {
-    long i = map_find(m, key);
-    return i >= 0 ? kv_tuple(2, am_ok, map_value(m, (size_t)i)) : am_error;
-}
-
-/* Map.put/3 */
-static term map_put(term m, term key, term value) {
+/* m with key => value: a new map, m unchanged. */
+static term map_insert(term m, term key, term value) {
     long i = map_find(m, key);
     size_t n = m->n, at;
     struct term *r;
@@ -897,8 +956,8 @@ static term map_put(term m, term key, term value) {
     return r;
 }
 
-/* Map.delete/2 */
-static term map_delete(term m, term key) {
+/* m without key (m itself if key is absent). */
+static term map_remove(term m, term key) {
     long i = map_find(m, key);
     if (i < 0) return m;
     size_t n = m->n, at = (size_t)i;
@@ -912,13 +971,6 @@ static term map_delete(term m, term key) {
     return r;
 }
 
-/* Map.pop/2 — {value or nil, map without key} */
-API term map_pop(term m, term key) {
-    long i = map_find(m, key);
-    if (i < 0) return kv_tuple(2, am_nil, m);
-    return kv_tuple(2, map_value(m, (size_t)i), map_delete(m, key));
-}
-
 static term kv_map_empty(void) { return map_alloc(0); }
 
 /* %{k1 => v1, ...} — kv_map(2, k1, v1, k2, v2): n pairs, any order. */
@@ -929,41 +981,62 @@ static term kv_map(size_t n, ...) {
     for (size_t i = 0; i < n; i++) {
         term k = va_arg(ap, term);
         term v = va_arg(ap, term);
-        m = map_put(m, k, v);
+        m = map_insert(m, k, v);
     }
     va_end(ap);
     return m;
 }
 
-/* Keyword.get/3 on a list of {atom, value} pairs. */
-API term keyword_get(term kw, term key, term dflt) {
-    for (; kw->kind == K_CONS; kw = tl(kw)) {
-        term pair = hd(kw);
-        if (is_tuple(pair) && tuple_size(pair) == 2 && elem(pair, 0) == key)
-            return elem(pair, 1);
-    }
-    return dflt;
+/* Building a list front to back, in one pass and without recursion: each
+ * new cell is stored where the previous cell's tail goes (the "hole"),
+ * and the last hole gets the list's tail at the end.  The cells are new
+ * and nobody else has seen them yet, so this is still building a term,
+ * not changing one. */
+struct list_builder {
+    term head;
+    term *hole;
+};
+
+static void list_builder_init(struct list_builder *b) {
+    b->head = NIL;
+    b->hole = &b->head;
+}
+
+static void list_builder_add(struct list_builder *b, term x) {
+    struct term *c = term_alloc(K_CONS, 0, 2);
+    c->item[0] = x;
+    c->item[1] = NIL;
+    *b->hole = c;
+    b->hole = &c->item[1];
+}
+
+static term list_builder_done(struct list_builder *b, term tail) {
+    *b->hole = tail;
+    return b->head;
 }
 
 /* Keyword.split/2: the pairs of kw whose key is one of `keys` (ending with
- * NULL) in *taken, the others in *rest, both in their order. */
+ * NULL) in *taken, the others (anything else too) in *rest, in order. */
 static void keyword_split(term kw, const term *keys, term *taken, term *rest) {
-    if (kw->kind != K_CONS) {
-        *taken = *rest = NIL;
-        return;
+    struct list_builder mine, others;
+    list_builder_init(&mine);
+    list_builder_init(&others);
+    for (; kw->kind == K_CONS; kw = tl(kw)) {
+        term pair = hd(kw);
+        bool wanted = false;
+        for (size_t i = 0; keys[i] && is_tagged_pair(pair); i++) wanted = wanted || keys[i] == elem(pair, 0);
+        list_builder_add(wanted ? &mine : &others, pair);
     }
-    keyword_split(tl(kw), keys, taken, rest);
-    term key = elem(hd(kw), 0);
-    bool mine = false;
-    for (size_t i = 0; keys[i]; i++) mine = mine || keys[i] == key;
-    if (mine) *taken = kv_cons(hd(kw), *taken);
-    else *rest = kv_cons(hd(kw), *rest);
+    *taken = list_builder_done(&mine, NIL);
+    *rest = list_builder_done(&others, NIL);
 }
 
 /* Kernel.++/2 */
 static term list_concat(term a, term b) {
-    if (a->kind != K_CONS) return b;
-    return kv_cons(hd(a), list_concat(tl(a), b));
+    struct list_builder r;
+    list_builder_init(&r);
+    for (; a->kind == K_CONS; a = tl(a)) list_builder_add(&r, hd(a));
+    return list_builder_done(&r, b);
 }
 
 /* list ++ [x] */
@@ -975,74 +1048,97 @@ static term list_append(term list, term x) { return list_concat(list, kv_list(1,
  * term_copy builds the copy with those bytes in one go. */
 
 static size_t term_size(term t) {
+    struct walk w;
+    walk_init(&w);
     size_t size = 0;
-    for (;;) {
-        switch ((enum kind)t->kind) {
-        case K_ATOM:
-        case K_NIL:
-            return size;
-        case K_INT:
-        case K_PID:
-        case K_REF:
-            return size + sizeof(struct term);
-        case K_BIN:
-            return size + ALIGN8(sizeof(struct term) + t->n + 1);
-        case K_FUN:
-            return size + sizeof(struct term) + sizeof(term) + term_size(t->item[0]);
-        case K_TUPLE:
-        case K_MAP: {
-            size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
-            size += sizeof(struct term) + items * sizeof(term);
-            for (size_t i = 0; i < items; i++) size += term_size(t->item[i]);
-            return size;
+    void *unused;
+    do {
+        for (;;) { /* t, and along its list spine or fun environment */
+            if (t->kind == K_ATOM || t->kind == K_NIL) break;
+            if (t->kind == K_BIN) { size += ALIGN8(sizeof(struct term) + t->n + 1); break; }
+            if (t->kind == K_FUN) { size += term_bytes(1); t = t->item[0]; continue; }
+            if (t->kind == K_CONS) {
+                size += term_bytes(2);
+                walk_push(&w, t->item[0], NULL);
+                t = t->item[1];
+                continue;
+            }
+            if (t->kind == K_TUPLE || t->kind == K_MAP) {
+                size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
+                size += term_bytes(items);
+                for (size_t i = 0; i < items; i++) walk_push(&w, t->item[i], NULL);
+                break;
+            }
+            size += term_bytes(0); /* integer, pid, reference */
+            break;
         }
-        case K_CONS:
-            size += sizeof(struct term) + 2 * sizeof(term) + term_size(t->item[0]);
-            t = t->item[1];
-            continue;
-        }
-        return size;
-    }
+    } while (walk_pop(&w, &t, &unused));
+    walk_free(&w);
+    return size;
 }
 
+/* Build a copy of t in alloc_heap.  Each pending piece is a term and the
+ * slot its copy must go to: the new term is made, stored in its slot, and
+ * its own items are pushed with their slots inside it.  Atoms and [] are
+ * shared, never copied. */
 static term copy_rec(term t) {
-    switch ((enum kind)t->kind) {
-    case K_ATOM:
-    case K_NIL:
-        return t;
-    case K_INT:
-    case K_PID:
-    case K_REF: {
-        struct term *c = term_alloc((enum kind)t->kind, 0, 0);
-        c->u = t->u;
-        return c;
-    }
-    case K_BIN:
-        return kv_binary(BYTES(t), t->n);
-    case K_FUN:
-        return kv_fun(t->u.fun, copy_rec(t->item[0]));
-    case K_TUPLE:
-    case K_MAP: {
-        size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
-        struct term *c = term_alloc((enum kind)t->kind, t->n, items);
-        for (size_t i = 0; i < items; i++) c->item[i] = copy_rec(t->item[i]);
-        return c;
-    }
-    case K_CONS: {
-        term result = NIL;
-        term *hole = &result;
-        for (; t->kind == K_CONS; t = t->item[1]) {
-            struct term *c = term_alloc(K_CONS, 0, 2);
-            c->item[0] = copy_rec(t->item[0]);
-            c->item[1] = NIL;
-            *hole = c;
-            hole = (term *)&c->item[1];
+    struct walk w;
+    walk_init(&w);
+    term result = NIL;
+    term *slot = &result;
+    for (;;) {
+        for (;;) { /* t, and along its list spine or fun environment */
+            struct term *c;
+            switch ((enum kind)t->kind) {
+            case K_ATOM:
+            case K_NIL:
+                *slot = t;
+                break;
+            case K_INT:
+            case K_PID:
+            case K_REF:
+                c = term_alloc((enum kind)t->kind, 0, 0);
+                c->u = t->u;
+                *slot = c;
+                break;
+            case K_BIN:
+                *slot = kv_binary(BYTES(t), t->n);
+                break;
+            case K_FUN:
+                c = term_alloc(K_FUN, 1, 1);
+                c->u = t->u;
+                *slot = c;
+                slot = &c->item[0];
+                t = t->item[0];
+                continue;
+            case K_TUPLE:
+            case K_MAP: {
+                size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
+                c = term_alloc((enum kind)t->kind, t->n, items);
+                for (size_t i = 0; i < items; i++) {
+                    c->item[i] = NIL;
+                    walk_push(&w, t->item[i], &c->item[i]);
+                }
+                *slot = c;
+                break;
+            }
+            case K_CONS:
+                c = term_alloc(K_CONS, 0, 2);
+                c->item[0] = c->item[1] = NIL;
+                *slot = c;
+                walk_push(&w, t->item[0], &c->item[0]);
+                slot = &c->item[1];
+                t = t->item[1];
+                continue;
+            }
+            break;
         }
-        *hole = copy_rec(t); /* [] or the tail of an improper list */
-        return result;
+        void *with;
+        if (!walk_pop(&w, &t, &with)) break;
+        slot = with;
     }
-    }
-    return t;
+    walk_free(&w);
+    return result;
 }
 
 /* Copy t into heap h, in a chunk of exactly the right size. */
@@ -1498,7 +1594,7 @@ static term item_at(const struct items *it, size_t i, term *value) {
         *value = map_value(src, i);
         return map_key(src, i);
     case ITEM_FIELD:
-        *value = map_get(src, it->fields[i], am_nil);
+        *value = map_lookup(src, it->fields[i], am_nil);
         return it->fields[i];
     }
     return NIL;
@@ -1575,6 +1671,7 @@ static const struct struct_def struct_defs[] = {
     {"ErlangError", {"original", "reason"}},
     {"UndefinedFunctionError", {"module", "function", "arity", "reason", "message"}},
     {"BadFunctionError", {"term"}},
+    {"BadMapError", {"term"}},
     {"BadArityError", {"function", "args"}},
     {"SystemLimitError", {"message"}},
     {"ExUnit.AssertionError", {"left", "right", "message", "expr", "args", "doctest", "context"}},
@@ -1582,17 +1679,17 @@ static const struct struct_def struct_defs[] = {
 };
 
 static const struct doc *struct_doc(term map, long limit) {
-    term name = map_get(map, am_struct_, NULL);
+    term name = map_lookup(map, am_struct_, NULL);
     if (!name || !is_atom(name) || !is_alias(BYTES(name), name->n)) return NULL;
     for (const struct struct_def *sd = struct_defs; sd->name; sd++) {
         if (strcmp(BYTES(name) + 7, sd->name) != 0) continue;
         term fields[7];
         size_t nf = 0;
         for (; nf < 7 && sd->fields[nf]; nf++) fields[nf] = kv_atom(sd->fields[nf]);
-        bool exception = map_has_key(map, am_exception_);
+        bool exception = map_find(map, am_exception_) >= 0;
         if (map->n != nf + 1 + exception) return NULL; /* not exactly this struct */
         for (size_t i = 0; i < nf; i++)
-            if (!map_has_key(map, fields[i])) return NULL;
+            if (map_find(map, fields[i]) < 0) return NULL;
         struct items it = {ITEM_FIELD, map, nf, NULL, fields};
         char left[80];
         snprintf(left, sizeof left, "%%%s{", sd->name);
@@ -1601,7 +1698,24 @@ static const struct doc *struct_doc(term map, long limit) {
     return NULL;
 }
 
+/* to_doc recurses once per level of nesting, on the C stack.  Elixir's
+ * inspect has no depth limit (BEAM stacks grow on the heap); kv.c prints
+ * "..." below INSPECT_DEPTH levels instead of running off the C stack:
+ * a crash report about a term nested a million deep must not stop the VM. */
+#define INSPECT_DEPTH 5000
+static int inspect_depth;
+
+static const struct doc *term_doc(term t, long limit);
+
 static const struct doc *to_doc(term t, long limit) {
+    if (inspect_depth >= INSPECT_DEPTH) return doc_str("...");
+    inspect_depth++;
+    const struct doc *d = term_doc(t, limit);
+    inspect_depth--;
+    return d;
+}
+
+static const struct doc *term_doc(term t, long limit) {
     struct buf b = {0};
     switch ((enum kind)t->kind) {
     case K_INT:
@@ -1777,6 +1891,7 @@ struct monitor {
 struct catch_frame {
     jmp_buf env;
     struct catch_frame *prev;
+    bool in_receive; /* was the process inside receive when it was set? */
 };
 
 enum caught { CAUGHT_NOTHING, CAUGHT_EXIT, CAUGHT_ERROR, CAUGHT_THROW };
@@ -1787,6 +1902,7 @@ struct proc {
     bool started;            /* has run at least once (has a saved stack) */
     bool trap_exit;          /* Process.flag(:trap_exit, true) */
     bool timed_out;          /* its receive's `after` fired */
+    bool in_receive;         /* inside receive_full (its timer is receive's) */
     bool queued;             /* in the run queue */
     const char *label;       /* what it runs, e.g. "KV.Registry", for reports */
     struct heap heap;        /* every term it built or received */
@@ -1823,7 +1939,12 @@ struct proc {
     struct proc *dying_next;  /* queue of processes to finish */
 };
 
-#define VM_INFINITY (-1L) /* receive without `after` */
+/* Timeouts.  Where a user can write one (receive's `after`, GenServer.call,
+ * Process.sleep, a callback's result) it is a term, :infinity or a number
+ * of milliseconds, checked as Elixir checks it.  Inside the VM it is an
+ * int64_t, with NO_TIMEOUT for :infinity. */
+#define NO_TIMEOUT INT64_MAX
+#define AFTER_MAX INT64_C(4294967295) /* the longest `after` BEAM accepts, ~49.7 days */
 
 enum vm_result { VM_DONE, VM_IDLE, VM_DEADLOCK };
 enum jump { JUMP_SWITCHED = 1, JUMP_EXITED }; /* what _setjmp(vm.sched_ctx) returns */
@@ -2131,11 +2252,17 @@ static NORETURN void proc_main(struct proc *p) {
 
 static char altstack[64 * 1024];
 
+#define UNLIMITED_STACK_CAP ((size_t)8 << 20)
+#define OVERFLOW_REACH ((uintptr_t)1 << 30) /* faults this far below the stage are overflows */
+
 static void overflow_handler(int sig, siginfo_t *info, void *ucontext) {
     (void)ucontext;
     char msg[256];
     uintptr_t addr = (uintptr_t)info->si_addr;
-    bool stack = vm.stack_end && addr < vm.stage_top && addr + 65536 >= vm.stack_end;
+    /* Below the stage, and not absurdly far: the guard page at the end of
+     * the stack, or past it, where one giant frame (a huge local array)
+     * jumped over the guard and landed in unmapped memory. */
+    bool stack = vm.stack_end && addr < vm.stage_top && vm.stage_top - addr <= OVERFLOW_REACH;
     struct proc *p = vm.current;
     int n;
     if (p && stack)
@@ -2154,10 +2281,21 @@ static void overflow_handler(int sig, siginfo_t *info, void *ucontext) {
     raise(sig);
 }
 
+/* The stack's size.  An unlimited stack (ulimit -s unlimited) has no end
+ * at a known place: it grows until it meets some other mapping, where an
+ * overflow is a plain segmentation fault, or worse.  So kv.c caps it at
+ * the usual 8 MiB: the kernel checks the limit each time the stack grows,
+ * and the overflow then stops at a known address and can be named. */
 static void overflow_guard_install(void) {
     struct rlimit rl;
-    vm.stack_size = 8 << 20; /* the usual limit, if the real one is unlimited */
-    if (getrlimit(RLIMIT_STACK, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) vm.stack_size = (size_t)rl.rlim_cur;
+    vm.stack_size = UNLIMITED_STACK_CAP;
+    if (getrlimit(RLIMIT_STACK, &rl) == 0) {
+        if (rl.rlim_cur == RLIM_INFINITY) {
+            rl.rlim_cur = UNLIMITED_STACK_CAP;
+            if (setrlimit(RLIMIT_STACK, &rl) != 0) rl.rlim_cur = UNLIMITED_STACK_CAP;
+        }
+        vm.stack_size = (size_t)rl.rlim_cur;
+    }
     vm.stack_end = vm.stage_top + STAGE_GAP - vm.stack_size;
     stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0};
     if (sigaltstack(&ss, NULL) != 0) return;
@@ -2344,6 +2482,15 @@ static void report_deadlock(void) {
     buf_free(&b);
 }
 
+/* Wake whoever is due: timers whose deadline has passed, readers whose
+ * input has come.  Cheap: a clock read, and a poll(2) only if someone
+ * waits for input.  On the virtual clock nothing is ever due while
+ * processes can run, since that clock only moves when all of them wait. */
+static void sched_look_around(void) {
+    if (vm.ntimers && vm.timers[0]->deadline <= now_ms()) timers_fire(now_ms());
+    if (vm.fd_waiters) poll_input(0);
+}
+
 /* Nothing is runnable.  Make something runnable if the clock or input can.
  * `may_wait` allows moving the clock forward (virtual) or sleeping until
  * the next timer or input (real).  Returns false if nothing can be woken. */
@@ -2414,6 +2561,9 @@ static enum vm_result vm_run(uint64_t watch) {
         reap();
         vm.direct = 0; /* the next 63 hand-offs may skip this loop again */
         if (watch && !proc_of_pid(watch)) { result = VM_DONE; break; }
+        /* Busy or not, look at the clock and at input on every pass, so a
+         * timer is late by at most 64 hand-offs however much else runs. */
+        sched_look_around();
         struct proc *p = runq_pop();
         if (p) {
             /* One turn: p runs, and maybe hands the CPU to others, until
@@ -2579,6 +2729,8 @@ static void mailbox_free(struct proc *p) {
 
 static NORETURN void raise_error(term exception);
 static term argument_error(const char *message);
+static term erlang_error(term original);
+API term function_clause_error(term module, term function, int arity);
 static NORETURN void raise_argument_error(const char *message, ...);
 
 /* What a BIF raises for an argument of the wrong kind, e.g.
@@ -2610,9 +2762,21 @@ static void settle(void);
 
 typedef bool (*match_fn)(term msg, const void *arg);
 
+/* A receive is over, however it ends: a message, its `after`, or a raise
+ * in its match function (throw_to_catcher, I.12, calls this too).  Its
+ * timer must go with it, or it would fire later, in the middle of some
+ * other receive, and end that one with nothing. */
+static void receive_end(struct proc *p) {
+    timer_cancel(p);
+    p->timed_out = false;
+    p->in_receive = false;
+    p->waiting_for = NULL;
+    p->waiting_on = NULL;
+}
+
 /* receive: the oldest message `match` accepts (any, if match is NULL),
  * removed from the mailbox; or NULL when `timeout_ms` passes first
- * (VM_INFINITY: never).  `what` and `about` describe the wait for the
+ * (NO_TIMEOUT: never).  `what` and `about` describe the wait for the
  * deadlock report.  Messages that don't match stay, in order.
  *
  * `scan` remembers how far the mailbox was searched, so after a wake-up
@@ -2626,12 +2790,13 @@ typedef bool (*match_fn)(term msg, const void *arg);
  * exit signals, which others may handle (process_alive); and an exit
  * signal never lies before `scan`, because the walk handles each one as
  * soon as it reaches it. */
-static term receive_full(match_fn match, const void *arg, long timeout_ms, const char *what,
+static term receive_full(match_fn match, const void *arg, int64_t timeout_ms, const char *what,
                          term about) {
     struct proc *p = vm.current;
     struct msg **scan = &p->mbox_head;
     bool armed = false;
     p->timed_out = false;
+    p->in_receive = true;
     for (;;) {
         for (struct msg *m; (m = *scan);) {
             /* An exit signal, reached in order: if it is not kept as a
@@ -2645,15 +2810,13 @@ static term receive_full(match_fn match, const void *arg, long timeout_ms, const
                 continue;
             }
             mbox_take(p, scan);
-            timer_cancel(p);
+            receive_end(p);
             heap_add_chunk(&p->heap, m->chunk); /* its memory is ours now */
-            p->waiting_for = NULL;
-            p->waiting_on = NULL;
             return m->value;
         }
         if (timeout_ms == 0 || p->timed_out) break;
-        if (!armed && timeout_ms > 0) {
-            timer_set(p, now_ms() + timeout_ms);
+        if (!armed && timeout_ms != NO_TIMEOUT) {
+            timer_set(p, now_ms() + timeout_ms); /* timeout_ms <= AFTER_MAX: no overflow */
             armed = true;
         }
         p->state = P_WAITING;
@@ -2661,16 +2824,32 @@ static term receive_full(match_fn match, const void *arg, long timeout_ms, const
         p->waiting_on = about;
         proc_wait();
     }
-    timer_cancel(p);
-    p->timed_out = false;
-    p->waiting_for = NULL;
-    p->waiting_on = NULL;
+    receive_end(p);
     return NULL;
 }
 
-/* receive do ... after timeout_ms -> ... end, for a process's own code */
-API term receive(match_fn match, const void *arg, long timeout_ms) {
-    return receive_full(match, arg, timeout_ms, "a message", NULL);
+/* An `after` value: :infinity, or 0 to AFTER_MAX milliseconds; anything
+ * else raises, as BEAM's receive does: ErlangError :timeout_value. */
+static int64_t after_ms(term timeout) {
+    if (timeout == am_infinity) return NO_TIMEOUT;
+    if (is_integer(timeout) && int_value(timeout) >= 0 && int_value(timeout) <= AFTER_MAX) return int_value(timeout);
+    raise_error(erlang_error(am_timeout_value));
+}
+
+/* receive do ... after timeout -> ... end, for a process's own code;
+ * timeout is :infinity or milliseconds */
+API term receive(match_fn match, const void *arg, term timeout) {
+    return receive_full(match, arg, after_ms(timeout), "a message", NULL);
+}
+
+/* receive with no `after`, for the VM's own waits */
+static term receive_forever(match_fn match, const void *arg) {
+    return receive_full(match, arg, NO_TIMEOUT, "a message", NULL);
+}
+
+/* receive ... after 0: a message already there, or NULL at once */
+static term receive_now(match_fn match, const void *arg) {
+    return receive_full(match, arg, 0, "a message", NULL);
 }
 
 static bool match_nothing(term msg, const void *arg) {
@@ -2678,9 +2857,13 @@ static bool match_nothing(term msg, const void *arg) {
     return false;
 }
 
-/* Process.sleep/1: a receive that accepts nothing, with an `after`. */
-API void process_sleep(long ms) {
-    receive_full(match_nothing, NULL, ms, "the end of Process.sleep", NULL);
+/* Process.sleep/1: a receive that accepts nothing, with an `after`.
+ * Its guard takes :infinity or an integer >= 0 (FunctionClauseError
+ * otherwise); receive then refuses what is longer than AFTER_MAX. */
+API void process_sleep(term timeout) {
+    if (timeout != am_infinity && !(is_integer(timeout) && int_value(timeout) >= 0))
+        raise_error(function_clause_error(kv_alias("Process"), kv_atom("sleep"), 1));
+    receive_full(match_nothing, NULL, after_ms(timeout), "the end of Process.sleep", NULL);
 }
 
 /* :erlang.yield/0 — let every other runnable process have a turn. */
@@ -2696,6 +2879,9 @@ API void erlang_yield(void) {
  * (the shell reads standard input this way). */
 API void process_wait_input(int fd) {
     struct proc *p = vm.current;
+    /* A descriptor that is not open would never become readable, and
+     * poll(2) would silently skip it: refuse it here, in the caller. */
+    if (fd < 0 || fcntl(fd, F_GETFD) == -1) raise_badarg("1st argument: not an open file descriptor");
     p->wait_fd = fd;
     vm.fd_waiters++;
     while (p->wait_fd >= 0) { /* poll_input clears it when fd is ready */
@@ -2857,6 +3043,17 @@ static void send_down(struct proc *watcher, uint64_t ref, term object, term reas
     heap_free(&scratch);
 }
 
+/* Take p out of everything the scheduler might wake it from: the run
+ * queue, the timer heap, the list of input waiters. */
+static void wait_cancel(struct proc *p) {
+    runq_remove(p);
+    timer_cancel(p);
+    if (p->wait_fd >= 0) {
+        p->wait_fd = -1;
+        vm.fd_waiters--;
+    }
+}
+
 /* p must exit with `reason`: mark it and queue it for reap().  Nothing
  * is freed yet: p may be the running process, deep in a call.  The reason
  * is copied into p's own heap unless p is the one running (then it is
@@ -2865,12 +3062,7 @@ static void die(struct proc *p, term reason) {
     if (p->state == P_EXITING) return;
     p->exit_reason = p == vm.current ? reason : term_copy(&p->heap, reason);
     p->state = P_EXITING;
-    runq_remove(p);
-    timer_cancel(p);
-    if (p->wait_fd >= 0) {
-        p->wait_fd = -1;
-        vm.fd_waiters--;
-    }
+    wait_cancel(p);
     p->dying_next = NULL;
     if (vm.dying_tail) vm.dying_tail->dying_next = p; else vm.dying_head = p;
     vm.dying_tail = p;
@@ -2951,6 +3143,7 @@ static void names_remove(struct proc *p);
  * messages to the monitors. */
 static void proc_finish(struct proc *p) {
     term reason = p->exit_reason ? p->exit_reason : am_normal;
+    wait_cancel(p); /* nothing of the scheduler's may point at p after this */
     if (vm.on_finish) vm.on_finish(p->pid, reason);
     struct heap scratch = {0};
     term self_pid;
@@ -3016,6 +3209,12 @@ static term self(void) { return kv_pid(vm.current->pid); }
  * returns root, copied into the running process's fresh heap (I.4). */
 API term garbage_collect(term root) { return heap_compact(&vm.current->heap, root); }
 
+/* Raw memory for the running process, from its own heap: gone when the
+ * heap is (the process dies, or compacts its heap).  For a table that C
+ * code must keep across a receive, where the process may be killed: a
+ * malloc'd one would leak then. */
+static void *proc_scratch(size_t size) { return heap_alloc(&vm.current->heap, size ? size : 1); }
+
 /* make_ref/0 */
 API term make_ref(void) { return kv_ref(vm.next_ref++); }
 
@@ -3066,11 +3265,15 @@ static uint64_t vm_spawn(void (*fn)(term), term arg, const char *label) {
 /* Process.alive?/1.  Exit signals already sent to pid are handled first,
  * so a process told to exit by the caller is seen dead, as on BEAM. */
 API bool process_alive(term pid) {
+    if (!is_pid(pid)) raise_badarg("1st argument: not a pid");
     struct proc *p = proc_of(pid);
     if (!p) return false;
     signals_flush_from(p, vm.current->pid);
+    /* Read the answer before settle(): settle finishes a process that
+     * has just died, and frees it. */
+    bool alive = p->state != P_EXITING;
     settle();
-    return p->state != P_EXITING;
+    return alive;
 }
 
 /* Process.flag(:trap_exit, on) — the previous value */
@@ -3205,8 +3408,11 @@ static void names_remove(struct proc *p) {
 /* Process.register/2.  A name holds one live process; a process holds one
  * name; both are checked, as on BEAM. */
 API term process_register(term pid, term name) {
+    /* Elixir's guard: an atom, and not one of those that mean "no name" */
+    if (!is_atom(name) || name == am_nil || name == am_true || name == am_false || name == am_undefined)
+        raise_error(function_clause_error(kv_alias("Process"), kv_atom("register"), 2));
     struct proc *p = proc_of(pid);
-    if (!p || !is_atom(name) || name == am_nil || name == am_undefined || p->name || whereis_proc(name))
+    if (!p || p->name || whereis_proc(name))
         raise_argument_error("could not register %T with name %T because it is not alive, the name is "
                              "already taken, or it has already been given another name", pid, name);
     if (vm.nnames == vm.names_cap) {
@@ -3221,10 +3427,11 @@ API term process_register(term pid, term name) {
     return am_true;
 }
 
-/* Process.unregister/1 */
+/* Process.unregister/1.  (A name nobody holds gets the same words as on
+ * Elixir 1.14, whose translation of Erlang's error says "not a pid".) */
 API term process_unregister(term name) {
-    struct proc *p = whereis_proc(name);
-    if (!p) raise_badarg("1st argument: not a registered name");
+    struct proc *p = is_atom(name) ? whereis_proc(name) : NULL;
+    if (!p) raise_badarg("1st argument: not a pid");
     names_remove(p);
     return am_true;
 }
@@ -3267,6 +3474,9 @@ API term process_unregister(term name) {
 static NORETURN void throw_to_catcher(enum caught kind, term reason) {
     struct proc *p = vm.current;
     struct catch_frame *f = p->catcher;
+    /* Thrown from inside a receive (its match function raised) to a catch
+     * point set outside it: that receive is abandoned, timer and all. */
+    if (p->in_receive && !f->in_receive) receive_end(p);
     p->caught = kind;
     p->caught_reason = reason;
     p->catcher = f->prev;
@@ -3284,6 +3494,7 @@ API enum caught try_catch(void (*fn)(void *), void *arg, term *reason) {
     struct proc *p = vm.current;
     struct catch_frame f;
     f.prev = p->catcher;
+    f.in_receive = p->in_receive;
     p->caught = CAUGHT_NOTHING;
     p->caught_reason = NULL;
     p->catcher = &f;
@@ -3358,7 +3569,7 @@ static term exception_new(term module, size_t nfields, ...) {
     for (size_t i = 0; i < nfields; i++) {
         term k = va_arg(ap, term);
         term v = va_arg(ap, term);
-        m = map_put(m, k, v);
+        m = map_insert(m, k, v);
     }
     va_end(ap);
     return m;
@@ -3403,6 +3614,77 @@ static term erlang_error(term original) {
     return exception_new(am_ErlangError, 2, am_original, original, am_reason, am_nil);
 }
 
+/* ---- Map, Keyword and length/1 ----------------------------------------------
+ * Library functions take any term, and check it as Elixir's do, raising in
+ * the caller.  Map's raise BadMapError when given no map: %BadMapError{term:
+ * 123}, "expected a map, got: 123"; an agent whose state is a list or a
+ * string then crashes with that error, alone, as on BEAM, and nothing ever
+ * reads a list as if it were a map. */
+
+/* length/1 — a proper list's length; anything else is an ArgumentError */
+API size_t list_length(term l) {
+    size_t n = 0;
+    for (; l->kind == K_CONS; l = l->item[1]) n++;
+    if (l->kind != K_NIL) raise_badarg("1st argument: not a list");
+    return n;
+}
+
+/* Keyword.get/3: the value of the first {key, value} pair in kw; kw must
+ * be a list and key an atom (Elixir's guards), or FunctionClauseError. */
+API term keyword_get(term kw, term key, term dflt) {
+    if (!is_list(kw) || !is_atom(key))
+        raise_error(function_clause_error(kv_alias("Keyword"), am_get, 3));
+    for (; kw->kind == K_CONS; kw = tl(kw)) {
+        term pair = hd(kw);
+        if (is_tuple(pair) && tuple_size(pair) == 2 && elem(pair, 0) == key)
+            return elem(pair, 1);
+    }
+    return dflt;
+}
+
+static void map_check(term m) {
+    if (!is_map(m)) raise_error(exception_new(kv_alias("BadMapError"), 1, am_term, m));
+}
+
+/* Map.get/3 — nil (or the default) when the key is absent */
+static term map_get(term m, term key, term dflt) {
+    map_check(m);
+    return map_lookup(m, key, dflt);
+}
+
+/* Map.has_key?/2 */
+static bool map_has_key(term m, term key) {
+    map_check(m);
+    return map_find(m, key) >= 0;
+}
+
+/* Map.fetch/2 — {:ok, value} or :error */
+API term map_fetch(term m, term key) {
+    map_check(m);
+    long i = map_find(m, key);
+    return i >= 0 ? kv_tuple(2, am_ok, map_value(m, (size_t)i)) : am_error;
+}
+
+/* Map.put/3 */
+static term map_put(term m, term key, term value) {
+    map_check(m);
+    return map_insert(m, key, value);
+}
+
+/* Map.delete/2 */
+static term map_delete(term m, term key) {
+    map_check(m);
+    return map_remove(m, key);
+}
+
+/* Map.pop/2 — {value or nil, map without key} */
+API term map_pop(term m, term key) {
+    map_check(m);
+    long i = map_find(m, key);
+    if (i < 0) return kv_tuple(2, am_nil, m);
+    return kv_tuple(2, map_value(m, (size_t)i), map_remove(m, key));
+}
+
 static bool is_exception(term t) {
     return is_map(t) && map_get(t, am_exception_, am_false) == am_true &&
            is_atom(map_get(t, am_struct_, am_nil));
@@ -3420,6 +3702,9 @@ static void mfa_text(struct buf *b, term module, term function, int64_t arity) {
     buf_printf(b, ".%s/%" PRId64, BYTES(function), arity);
 }
 
+struct module;
+static const struct module *code_find(term name);
+
 /* Exception.message/1 */
 static void exception_message(struct buf *b, term e) {
     term module = map_get(e, am_struct_, am_nil);
@@ -3433,6 +3718,9 @@ static void exception_message(struct buf *b, term e) {
     } else if (module == am_ErlangError) {
         buf_puts(b, "Erlang error: ");
         inspect_to(b, map_get(e, am_original, am_nil));
+    } else if (module == kv_alias("BadMapError")) {
+        buf_puts(b, "expected a map, got: ");
+        inspect_to(b, map_get(e, am_term, am_nil));
     } else if (module == kv_alias("BadFunctionError")) {
         buf_puts(b, "expected a function, got: ");
         inspect_to(b, map_get(e, am_term, am_nil));
@@ -3444,10 +3732,16 @@ static void exception_message(struct buf *b, term e) {
                    list_length(args) ? "1 argument (" : "no arguments");
         if (list_length(args)) { inspect_to(b, hd(args)); buf_puts(b, ")"); }
     } else if (module == am_UndefinedFunctionError) {
+        term module = map_get(e, am_module, am_nil);
         buf_puts(b, "function ");
-        mfa_text(b, map_get(e, am_module, am_nil), map_get(e, am_function, am_nil),
-                 int_value(map_get(e, am_arity, kv_int(0))));
-        buf_puts(b, " is undefined or private");
+        mfa_text(b, module, map_get(e, am_function, am_nil), int_value(map_get(e, am_arity, kv_int(0))));
+        if (code_find(module)) {
+            buf_puts(b, " is undefined or private");
+        } else {
+            buf_puts(b, " is undefined (module ");
+            inspect_to(b, module);
+            buf_puts(b, " is not available)");
+        }
     } else {
         term m = map_get(e, am_message, NULL);
         if (m && is_binary(m)) buf_add(b, BYTES(m), m->n);
@@ -3717,6 +4011,28 @@ static const struct module *code_find(term name) {
 /* The module's name as an atom: KV.Registry is :"Elixir.KV.Registry". */
 static term module_atom(const struct module *m) { return kv_alias(m->name); }
 
+/* A module's name as reports give it: "KV.Registry" (atoms live forever,
+ * so the text can be kept). */
+static const char *module_label(term module) {
+    if (!is_atom(module)) return NULL;
+    const char *s = BYTES(module);
+    return module->n > 7 && memcmp(s, "Elixir.", 7) == 0 ? s + 7 : s;
+}
+
+static term undefined_function_error(term module, term function, int arity);
+
+/* A behaviour calls module.init(arg) as apply/3 would: a module that is
+ * not an atom is an ArgumentError, one that was never loaded (or has no
+ * init/1) an UndefinedFunctionError, raised in the process that calls it.
+ * *code gets the module's table, for the other callbacks. */
+static term behaviour_init(term module, term arg, const struct module **code) {
+    if (!is_atom(module)) raise_badarg("1st argument: not an atom");
+    const struct module *m = code_find(module);
+    if (!m || !m->init) raise_error(undefined_function_error(module, am_init, 1));
+    *code = m;
+    return m->init(arg);
+}
+
 static bool is_proper_list(term l) {
     while (l->kind == K_CONS) l = tl(l);
     return l->kind == K_NIL;
@@ -3742,8 +4058,13 @@ API term erlang_apply(term module, term function, term args) {
     int arity = (int)list_length(args);
     for (const struct export *e = m ? m->exports : NULL; e && e->name; e++)
         if (e->arity == arity && strcmp(e->name, BYTES(function)) == 0) return e->fun(arity == 1 ? hd(args) : args);
-    raise_error(exception_new(am_UndefinedFunctionError, 5, am_module, module, am_function, function,
-                              am_arity, kv_int(arity), kv_atom("reason"), am_nil, am_message, am_nil));
+    raise_error(undefined_function_error(module, function, arity));
+}
+
+/* %UndefinedFunctionError{}: module.function/arity does not exist */
+static term undefined_function_error(term module, term function, int arity) {
+    return exception_new(am_UndefinedFunctionError, 5, am_module, module, am_function, function, am_arity,
+                         kv_int(arity), am_reason, am_nil, am_message, am_nil);
 }
 
 /* The x of `{:ok, x} = result`; anything else raises MatchError, as the
@@ -3789,12 +4110,13 @@ API term fun_call(term f, term arg) {
  */
 
 struct gen_server;
-static term gen_start(const struct module *mod, term arg, term opts, bool link);
-API term gen_server_call_timeout(term server, term request, long timeout);
+static term gen_start(term module, term arg, term opts, bool link);
+API term gen_server_call_timeout(term server, term request, term timeout);
 API term gen_server_cast(term server, term request);
-API term gen_server_stop(term server, term reason, long timeout);
+API term gen_server_stop(term server, term reason, term timeout);
 
 #define GEN_SERVER_DEFAULT_TIMEOUT 5000 /* GenServer.call's, in milliseconds */
+#define DEFAULT_TIMEOUT kv_int(GEN_SERVER_DEFAULT_TIMEOUT)
 
 /* --------------------------------------------------------------------------
  * agents.md — "Agents 101": the Agent module
@@ -3853,34 +4175,34 @@ static term agent_fun(term fun, int arity, const char *function, int function_ar
 /* Agent.start_link/2 — {:ok, pid}; fun computes the initial state in the
  * new process.  opts: [name: atom], [timeout: ms]. */
 API term agent_start_link(term fun, term opts) {
-    return gen_start(&agent_server, agent_fun(fun, 0, "start_link", 2), opts, true);
+    return gen_start(kv_alias("Agent.Server"), agent_fun(fun, 0, "start_link", 2), opts, true);
 }
 
 /* Agent.start/2 — the same, unlinked */
 API term agent_start(term fun, term opts) {
-    return gen_start(&agent_server, agent_fun(fun, 0, "start", 2), opts, false);
+    return gen_start(kv_alias("Agent.Server"), agent_fun(fun, 0, "start", 2), opts, false);
 }
 
 /* Agent.get/3 — fun.(state), computed in the agent */
-API term agent_get_timeout(term agent, term fun, long timeout) {
+API term agent_get_timeout(term agent, term fun, term timeout) {
     return gen_server_call_timeout(agent, kv_tuple(2, am_get, agent_fun(fun, 1, "get", 3)), timeout);
 }
 
 /* Agent.get/2 */
 API term agent_get(term agent, term fun) {
-    return agent_get_timeout(agent, fun, GEN_SERVER_DEFAULT_TIMEOUT);
+    return agent_get_timeout(agent, fun, DEFAULT_TIMEOUT);
 }
 
 /* Agent.update/2 — the state becomes fun.(state); returns :ok */
 API term agent_update(term agent, term fun) {
     return gen_server_call_timeout(agent, kv_tuple(2, am_update, agent_fun(fun, 1, "update", 3)),
-                                   GEN_SERVER_DEFAULT_TIMEOUT);
+                                   DEFAULT_TIMEOUT);
 }
 
 /* Agent.get_and_update/2 — fun.(state) returns {reply, new_state} */
 API term agent_get_and_update(term agent, term fun) {
     return gen_server_call_timeout(agent, kv_tuple(2, am_get_and_update, agent_fun(fun, 1, "get_and_update", 3)),
-                                   GEN_SERVER_DEFAULT_TIMEOUT);
+                                   DEFAULT_TIMEOUT);
 }
 
 /* Agent.cast/2 — like update, without waiting; always :ok */
@@ -3893,19 +4215,19 @@ API term agent_cast(term agent, term fun) {
  * {module, function, args} crashes the agent (agent_run, apply/3). */
 API term agent_get_mfa(term agent, term module, term function, term args) {
     return gen_server_call_timeout(agent, kv_tuple(2, am_get, kv_tuple(3, module, function, args)),
-                                   GEN_SERVER_DEFAULT_TIMEOUT);
+                                   DEFAULT_TIMEOUT);
 }
 
 /* Agent.update/4 — the state becomes apply(module, function, [state | args]) */
 API term agent_update_mfa(term agent, term module, term function, term args) {
     return gen_server_call_timeout(agent, kv_tuple(2, am_update, kv_tuple(3, module, function, args)),
-                                   GEN_SERVER_DEFAULT_TIMEOUT);
+                                   DEFAULT_TIMEOUT);
 }
 
 /* Agent.get_and_update/4 — apply(...) returns {reply, new_state} */
 API term agent_get_and_update_mfa(term agent, term module, term function, term args) {
     return gen_server_call_timeout(agent, kv_tuple(2, am_get_and_update, kv_tuple(3, module, function, args)),
-                                   GEN_SERVER_DEFAULT_TIMEOUT);
+                                   DEFAULT_TIMEOUT);
 }
 
 /* Agent.cast/4 — like update/4, without waiting; always :ok */
@@ -3914,7 +4236,7 @@ API term agent_cast_mfa(term agent, term module, term function, term args) {
 }
 
 /* Agent.stop/3 — :ok once the agent has exited with `reason` */
-API term agent_stop(term agent, term reason, long timeout) {
+API term agent_stop(term agent, term reason, term timeout) {
     return gen_server_stop(agent, reason, timeout);
 }
 
@@ -4052,11 +4374,12 @@ static const struct module kv_bucket = {.name = "KV.Bucket", .exports = kv_bucke
  */
 
 struct gen_server {
-    const struct module *mod;
+    term module;                /* the callback module's name, KV.Registry */
+    const struct module *mod;   /* ...and its code, once init/1 was found */
     term state;
     term name;       /* registered name, or NULL */
     uint64_t parent; /* the process that started it (start_link's caller) */
-    long timeout;    /* from {:noreply, state, timeout}; VM_INFINITY if none */
+    int64_t timeout; /* from {:noreply, state, timeout}; NO_TIMEOUT if none */
 };
 
 /* Is this an exit reason OTP considers normal (no crash report)? */
@@ -4116,7 +4439,7 @@ static NORETURN term no_callback(struct gen_server *gs, const char *what, const 
 /* use GenServer's handle_info/2: log the stray message and carry on. */
 static term default_handle_info(struct gen_server *gs, term msg) {
     struct buf b = {0};
-    inspect_to(&b, module_atom(gs->mod));
+    inspect_to(&b, gs->module);
     buf_puts(&b, " ");
     inspect_to(&b, server_label(gs));
     buf_puts(&b, " received unexpected message in handle_info/2: ");
@@ -4132,7 +4455,7 @@ static void run_callback(void *arg) {
     const struct module *m = gs->mod;
     switch (r->which) {
     case CB_INIT:
-        r->result = m->init(r->msg);
+        r->result = behaviour_init(gs->module, r->msg, &gs->mod);
         break;
     case CB_CALL:
         r->result = m->handle_call ? m->handle_call(r->msg, r->from, gs->state) : no_callback(gs, "call", "handle_call/3");
@@ -4198,20 +4521,28 @@ API term gen_server_reply(term from, term reply) {
     return am_ok;
 }
 
-/* A callback's timeout element: an integer (ms) or :infinity. */
-static long timeout_of(term t) { return is_integer(t) ? (long)int_value(t) : VM_INFINITY; }
+/* A callback's timeout element: :infinity or an integer >= 0, else the
+ * whole result is a bad return value (false).  gen_server checks no upper
+ * bound here; receive does (gen_server_loop). */
+static bool callback_timeout(term t, int64_t *ms) {
+    if (t == am_infinity) *ms = NO_TIMEOUT;
+    else if (is_integer(t) && int_value(t) >= 0) *ms = int_value(t);
+    else return false;
+    return true;
+}
 
 /* Act on what handle_call returned. */
 static void handle_call_result(struct gen_server *gs, term r, term msg, term from) {
     size_t n = is_tuple(r) ? tuple_size(r) : 0;
     term tag = n ? elem(r, 0) : NULL;
-    if (tag == am_reply && (n == 3 || n == 4)) {
+    int64_t timeout = NO_TIMEOUT;
+    if (tag == am_reply && (n == 3 || (n == 4 && callback_timeout(elem(r, 3), &timeout)))) {
         gen_server_reply(from, elem(r, 1));
         gs->state = elem(r, 2);
-        if (n == 4) gs->timeout = timeout_of(elem(r, 3));
-    } else if (tag == am_noreply && (n == 2 || n == 3)) {
+        gs->timeout = timeout;
+    } else if (tag == am_noreply && (n == 2 || (n == 3 && callback_timeout(elem(r, 2), &timeout)))) {
         gs->state = elem(r, 1);
-        if (n == 3) gs->timeout = timeout_of(elem(r, 2));
+        gs->timeout = timeout;
     } else if (tag == am_stop && n == 4) {
         gs->state = elem(r, 3);
         gen_server_terminate(gs, elem(r, 1), msg, from, elem(r, 2));
@@ -4227,9 +4558,10 @@ static void handle_call_result(struct gen_server *gs, term r, term msg, term fro
 static void handle_noreply_result(struct gen_server *gs, term r, term msg) {
     size_t n = is_tuple(r) ? tuple_size(r) : 0;
     term tag = n ? elem(r, 0) : NULL;
-    if (tag == am_noreply && (n == 2 || n == 3)) {
+    int64_t timeout = NO_TIMEOUT;
+    if (tag == am_noreply && (n == 2 || (n == 3 && callback_timeout(elem(r, 2), &timeout)))) {
         gs->state = elem(r, 1);
-        if (n == 3) gs->timeout = timeout_of(elem(r, 2));
+        gs->timeout = timeout;
     } else if (tag == am_stop && n == 3) {
         gs->state = elem(r, 2);
         gen_server_terminate(gs, elem(r, 1), msg, NULL, NULL);
@@ -4240,7 +4572,7 @@ static void handle_noreply_result(struct gen_server *gs, term r, term msg) {
 
 /* One message, dispatched as gen_server does. */
 static void gen_server_handle(struct gen_server *gs, term msg) {
-    term r, reason;
+    term r, reason = NULL;
     if (is_tagged(msg, am_gen_call, 3)) {
         term from = elem(msg, 1);
         if (!(r = callback(gs, CB_CALL, elem(msg, 2), from, &reason)))
@@ -4272,8 +4604,11 @@ static void gen_server_handle(struct gen_server *gs, term msg) {
 static NORETURN void gen_server_loop(struct gen_server *gs) {
     struct heap *heap = &vm.current->heap;
     for (;;) {
-        long timeout = gs->timeout;
-        gs->timeout = VM_INFINITY;
+        int64_t timeout = gs->timeout;
+        gs->timeout = NO_TIMEOUT;
+        /* An integer that receive cannot wait for: gen_server's own loop
+         * crashes, outside any callback, so nothing is logged. */
+        if (timeout != NO_TIMEOUT && timeout > AFTER_MAX) exit_current(kv_tuple(2, am_timeout_value, NIL));
         term msg = receive_full(NULL, NULL, timeout, "a message, in its GenServer loop", NULL);
         gen_server_handle(gs, msg ? msg : am_timeout);
         if (heap->bytes > 2 * heap->live + 16384) gs->state = heap_compact(heap, gs->state);
@@ -4285,8 +4620,8 @@ static NORETURN void gen_server_loop(struct gen_server *gs) {
  * The starter waits for {:ack, tag, result} (OTP's proc_lib:init_ack). */
 static void gen_server_main(term arg) {
     struct gen_server gs = {0};
-    gs.mod = code_find(elem(arg, 0));
-    gs.timeout = VM_INFINITY;
+    gs.module = elem(arg, 0);
+    gs.timeout = NO_TIMEOUT;
     term name = elem(arg, 2), starter = elem(arg, 3), tag = elem(arg, 5);
     gs.parent = is_pid(elem(arg, 4)) ? elem(arg, 4)->u.id : vm.current->pid;
     gs.state = am_undefined;
@@ -4304,9 +4639,8 @@ static void gen_server_main(term arg) {
     term ack;
     if (!r) {
         ack = kv_tuple(2, am_error, reason); /* init raised or exited */
-    } else if (is_ok_tuple(r)) {
+    } else if (is_tagged(r, am_ok, 2) || (is_tagged(r, am_ok, 3) && callback_timeout(elem(r, 2), &gs.timeout))) {
         gs.state = elem(r, 1);
-        if (tuple_size(r) == 3) gs.timeout = timeout_of(elem(r, 2));
         process_send(starter, kv_tuple(3, am_ack, tag, kv_tuple(2, am_ok, self())));
         gen_server_loop(&gs);
     } else if (r == am_ignore) {
@@ -4350,13 +4684,13 @@ static void check_name_option(term name) {
 /* Start a GenServer running `mod`, linked to the caller if `link`, and
  * wait until its init/1 has returned: {:ok, pid}, :ignore or {:error, _}.
  * opts: [name: atom], [timeout: ms for init]. */
-static term gen_start(const struct module *mod, term arg, term opts, bool link) {
+static term gen_start(term module, term arg, term opts, bool link) {
     term name = keyword_get(opts, am_name, am_nil);
     check_name_option(name);
-    long timeout = timeout_of(keyword_get(opts, am_timeout, am_infinity));
+    int64_t timeout = after_ms(keyword_get(opts, am_timeout, am_infinity));
     term me = self(), tag = make_ref();
-    term init = kv_tuple(6, module_atom(mod), arg, name, me, link ? me : am_nil, tag);
-    struct proc *child = proc_spawn(gen_server_main, init, mod->name);
+    term init = kv_tuple(6, module, arg, name, me, link ? me : am_nil, tag);
+    struct proc *child = proc_spawn(gen_server_main, init, module_label(module));
     term pid = kv_pid(child->pid);
     if (link) link_add(vm.current, child);
     term mref = process_monitor(pid);
@@ -4368,18 +4702,20 @@ static term gen_start(const struct module *mod, term arg, term opts, bool link) 
     /* init/1 took too long: kill it, quietly. */
     process_unlink(pid);
     process_exit(pid, am_kill);
-    receive(is_exit_from, pid, 0);
+    receive_now(is_exit_from, pid);
     return kv_tuple(2, am_error, am_timeout);
 }
 
-/* GenServer.start_link/3 — mod's callbacks, init(arg), options [name: ...] */
-API term gen_server_start_link(const struct module *mod, term arg, term opts) {
-    return gen_start(mod, arg, opts, true);
+/* GenServer.start_link/3 — module's callbacks, init(arg), options [name: ...] */
+API term gen_server_start_link(term module, term arg, term opts) {
+    if (!is_atom(module)) raise_error(function_clause_error(am_GenServer, am_start_link, 3));
+    return gen_start(module, arg, opts, true);
 }
 
 /* GenServer.start/3 — the same without a link: the server is its own parent */
-API term gen_server_start(const struct module *mod, term arg, term opts) {
-    return gen_start(mod, arg, opts, false);
+API term gen_server_start(term module, term arg, term opts) {
+    if (!is_atom(module)) raise_error(function_clause_error(am_GenServer, am_start, 3));
+    return gen_start(module, arg, opts, false);
 }
 
 static bool match_reply(term msg, const void *mref) {
@@ -4393,9 +4729,10 @@ static bool match_reply(term msg, const void *mref) {
  * the monitor as a reply alias; send the request; wait for the reply or
  * the server's DOWN.  `label` and `fun` name the call in exit reasons:
  * {reason, {GenServer, :call, [server, request, timeout]}}. */
-static term gen_call(term server, term label, term request, long timeout, term module, term fun) {
-    term t = timeout == VM_INFINITY ? am_infinity : kv_int(timeout);
-    term where = kv_tuple(3, module, fun, kv_list(3, server, request, t));
+static term gen_call(term server, term label, term request, term timeout, term module, term fun) {
+    if (!is_pid(server) && !is_atom(server))
+        raise_error(function_clause_error(am_GenServer, kv_atom("whereis"), 1));
+    term where = kv_tuple(3, module, fun, kv_list(3, server, request, timeout));
     struct proc *p = server_proc(server);
     if (p == vm.current) exit_self(kv_tuple(2, am_calling_self, where));
     term pid = p ? kv_pid(p->pid) : server;
@@ -4403,7 +4740,9 @@ static term gen_call(term server, term label, term request, long timeout, term m
     monitor_make_alias(mref);
     term tag = kv_cons(am_alias, mref);
     if (p) process_send(pid, kv_tuple(3, label, kv_tuple(2, self(), tag), request));
-    term m = receive_full(match_reply, mref, timeout, "a GenServer.call reply from", pid);
+    /* An integer too long for receive raises here, after the request went
+     * out (as gen:call does): the reply will arrive as a stray message. */
+    term m = receive_full(match_reply, mref, after_ms(timeout), "a GenServer.call reply from", pid);
     if (m && !is_tagged(m, am_DOWN, 5)) {
         process_demonitor(mref, true);
         return elem(m, 1);
@@ -4412,23 +4751,29 @@ static term gen_call(term server, term label, term request, long timeout, term m
     /* Timed out.  Deactivate the alias, so a late reply never arrives, but
      * take one that came in the meantime. */
     process_demonitor(mref, true);
-    m = receive(match_reply, mref, 0);
+    m = receive_now(match_reply, mref);
     if (m) return elem(m, 1);
     exit_self(kv_tuple(2, am_timeout, where));
 }
 
-/* GenServer.call/3 — the server's reply; exits if there is none in time */
-API term gen_server_call_timeout(term server, term request, long timeout) {
+/* :infinity or an integer >= 0: the guard of GenServer.call/3 and friends */
+static bool is_timeout(term t) { return t == am_infinity || (is_integer(t) && int_value(t) >= 0); }
+
+/* GenServer.call/3 — the server's reply; exits if there is none in time.
+ * timeout: :infinity or milliseconds. */
+API term gen_server_call_timeout(term server, term request, term timeout) {
+    if (!is_timeout(timeout)) raise_error(function_clause_error(am_GenServer, am_call, 3));
     return gen_call(server, am_gen_call, request, timeout, am_GenServer, am_call);
 }
 
 /* GenServer.call/2 — with the default timeout of 5 seconds */
 API term gen_server_call(term server, term request) {
-    return gen_server_call_timeout(server, request, GEN_SERVER_DEFAULT_TIMEOUT);
+    return gen_server_call_timeout(server, request, DEFAULT_TIMEOUT);
 }
 
 /* GenServer.cast/2 — always :ok, even if nobody is there to receive it */
 API term gen_server_cast(term server, term request) {
+    if (!is_pid(server) && !is_atom(server)) raise_error(function_clause_error(am_GenServer, am_cast, 2));
     struct proc *p = server_proc(server);
     if (p) deliver(p, kv_tuple(2, am_gen_cast, request));
     return am_ok;
@@ -4436,14 +4781,20 @@ API term gen_server_cast(term server, term request) {
 
 /* :sys.get_state/1 — a GenServer's state, asked for as a system message */
 API term sys_get_state(term server) {
-    return gen_call(server, am_system, am_get_state, GEN_SERVER_DEFAULT_TIMEOUT, am_sys, am_get_state);
+    return gen_call(server, am_system, am_get_state, DEFAULT_TIMEOUT, am_sys, am_get_state);
 }
 
 /* GenServer.stop/3 — ask the server to terminate with `reason` and wait
  * for it to be gone: :ok, or an exit if it was not there. */
-API term gen_server_stop(term server, term reason, long timeout) {
-    term t = timeout == VM_INFINITY ? am_infinity : kv_int(timeout);
-    term where = kv_tuple(3, am_GenServer, am_stop, kv_list(3, server, reason, t));
+API term gen_server_stop(term server, term reason, term timeout) {
+    if (!is_pid(server) && !is_atom(server))
+        raise_error(function_clause_error(am_GenServer, kv_atom("whereis"), 1));
+    term where = kv_tuple(3, am_GenServer, am_stop, kv_list(3, server, reason, timeout));
+    if (!is_timeout(timeout)) { /* OTP's :sys.terminate refuses it, in a helper, as an exit */
+        term sys = kv_tuple(3, am_sys, am_terminate, kv_list(3, server, reason, timeout));
+        term why = kv_tuple(2, function_clause_error(kv_atom("gen"), am_call, 4), NIL);
+        exit_self(kv_tuple(2, kv_tuple(2, why, sys), where));
+    }
     struct proc *p = server_proc(server);
     if (!p) exit_self(kv_tuple(2, am_noproc, where));
     if (p == vm.current) exit_self(kv_tuple(2, am_calling_self, where));
@@ -4451,7 +4802,7 @@ API term gen_server_stop(term server, term reason, long timeout) {
     term mref = process_monitor(pid);
     process_send(pid, kv_tuple(3, am_system, kv_tuple(2, self(), kv_cons(am_alias, mref)),
                                kv_tuple(2, am_terminate, reason)));
-    term m = receive_full(match_reply, mref, timeout, "the end of GenServer.stop of", pid);
+    term m = receive_full(match_reply, mref, after_ms(timeout), "the end of GenServer.stop of", pid);
     if (!m) {
         process_demonitor(mref, true);
         exit_self(kv_tuple(2, am_timeout, where));
@@ -4512,7 +4863,7 @@ static const struct module kv_registry; /* below: the callbacks and exports */
 static term kv_registry_handle_info(term msg, term state); /* "The need for monitoring" */
 
 /* KV.Registry.start_link/1 — GenServer.start_link(__MODULE__, :ok, opts) */
-API term kv_registry_start_link(term opts) { return gen_server_start_link(&kv_registry, am_ok, opts); }
+API term kv_registry_start_link(term opts) { return gen_server_start_link(kv_alias("KV.Registry"), am_ok, opts); }
 
 /* KV.Registry.lookup/2 — {:ok, pid} if the bucket exists, :error otherwise */
 API term kv_registry_lookup(term server, term name) {
@@ -4670,6 +5021,24 @@ API term child_spec_as_1_14(term spec) {
     return spec;
 }
 
+/* What Supervisor.init/2 and child_spec/2 say of a child in no known form. */
+static NORETURN void raise_not_a_child(term child) {
+    raise_argument_error("supervisors expect each child to be one of the following:\n\n"
+                         "  * a module\n  * a {module, arg} tuple\n  * a child specification as a map "
+                         "with at least the :id and :start fields\n  * or a tuple with 6 elements "
+                         "generated by Supervisor.Spec (deprecated)\n\nGot: %T\n", child);
+}
+
+/* Erlang's own child spec, {id, {m, f, a}, restart, shutdown, type,
+ * modules}: Supervisor takes it as it is (Supervisor.init/2 and
+ * start_child let it through), and checks it as it checks a map. */
+static bool is_erlang_child_spec(term t) { return is_tuple(t) && tuple_size(t) == 6; }
+
+static term erlang_child_spec_map(term t) {
+    return kv_map(6, am_id, elem(t, 0), am_start, elem(t, 1), am_restart, elem(t, 2), am_shutdown, elem(t, 3),
+                  am_type, elem(t, 4), am_modules, elem(t, 5));
+}
+
 /* Supervisor.child_spec/2: a child spec from a module (KV.Registry means
  * KV.Registry.child_spec([])), a {module, arg} pair (module.child_spec(arg))
  * or a map, with `overrides` ([restart: :temporary], ...) applied. */
@@ -4687,15 +5056,15 @@ API term supervisor_child_spec(term child, term overrides) {
             raise_argument_error("The module %T was given as a child to a supervisor\nbut it does not "
                                  "implement child_spec/1.", module);
         spec = erlang_apply(module, am_child_spec, kv_list(1, arg));
+    } else if (is_tuple(child) && tuple_size(child) == 6) {
+        raise_argument_error("old tuple-based child specification %T is not supported in "
+                             "Supervisor.child_spec/2", child);
     } else if (!is_map(child)) {
-        raise_argument_error("supervisors expect each child to be one of the following:\n\n"
-                             "  * a module\n  * a {module, arg} tuple\n  * a child specification as a map "
-                             "with at least the :id and :start fields\n  * or a tuple with 6 elements "
-                             "generated by Supervisor.child_spec/2\n\nGot: %T", child);
+        raise_not_a_child(child);
     }
     static const char *const keys[] = {"id", "start", "restart", "shutdown", "type", "modules", "significant", NULL};
     for (term o = overrides; o->kind == K_CONS; o = tl(o)) {
-        term key = elem(hd(o), 0);
+        term key = is_tuple(hd(o)) && tuple_size(hd(o)) == 2 ? elem(hd(o), 0) : hd(o);
         bool known = false;
         for (size_t i = 0; keys[i]; i++) known = known || key == kv_atom(keys[i]);
         if (!known) raise_argument_error("unknown key %T in child specification override", key);
@@ -4708,6 +5077,7 @@ API term supervisor_child_spec(term child, term overrides) {
  * defaults.  Returns the child as the supervisor keeps it (the spec plus
  * pid: :undefined) or {:error, reason}. */
 static term child_check(term spec) {
+    if (is_erlang_child_spec(spec)) spec = erlang_child_spec_map(spec);
     if (!is_map(spec)) return kv_tuple(2, am_error, kv_tuple(2, am_invalid_child_spec, spec));
     term id = map_get(spec, am_id, NULL), start = map_get(spec, am_start, NULL);
     if (!id) return kv_tuple(2, am_error, am_missing_id);
@@ -4725,9 +5095,10 @@ static term child_check(term spec) {
     if (!(shutdown == am_infinity || shutdown == am_brutal_kill || (is_integer(shutdown) && int_value(shutdown) >= 0)))
         return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_shutdown"), shutdown));
     term modules = map_get(spec, am_modules, kv_list(1, elem(start, 0)));
-    bool modules_ok = modules == am_dynamic || is_list(modules);
-    for (term l = modules; modules_ok && l->kind == K_CONS; l = tl(l)) modules_ok = is_atom(hd(l));
-    if (!modules_ok) return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_modules"), modules));
+    if (modules != am_dynamic && !is_proper_list(modules))
+        return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_modules"), modules));
+    for (term l = modules; modules != am_dynamic && l->kind == K_CONS; l = tl(l))
+        if (!is_atom(hd(l))) return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_module"), hd(l)));
     return kv_map(7, am_id, id, am_start, start, am_restart, restart, am_shutdown, shutdown, am_type, type,
                   am_modules, modules, am_pid, am_undefined);
 }
@@ -4799,37 +5170,36 @@ static void child_shutdown(term child) {
     if (!is_pid(pid)) return;
     term mref = process_monitor(pid);
     process_unlink(pid);
-    if (receive(is_exit_from, pid, 0)) { /* it died already */
-        receive(match_down_of, mref, VM_INFINITY);
+    if (receive_now(is_exit_from, pid)) { /* it died already */
+        receive_forever(match_down_of, mref);
         return;
     }
     term shutdown = child_get(child, am_shutdown);
     if (shutdown == am_brutal_kill) {
         process_exit(pid, am_kill);
-        receive(match_down_of, mref, VM_INFINITY);
+        receive_forever(match_down_of, mref);
         return;
     }
     process_exit(pid, am_shutdown);
-    long wait = shutdown == am_infinity ? VM_INFINITY : (long)int_value(shutdown);
+    int64_t wait = shutdown == am_infinity ? NO_TIMEOUT : int_value(shutdown);
     if (!receive_full(match_down_of, mref, wait, "a child to shut down:", pid)) {
         process_exit(pid, am_kill); /* too slow */
-        receive(match_down_of, mref, VM_INFINITY);
+        receive_forever(match_down_of, mref);
     }
 }
 
 /* Stop running children in reverse start order.  Temporary children are
- * then forgotten, the others kept with pid :undefined. */
+ * then forgotten, the others kept with pid :undefined.  Each child_shutdown
+ * waits, and the supervisor may be killed during any of those waits, so
+ * the newest-first order is a list in its own heap, not a malloc'd array:
+ * whatever a process holds across a wait must be freed by its death. */
 static term children_shutdown(term children) {
-    size_t n = list_length(children);
-    term *v = vm_realloc(NULL, (n ? n : 1) * sizeof *v);
-    size_t i = 0;
-    for (term l = children; l->kind == K_CONS; l = tl(l)) v[i++] = hd(l);
-    for (i = n; i-- > 0;)
-        child_shutdown(v[i]);
-    term kept = NIL;
-    for (i = n; i-- > 0;)
-        if (child_get(v[i], am_restart) != am_temporary) kept = kv_cons(map_put(v[i], am_pid, am_undefined), kept);
-    free(v);
+    term newest_first = NIL;
+    for (term l = children; l->kind == K_CONS; l = tl(l)) newest_first = kv_cons(hd(l), newest_first);
+    for (term l = newest_first; l->kind == K_CONS; l = tl(l)) child_shutdown(hd(l));
+    term kept = NIL; /* back in start order */
+    for (term l = newest_first; l->kind == K_CONS; l = tl(l))
+        if (child_get(hd(l), am_restart) != am_temporary) kept = kv_cons(map_put(hd(l), am_pid, am_undefined), kept);
     return kept;
 }
 
@@ -4842,16 +5212,22 @@ static term child_by(term children, term key, term value) {
 /* children, with the child whose id is `id` replaced by `child` (or
  * removed, when child is NULL). */
 static term children_replace(term children, term id, term child) {
-    if (children->kind != K_CONS) return NIL;
-    term rest = children_replace(tl(children), id, child);
-    if (!term_eq(child_get(hd(children), am_id), id)) return kv_cons(hd(children), rest);
-    return child ? kv_cons(child, rest) : rest;
+    struct list_builder r;
+    list_builder_init(&r);
+    for (term l = children; l->kind == K_CONS; l = tl(l)) {
+        if (!term_eq(child_get(hd(l), am_id), id)) list_builder_add(&r, hd(l));
+        else if (child) list_builder_add(&r, child);
+    }
+    return list_builder_done(&r, NIL);
 }
 
 /* The restart times (newest first) still inside the period. */
 static term restarts_within(term times, int64_t now, int64_t period) {
-    if (times->kind != K_CONS || now > int_value(hd(times)) + period) return NIL;
-    return kv_cons(hd(times), restarts_within(tl(times), now, period));
+    struct list_builder r;
+    list_builder_init(&r);
+    for (; times->kind == K_CONS && now <= int_value(hd(times)) + period; times = tl(times))
+        list_builder_add(&r, hd(times));
+    return list_builder_done(&r, NIL);
 }
 
 /* Restart intensity, as OTP counts it: note this restart's time in whole
@@ -4961,25 +5337,43 @@ static bool sup_child_exited(term *st, term child, term reason) {
  * children, check them, and start the children one by one, in order.  A
  * child that fails to start stops everything: the ones already started
  * are shut down again. */
+/* The flags a supervisor's init/1 returned, in either form OTP takes: a
+ * map, whose missing keys get :supervisor's own defaults (:one_for_one,
+ * intensity 1, period 5; Supervisor.init/2 fills in Elixir's 3 and 5),
+ * or the older tuple {strategy, intensity, period}.  Returns NULL and sets
+ * the three, or the reason they are refused: {:invalid_type, flags} for
+ * anything else, {:invalid_strategy, s}, ... (kv.c has no
+ * :simple_one_for_one: it is refused as an invalid strategy.) */
+static term sup_flags(term flags, term *strategy, term *intensity, term *period) {
+    if (is_tuple(flags) && tuple_size(flags) == 3) {
+        *strategy = elem(flags, 0), *intensity = elem(flags, 1), *period = elem(flags, 2);
+    } else if (is_map(flags)) {
+        *strategy = map_get(flags, am_strategy, am_one_for_one);
+        *intensity = map_get(flags, am_intensity, kv_int(1));
+        *period = map_get(flags, am_period, kv_int(5));
+    } else {
+        return kv_tuple(2, kv_atom("invalid_type"), flags);
+    }
+    if (*strategy != am_one_for_one && *strategy != am_one_for_all && *strategy != am_rest_for_one)
+        return kv_tuple(2, am_invalid_strategy, *strategy);
+    if (!is_integer(*intensity) || int_value(*intensity) < 0) return kv_tuple(2, kv_atom("invalid_intensity"), *intensity);
+    if (!is_integer(*period) || int_value(*period) < 1) return kv_tuple(2, kv_atom("invalid_period"), *period);
+    return NULL;
+}
+
 static term sup_init(term arg) {
     process_flag_trap_exit(true);
     term module = elem(arg, 0);
-    const struct module *m = code_find(module);
-    term r = m->init(elem(arg, 1));
+    const struct module *code;
+    term r = behaviour_init(module, elem(arg, 1), &code);
     if (r == am_ignore) return am_ignore;
     if (!is_tagged(r, am_ok, 2) || !is_tuple(elem(r, 1)) || tuple_size(elem(r, 1)) != 2)
         return kv_tuple(2, am_stop, kv_tuple(2, am_bad_return, kv_tuple(3, module, am_init, r)));
     term flags = elem(elem(r, 1), 0), specs = elem(elem(r, 1), 1);
-    term strategy = map_get(flags, am_strategy, am_one_for_one);
-    term intensity = map_get(flags, am_intensity, kv_int(1)), period = map_get(flags, am_period, kv_int(5));
-    term bad = NULL;
-    if (strategy != am_one_for_one && strategy != am_one_for_all && strategy != am_rest_for_one)
-        bad = kv_tuple(2, am_invalid_strategy, strategy);
-    else if (!is_integer(intensity) || int_value(intensity) < 0)
-        bad = kv_tuple(2, kv_atom("invalid_intensity"), intensity);
-    else if (!is_integer(period) || int_value(period) < 1)
-        bad = kv_tuple(2, kv_atom("invalid_period"), period);
+    term strategy = NULL, intensity = NULL, period = NULL;
+    term bad = sup_flags(flags, &strategy, &intensity, &period);
     if (bad) return kv_tuple(2, am_stop, kv_tuple(2, am_supervisor_data, bad));
+    if (!is_proper_list(specs)) return kv_tuple(2, am_stop, kv_tuple(2, am_bad_start_spec, specs));
     term children = NIL;
     for (term l = specs; l->kind == K_CONS; l = tl(l)) {
         term c = child_check(hd(l));
@@ -5042,9 +5436,15 @@ static term sup_handle_call(term req, term from, term st) {
                              kv_int(sups), am_workers, kv_int(workers)), st);
     }
     if (is_tagged(req, am_start_child, 2)) return sup_start_child(elem(req, 1), st);
-    term id = is_tuple(req) && tuple_size(req) == 2 ? elem(req, 1) : NULL;
-    term c = id ? child_by(children, am_id, id) : NULL;
-    if (id && !c) return reply(kv_tuple(2, am_error, am_not_found), st);
+    /* The rest name a child by id; any other request matches no clause of
+     * :supervisor.handle_call/3, and the supervisor crashes, as OTP's does. */
+    bool by_id = is_tagged(req, am_terminate_child, 2) || is_tagged(req, am_restart_child, 2) ||
+                 is_tagged(req, am_delete_child, 2) || is_tagged(req, am_get_childspec, 2);
+    if (!by_id) raise_error(function_clause_error(am_supervisor, am_handle_call, 3));
+    term id = elem(req, 1), c = child_by(children, am_id, id);
+    if (!c) return reply(kv_tuple(2, am_error, am_not_found), st);
+    if (is_tagged(req, am_get_childspec, 2))
+        return reply(kv_tuple(2, am_ok, map_put(map_delete(c, am_pid), kv_atom("significant"), am_false)), st);
     if (is_tagged(req, am_terminate_child, 2)) {
         child_shutdown(c);
         term rest = child_get(c, am_restart) == am_temporary ? NULL : map_put(c, am_pid, am_undefined);
@@ -5059,17 +5459,19 @@ static term sup_handle_call(term req, term from, term st) {
             st = map_put(st, am_children, children_replace(children, id, map_put(c, am_pid, elem(r, 1))));
         return reply(r, st);
     }
-    if (is_tagged(req, am_delete_child, 2)) {
-        term pid = child_get(c, am_pid);
-        if (is_pid(pid)) return reply(kv_tuple(2, am_error, am_running), st);
-        if (pid == am_restarting) return reply(kv_tuple(2, am_error, am_restarting), st);
-        return reply(am_ok, map_put(st, am_children, children_replace(children, id, NULL)));
-    }
-    raise_error(function_clause_error(kv_atom("supervisor"), am_handle_call, 3));
+    /* {:delete_child, id} */
+    term pid = child_get(c, am_pid);
+    if (is_pid(pid)) return reply(kv_tuple(2, am_error, am_running), st);
+    if (pid == am_restarting) return reply(kv_tuple(2, am_error, am_restarting), st);
+    return reply(am_ok, map_put(st, am_children, children_replace(children, id, NULL)));
 }
 
 static term sup_handle_cast(term req, term st) {
-    /* {:try_again_restart, id}: a restart that failed, tried again. */
+    /* {:try_again_restart, id}: a restart that failed, tried again.  OTP's
+     * supervisor has no other handle_cast clause: anything else is a
+     * FunctionClauseError, and the supervisor crashes. */
+    if (!is_tagged(req, am_try_again_restart, 2))
+        raise_error(function_clause_error(am_supervisor, am_handle_cast, 2));
     term c = child_by(sup_get(st, am_children), am_id, elem(req, 1));
     if (c && child_get(c, am_pid) == am_restarting && !sup_restart(&st, c))
         return kv_tuple(3, am_stop, am_shutdown, st);
@@ -5081,6 +5483,7 @@ static term sup_handle_info(term msg, term st) {
         struct buf b = {0};
         buf_puts(&b, "Supervisor received unexpected message: ");
         inspect_to(&b, msg);
+        buf_puts(&b, "\n"); /* OTP's format ends with ~n */
         logger_log(LOG_ERROR, buf_str(&b));
         buf_free(&b);
         return kv_tuple(2, am_noreply, st);
@@ -5114,16 +5517,17 @@ API term supervisor_init(term children, term opts) {
     if (!strategy) raise_error(argument_error("expected :strategy option to be given"));
     term flags = kv_map(3, am_strategy, strategy, am_intensity, keyword_get(opts, am_max_restarts, kv_int(3)),
                         am_period, keyword_get(opts, am_max_seconds, kv_int(5)));
-    term specs = NIL;
+    struct list_builder specs;
+    list_builder_init(&specs);
     for (term l = children; l->kind == K_CONS; l = tl(l))
-        specs = list_append(specs, supervisor_child_spec(hd(l), NIL));
-    return kv_tuple(2, am_ok, kv_tuple(2, flags, specs));
+        list_builder_add(&specs, is_erlang_child_spec(hd(l)) ? hd(l) : supervisor_child_spec(hd(l), NIL));
+    return kv_tuple(2, am_ok, kv_tuple(2, flags, list_builder_done(&specs, NIL)));
 }
 
 /* Supervisor.start_link/3 — a supervisor whose module's init/1 gives its
  * children: KV.Supervisor.start_link(opts) calls this. */
-API term supervisor_start_link(const struct module *mod, term arg, term opts) {
-    return gen_start(&supervisor_engine, kv_tuple(2, module_atom(mod), arg), opts, true);
+API term supervisor_start_link(term module, term arg, term opts) {
+    return gen_start(am_supervisor, kv_tuple(2, module, arg), opts, true);
 }
 
 /* Supervisor.start_link/2 with a list of children: its module is
@@ -5136,41 +5540,48 @@ API term supervisor_start_link_children(term children, term opts) {
     term sup_opts, start_opts, keys[] = {am_strategy, am_max_restarts, am_max_seconds, NULL};
     keyword_split(opts, keys, &sup_opts, &start_opts);
     term spec = supervisor_init(children, sup_opts);
-    return gen_start(&supervisor_engine, kv_tuple(2, module_atom(&supervisor_default), spec), start_opts, true);
+    return gen_start(am_supervisor, kv_tuple(2, kv_alias("Supervisor.Default"), spec), start_opts, true);
 }
 
 /* Supervisor.which_children/1 — [{id, pid, type, modules}], newest first */
 API term supervisor_which_children(term sup) {
-    return gen_server_call_timeout(sup, am_which_children, VM_INFINITY);
+    return gen_server_call_timeout(sup, am_which_children, am_infinity);
 }
 
 /* Supervisor.count_children/1 — %{active:, specs:, supervisors:, workers:} */
 API term supervisor_count_children(term sup) {
-    return gen_server_call_timeout(sup, am_count_children, VM_INFINITY);
+    return gen_server_call_timeout(sup, am_count_children, am_infinity);
 }
 
 /* Supervisor.start_child/2 — the child is a module, {module, arg} or a map */
 API term supervisor_start_child(term sup, term child) {
-    return gen_server_call_timeout(sup, kv_tuple(2, am_start_child, supervisor_child_spec(child, NIL)), VM_INFINITY);
+    term spec = is_erlang_child_spec(child) ? child : supervisor_child_spec(child, NIL);
+    return gen_server_call_timeout(sup, kv_tuple(2, am_start_child, spec), am_infinity);
+}
+
+/* :supervisor.get_childspec/2 — {:ok, the child's spec with every default
+ * filled in}, or {:error, :not_found}; by id only, as OTP. */
+API term supervisor_get_childspec(term sup, term id) {
+    return gen_server_call_timeout(sup, kv_tuple(2, kv_atom("get_childspec"), id), am_infinity);
 }
 
 /* Supervisor.terminate_child/2 — by id: :ok or {:error, :not_found} */
 API term supervisor_terminate_child(term sup, term id) {
-    return gen_server_call_timeout(sup, kv_tuple(2, am_terminate_child, id), VM_INFINITY);
+    return gen_server_call_timeout(sup, kv_tuple(2, am_terminate_child, id), am_infinity);
 }
 
 /* Supervisor.restart_child/2 — start a stopped child again */
 API term supervisor_restart_child(term sup, term id) {
-    return gen_server_call_timeout(sup, kv_tuple(2, am_restart_child, id), VM_INFINITY);
+    return gen_server_call_timeout(sup, kv_tuple(2, am_restart_child, id), am_infinity);
 }
 
 /* Supervisor.delete_child/2 — forget a stopped child's spec */
 API term supervisor_delete_child(term sup, term id) {
-    return gen_server_call_timeout(sup, kv_tuple(2, am_delete_child, id), VM_INFINITY);
+    return gen_server_call_timeout(sup, kv_tuple(2, am_delete_child, id), am_infinity);
 }
 
 /* Supervisor.stop/3 */
-API term supervisor_stop(term sup, term reason, long timeout) { return gen_server_stop(sup, reason, timeout); }
+API term supervisor_stop(term sup, term reason, term timeout) { return gen_server_stop(sup, reason, timeout); }
 
 /* --------------------------------------------------------------------------
  * supervisor-and-application.md — "Our first supervisor": KV.Supervisor
@@ -5186,7 +5597,7 @@ static const struct module kv_supervisor;
 static term kv_bucket_supervisor_spec(void); /* Part V */
 
 /* KV.Supervisor.start_link/1 — Supervisor.start_link(__MODULE__, :ok, opts) */
-API term kv_supervisor_start_link(term opts) { return supervisor_start_link(&kv_supervisor, am_ok, opts); }
+API term kv_supervisor_start_link(term opts) { return supervisor_start_link(kv_alias("KV.Supervisor"), am_ok, opts); }
 
 /* KV.Supervisor.init/1 */
 static term kv_supervisor_init(term arg) {
@@ -5275,7 +5686,7 @@ static term atom_list(const char *const *names, bool aliases) {
 }
 
 /* :file.consult("kv.app") — the term Mix writes there, {:application, :kv, [...]} */
-API term application_spec(term app) {
+API term application_resource(term app) {
     const struct app_spec *a = app_spec_of(app);
     if (!a) return am_nil;
     term keys = kv_list(5, kv_tuple(2, kv_atom("applications"), atom_list(a->applications, false)),
@@ -5404,7 +5815,7 @@ static void erl_pretty(struct buf *b, term t, size_t col, size_t tail) {
 
 /* The text of kv.app: the term as io_lib:format("~p.~n") writes it. */
 API void application_resource_file(struct buf *b, term app) {
-    erl_pretty(b, application_spec(app), 0, 1);
+    erl_pretty(b, application_resource(app), 0, 1);
     buf_puts(b, ".\n");
 }
 
@@ -5460,7 +5871,7 @@ static void app_master(term arg) {
     term sup = elem(r.result, 1);
     term state = tuple_size(r.result) == 3 ? elem(r.result, 2) : am_nil;
     for (;;) {
-        term m = receive(NULL, NULL, VM_INFINITY);
+        term m = receive_forever(NULL, NULL);
         if (is_tagged(m, am_EXIT, 3) && term_eq(elem(m, 1), sup)) { /* the tree died */
             if (a->mod->prep_stop) state = a->mod->prep_stop(state);
             if (a->mod->stop) a->mod->stop(state);
@@ -5471,7 +5882,7 @@ static void app_master(term arg) {
             if (a->mod->prep_stop) state = a->mod->prep_stop(state);
             term ref = process_monitor(sup);
             process_exit(sup, am_shutdown);
-            receive(match_down_of, ref, VM_INFINITY);
+            receive_forever(match_down_of, ref);
             if (a->mod->stop) a->mod->stop(state);
             return;
         }
@@ -5487,9 +5898,11 @@ static term started_find(term st, term app) {
 }
 
 static term started_without(term list, term app) {
-    if (list->kind != K_CONS) return NIL;
-    if (elem(hd(list), 0) == app) return tl(list);
-    return kv_cons(hd(list), started_without(tl(list), app));
+    struct list_builder r;
+    list_builder_init(&r);
+    for (; list->kind == K_CONS; list = tl(list))
+        if (elem(hd(list), 0) != app) list_builder_add(&r, hd(list));
+    return list_builder_done(&r, NIL);
 }
 
 static bool is_start_mfa(term t) {
@@ -5538,7 +5951,7 @@ static term ctl_start(term app, term st) {
     term master = am_nil;
     if (a->mod) {
         master = spawn_link(app_master, kv_tuple(2, app, self()));
-        term m = receive(match_app_started, master, VM_INFINITY);
+        term m = receive_forever(match_app_started, master);
         term result = elem(m, 2);
         if (result != am_ok) {
             log_app_exit(app, result);
@@ -5557,7 +5970,7 @@ static term ctl_stop(term app, term st) {
     if (is_pid(master)) {
         term ref = process_monitor(master);
         process_send(master, am_stop);
-        receive(match_down_of, ref, VM_INFINITY);
+        receive_forever(match_down_of, ref);
     }
     st = map_put(st, am_started, started_without(map_get(st, am_started, NIL), app));
     if (app == am_logger) logger_started = false; /* so it cannot say so */
@@ -5608,9 +6021,9 @@ static const struct module application_controller = {
  * (iex -S mix run --no-start). */
 API term application_boot(bool no_start) {
     term base = kv_list(4, kv_atom("kernel"), kv_atom("stdlib"), kv_atom("elixir"), am_logger);
-    term r = gen_server_start(&application_controller, base, kv_list(1, kv_tuple(2, am_name, am_application_controller)));
+    term r = gen_server_start(am_application_controller, base, kv_list(1, kv_tuple(2, am_name, am_application_controller)));
     if (!is_tagged(r, am_ok, 2) || no_start) return r;
-    term started = gen_server_call_timeout(am_application_controller, kv_tuple(2, am_start, am_kv), VM_INFINITY);
+    term started = gen_server_call_timeout(am_application_controller, kv_tuple(2, am_start, am_kv), am_infinity);
     return started == am_ok ? r : started;
 }
 
@@ -5618,17 +6031,28 @@ API term application_boot(bool no_start) {
  * {:error, {:not_started, dependency}}, ... */
 API term application_start(term app) {
     if (!is_atom(app)) raise_error(function_clause_error(kv_alias("Application"), am_start, 2));
-    return gen_server_call_timeout(am_application_controller, kv_tuple(2, am_start, app), VM_INFINITY);
+    return gen_server_call_timeout(am_application_controller, kv_tuple(2, am_start, app), am_infinity);
 }
 
 /* Application.stop/1 */
 API term application_stop(term app) {
-    return gen_server_call_timeout(am_application_controller, kv_tuple(2, am_stop, app), VM_INFINITY);
+    if (!is_atom(app)) raise_error(function_clause_error(kv_alias("Application"), am_stop, 1));
+    return gen_server_call_timeout(am_application_controller, kv_tuple(2, am_stop, app), am_infinity);
+}
+
+/* Application.spec/1 — what the application's .app file says, as a
+ * keyword list, or nil for an application nobody knows.  (Elixir's answer
+ * also has the keys the controller fills in when it loads one, id:,
+ * maxP:, ...; kv.c loads nothing, so it has only the file's.) */
+API term application_spec(term app) {
+    if (!is_atom(app)) raise_error(function_clause_error(kv_alias("Application"), kv_atom("spec"), 1));
+    term resource = application_resource(app);
+    return resource == am_nil ? am_nil : elem(resource, 2);
 }
 
 /* Application.started_applications/0 — [{app, description, vsn}], newest first */
 API term application_started_applications(void) {
-    return gen_server_call_timeout(am_application_controller, kv_atom("started_applications"), VM_INFINITY);
+    return gen_server_call_timeout(am_application_controller, kv_atom("started_applications"), am_infinity);
 }
 
 /* Start app's dependencies, then app.  An unknown app (a == NULL) has no
@@ -5717,23 +6141,41 @@ API term dynamic_supervisor_init(term opts) {
 }
 
 /* arg: {module, init_arg}; module.init(init_arg) gives the flags. */
+/* DynamicSupervisor.init/1 checks nothing; its process's init does, in
+ * this order, each failure a {:supervisor_data, {what, value}}. */
+static term dyn_flags_check(term flags) {
+    term strategy = sup_get(flags, am_strategy), intensity = sup_get(flags, am_intensity);
+    term period = sup_get(flags, am_period), max = sup_get(flags, am_max_children);
+    term extra = sup_get(flags, am_extra_arguments);
+    if (strategy != am_one_for_one) return kv_tuple(2, am_invalid_strategy, strategy);
+    if (!is_integer(intensity) || int_value(intensity) < 0) return kv_tuple(2, kv_atom("invalid_intensity"), intensity);
+    if (!is_integer(period) || int_value(period) < 1) return kv_tuple(2, kv_atom("invalid_period"), period);
+    if (max != am_infinity && !(is_integer(max) && int_value(max) >= 0))
+        return kv_tuple(2, kv_atom("invalid_max_children"), max);
+    if (!is_list(extra)) return kv_tuple(2, kv_atom("invalid_extra_arguments"), extra);
+    return NULL;
+}
+
 static term dyn_init(term arg) {
     process_flag_trap_exit(true);
     term module = elem(arg, 0);
-    term r = code_find(module)->init(elem(arg, 1));
+    const struct module *code;
+    term r = behaviour_init(module, elem(arg, 1), &code);
     if (r == am_ignore) return am_ignore;
     if (!is_tagged(r, am_ok, 2) || !is_map(elem(r, 1)))
         return kv_tuple(2, am_stop, kv_tuple(2, am_bad_return, kv_tuple(3, module, am_init, r)));
-    term flags = elem(r, 1), strategy = sup_get(flags, am_strategy);
-    if (strategy != am_one_for_one)
-        return kv_tuple(2, am_stop, kv_tuple(2, am_supervisor_data, kv_tuple(2, am_invalid_strategy, strategy)));
+    term flags = elem(r, 1), bad = dyn_flags_check(flags);
+    if (bad) return kv_tuple(2, am_stop, kv_tuple(2, am_supervisor_data, bad));
     return kv_tuple(2, am_ok, map_put(map_put(flags, am_restarts, NIL), am_children, kv_map_empty()));
 }
 
 /* Start one child: OTP's apply, with extra_arguments in front. */
 static term dyn_start(term child, term st) {
-    term mfa = elem(child, 0);
-    term a = list_concat(sup_get(st, am_extra_arguments), elem(mfa, 2));
+    term mfa = elem(child, 0), extra = sup_get(st, am_extra_arguments);
+    /* extra_arguments was checked to be a list, not a proper one: ++ on an
+     * improper list crashes the DynamicSupervisor, as :erlang.++ does. */
+    if (!is_proper_list(extra)) raise_error(argument_error("argument error"));
+    term a = list_concat(extra, elem(mfa, 2));
     struct apply_run r = {kv_tuple(3, elem(mfa, 0), elem(mfa, 1), a), NULL};
     term caught;
     switch (try_catch(apply_mfa, &r, &caught)) {
@@ -5749,10 +6191,13 @@ static term dyn_start(term child, term st) {
 }
 
 /* Stop every child at once: send each its exit signal first, then wait
- * for them all, killing any that outlives its shutdown time. */
+ * for them all, killing any that outlives its shutdown time.  The table
+ * of who is done lives in the supervisor's own heap (proc_scratch): it is
+ * held across the waits, and the supervisor may be killed in one. */
 static void dyn_shutdown_all(term children) {
     size_t n = children->n;
-    struct { term pid, ref; int64_t deadline; bool done; } *c = vm_realloc(NULL, (n ? n : 1) * sizeof *c);
+    struct shutting_down { term pid, ref; int64_t deadline; bool done; };
+    struct shutting_down *c = proc_scratch(n * sizeof *c);
     for (size_t i = 0; i < n; i++) {
         term pid = map_key(children, i), child = map_value(children, i);
         if (is_tagged(child, am_restarting, 2)) { c[i].done = true; continue; }
@@ -5770,7 +6215,7 @@ static void dyn_shutdown_all(term children) {
         for (size_t i = 0; i < n; i++)
             if (!c[i].done) { left++; if (c[i].deadline < next) next = c[i].deadline; }
         if (!left) break;
-        long wait = next == INT64_MAX ? VM_INFINITY : (long)(next > now_ms() ? next - now_ms() : 0);
+        int64_t wait = next == INT64_MAX ? NO_TIMEOUT : next > now_ms() ? next - now_ms() : 0;
         term m = receive_full(NULL, NULL, wait, "its children to shut down", NULL);
         for (size_t i = 0; i < n; i++) {
             if (c[i].done) continue;
@@ -5778,7 +6223,6 @@ static void dyn_shutdown_all(term children) {
             else if (!m && c[i].deadline <= now_ms()) { process_exit(c[i].pid, am_kill); c[i].deadline = INT64_MAX; }
         }
     }
-    free(c);
 }
 
 /* Restart the child that ran as pid; false if the intensity is exceeded. */
@@ -5840,7 +6284,9 @@ static term dyn_handle_call(term req, term from, term st) {
     raise_error(function_clause_error(kv_alias("DynamicSupervisor"), am_handle_call, 3));
 }
 
-static term dyn_handle_cast(term req, term st) { /* {:try_again_restart, pid} */
+/* {:try_again_restart, pid}; DynamicSupervisor ignores any other cast. */
+static term dyn_handle_cast(term req, term st) {
+    if (!is_tagged(req, am_try_again_restart, 2)) return kv_tuple(2, am_noreply, st);
     term pid = elem(req, 1), child = map_get(sup_get(st, am_children), pid, NULL);
     if (child && is_tagged(child, am_restarting, 2) && !dyn_restart(&st, pid, elem(child, 1)))
         return kv_tuple(3, am_stop, am_shutdown, st);
@@ -5852,6 +6298,7 @@ static term dyn_handle_info(term msg, term st) {
         struct buf b = {0};
         buf_puts(&b, "DynamicSupervisor received unexpected message: ");
         inspect_to(&b, msg);
+        buf_puts(&b, "\n"); /* ~n, as in Elixir's source */
         logger_log(LOG_ERROR, buf_str(&b));
         buf_free(&b);
         return kv_tuple(2, am_noreply, st);
@@ -5886,34 +6333,35 @@ API term dynamic_supervisor_start_link(term opts) {
     term keys[] = {am_strategy, am_max_restarts, am_max_seconds, am_max_children, am_extra_arguments, NULL};
     keyword_split(opts, keys, &sup_opts, &start_opts);
     term flags = dynamic_supervisor_init(sup_opts);
-    return gen_start(&dynamic_supervisor, kv_tuple(2, module_atom(&supervisor_default), flags), start_opts, true);
+    return gen_start(kv_alias("DynamicSupervisor"), kv_tuple(2, kv_alias("Supervisor.Default"), flags), start_opts, true);
 }
 
 /* DynamicSupervisor.start_child/2 — {:ok, pid}, :ignore or {:error, reason} */
 API term dynamic_supervisor_start_child(term sup, term child_spec) {
-    term child = dyn_child_of(supervisor_child_spec(child_spec, NIL));
+    term spec = is_erlang_child_spec(child_spec) ? child_spec : supervisor_child_spec(child_spec, NIL);
+    term child = dyn_child_of(spec);
     if (is_tagged(child, am_error, 2)) {
         term why = elem(child, 1);
         if (why == am_missing_id || why == am_missing_start)
             why = kv_tuple(2, am_invalid_child_spec, child_spec);
         return kv_tuple(2, am_error, why);
     }
-    return gen_server_call_timeout(sup, kv_tuple(2, am_start_child, child), VM_INFINITY);
+    return gen_server_call_timeout(sup, kv_tuple(2, am_start_child, child), am_infinity);
 }
 
 /* DynamicSupervisor.terminate_child/2 — by pid */
 API term dynamic_supervisor_terminate_child(term sup, term pid) {
-    return gen_server_call_timeout(sup, kv_tuple(2, am_terminate_child, pid), VM_INFINITY);
+    return gen_server_call_timeout(sup, kv_tuple(2, am_terminate_child, pid), am_infinity);
 }
 
 /* DynamicSupervisor.which_children/1 — [{:undefined, pid, type, modules}] */
 API term dynamic_supervisor_which_children(term sup) {
-    return gen_server_call_timeout(sup, am_which_children, VM_INFINITY);
+    return gen_server_call_timeout(sup, am_which_children, am_infinity);
 }
 
 /* DynamicSupervisor.count_children/1 */
 API term dynamic_supervisor_count_children(term sup) {
-    return gen_server_call_timeout(sup, am_count_children, VM_INFINITY);
+    return gen_server_call_timeout(sup, am_count_children, am_infinity);
 }
 
 static const struct export dynamic_supervisor_exports[] = {
@@ -6016,11 +6464,11 @@ static NOINLINE void bench_switch(void) {
  * so each member empties its heap as it goes. */
 static void ring_member(term arg) {
     (void)arg;
-    term first = receive(NULL, NULL, VM_INFINITY); /* {next, main} */
+    term first = receive_forever(NULL, NULL); /* {next, main} */
     uint64_t next = elem(first, 0)->u.id, main_pid = elem(first, 1)->u.id;
     garbage_collect(NIL);
     for (;;) {
-        int64_t left = int_value(receive(NULL, NULL, VM_INFINITY));
+        int64_t left = int_value(receive_forever(NULL, NULL));
         garbage_collect(NIL);
         if (left == 0) break;
         process_send(kv_pid(next), kv_int(left - 1));
@@ -6041,7 +6489,7 @@ static void ring_main(term arg) {
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     process_send(first, kv_int(hops));
-    receive(NULL, NULL, VM_INFINITY);
+    receive_forever(NULL, NULL);
     double secs = seconds_since(&t0);
     char bench[32];
     snprintf(bench, sizeof bench, "ring_n%" PRId64, n);
@@ -6058,7 +6506,7 @@ static void spawn_bench(term arg) {
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (int64_t i = 0; i < n; i++) {
         spawn_monitor(exit_at_once, NIL);
-        receive(NULL, NULL, VM_INFINITY);
+        receive_forever(NULL, NULL);
         garbage_collect(NIL);
     }
     bench_result("spawn", "ns_per_spawn", seconds_since(&t0) * 1e9 / (double)n, "ns");
@@ -6076,7 +6524,7 @@ static size_t rss_bytes(void) {
 
 static void idle(term arg) {
     (void)arg;
-    receive(NULL, NULL, VM_INFINITY);
+    receive_forever(NULL, NULL);
 }
 
 /* A million processes, each waiting in receive. */
@@ -6181,7 +6629,7 @@ static void tour_agents(void) {
     iex("{:ok, agent} = Agent.start_link(fn -> [] end)", kv_tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
     iex("Agent.update(agent, fn list -> [\"eggs\" | list] end)", agent_update(agent, TOUR_FUN(1)));
     iex("Agent.get(agent, fn list -> list end)", agent_get(agent, TOUR_FUN(2)));
-    iex("Agent.stop(agent)", agent_stop(agent, am_normal, VM_INFINITY));
+    iex("Agent.stop(agent)", agent_stop(agent, am_normal, am_infinity));
     printf("\n");
     iex("{:ok, agent} = Agent.start_link(fn -> [] end)", kv_tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
     iex("Agent.update(agent, fn _list -> 123 end)", agent_update(agent, TOUR_FUN(3)));
@@ -6201,7 +6649,7 @@ static void tour_genservers(void) {
     banner("genservers.md", "GenServer callbacks");
     term registry;
     iex("{:ok, registry} = GenServer.start_link(KV.Registry, :ok)",
-        kv_tuple(2, am_ok, registry = ok_value(gen_server_start_link(&kv_registry, am_ok, NIL))));
+        kv_tuple(2, am_ok, registry = ok_value(gen_server_start_link(kv_alias("KV.Registry"), am_ok, NIL))));
     iex("GenServer.cast(registry, {:create, \"shopping\"})",
         gen_server_cast(registry, kv_tuple(2, am_create, kv_string("shopping"))));
     iex("{:ok, bk} = GenServer.call(registry, {:lookup, \"shopping\"})",
@@ -6211,9 +6659,9 @@ static void tour_genservers(void) {
     term pid;
     iex("{:ok, pid} = KV.Bucket.start_link([])", kv_tuple(2, am_ok, pid = ok_value(kv_bucket_start_link(NIL))));
     iex("Process.monitor(pid)", process_monitor(pid));
-    iex("Agent.stop(pid)", agent_stop(pid, am_normal, VM_INFINITY));
+    iex("Agent.stop(pid)", agent_stop(pid, am_normal, am_infinity));
     printf("iex> flush()\n");
-    for (term m; (m = receive(NULL, NULL, 0));) {
+    for (term m; (m = receive_now(NULL, NULL));) {
         struct buf b = {0};
         inspect_pretty_to(&b, m, 80);
         printf("%s\n", buf_str(&b));

@@ -191,11 +191,12 @@ static term start_supervised(term child_spec) {
 /* The :kv application running, as `mix test` leaves it for the tests. */
 static void boot_kv(void) { ok_value(application_boot(false)); }
 
-/* receive with a timeout that must not pass: assert_receive. */
-static term receive_any(long timeout) { return receive(NULL, NULL, timeout); }
+/* receive any message, with an `after` (:infinity or milliseconds) */
+static term receive_any(term timeout) { return receive(NULL, NULL, timeout); }
 
+/* assert_receive: a message must come within `timeout` ms */
 static term assert_receive_at(const char *file, int line, long timeout) {
-    term m = receive_any(timeout);
+    term m = receive_any(timeout < 0 ? am_infinity : I(timeout));
     if (!m) fail_with(file, line, "Assertion failed, no matching message after timeout",
                       "assert_receive _", NULL, NULL);
     return m;
@@ -207,7 +208,7 @@ static term iex_flush(void) {
     term items[64];
     size_t n = 0;
     term m;
-    while (n < 64 && (m = receive_any(0))) items[n++] = m;
+    while (n < 64 && (m = receive_any(I(0)))) items[n++] = m;
     return kv_list_of(n, items);
 }
 
@@ -316,35 +317,6 @@ static void run_test(const struct test *t) {
         printf("  * test %s\n", t->name);
     }
     fflush(stdout);
-}
-
-static const struct test tests[];
-
-static void load_test_modules(void);
-
-int main(int argc, char **argv) {
-    vm_init(true);
-    kv_load_modules();
-    load_test_modules();
-    const char *chapter = "", *module = "";
-    for (const struct test *t = tests; t->name; t++) {
-        if (!selected(t, argc, argv)) continue;
-        if (strcmp(chapter, t->chapter) != 0) {
-            chapter = t->chapter;
-            module = "";
-            printf("\n== %s\n", chapter);
-        }
-        if (strcmp(module, t->module) != 0) {
-            module = t->module;
-            printf("\n%s\n", module);
-        }
-        run_test(t);
-    }
-    printf("\n%d passed, %d failed\n", H.passed, H.nfailed);
-    buf_free(&H.log);
-    buf_free(&H.failure);
-    vm_shutdown();
-    return H.nfailed ? 1 : 0;
 }
 
 /* ==========================================================================
@@ -462,7 +434,7 @@ static void t_term_order(term ctx) {
  * ========================================================================== */
 
 static void echo_once(term parent) {
-    term m = receive_any(VM_INFINITY);
+    term m = receive_any(am_infinity);
     process_send(parent, kv_tuple(2, self(), m));
 }
 
@@ -477,7 +449,7 @@ static void t_spawn_and_send(term ctx) {
     assert_eq(reply, kv_tuple(2, pid, msg));
     /* The reply is a copy: equal, but not the same memory. */
     assert_true(elem(reply, 1) != msg);
-    process_sleep(0);
+    process_sleep(I(0));
     refute(process_alive(pid));
 }
 
@@ -500,14 +472,14 @@ static void t_selective_receive(term ctx) {
     process_send(me, kv_tuple(2, A("b"), I(2)));
     process_send(me, kv_tuple(2, A("a"), I(3)));
     process_send(me, kv_tuple(2, A("b"), I(4)));
-    assert_eq(receive(match_tag, A("b"), 0), kv_tuple(2, A("b"), I(2)));
-    assert_eq(receive(match_tag, A("b"), 0), kv_tuple(2, A("b"), I(4)));
-    assert_eq(receive(match_tag, A("b"), 0), NULL);
+    assert_eq(receive(match_tag, A("b"), I(0)), kv_tuple(2, A("b"), I(2)));
+    assert_eq(receive(match_tag, A("b"), I(0)), kv_tuple(2, A("b"), I(4)));
+    assert_eq(receive(match_tag, A("b"), I(0)), NULL);
     assert_eq(iex_flush(), kv_list(2, kv_tuple(2, A("a"), I(1)), kv_tuple(2, A("a"), I(3))));
 }
 
 static void send_later(term arg) { /* {dest, delay, msg} */
-    process_sleep((long)int_value(elem(arg, 1)));
+    process_sleep(elem(arg, 1));
     process_send(elem(arg, 0), elem(arg, 2));
 }
 
@@ -516,15 +488,15 @@ static void t_receive_after(term ctx) {
     struct timespec w0, w1;
     clock_gettime(CLOCK_MONOTONIC, &w0);
     int64_t t0 = now_ms();
-    assert_eq(receive_any(5000), NULL);
+    assert_eq(receive_any(I(5000)), NULL);
     assert_eq(I(now_ms() - t0), I(5000));
     /* A message that arrives in time wins, and cancels the timer. */
     spawn(send_later, kv_tuple(3, self(), I(100), A("late")));
-    assert_eq(receive_any(200), A("late"));
+    assert_eq(receive_any(I(200)), A("late"));
     assert_eq(I(now_ms() - t0), I(5100));
     spawn(send_later, kv_tuple(3, self(), I(300), A("too_late")));
-    assert_eq(receive_any(200), NULL);
-    assert_eq(receive_any(200), A("too_late"));
+    assert_eq(receive_any(I(200)), NULL);
+    assert_eq(receive_any(I(200)), A("too_late"));
     clock_gettime(CLOCK_MONOTONIC, &w1);
     /* 5.5 virtual seconds passed; the wall clock barely moved. */
     assert_true((w1.tv_sec - w0.tv_sec) * 1000 + (w1.tv_nsec - w0.tv_nsec) / 1000000 < 1000);
@@ -534,13 +506,13 @@ static void exit_with(term reason) { exit_self(reason); }
 
 static void linker(term arg) { /* {peer_reason}: link to a process that exits, then wait */
     spawn_link(exit_with, elem(arg, 0));
-    receive_any(VM_INFINITY);
+    receive_any(am_infinity);
 }
 
 static term down_reason(term pid) {
     term ref = process_monitor(pid);
     (void)ref;
-    term m = assert_receive(VM_INFINITY);
+    term m = assert_receive(-1); /* no limit */
     assert_true(is_tagged(m, am_DOWN, 5));
     return elem(m, 4);
 }
@@ -550,7 +522,7 @@ static void t_link_abnormal(term ctx) {
     term pid = spawn(linker, kv_tuple(1, A("boom")));
     assert_eq(down_reason(pid), A("boom"));
     pid = spawn(linker, kv_tuple(1, am_normal));
-    process_sleep(10);
+    process_sleep(I(10));
     assert_true(process_alive(pid));
     process_exit(pid, am_kill);
 }
@@ -569,13 +541,13 @@ static void t_trap_exit(term ctx) {
 
 static void wait_forever(term arg) {
     (void)arg;
-    receive_any(VM_INFINITY);
+    receive_any(am_infinity);
 }
 
 static void trap_and_wait(term arg) {
     (void)arg;
     process_flag_trap_exit(true);
-    for (;;) receive_any(VM_INFINITY);
+    for (;;) receive_any(am_infinity);
 }
 
 static void exit_self_normal(term arg) {
@@ -588,7 +560,7 @@ static void t_exit_normal(term ctx) {
     (void)ctx;
     term pid = spawn(wait_forever, NIL);
     assert_eq(process_exit(pid, am_normal), am_true);
-    process_sleep(1);
+    process_sleep(I(1));
     assert_true(process_alive(pid));
     process_exit(pid, am_kill);
     assert_eq(down_reason(spawn(exit_self_normal, NIL)), am_normal);
@@ -596,14 +568,14 @@ static void t_exit_normal(term ctx) {
 
 static void linked_to(term peer) {
     process_link(peer);
-    receive_any(VM_INFINITY);
+    receive_any(am_infinity);
 }
 
 static void t_kill(term ctx) {
     (void)ctx;
     term trapper = spawn(trap_and_wait, NIL);
     term neighbour = spawn(linked_to, trapper);
-    process_sleep(1);
+    process_sleep(I(1));
     term tref = process_monitor(trapper), nref = process_monitor(neighbour);
     process_exit(trapper, am_kill);
     assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, tref, am_process, trapper, am_killed));
@@ -619,7 +591,7 @@ static void link_dead(void *pid) { process_link((term)pid); }
 static void t_link_dead(term ctx) {
     (void)ctx;
     term dead = spawn(exit_with, am_normal);
-    process_sleep(1);
+    process_sleep(I(1));
     term e = catch_error(link_dead, (void *)dead);
     assert_eq(e, erlang_error(am_noproc));
     struct buf b = {0};
@@ -635,7 +607,7 @@ static void parent_of(term arg) { /* {test, unlink?} */
     term child = spawn_link(wait_forever, NIL);
     process_send(elem(arg, 0), child);
     if (elem(arg, 1) == am_true) process_unlink(child);
-    receive_any(VM_INFINITY);
+    receive_any(am_infinity);
     exit_self(A("parent_crash"));
 }
 
@@ -649,7 +621,7 @@ static void t_links_bidirectional(term ctx) {
     parent = spawn(parent_of, kv_tuple(2, self(), am_true));
     child = assert_receive(100);
     process_send(parent, A("go"));
-    process_sleep(10);
+    process_sleep(I(10));
     assert_true(process_alive(child));
     process_exit(child, am_kill);
 }
@@ -662,7 +634,7 @@ static void send_unregistered(void *arg) {
 static void t_send_to_dead(term ctx) {
     (void)ctx;
     term dead = spawn(exit_with, am_normal);
-    process_sleep(1);
+    process_sleep(I(1));
     assert_eq(process_send(dead, A("hi")), A("hi"));
     assert_eq(process_exit(dead, am_kill), am_true);
     refute(process_alive(dead));
@@ -688,14 +660,14 @@ static void t_monitors(term ctx) {
     /* demonitor with :flush drops a DOWN already queued. */
     pid = spawn(exit_with, A("gone"));
     ref = process_monitor(pid);
-    process_sleep(1);
+    process_sleep(I(1));
     assert_eq(process_demonitor(ref, true), am_true);
-    assert_eq(receive_any(0), NULL);
+    assert_eq(receive_any(I(0)), NULL);
 }
 
 static void register_self_as(term name) {
     process_register(self(), name);
-    receive_any(VM_INFINITY);
+    receive_any(am_infinity);
 }
 
 static void register_again(void *args) {
@@ -734,14 +706,14 @@ static void t_badargs(term ctx) {
 static void t_names(term ctx) {
     (void)ctx;
     term pid = spawn(register_self_as, A("foo"));
-    process_sleep(1);
+    process_sleep(I(1));
     assert_eq(process_whereis(A("foo")), pid);
     assert_eq(process_whereis(A("nobody")), am_nil);
     assert_eq(process_send(A("foo"), A("bye")), A("bye"));
-    process_sleep(1);
+    process_sleep(I(1));
     assert_eq(process_whereis(A("foo")), am_nil); /* freed when it died */
     term holder = spawn(register_self_as, A("foo"));
-    process_sleep(1);
+    process_sleep(I(1));
     term args[2] = {self(), A("foo")};
     term e = catch_error(register_again, args);
     struct buf b = {0};
@@ -784,7 +756,7 @@ static void hoarder(term arg) {
     process_register(self(), A("hoarder"));
     for (int i = 0; i < 100; i++) process_send(self(), acc);
     if (elem(arg, 0) == A("deep")) deep_then_exit(2000, A("from_the_depths"));
-    receive(match_nothing, NULL, VM_INFINITY);
+    receive(match_nothing, NULL, am_infinity);
 }
 
 /* What the processes other than this one hold. */
@@ -798,7 +770,7 @@ static void t_exit_from_depth(term ctx) {
     int64_t before = others_memory();
     term pid = spawn(hoarder, kv_tuple(1, A("deep")));
     assert_eq(down_reason(pid), A("from_the_depths"));
-    process_sleep(1);
+    process_sleep(I(1));
     assert_eq(process_whereis(A("hoarder")), am_nil);
     /* Its ten linked children died with the same reason, and everything
      * they and the hoarder held is gone. */
@@ -822,10 +794,10 @@ static void t_kill_releases_memory(term ctx) {
     (void)ctx;
     int64_t before = others_memory();
     term pid = spawn(hoarder, kv_tuple(1, A("wait")));
-    process_sleep(1);
+    process_sleep(I(1));
     assert_true(others_memory() > before + 100000);
     process_exit(pid, am_kill);
-    process_sleep(1);
+    process_sleep(I(1));
     int64_t after = others_memory();
     assert_eq(I(after), I(before));
 }
@@ -849,12 +821,12 @@ static void t_raise_logs(term ctx) {
 
 static void wait_for_reply(term peer) {
     process_send(peer, self());
-    receive(match_tag, A("reply"), VM_INFINITY);
+    receive(match_tag, A("reply"), am_infinity);
 }
 
 static void wait_for_never(term arg) {
     (void)arg;
-    receive(match_tag, A("never"), VM_INFINITY);
+    receive(match_tag, A("never"), am_infinity);
 }
 
 static void main_deadlock(void) {
@@ -919,7 +891,7 @@ static void main_overflow(void) {
 
 static void idle_child(term arg) {
     (void)arg;
-    receive_any(VM_INFINITY);
+    receive_any(am_infinity);
 }
 
 static void spawn_until_limit(void *count) {
@@ -937,7 +909,7 @@ static void t_process_limit(term ctx) {
     term e = catch_error(spawn_until_limit, &spawned);
     assert_eq(map_get(e, am_struct_, am_nil), kv_alias("SystemLimitError"));
     assert_eq(I((int64_t)vm.count), I(262144));
-    process_sleep(1); /* let every child run into its receive */
+    process_sleep(I(1)); /* let every child run into its receive */
     size_t bytes = vm_memory();
     char note[128];
     snprintf(note, sizeof note, "%zu processes alive, %zu bytes each\n", vm.count, bytes / vm.count);
@@ -1021,7 +993,7 @@ static term fn_nop(term env, term list) { (void)env; return kv_cons(A("nop"), li
 static term fn_one(term env, term x) { (void)env, (void)x; return I(1); }
 static term fn_raise(term env, term x) { (void)x; raise_error(runtime_error(BYTES(env))); }
 static term fn_raise0(term env, term x) { (void)x; raise_error(runtime_error(BYTES(env))); }
-static term fn_sleep(term env, term x) { process_sleep((long)int_value(env)); return x; }
+static term fn_sleep(term env, term x) { process_sleep(env); return x; }
 static term fn_pop_milk(term env, term map) { (void)env; return map_pop(map, S("milk")); }
 static term fn_not_a_pair(term env, term x) { (void)env, (void)x; return A("oops"); }
 
@@ -1038,7 +1010,7 @@ static void t_agents_101(term ctx) {
     term agent = ok_value(agent_start_link(F(fn_empty_list), NIL));
     assert_eq(agent_update(agent, F(fn_eggs)), am_ok);
     assert_eq(agent_get(agent, F(fn_identity)), kv_list(1, S("eggs")));
-    assert_eq(agent_stop(agent, am_normal, VM_INFINITY), am_ok);
+    assert_eq(agent_stop(agent, am_normal, am_infinity), am_ok);
 
     agent = ok_value(agent_start_link(F(fn_empty_list), NIL));
     assert_eq(agent_update(agent, F(fn_123)), am_ok);
@@ -1051,14 +1023,14 @@ static void t_agents_101(term ctx) {
 
 static void get_from(void *agent) { agent_get((term)agent, F(fn_identity)); }
 static void update_on(void *agent) { agent_update((term)agent, F(fn_identity)); }
-static void stop_agent(void *agent) { agent_stop((term)agent, am_normal, VM_INFINITY); }
+static void stop_agent(void *agent) { agent_stop((term)agent, am_normal, am_infinity); }
 
 /* What Agent calls exit with once the agent is gone. */
 static void t_agent_after_stop(term ctx) {
     (void)ctx;
     term agent = ok_value(agent_start(F(fn_one), NIL));
     term ref = process_monitor(agent);
-    assert_eq(agent_stop(agent, am_normal, VM_INFINITY), am_ok);
+    assert_eq(agent_stop(agent, am_normal, am_infinity), am_ok);
     assert_eq(assert_receive(0), kv_tuple(5, am_DOWN, ref, am_process, agent, am_normal));
     term reason = catch_exit(get_from, (void *)agent);
     assert_eq(elem(reason, 0), am_noproc);
@@ -1118,7 +1090,7 @@ static void t_agent_fun_raises(term ctx) {
     refute(process_alive(agent));
 }
 
-static void slow_get(void *agent) { agent_get_timeout((term)agent, F_ENV(fn_sleep, I(100)), 50); }
+static void slow_get(void *agent) { agent_get_timeout((term)agent, F_ENV(fn_sleep, I(100)), I(50)); }
 
 static void t_agent_timeouts_and_init(term ctx) {
     (void)ctx;
@@ -1126,8 +1098,8 @@ static void t_agent_timeouts_and_init(term ctx) {
     term reason = catch_exit(slow_get, (void *)agent);
     assert_eq(elem(reason, 0), am_timeout);
     assert_eq(elem(elem(reason, 1), 2), kv_list(3, agent, kv_tuple(2, am_get, F_ENV(fn_sleep, I(100))), I(50)));
-    process_sleep(200);
-    assert_eq(receive_any(0), NULL); /* the late reply was dropped */
+    process_sleep(I(200));
+    assert_eq(receive_any(I(0)), NULL); /* the late reply was dropped */
     assert_eq(agent_get(agent, F(fn_identity)), I(1));
     assert_eq(agent_start(F_ENV(fn_raise0, S("init")), NIL),
               kv_tuple(2, am_error, kv_tuple(2, runtime_error("init"), NIL)));
@@ -1136,7 +1108,7 @@ static void t_agent_timeouts_and_init(term ctx) {
 static void stop_own_agent(term test) {
     term agent = ok_value(agent_start_link(F(fn_one), NIL));
     process_send(test, agent);
-    agent_stop(agent, am_shutdown, VM_INFINITY);
+    agent_stop(agent, am_shutdown, am_infinity);
     process_send(test, A("stop returned"));
 }
 
@@ -1169,11 +1141,11 @@ static void t_agent_stop_by_linker(term ctx) {
     term agent = assert_receive(100);
     assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, caller, am_shutdown));
     refute(process_alive(agent));
-    assert_eq(receive_any(0), NULL); /* never got to "stop returned" */
+    assert_eq(receive_any(I(0)), NULL); /* never got to "stop returned" */
     /* From an unlinked caller it is just :ok. */
     agent = ok_value(agent_start(F(fn_one), NIL));
     ref = process_monitor(agent);
-    assert_eq(agent_stop(agent, am_shutdown, VM_INFINITY), am_ok);
+    assert_eq(agent_stop(agent, am_shutdown, am_infinity), am_ok);
     assert_eq(assert_receive(0), kv_tuple(5, am_DOWN, ref, am_process, agent, am_shutdown));
 }
 
@@ -1267,7 +1239,7 @@ static term ts_init(term arg) {
     if (arg == A("raise")) raise_error(runtime_error("init"));
     if (arg == A("exit")) exit_self(A("init_exit"));
     if (is_tagged(arg, A("sleep"), 2)) {
-        process_sleep((long)int_value(elem(arg, 1)));
+        process_sleep(elem(arg, 1));
         return kv_tuple(2, am_ok, arg);
     }
     if (is_tagged(arg, am_timeout, 2)) return kv_tuple(3, am_ok, A("waiting"), elem(arg, 1));
@@ -1287,13 +1259,13 @@ static term ts_handle_call(term req, term from, term state) {
     if (req == A("stop_without_reply")) return kv_tuple(3, am_stop, am_normal, state);
     if (req == A("defer")) return kv_tuple(2, am_noreply, kv_tuple(2, A("deferred"), from));
     if (is_tagged(req, A("sleep"), 2)) {
-        process_sleep((long)int_value(elem(req, 1)));
+        process_sleep(elem(req, 1));
         return kv_tuple(3, am_reply, A("slept"), state);
     }
     if (is_tagged(req, am_reply, 3)) return kv_tuple(4, am_reply, A("ok"), state, elem(req, 2));
     if (is_tagged(req, am_EXIT, 2)) exit_self(elem(req, 1));
     if (req == A("throw")) throw_value(kv_tuple(3, am_reply, A("thrown"), state));
-    if (req == A("stop_self")) gen_server_stop(self(), am_normal, VM_INFINITY);
+    if (req == A("stop_self")) gen_server_stop(self(), am_normal, am_infinity);
     raise_error(function_clause_error(kv_alias("Test.Server"), A("handle_call"), 3));
 }
 
@@ -1313,7 +1285,7 @@ static term ts_handle_info(term msg, term state) {
 
 static void ts_terminate(term reason, term state) {
     tell_witness(kv_tuple(3, am_terminate, reason, state));
-    if (state == A("slow_terminate")) process_sleep(1000);
+    if (state == A("slow_terminate")) process_sleep(I(1000));
 }
 
 static const struct module test_server = {
@@ -1329,7 +1301,7 @@ static term no_info_init(term arg) { return kv_tuple(2, am_ok, arg); }
 static const struct module no_info = {.name = "NoInfo", .init = no_info_init};
 
 
-static term start_ts(term arg) { return gen_server_start(&test_server, arg, NIL); }
+static term start_ts(term arg) { return gen_server_start(module_atom(&test_server), arg, NIL); }
 static term server(term arg) { return ok_value(start_ts(arg)); }
 
 static void t_init_results(term ctx) {
@@ -1341,18 +1313,18 @@ static void t_init_results(term ctx) {
     assert_eq(start_ts(A("junk")), kv_tuple(2, am_error, kv_tuple(2, am_bad_return_value, A("junk"))));
     assert_eq(start_ts(A("raise")), kv_tuple(2, am_error, kv_tuple(2, runtime_error("init"), NIL)));
     assert_eq(start_ts(A("exit")), kv_tuple(2, am_error, A("init_exit")));
-    assert_eq(gen_server_start(&test_server, kv_tuple(2, A("sleep"), I(100)),
+    assert_eq(gen_server_start(module_atom(&test_server), kv_tuple(2, A("sleep"), I(100)),
                                kv_list(1, kv_tuple(2, am_timeout, I(50)))),
               kv_tuple(2, am_error, am_timeout));
-    assert_eq(receive_any(0), NULL); /* and nothing left behind */
+    assert_eq(receive_any(I(0)), NULL); /* and nothing left behind */
     /* Init failures are not logged (they are reported to the caller). */
     assert_eq(S(captured_log()), S(""));
 }
 
 static void start_link_failing(term test) {
-    term r = gen_server_start_link(&test_server, A("stop"), NIL);
+    term r = gen_server_start_link(module_atom(&test_server), A("stop"), NIL);
     process_send(test, r); /* OTP 25: the caller sees the error... */
-    receive_any(VM_INFINITY); /* ...and is then killed by the link */
+    receive_any(am_infinity); /* ...and is then killed by the link */
 }
 
 static void t_start_link_failure(term ctx) {
@@ -1363,29 +1335,29 @@ static void t_start_link_failure(term ctx) {
     assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, caller, A("bad_init")));
     /* A trapping caller gets the EXIT instead; :ignore exits :normal. */
     process_flag_trap_exit(true);
-    assert_eq(gen_server_start_link(&test_server, A("stop"), NIL), kv_tuple(2, am_error, A("bad_init")));
+    assert_eq(gen_server_start_link(module_atom(&test_server), A("stop"), NIL), kv_tuple(2, am_error, A("bad_init")));
     term m = assert_receive(0);
     assert_true(is_tagged(m, am_EXIT, 3) && elem(m, 2) == A("bad_init"));
-    assert_eq(gen_server_start_link(&test_server, A("ignore"), NIL), am_ignore);
+    assert_eq(gen_server_start_link(module_atom(&test_server), A("ignore"), NIL), am_ignore);
     m = assert_receive(0);
     assert_true(is_tagged(m, am_EXIT, 3) && elem(m, 2) == am_normal);
     /* A timed-out start leaves no message. */
-    gen_server_start_link(&test_server, kv_tuple(2, A("sleep"), I(100)), kv_list(1, kv_tuple(2, am_timeout, I(50))));
-    assert_eq(receive_any(0), NULL);
+    gen_server_start_link(module_atom(&test_server), kv_tuple(2, A("sleep"), I(100)), kv_list(1, kv_tuple(2, am_timeout, I(50))));
+    assert_eq(receive_any(I(0)), NULL);
 }
 
 static void start_with_string_name(void *arg) {
     (void)arg;
-    gen_server_start(&test_server, A("ok"), kv_list(1, kv_tuple(2, am_name, S("str"))));
+    gen_server_start(module_atom(&test_server), A("ok"), kv_list(1, kv_tuple(2, am_name, S("str"))));
 }
 
 static void t_names_option(term ctx) {
     (void)ctx;
     term opts = kv_list(1, kv_tuple(2, am_name, A("srv")));
-    term pid = ok_value(gen_server_start(&test_server, A("ok"), opts));
+    term pid = ok_value(gen_server_start(module_atom(&test_server), A("ok"), opts));
     assert_eq(process_whereis(A("srv")), pid);
     assert_eq(gen_server_call(A("srv"), A("ping")), A("pong"));
-    assert_eq(gen_server_start(&test_server, A("ok"), opts),
+    assert_eq(gen_server_start(module_atom(&test_server), A("ok"), opts),
               kv_tuple(2, am_error, kv_tuple(2, am_already_started, pid)));
     /* Any process holding the name counts, and an Agent says the same. */
     assert_eq(agent_start(F(fn_one), opts), kv_tuple(2, am_error, kv_tuple(2, am_already_started, pid)));
@@ -1396,7 +1368,7 @@ static void t_names_option(term ctx) {
 
 static void call_it(void *args) {
     const term *a = args; /* {server, request, timeout} */
-    gen_server_call_timeout(a[0], a[1], a[2] ? (long)int_value(a[2]) : GEN_SERVER_DEFAULT_TIMEOUT);
+    gen_server_call_timeout(a[0], a[1], a[2] ? a[2] : DEFAULT_TIMEOUT);
 }
 
 static term call_exit(term server, term request, term timeout) {
@@ -1407,7 +1379,7 @@ static term call_exit(term server, term request, term timeout) {
 static void t_call_noproc(term ctx) {
     (void)ctx;
     term pid = server(A("ok"));
-    gen_server_stop(pid, am_normal, VM_INFINITY);
+    gen_server_stop(pid, am_normal, am_infinity);
     term reason = call_exit(pid, A("ping"), NULL);
     assert_eq(reason, kv_tuple(2, am_noproc, kv_tuple(3, am_GenServer, am_call, kv_list(3, pid, A("ping"), I(5000)))));
     struct buf b = {0}, want = {0};
@@ -1434,7 +1406,7 @@ static void t_call_timeout(term ctx) {
     assert_contains(buf_str(&b), "\n    ** (EXIT) time out");
     buf_free(&b);
     assert_eq(gen_server_call(pid, A("ping")), A("pong")); /* still running */
-    assert_eq(receive_any(1000), NULL);                    /* the late reply never came */
+    assert_eq(receive_any(I(1000)), NULL);                    /* the late reply never came */
     /* A process that is not a GenServer never answers: a timeout too. */
     term plain = spawn(wait_for_never, NIL);
     assert_eq(elem(call_exit(plain, A("ping"), I(100)), 0), am_timeout);
@@ -1480,7 +1452,7 @@ static void t_call_crash(term ctx) {
 }
 
 static void crash_linked(term test) {
-    term pid = ok_value(gen_server_start_link(&test_server, A("ok"), NIL));
+    term pid = ok_value(gen_server_start_link(module_atom(&test_server), A("ok"), NIL));
     process_send(test, pid);
     gen_server_call(pid, kv_tuple(2, am_EXIT, A("upd_exit")));
 }
@@ -1544,7 +1516,7 @@ static void t_stop_from_call(term ctx) {
 }
 
 static void answer_later(term pid) {
-    process_sleep(10);
+    process_sleep(I(10));
     gen_server_cast(pid, A("answer"));
 }
 
@@ -1564,22 +1536,22 @@ static void t_cast_and_info(term ctx) {
     assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("cast"), A("hello")));
     process_send(pid, kv_tuple(2, A("hello"), I(1)));
     assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("info"), kv_tuple(2, A("hello"), I(1))));
-    gen_server_stop(pid, am_normal, VM_INFINITY);
+    gen_server_stop(pid, am_normal, am_infinity);
     assert_eq(gen_server_cast(pid, A("hello")), am_ok);            /* dead pid */
     assert_eq(gen_server_cast(A("unregistered"), A("hello")), am_ok); /* no such name */
 }
 
 static void t_default_callbacks(term ctx) {
     (void)ctx;
-    term pid = ok_value(gen_server_start(&no_info, I(1), kv_list(1, kv_tuple(2, am_name, A("no_info")))));
+    term pid = ok_value(gen_server_start(module_atom(&no_info), I(1), kv_list(1, kv_tuple(2, am_name, A("no_info")))));
     process_send(pid, kv_tuple(2, A("hello"), I(1)));
-    process_sleep(1);
+    process_sleep(I(1));
     assert_contains(captured_log(), "[error] NoInfo :no_info received unexpected message in handle_info/2: {:hello, 1}\n");
     assert_true(process_alive(pid));
     term reason = call_exit(pid, A("x"), NULL);
     assert_eq(elem(reason, 0),
               kv_tuple(2, runtime_error("attempted to call GenServer :no_info but no handle_call/3 clause was provided"), NIL));
-    pid = ok_value(gen_server_start(&no_info, I(1), NIL));
+    pid = ok_value(gen_server_start(module_atom(&no_info), I(1), NIL));
     term ref = process_monitor(pid);
     gen_server_cast(pid, A("x"));
     term down = assert_receive(100);
@@ -1591,20 +1563,20 @@ static void t_default_callbacks(term ctx) {
     buf_free(&want);
 }
 
-static void stop_it(void *pid) { gen_server_stop((term)pid, am_normal, VM_INFINITY); }
+static void stop_it(void *pid) { gen_server_stop((term)pid, am_normal, am_infinity); }
 
 static void t_gen_server_stop(term ctx) {
     (void)ctx;
     process_register(self(), A("witness"));
     term pid = server(A("one"));
-    assert_eq(gen_server_stop(pid, am_normal, VM_INFINITY), am_ok);
+    assert_eq(gen_server_stop(pid, am_normal, am_infinity), am_ok);
     assert_eq(assert_receive(0), kv_tuple(3, am_terminate, am_normal, A("one")));
     pid = server(A("two"));
-    assert_eq(gen_server_stop(pid, am_shutdown, VM_INFINITY), am_ok);
+    assert_eq(gen_server_stop(pid, am_shutdown, am_infinity), am_ok);
     assert_eq(assert_receive(0), kv_tuple(3, am_terminate, am_shutdown, A("two")));
     assert_eq(S(captured_log()), S("")); /* neither is logged */
     pid = server(A("three"));
-    assert_eq(gen_server_stop(pid, A("boom"), VM_INFINITY), am_ok);
+    assert_eq(gen_server_stop(pid, A("boom"), am_infinity), am_ok);
     assert_eq(assert_receive(0), kv_tuple(3, am_terminate, A("boom"), A("three")));
     struct buf want = {0};
     buf_puts(&want, "[error] GenServer ");
@@ -1617,9 +1589,9 @@ static void t_gen_server_stop(term ctx) {
 }
 
 static void parent_then_exit(term arg) { /* {test, how the parent goes} */
-    term pid = ok_value(gen_server_start_link(&test_server, kv_tuple(2, A("trap_exit"), A("child")), NIL));
+    term pid = ok_value(gen_server_start_link(module_atom(&test_server), kv_tuple(2, A("trap_exit"), A("child")), NIL));
     process_send(elem(arg, 0), pid);
-    receive_any(VM_INFINITY);
+    receive_any(am_infinity);
     exit_self(elem(arg, 1));
 }
 
@@ -1646,18 +1618,18 @@ static void t_terminate_on_parent_exit(term ctx) {
     term ref = process_monitor(child);
     process_exit(child, am_kill);
     assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, child, am_killed));
-    assert_eq(receive_any(10), NULL);
+    assert_eq(receive_any(I(10)), NULL);
 }
 
 static void t_callback_timeouts(term ctx) {
     (void)ctx;
     term pid = server(kv_tuple(2, am_timeout, I(50)));
-    process_sleep(100);
+    process_sleep(I(100));
     assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("info"), am_timeout));
     /* A message arriving first cancels the timeout. */
     assert_eq(gen_server_call(pid, kv_tuple(3, am_reply, A("x"), I(30))), A("ok"));
     gen_server_cast(pid, A("early"));
-    process_sleep(100);
+    process_sleep(I(100));
     assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("cast"), A("early")));
 }
 
@@ -1681,7 +1653,7 @@ static void t_heap_compaction(term ctx) {
 static void t_registry_session(term ctx) {
     (void)ctx;
     boot_kv();
-    term registry = ok_value(gen_server_start_link(&kv_registry, am_ok, NIL));
+    term registry = ok_value(gen_server_start_link(module_atom(&kv_registry), am_ok, NIL));
     assert_eq(gen_server_cast(registry, kv_tuple(2, am_create, S("shopping"))), am_ok);
     term r = gen_server_call(registry, kv_tuple(2, am_lookup, S("shopping")));
     assert_true(is_tagged(r, am_ok, 2) && is_pid(elem(r, 1)));
@@ -1693,7 +1665,7 @@ static void t_monitor_session(term ctx) {
     term pid = ok_value(kv_bucket_start_link(NIL));
     term ref = process_monitor(pid);
     assert_true(is_reference(ref));
-    assert_eq(agent_stop(pid, am_normal, VM_INFINITY), am_ok);
+    assert_eq(agent_stop(pid, am_normal, am_infinity), am_ok);
     assert_eq(iex_flush(), kv_list(1, kv_tuple(5, am_DOWN, ref, am_process, pid, am_normal)));
 }
 
@@ -1724,7 +1696,7 @@ static void t_removes_buckets_on_exit(term ctx) {
     term registry = map_get(ctx, A("registry"), am_nil);
     kv_registry_create(registry, S("shopping"));
     term bucket = ok_value(kv_registry_lookup(registry, S("shopping")));
-    agent_stop(bucket, am_normal, VM_INFINITY);
+    agent_stop(bucket, am_normal, am_infinity);
     assert_eq(kv_registry_lookup(registry, S("shopping")), am_error);
 }
 
@@ -1741,7 +1713,7 @@ static void bad_input(void *registry) { gen_server_call((term)registry, A("bad_i
 /* A request no clause matches crashes the registry, with a report. */
 static void t_registry_bad_input(term ctx) {
     (void)ctx;
-    term registry = ok_value(gen_server_start(&kv_registry, am_ok, kv_list(1, kv_tuple(2, am_name, kv_alias("KV.Registry")))));
+    term registry = ok_value(gen_server_start(module_atom(&kv_registry), am_ok, kv_list(1, kv_tuple(2, am_name, kv_alias("KV.Registry")))));
     /* (No application here: this registry is the only KV.Registry.) */
     term reason = catch_exit(bad_input, (void *)registry);
     assert_eq(elem(reason, 0),
@@ -1791,11 +1763,11 @@ static term tw_handle_cast(term req, term state) { /* {:exit, reason} */
 static void tw_terminate(term reason, term state) {
     tell_witness(kv_tuple(3, am_terminate, elem(state, 0), reason));
     term slow = keyword_get(elem(state, 1), A("slow"), NULL);
-    if (slow) process_sleep((long)int_value(slow));
+    if (slow) process_sleep(slow);
 }
 
 static const struct module test_worker;
-static term tw_start_link(term arg) { return gen_server_start_link(&test_worker, arg, NIL); }
+static term tw_start_link(term arg) { return gen_server_start_link(module_atom(&test_worker), arg, NIL); }
 static term tw_start_error(term arg) { (void)arg; return kv_tuple(2, am_error, A("my_reason")); }
 static term tw_start_weird(term arg) { (void)arg; return A("weird"); }
 static term tw_start_raise(term arg) { (void)arg; raise_error(runtime_error("start raised")); }
@@ -1840,7 +1812,7 @@ static term strategy(term s) { return kv_list(1, kv_tuple(2, am_strategy, s)); }
 /* Start a Test.Sup with these children, linked, the test as the witness. */
 static term start_sup(term children, term opts) {
     if (!whereis_proc(A("witness"))) process_register(self(), A("witness"));
-    return ok_value(supervisor_start_link(&test_sup, supervisor_init(children, opts), NIL));
+    return ok_value(supervisor_start_link(module_atom(&test_sup), supervisor_init(children, opts), NIL));
 }
 
 /* The next n witness messages, as a list. */
@@ -1911,7 +1883,7 @@ static void bad_input_to(void *pid) { gen_server_call((term)pid, A("bad_input"))
 /* "Our first supervisor": start it, list its child, crash the registry. */
 static void t_first_supervisor(term ctx) {
     (void)ctx;
-    term sup = ok_value(supervisor_start_link(&first_kv_supervisor, am_ok, NIL));
+    term sup = ok_value(supervisor_start_link(module_atom(&first_kv_supervisor), am_ok, NIL));
     term children = supervisor_which_children(sup);
     assert_eq(I((int64_t)list_length(children)), I(1));
     term first = hd(children), registry = elem(first, 1);
@@ -1936,7 +1908,7 @@ static void t_start_order(term ctx) {
     for (term l = supervisor_which_children(sup); l->kind == K_CONS; l = tl(l)) ids = list_append(ids, elem(hd(l), 0));
     assert_eq(ids, kv_list(3, A("c"), A("b"), A("a"))); /* newest first */
     /* Supervisor.stop: every child gets :shutdown, newest first. */
-    assert_eq(supervisor_stop(sup, am_normal, VM_INFINITY), am_ok);
+    assert_eq(supervisor_stop(sup, am_normal, am_infinity), am_ok);
     assert_eq(events(3), kv_list(3, terminated("c", am_shutdown), terminated("b", am_shutdown), terminated("a", am_shutdown)));
 }
 
@@ -1947,7 +1919,7 @@ static void t_strategies(term ctx) {
     events(3);
     crash(sup, "b", A("boom"));
     assert_eq(events(2), kv_list(2, terminated("b", A("boom")), started("b")));
-    supervisor_stop(sup, am_normal, VM_INFINITY);
+    supervisor_stop(sup, am_normal, am_infinity);
     events(3);
 
     sup = start_sup(three, strategy(am_one_for_all));
@@ -1955,7 +1927,7 @@ static void t_strategies(term ctx) {
     crash(sup, "b", A("boom"));
     assert_eq(events(6), kv_list(6, terminated("b", A("boom")), terminated("c", am_shutdown), terminated("a", am_shutdown),
                                  started("a"), started("b"), started("c")));
-    supervisor_stop(sup, am_normal, VM_INFINITY);
+    supervisor_stop(sup, am_normal, am_infinity);
     events(3);
 
     sup = start_sup(three, strategy(am_rest_for_one));
@@ -2002,14 +1974,14 @@ static void t_restart_types(term ctx) {
                 assert_eq(children, NIL);
             }
             process_unlink(sup);
-            supervisor_stop(sup, am_normal, VM_INFINITY);
-            while (receive_any(0)) {}
+            supervisor_stop(sup, am_normal, am_infinity);
+            while (receive_any(I(0))) {}
         }
     }
 }
 
 static term wait_exit_from(term pid) {
-    term m = receive(is_exit_from, pid, 60000);
+    term m = receive(is_exit_from, pid, I(60000));
     assert_true(m != NULL);
     return elem(m, 2);
 }
@@ -2043,11 +2015,11 @@ static void t_intensity(term ctx) {
     for (int i = 0; i < 5; i++) {
         crash(sup, "a", A("boom"));
         assert_eq(events(2), kv_list(2, terminated("a", A("boom")), started("a")));
-        process_sleep(2100);
+        process_sleep(I(2100));
     }
     crash(sup, "a", A("boom"));
     events(2);
-    process_sleep(500);
+    process_sleep(I(500));
     crash(sup, "a", A("boom"));
     events(1);
     assert_eq(wait_exit_from(sup), am_shutdown);
@@ -2087,8 +2059,8 @@ static void t_shutdown_modes(term ctx) {
         int64_t t0 = now_ms();
         assert_eq(supervisor_terminate_child(sup, A(ids[i])), am_ok);
         took[i] = now_ms() - t0;
-        down[i] = elem(receive(match_down_of, ref, 0), 4);
-        ran_terminate[i] = receive_any(0) != NULL;
+        down[i] = elem(receive(match_down_of, ref, I(0)), 4);
+        ran_terminate[i] = receive_any(I(0)) != NULL;
     }
     assert_eq(kv_list_of(5, down), kv_list(5, am_shutdown, am_killed, am_killed, am_shutdown, am_shutdown));
     assert_eq(kv_list(5, I(took[0]), I(took[1]), I(took[2]), I(took[3]), I(took[4])),
@@ -2161,7 +2133,7 @@ static void t_supervisor_start_failures(term ctx) {
     process_flag_trap_exit(true);
     process_register(self(), A("witness"));
     term fails = worker_opts("c", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), A("fail"))));
-    term r = supervisor_start_link(&test_sup, supervisor_init(kv_list(3, worker("a"), worker("b"), fails),
+    term r = supervisor_start_link(module_atom(&test_sup), supervisor_init(kv_list(3, worker("a"), worker("b"), fails),
                                                               strategy(am_one_for_one)), NIL);
     assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_shutdown, kv_tuple(3, am_failed_to_start_child, A("c"), A("cannot")))));
     assert_eq(events(5), kv_list(5, started("a"), started("b"), started("c"), terminated("b", am_shutdown),
@@ -2171,20 +2143,20 @@ static void t_supervisor_start_failures(term ctx) {
     format_exit_to(&b, elem(r, 1), "\n    ");
     assert_eq(S(buf_str(&b)), S("shutdown: failed to start child: :c\n    ** (EXIT) :cannot"));
     buf_free(&b);
-    assert_eq(supervisor_start_link(&test_sup, am_ignore, NIL), am_ignore);
+    assert_eq(supervisor_start_link(module_atom(&test_sup), am_ignore, NIL), am_ignore);
     assert_receive(0);
-    assert_eq(supervisor_start_link(&test_sup, A("invalid"), NIL),
+    assert_eq(supervisor_start_link(module_atom(&test_sup), A("invalid"), NIL),
               kv_tuple(2, am_error, kv_tuple(2, am_bad_return, kv_tuple(3, kv_alias("Test.Sup"), A("init"), A("invalid")))));
     assert_receive(0);
     term flags = kv_map(1, am_strategy, A("none_for_one"));
-    assert_eq(supervisor_start_link(&test_sup, kv_tuple(2, am_ok, kv_tuple(2, flags, NIL)), NIL),
+    assert_eq(supervisor_start_link(module_atom(&test_sup), kv_tuple(2, am_ok, kv_tuple(2, flags, NIL)), NIL),
               kv_tuple(2, am_error, kv_tuple(2, am_supervisor_data, kv_tuple(2, A("invalid_strategy"), A("none_for_one")))));
     assert_receive(0);
-    r = supervisor_start_link(&test_sup, supervisor_init(kv_list(2, worker("a"), worker("a")), strategy(am_one_for_one)), NIL);
+    r = supervisor_start_link(module_atom(&test_sup), supervisor_init(kv_list(2, worker("a"), worker("a")), strategy(am_one_for_one)), NIL);
     assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_start_spec, kv_tuple(2, A("duplicate_child_name"), A("a")))));
     assert_receive(0);
     term nameless = kv_map(1, am_start, kv_tuple(3, kv_alias("Test.Worker"), am_start_link, NIL));
-    r = supervisor_start_link(&test_sup, kv_tuple(2, am_ok, kv_tuple(2, kv_map(1, am_strategy, am_one_for_one),
+    r = supervisor_start_link(module_atom(&test_sup), kv_tuple(2, am_ok, kv_tuple(2, kv_map(1, am_strategy, am_one_for_one),
                                                                     kv_list(1, nameless))), NIL);
     assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_start_spec, A("missing_id"))));
     /* ... and each reason reads as Exception.format_exit/1 words it */
@@ -2323,7 +2295,7 @@ static void t_dynamic_restarting_child(term ctx) {
     assert_eq(dynamic_supervisor_terminate_child(sup, f), am_ok);
     assert_eq(dynamic_supervisor_which_children(sup), NIL);
     process_send(sup, A("hello"));
-    process_sleep(1);
+    process_sleep(I(1));
     assert_contains(captured_log(), "[error] DynamicSupervisor received unexpected message: :hello\n");
 }
 
@@ -2339,7 +2311,7 @@ static void t_dynamic_shutdown_concurrent(term ctx) {
     events(2);
     int64_t t0 = now_ms();
     process_unlink(sup);
-    gen_server_stop(sup, am_shutdown, VM_INFINITY);
+    gen_server_stop(sup, am_shutdown, am_infinity);
     assert_eq(I(now_ms() - t0), I(100));
     assert_eq(I((int64_t)list_length(events(2))), I(2));
 }
@@ -2357,7 +2329,7 @@ static void t_removes_bucket_on_crash(term ctx) {
     term bucket = ok_value(kv_registry_lookup(registry, S("shopping")));
 
     /* Stop the bucket with non-normal reason */
-    agent_stop(bucket, am_shutdown, VM_INFINITY);
+    agent_stop(bucket, am_shutdown, am_infinity);
     assert_eq(kv_registry_lookup(registry, S("shopping")), am_error);
 }
 
@@ -2382,10 +2354,10 @@ static void lookup_shopping(void *registry) { kv_registry_lookup((term)registry,
 
 static void t_registry_linked_to_buckets(term ctx) {
     (void)ctx;
-    term registry = ok_value(gen_server_start(&linked_registry, am_ok, NIL));
+    term registry = ok_value(gen_server_start(module_atom(&linked_registry), am_ok, NIL));
     kv_registry_create(registry, S("shopping"));
     term bucket = ok_value(kv_registry_lookup(registry, S("shopping")));
-    agent_stop(bucket, am_shutdown, VM_INFINITY);
+    agent_stop(bucket, am_shutdown, am_infinity);
     term reason = catch_exit(lookup_shopping, (void *)registry);
     struct buf b = {0}, want = {0};
     format_exit_banner(&b, reason);
@@ -2479,7 +2451,7 @@ static void t_app_stop_order(term ctx) {
 /* The registered process `name`, once its supervisor has (re)started it. */
 static term registered(term name) {
     term pid;
-    while ((pid = process_whereis(name)) == am_nil) process_sleep(1);
+    while ((pid = process_whereis(name)) == am_nil) process_sleep(I(1));
     return pid;
 }
 
@@ -2488,7 +2460,7 @@ static void crash_registry_times(int n) {
         term reg = registered(kv_alias("KV.Registry"));
         term ref = process_monitor(reg);
         process_exit(reg, A("boom"));
-        receive(match_down_of, ref, VM_INFINITY);
+        receive(match_down_of, ref, am_infinity);
     }
 }
 
@@ -2500,14 +2472,14 @@ static void t_app_exits_with_its_tree(term ctx) {
     term top = process_whereis(kv_alias("KV.Supervisor"));
     term ref = process_monitor(top);
     crash_registry_times(4);
-    assert_eq(elem(receive(match_down_of, ref, VM_INFINITY), 4), am_shutdown);
-    process_sleep(1);
+    assert_eq(elem(receive(match_down_of, ref, am_infinity), 4), am_shutdown);
+    process_sleep(I(1));
     assert_contains(captured_log(), "[notice] Application kv exited: shutdown\n");
     assert_eq(process_whereis(kv_alias("KV.Supervisor")), am_nil);
     assert_true(!term_eq(hd(application_started_applications()), kv_tuple(3, A("kv"), charlist("kv"), charlist("0.1.0"))));
     assert_eq(application_start(A("kv")), am_ok); /* and it can start again */
     process_exit(process_whereis(kv_alias("KV.Supervisor")), am_kill);
-    process_sleep(1);
+    process_sleep(I(1));
     assert_contains(captured_log(), "[notice] Application kv exited: killed\n");
 }
 
@@ -2620,3 +2592,32 @@ static const struct test tests[] = {
     {"dynamic-supervisor", "KV.RegistryTest", "before the bucket supervisor, a bucket crash took the registry down", NULL, t_registry_linked_to_buckets, NULL},
     {NULL, NULL, NULL, NULL, NULL, NULL},
 };
+
+/* ==========================================================================
+ * main: run the tests, in the table's order
+ * ========================================================================== */
+
+int main(int argc, char **argv) {
+    vm_init(true);
+    kv_load_modules();
+    load_test_modules();
+    const char *chapter = "", *module = "";
+    for (const struct test *t = tests; t->name; t++) {
+        if (!selected(t, argc, argv)) continue;
+        if (strcmp(chapter, t->chapter) != 0) {
+            chapter = t->chapter;
+            module = "";
+            printf("\n== %s\n", chapter);
+        }
+        if (strcmp(module, t->module) != 0) {
+            module = t->module;
+            printf("\n%s\n", module);
+        }
+        run_test(t);
+    }
+    printf("\n%d passed, %d failed\n", H.passed, H.nfailed);
+    buf_free(&H.log);
+    buf_free(&H.failure);
+    vm_shutdown();
+    return H.nfailed ? 1 : 0;
+}
