@@ -621,7 +621,7 @@ static term atom_n(const char *name, size_t n) {
     return a;
 }
 
-static term kv_atom(const char *name) { return atom_n(name, strlen(name)); }
+static term atom(const char *name) { return atom_n(name, strlen(name)); }
 
 /* The atoms the VM uses itself, created once at start-up.  BEAM's own C
  * source calls its built-in atoms am_ok, am_normal, ...; so does kv.c.
@@ -689,30 +689,30 @@ KV_ATOMS(DECLARE_ATOM)
 #undef DECLARE_ATOM
 
 static void atoms_init(void) {
-#define INIT_ATOM(id, text) am_##id = kv_atom(text);
+#define INIT_ATOM(id, text) am_##id = atom(text);
     KV_ATOMS(INIT_ATOM)
 #undef INIT_ATOM
 }
 
 /* Elixir's `KV.Registry` is the atom :"Elixir.KV.Registry". */
-static term kv_alias(const char *name) {
+static term alias(const char *name) {
     char buf[256];
     snprintf(buf, sizeof buf, "Elixir.%s", name);
-    return kv_atom(buf);
+    return atom(buf);
 }
 
 /* true or false, the atoms, from a C bool (C's side only; Elixir needs none) */
-API term kv_bool(bool b) { return b ? am_true : am_false; }
+API term boolean(bool b) { return b ? am_true : am_false; }
 
 /* ---- Building terms --------------------------------------------------- */
 
-static term kv_int(int64_t i) {
+static term integer(int64_t i) {
     struct term *t = term_alloc(K_INT, 0, 0);
     t->u.i = i;
     return t;
 }
 
-static term kv_binary(const char *bytes, size_t n) {
+static term binary(const char *bytes, size_t n) {
     /* The bytes follow the header, plus a NUL so BYTES(b) is a C string. */
     struct term *b = heap_alloc(alloc_heap, sizeof *b + n + 1);
     b->kind = K_BIN;
@@ -724,63 +724,63 @@ static term kv_binary(const char *bytes, size_t n) {
 }
 
 /* "milk" — an Elixir string (a UTF-8 binary). */
-static term kv_string(const char *s) { return kv_binary(s, strlen(s)); }
+static term string(const char *s) { return binary(s, strlen(s)); }
 
-static term kv_pid(uint64_t n) {
+static term pid_term(uint64_t n) {
     struct term *t = term_alloc(K_PID, 0, 0);
     t->u.id = n;
     return t;
 }
 
-static term kv_ref(uint64_t n) {
+static term ref_term(uint64_t n) {
     struct term *t = term_alloc(K_REF, 0, 0);
     t->u.id = n;
     return t;
 }
 
-static term kv_tuple_of(size_t n, const term *items) {
+static term tuple_of(size_t n, const term *items) {
     struct term *t = term_alloc(K_TUPLE, (uint32_t)n, n);
     for (size_t i = 0; i < n; i++) t->item[i] = items[i];
     return t;
 }
 
-/* {a, b, ...} — kv_tuple(3, am_ok, x, y) builds {:ok, x, y}. */
-static term kv_tuple(size_t n, ...) {
+/* {a, b, ...} — tuple(3, am_ok, x, y) builds {:ok, x, y}. */
+static term tuple(size_t n, ...) {
     term items[16];
-    if (n > 16) abort(); /* use kv_tuple_of for more */
+    if (n > 16) abort(); /* use tuple_of for more */
     va_list ap;
     va_start(ap, n);
     for (size_t i = 0; i < n && i < 16; i++) items[i] = va_arg(ap, term);
     va_end(ap);
-    return kv_tuple_of(n, items);
+    return tuple_of(n, items);
 }
 
 /* [head | tail] */
-static term kv_cons(term head, term tail) {
+static term cons(term head, term tail) {
     struct term *t = term_alloc(K_CONS, 0, 2);
     t->item[0] = head;
     t->item[1] = tail;
     return t;
 }
 
-static term kv_list_of(size_t n, const term *items) {
+static term list_of(size_t n, const term *items) {
     term l = NIL;
-    while (n--) l = kv_cons(items[n], l);
+    while (n--) l = cons(items[n], l);
     return l;
 }
 
 /* [a, b, ...] — a list literal */
-API term kv_list(size_t n, ...) {
+API term list(size_t n, ...) {
     term items[16];
-    if (n > 16) abort(); /* use kv_list_of for more */
+    if (n > 16) abort(); /* use list_of for more */
     va_list ap;
     va_start(ap, n);
     for (size_t i = 0; i < n && i < 16; i++) items[i] = va_arg(ap, term);
     va_end(ap);
-    return kv_list_of(n, items);
+    return list_of(n, items);
 }
 
-static term kv_fun(const struct fun_def *def, term env) {
+static term fun_term(const struct fun_def *def, term env) {
     struct term *t = term_alloc(K_FUN, 1, 1);
     t->u.fun = def;
     t->item[0] = env ? env : NIL;
@@ -1022,11 +1022,11 @@ static term map_remove(term m, term key) {
     return r;
 }
 
-static term kv_map_empty(void) { return map_alloc(0); }
+static term empty_map(void) { return map_alloc(0); }
 
-/* %{k1 => v1, ...} — kv_map(2, k1, v1, k2, v2): n pairs, any order. */
-static term kv_map(size_t n, ...) {
-    term m = kv_map_empty();
+/* %{k1 => v1, ...} — map(2, k1, v1, k2, v2): n pairs, any order. */
+static term map(size_t n, ...) {
+    term m = empty_map();
     va_list ap;
     va_start(ap, n);
     for (size_t i = 0; i < n; i++) {
@@ -1091,7 +1091,7 @@ static term list_concat(term a, term b) {
 }
 
 /* list ++ [x] */
-static term list_append(term list, term x) { return list_concat(list, kv_list(1, x)); }
+static term list_append(term l, term x) { return list_concat(l, list(1, x)); }
 
 /* ---- Copying ----------------------------------------------------------
  * Sending a message copies it: processes share nothing.  term_size says
@@ -1153,7 +1153,7 @@ static term copy_rec(term t) {
                 *slot = c;
                 break;
             case K_BIN:
-                *slot = kv_binary(BYTES(t), t->n);
+                *slot = binary(BYTES(t), t->n);
                 break;
             case K_FUN:
                 c = term_alloc(K_FUN, 1, 1);
@@ -1729,19 +1729,19 @@ static const struct struct_def struct_defs[] = {
     {NULL, {NULL}},
 };
 
-static const struct doc *struct_doc(term map, long limit) {
-    term name = map_lookup(map, am_struct_, NULL);
+static const struct doc *struct_doc(term m, long limit) {
+    term name = map_lookup(m, am_struct_, NULL);
     if (!name || !is_atom(name) || !is_alias(BYTES(name), name->n)) return NULL;
     for (const struct struct_def *sd = struct_defs; sd->name; sd++) {
         if (strcmp(BYTES(name) + 7, sd->name) != 0) continue;
         term fields[7];
         size_t nf = 0;
-        for (; nf < 7 && sd->fields[nf]; nf++) fields[nf] = kv_atom(sd->fields[nf]);
-        bool exception = map_find(map, am_exception_) >= 0;
-        if (map->n != nf + 1 + exception) return NULL; /* not exactly this struct */
+        for (; nf < 7 && sd->fields[nf]; nf++) fields[nf] = atom(sd->fields[nf]);
+        bool exception = map_find(m, am_exception_) >= 0;
+        if (m->n != nf + 1 + exception) return NULL; /* not exactly this struct */
         for (size_t i = 0; i < nf; i++)
-            if (map_find(map, fields[i]) < 0) return NULL;
-        struct items it = {ITEM_FIELD, map, nf, NULL, fields};
+            if (map_find(m, fields[i]) < 0) return NULL;
+        struct items it = {ITEM_FIELD, m, nf, NULL, fields};
         char left[80];
         snprintf(left, sizeof left, "%%%s{", sd->name);
         return container_doc(left, &it, "}", limit, BREAK_STRICT);
@@ -1794,7 +1794,7 @@ static const struct doc *term_doc(term t, long limit) {
         } else {
             struct items it = {ITEM_PLAIN, NIL, 0, NULL, NULL};
             term bytes = NIL;
-            for (size_t i = t->n; i-- > 0;) bytes = kv_cons(kv_int((unsigned char)BYTES(t)[i]), bytes);
+            for (size_t i = t->n; i-- > 0;) bytes = cons(integer((unsigned char)BYTES(t)[i]), bytes);
             it.src = bytes;
             it.count = t->n;
             /* Inspect.BitString indents by the width of "<<", not by one. */
@@ -1815,7 +1815,7 @@ static const struct doc *term_doc(term t, long limit) {
         struct items it = {keyword ? ITEM_KEYWORD : ITEM_ASSOC, t, t->n, NULL, NULL};
         if (keyword) { /* the keyword style reads pairs from a list */
             term pairs = NIL;
-            for (size_t i = t->n; i-- > 0;) pairs = kv_cons(kv_tuple(2, map_key(t, i), map_value(t, i)), pairs);
+            for (size_t i = t->n; i-- > 0;) pairs = cons(tuple(2, map_key(t, i), map_value(t, i)), pairs);
             it.src = pairs;
         }
         return container_doc("%{", &it, "}", limit, BREAK_STRICT);
@@ -2264,31 +2264,31 @@ static void proc_wait(void) {
  * scheduler, which frees it (proc_finish).
  * Contract: vm.sched_ctx is valid (see I.1); p's stack is not saved and
  * never entered again. */
-static NORETURN void leave_to_scheduler(struct proc *p) {
+static NORETURN void leave_for_good(struct proc *p) {
     vm.exiting = p;
     FIBER_LEAVE(NULL); /* for good: ASan may drop its fake stack */
     _longjmp(vm.sched_ctx, JUMP_EXITED); /* up: sched_enter's frame */
 }
 
 /* Kernel.exit from the process itself, for real (no catch). */
-static NORETURN void exit_current(term reason) {
+static NORETURN void exit_now(term reason) {
     struct proc *p = vm.current;
     p->exit_reason = reason;
     p->state = P_EXITING;
-    leave_to_scheduler(p);
+    leave_for_good(p);
 }
 
 /* A process's first frame.  Returning from its function means :normal. */
-static void signals_flush(struct proc *p);
-static void settle(void);
+static void handle_signals(struct proc *p);
+static void apply_exits(void);
 
 static NORETURN void proc_main(struct proc *p) {
-    signals_flush(p); /* a signal may have come before its first turn */
-    settle();
+    handle_signals(p); /* a signal may have come before its first turn */
+    apply_exits();
     p->entry(p->arg);
-    signals_flush(p); /* ...or while it ran without receiving */
-    settle();
-    exit_current(am_normal);
+    handle_signals(p); /* ...or while it ran without receiving */
+    apply_exits();
+    exit_now(am_normal);
 }
 
 /* ---- Overflow -----------------------------------------------------------
@@ -2571,7 +2571,7 @@ static bool sched_idle(bool may_wait) {
     return true;
 }
 
-static void reap(void);
+static void finish_exited(void);
 static void proc_finish(struct proc *p);
 
 /* Enter p and come back when control returns to the scheduler.
@@ -2609,7 +2609,7 @@ static enum vm_result vm_run(uint64_t watch) {
     for (;;) {
         /* Processes killed during the last turn (by an exit signal or a
          * :kill) are finished here, where no process is on the stage. */
-        reap();
+        finish_exited();
         vm.direct = 0; /* the next 63 hand-offs may skip this loop again */
         if (watch && !proc_of_pid(watch)) { result = VM_DONE; break; }
         /* Busy or not, look at the clock and at input on every pass, so a
@@ -2656,8 +2656,8 @@ static void vm_init(bool virtual_clock) {
 /* erl +P: the most processes that may be alive at once. */
 API void vm_set_process_limit(size_t limit) { vm.limit = limit; }
 
-static void reap(void);
-static void die(struct proc *p, term reason);
+static void finish_exited(void);
+static void exit_later(struct proc *p, term reason);
 static void code_purge(void);
 
 /* System.stop/0 (:init.stop), its last step: every process still alive
@@ -2668,8 +2668,8 @@ static void code_purge(void);
 static void vm_shutdown(void) {
     vm.on_finish = NULL;
     for (size_t i = 0; i < vm.table_cap; i++)
-        if (vm.table[i]) die(vm.table[i], am_killed);
-    reap();
+        if (vm.table[i]) exit_later(vm.table[i], am_killed);
+    finish_exited();
     heap_free(&outside_heap);
     vm_free(vm.table);
     vm_free(vm.timers);
@@ -2800,9 +2800,10 @@ API term process_send(term dest, term msg) {
     return msg;
 }
 
-static bool signal_handle(struct proc *p, struct msg **at);
-static void signals_flush(struct proc *p);
-static void settle(void);
+enum signal_outcome { SIGNAL_KEPT_AS_MESSAGE, SIGNAL_TAKEN };
+static enum signal_outcome handle_exit_signal(struct proc *p, struct msg **at);
+static void handle_signals(struct proc *p);
+static void apply_exits(void);
 
 typedef bool (*match_fn)(term msg, const void *arg);
 
@@ -2845,8 +2846,8 @@ static term receive_full(match_fn match, const void *arg, int64_t timeout_ms, co
         for (struct msg *m; (m = *scan);) {
             /* An exit signal, reached in order: if it is not kept as a
              * message, it is gone (and may have killed us). */
-            if (m->signal && !signal_handle(p, scan)) {
-                settle();
+            if (m->signal && handle_exit_signal(p, scan) == SIGNAL_TAKEN) {
+                apply_exits();
                 continue;
             }
             if (match && !match(m->value, arg)) {
@@ -2906,7 +2907,7 @@ static bool match_nothing(term msg, const void *arg) {
  * otherwise); receive then refuses what is longer than AFTER_MAX. */
 API void process_sleep(term timeout) {
     if (timeout != am_infinity && !(is_integer(timeout) && int_value(timeout) >= 0))
-        raise_error(function_clause_error(kv_alias("Process"), kv_atom("sleep"), 1));
+        raise_error(function_clause_error(alias("Process"), atom("sleep"), 1));
     receive_full(match_nothing, NULL, after_ms(timeout), "the end of Process.sleep", NULL);
 }
 
@@ -2915,8 +2916,8 @@ API void erlang_yield(void) {
     struct proc *p = vm.current;
     runq_push(p);
     proc_wait();
-    signals_flush(p); /* exit signals that came meanwhile take effect now */
-    settle();
+    handle_signals(p); /* exit signals that came meanwhile take effect now */
+    apply_exits();
 }
 
 /* What a port does for the process that owns it: wait until fd has input
@@ -2933,8 +2934,8 @@ API void process_wait_input(int fd) {
         p->waiting_for = "input";
         proc_wait();
         /* Woken by an exit signal, maybe (messages do not wake it). */
-        signals_flush(p);
-        settle();
+        handle_signals(p);
+        apply_exits();
     }
     p->waiting_for = NULL;
 }
@@ -2968,9 +2969,9 @@ API void process_wait_input(int fd) {
  * one that repeats the same way every run.  Two things act at once
  * instead: an untrappable :kill, and a signal a process sends itself.
  *
- * A process that must exit now is marked (die) and queued; reap() then
+ * A process that must exit now is marked (exit_later) and queued; finish_exited() then
  * finishes the queued processes.  The running process cannot be finished
- * while its code runs: it is marked, and settle() sends it to the
+ * while its code runs: it is marked, and apply_exits() sends it to the
  * scheduler as soon as the runtime call that killed it is done.
  *
  * The data.  A link is two `struct link_end`s, one in each process's list,
@@ -3072,7 +3073,7 @@ static struct monitor *monitor_find(struct proc *watcher, uint64_t ref) {
 static void deliver_tuple(struct proc *p, size_t n, const term *items) {
     struct heap scratch = {0};
     term t;
-    WITH_HEAP(&scratch, t = kv_tuple_of(n, items));
+    WITH_HEAP(&scratch, t = tuple_of(n, items));
     deliver(p, t);
     heap_free(&scratch);
 }
@@ -3081,7 +3082,7 @@ static void deliver_tuple(struct proc *p, size_t n, const term *items) {
 static void send_down(struct proc *watcher, uint64_t ref, term object, term reason) {
     struct heap scratch = {0};
     term r;
-    WITH_HEAP(&scratch, r = kv_ref(ref));
+    WITH_HEAP(&scratch, r = ref_term(ref));
     term items[5] = {am_DOWN, r, am_process, object, reason};
     deliver_tuple(watcher, 5, items);
     heap_free(&scratch);
@@ -3098,11 +3099,11 @@ static void wait_cancel(struct proc *p) {
     }
 }
 
-/* p must exit with `reason`: mark it and queue it for reap().  Nothing
+/* p must exit with `reason`: mark it and queue it for finish_exited().  Nothing
  * is freed yet: p may be the running process, deep in a call.  The reason
  * is copied into p's own heap unless p is the one running (then it is
  * already there): it must outlive the heap of whoever sent it. */
-static void die(struct proc *p, term reason) {
+static void exit_later(struct proc *p, term reason) {
     if (p->state == P_EXITING) return;
     p->exit_reason = p == vm.current ? reason : term_copy(&p->heap, reason);
     p->state = P_EXITING;
@@ -3116,21 +3117,21 @@ static void die(struct proc *p, term reason) {
  * mailbox: a trapping process keeps it as an ordinary message (true); for
  * any other process it is taken out, and kills p unless the reason is
  * :normal (false). */
-static bool signal_handle(struct proc *p, struct msg **at) {
+static enum signal_outcome handle_exit_signal(struct proc *p, struct msg **at) {
     struct msg *sig = *at;
     if (p->trap_exit) {
         sig->signal = false;
-        return true;
+        return SIGNAL_KEPT_AS_MESSAGE;
     }
     mbox_take(p, at);
     term reason = elem(sig->value, 2);
     if (reason != am_normal) {
         heap_add_chunk(&p->heap, sig->chunk); /* keep the reason's memory */
-        die(p, reason);
+        exit_later(p, reason);
     } else {
         chunk_free(sig->chunk);
     }
-    return false;
+    return SIGNAL_TAKEN;
 }
 
 /* An exit signal from the process `from` to p (see the table above).
@@ -3138,13 +3139,13 @@ static bool signal_handle(struct proc *p, struct msg **at) {
 static void exit_signal(struct proc *p, term from, term reason, bool link) {
     if (p->state == P_EXITING) return;
     if (!link && reason == am_kill) {
-        die(p, am_killed); /* untrappable, and immediate */
+        exit_later(p, am_killed); /* untrappable, and immediate */
         return;
     }
     term items[3] = {am_EXIT, from, reason};
     struct heap scratch = {0};
     term t;
-    WITH_HEAP(&scratch, t = kv_tuple_of(3, items));
+    WITH_HEAP(&scratch, t = tuple_of(3, items));
     struct msg *sig = msg_new(t);
     heap_free(&scratch);
     sig->signal = true;
@@ -3153,9 +3154,9 @@ static void exit_signal(struct proc *p, term from, term reason, bool link) {
         mailbox_append(p, sig);
         if (reason == am_normal && !p->trap_exit && !link) {
             chunk_free(mbox_take(p, at)->chunk);
-            die(p, am_normal);
+            exit_later(p, am_normal);
         } else {
-            signal_handle(p, at);
+            handle_exit_signal(p, at);
         }
         return;
     }
@@ -3167,20 +3168,20 @@ static void exit_signal(struct proc *p, term from, term reason, bool link) {
  * the process `from` (0: from anyone).  A process that resumes from a wait
  * other than receive does this for all of its own; Process.alive?/1 does
  * it for the signals its caller sent. */
-static void signals_flush_from(struct proc *p, uint64_t from) {
+static void handle_signals_from(struct proc *p, uint64_t from) {
     for (struct msg **pp = &p->mbox_head, *m; (m = *pp) && p->state != P_EXITING;) {
         bool mine = m->signal && (!from || elem(m->value, 1)->u.id == from);
-        if (mine && !signal_handle(p, pp)) continue; /* taken out: *pp is the next */
+        if (mine && handle_exit_signal(p, pp) == SIGNAL_TAKEN) continue; /* *pp is the next */
         pp = &m->next;
     }
 }
 
-static void signals_flush(struct proc *p) { signals_flush_from(p, 0); }
+static void handle_signals(struct proc *p) { handle_signals_from(p, 0); }
 
 static void names_remove(struct proc *p);
 
 /* Finish a dead process: tell its links and monitors, free everything.
- * Never called for the running process (see reap and vm_run).  The name
+ * Never called for the running process (see finish_exited and vm_run).  The name
  * goes first, as on BEAM, so that a process that hears of the death can
  * register the same name at once (a supervisor restarting a named child
  * relies on it); then the exit signals go along the links, and the :DOWN
@@ -3191,7 +3192,7 @@ static void proc_finish(struct proc *p) {
     if (vm.on_finish) vm.on_finish(p->pid, reason);
     struct heap scratch = {0};
     term self_pid;
-    WITH_HEAP(&scratch, self_pid = kv_pid(p->pid));
+    WITH_HEAP(&scratch, self_pid = pid_term(p->pid));
     names_remove(p);
     while (p->links) {
         struct proc *q = p->links->peer;
@@ -3201,7 +3202,7 @@ static void proc_finish(struct proc *p) {
     while (p->watchers) {
         struct monitor *m = p->watchers;
         term object = self_pid;
-        if (m->name) WITH_HEAP(&scratch, object = kv_tuple(2, m->name, am_nonode));
+        if (m->name) WITH_HEAP(&scratch, object = tuple(2, m->name, am_nonode));
         send_down(m->watcher, m->ref, object, reason);
         monitor_remove(m);
     }
@@ -3222,8 +3223,8 @@ static struct proc *dying_pop(void) {
     return p;
 }
 
-/* Finish every process marked to die, except the running one. */
-static void reap(void) {
+/* Finish every process marked to exit_later, except the running one. */
+static void finish_exited(void) {
     struct proc *p;
     while ((p = dying_pop()))
         if (p != vm.current) proc_finish(p);
@@ -3231,10 +3232,10 @@ static void reap(void) {
 
 /* After a runtime call that may have killed processes: finish them, and if
  * the caller itself was killed, leave now (the scheduler finishes it). */
-static void settle(void) {
-    reap();
+static void apply_exits(void) {
+    finish_exited();
     struct proc *self = vm.current;
-    if (self && self->state == P_EXITING) leave_to_scheduler(self);
+    if (self && self->state == P_EXITING) leave_for_good(self);
 }
 
 /* --------------------------------------------------------------------------
@@ -3247,7 +3248,7 @@ static term erlang_error(term original);
 static term exception_new(term module, size_t nfields, ...);
 
 /* self/0 */
-static term self(void) { return kv_pid(vm.current->pid); }
+static term self(void) { return pid_term(vm.current->pid); }
 
 /* :erlang.garbage_collect/0, with the one root C cannot find by itself:
  * returns root, copied into the running process's fresh heap (I.4). */
@@ -3260,7 +3261,7 @@ API term garbage_collect(term root) { return heap_compact(&vm.current->heap, roo
 static void *proc_scratch(size_t size) { return heap_alloc(&vm.current->heap, size ? size : 1); }
 
 /* make_ref/0 */
-API term make_ref(void) { return kv_ref(vm.next_ref++); }
+API term make_ref(void) { return ref_term(vm.next_ref++); }
 
 static struct proc *proc_spawn(void (*entry)(term), term arg, const char *label) {
     if (vm.count >= vm.limit) {
@@ -3268,8 +3269,8 @@ static struct proc *proc_spawn(void (*entry)(term), term arg, const char *label)
             fprintf(stderr, "kv: process limit (%zu) reached\n", vm.limit);
             abort();
         }
-        raise_error(exception_new(kv_alias("SystemLimitError"), 1, am_message,
-                                  kv_string("a system limit has been reached")));
+        raise_error(exception_new(alias("SystemLimitError"), 1, am_message,
+                                  string("a system limit has been reached")));
     }
     struct proc *p = mem_alloc(sizeof *p);
     memset(p, 0, sizeof *p);
@@ -3285,20 +3286,20 @@ static struct proc *proc_spawn(void (*entry)(term), term arg, const char *label)
 
 /* spawn/1: a process running fn(arg).  arg is copied into it, the way an
  * Elixir closure's captured variables are. */
-API term spawn(void (*fn)(term), term arg) { return kv_pid(proc_spawn(fn, arg, NULL)->pid); }
+API term spawn(void (*fn)(term), term arg) { return pid_term(proc_spawn(fn, arg, NULL)->pid); }
 
 /* spawn_link/1 */
 API term spawn_link(void (*fn)(term), term arg) {
     struct proc *p = proc_spawn(fn, arg, NULL);
     link_add(vm.current, p);
-    return kv_pid(p->pid);
+    return pid_term(p->pid);
 }
 
 /* spawn_monitor/1 — {pid, ref} */
 API term spawn_monitor(void (*fn)(term), term arg) {
     struct proc *p = proc_spawn(fn, arg, NULL);
     struct monitor *m = monitor_add(vm.current, p, NULL);
-    return kv_tuple(2, kv_pid(p->pid), kv_ref(m->ref));
+    return tuple(2, pid_term(p->pid), ref_term(m->ref));
 }
 
 /* Start the first process, from main(): the VM's only way in. */
@@ -3312,11 +3313,11 @@ API bool process_alive(term pid) {
     if (!is_pid(pid)) raise_badarg("1st argument: not a pid");
     struct proc *p = proc_of(pid);
     if (!p) return false;
-    signals_flush_from(p, vm.current->pid);
-    /* Read the answer before settle(): settle finishes a process that
+    handle_signals_from(p, vm.current->pid);
+    /* Read the answer before apply_exits(): it finishes a process that
      * has just died, and frees it. */
     bool alive = p->state != P_EXITING;
-    settle();
+    apply_exits();
     return alive;
 }
 
@@ -3358,7 +3359,7 @@ API term process_exit(term pid, term reason) {
     struct proc *q = proc_of(pid);
     if (q) {
         exit_signal(q, self(), reason, false);
-        settle();
+        apply_exits();
     }
     return am_true;
 }
@@ -3377,10 +3378,10 @@ API term process_monitor(term target) {
     }
     if (!q) {
         uint64_t ref = vm.next_ref++;
-        send_down(me, ref, name ? kv_tuple(2, name, am_nonode) : target, am_noproc);
-        return kv_ref(ref);
+        send_down(me, ref, name ? tuple(2, name, am_nonode) : target, am_noproc);
+        return ref_term(ref);
     }
-    return kv_ref(monitor_add(me, q, name)->ref);
+    return ref_term(monitor_add(me, q, name)->ref);
 }
 
 static bool is_down_for(term msg, uint64_t ref) {
@@ -3436,7 +3437,7 @@ static struct proc *server_proc(term server) { return is_atom(server) ? whereis_
 API term process_whereis(term name) {
     if (!is_atom(name)) raise_badarg("1st argument: not an atom");
     struct proc *p = whereis_proc(name);
-    return p ? kv_pid(p->pid) : am_nil;
+    return p ? pid_term(p->pid) : am_nil;
 }
 
 static void names_remove(struct proc *p) {
@@ -3454,7 +3455,7 @@ static void names_remove(struct proc *p) {
 API term process_register(term pid, term name) {
     /* Elixir's guard: an atom, and not one of those that mean "no name" */
     if (!is_atom(name) || name == am_nil || name == am_true || name == am_false || name == am_undefined)
-        raise_error(function_clause_error(kv_alias("Process"), kv_atom("register"), 2));
+        raise_error(function_clause_error(alias("Process"), atom("register"), 2));
     struct proc *p = proc_of(pid);
     if (!p || p->name || whereis_proc(name))
         raise_argument_error("could not register %T with name %T because it is not alive, the name is "
@@ -3504,7 +3505,7 @@ API term process_unregister(term name) {
  * exit_self stores the kind and reason in the struct proc (not on the
  * stack, which it is about to abandon), pops the innermost catch point and
  * jumps to it: upward, inside the same process, so no copying is needed.
- * With no catch point, exit_current jumps to the scheduler instead.
+ * With no catch point, exit_now jumps to the scheduler instead.
  */
 
 /* Jump to the innermost catch point of the running process.
@@ -3557,7 +3558,7 @@ static void log_raised(term exception);
 /* Kernel.exit/1 */
 API NORETURN void exit_self(term reason) {
     if (vm.current->catcher) throw_to_catcher(CAUGHT_EXIT, reason);
-    exit_current(reason);
+    exit_now(reason);
 }
 
 /* Kernel.raise/1.  Uncaught, the process exits with {exception, stacktrace}
@@ -3572,16 +3573,16 @@ static NORETURN void raise_error(term exception) {
     }
     if (vm.current->catcher) throw_to_catcher(CAUGHT_ERROR, exception);
     log_raised(exception);
-    exit_current(kv_tuple(2, exception, NIL));
+    exit_now(tuple(2, exception, NIL));
 }
 
 /* Kernel.throw/1.  Uncaught, the process exits with {{:nocatch, value},
  * stacktrace}, as on BEAM. */
 API NORETURN void throw_value(term value) {
     if (vm.current->catcher) throw_to_catcher(CAUGHT_THROW, value);
-    term reason = kv_tuple(2, am_nocatch, value);
+    term reason = tuple(2, am_nocatch, value);
     log_raised(erlang_error(reason));
-    exit_current(kv_tuple(2, reason, NIL));
+    exit_now(tuple(2, reason, NIL));
 }
 
 /* --------------------------------------------------------------------------
@@ -3607,7 +3608,7 @@ API NORETURN void throw_value(term value) {
 
 /* %Module{field: value, ...} with __exception__: true */
 static term exception_new(term module, size_t nfields, ...) {
-    term m = kv_map(2, am_struct_, module, am_exception_, am_true);
+    term m = map(2, am_struct_, module, am_exception_, am_true);
     va_list ap;
     va_start(ap, nfields);
     for (size_t i = 0; i < nfields; i++) {
@@ -3621,12 +3622,12 @@ static term exception_new(term module, size_t nfields, ...) {
 
 /* RuntimeError.exception(message) — %RuntimeError{message: message} */
 API term runtime_error(const char *message) {
-    return exception_new(am_RuntimeError, 1, am_message, kv_string(message));
+    return exception_new(am_RuntimeError, 1, am_message, string(message));
 }
 
 /* %ArgumentError{message: message} */
 static term argument_error(const char *message) {
-    return exception_new(am_ArgumentError, 1, am_message, kv_string(message));
+    return exception_new(am_ArgumentError, 1, am_message, string(message));
 }
 
 static void buf_terms(struct buf *b, const char *fmt, va_list ap);
@@ -3650,7 +3651,7 @@ API term match_error(term value) { return exception_new(am_MatchError, 1, am_ter
 /* %FunctionClauseError{} — no clause of module.function/arity matched */
 API term function_clause_error(term module, term function, int arity) {
     return exception_new(am_FunctionClauseError, 6, am_module, module, am_function, function,
-                         am_arity, kv_int(arity), am_kind, am_nil, am_args, am_nil, am_clauses, am_nil);
+                         am_arity, integer(arity), am_kind, am_nil, am_args, am_nil, am_clauses, am_nil);
 }
 
 /* %ErlangError{original: term} — an Erlang error Elixir has no name for */
@@ -3677,7 +3678,7 @@ API size_t list_length(term l) {
  * be a list and key an atom (Elixir's guards), or FunctionClauseError. */
 API term keyword_get(term kw, term key, term dflt) {
     if (!is_list(kw) || !is_atom(key))
-        raise_error(function_clause_error(kv_alias("Keyword"), am_get, 3));
+        raise_error(function_clause_error(alias("Keyword"), am_get, 3));
     for (; kw->kind == K_CONS; kw = tl(kw)) {
         term pair = hd(kw);
         if (is_tuple(pair) && tuple_size(pair) == 2 && elem(pair, 0) == key)
@@ -3687,7 +3688,7 @@ API term keyword_get(term kw, term key, term dflt) {
 }
 
 static void map_check(term m) {
-    if (!is_map(m)) raise_error(exception_new(kv_alias("BadMapError"), 1, am_term, m));
+    if (!is_map(m)) raise_error(exception_new(alias("BadMapError"), 1, am_term, m));
 }
 
 /* Map.get/3 — nil (or the default) when the key is absent */
@@ -3706,7 +3707,7 @@ static bool map_has_key(term m, term key) {
 API term map_fetch(term m, term key) {
     map_check(m);
     long i = map_find(m, key);
-    return i >= 0 ? kv_tuple(2, am_ok, map_value(m, (size_t)i)) : am_error;
+    return i >= 0 ? tuple(2, am_ok, map_value(m, (size_t)i)) : am_error;
 }
 
 /* Map.put/3 */
@@ -3725,8 +3726,8 @@ static term map_delete(term m, term key) {
 API term map_pop(term m, term key) {
     map_check(m);
     long i = map_find(m, key);
-    if (i < 0) return kv_tuple(2, am_nil, m);
-    return kv_tuple(2, map_value(m, (size_t)i), map_remove(m, key));
+    if (i < 0) return tuple(2, am_nil, m);
+    return tuple(2, map_value(m, (size_t)i), map_remove(m, key));
 }
 
 static bool is_exception(term t) {
@@ -3758,27 +3759,27 @@ static void exception_message(struct buf *b, term e) {
     } else if (module == am_FunctionClauseError) {
         buf_puts(b, "no function clause matching in ");
         mfa_text(b, map_get(e, am_module, am_nil), map_get(e, am_function, am_nil),
-                 int_value(map_get(e, am_arity, kv_int(0))));
+                 int_value(map_get(e, am_arity, integer(0))));
     } else if (module == am_ErlangError) {
         buf_puts(b, "Erlang error: ");
         inspect_to(b, map_get(e, am_original, am_nil));
-    } else if (module == kv_alias("BadMapError")) {
+    } else if (module == alias("BadMapError")) {
         buf_puts(b, "expected a map, got: ");
         inspect_to(b, map_get(e, am_term, am_nil));
-    } else if (module == kv_alias("BadFunctionError")) {
+    } else if (module == alias("BadFunctionError")) {
         buf_puts(b, "expected a function, got: ");
         inspect_to(b, map_get(e, am_term, am_nil));
-    } else if (module == kv_alias("BadArityError")) {
+    } else if (module == alias("BadArityError")) {
         term args = map_get(e, am_args, NIL);
         buf_puts(b, "");
-        inspect_to(b, map_get(e, kv_atom("function"), am_nil));
-        buf_printf(b, " with arity %d called with %s", map_get(e, kv_atom("function"), NULL)->u.fun->arity,
+        inspect_to(b, map_get(e, atom("function"), am_nil));
+        buf_printf(b, " with arity %d called with %s", map_get(e, atom("function"), NULL)->u.fun->arity,
                    list_length(args) ? "1 argument (" : "no arguments");
         if (list_length(args)) { inspect_to(b, hd(args)); buf_puts(b, ")"); }
     } else if (module == am_UndefinedFunctionError) {
         term module = map_get(e, am_module, am_nil);
         buf_puts(b, "function ");
-        mfa_text(b, module, map_get(e, am_function, am_nil), int_value(map_get(e, am_arity, kv_int(0))));
+        mfa_text(b, module, map_get(e, am_function, am_nil), int_value(map_get(e, am_arity, integer(0))));
         if (code_find(module)) {
             buf_puts(b, " is undefined or private");
         } else {
@@ -3844,7 +3845,7 @@ static const struct exit_words supervisor_data_words[] = {
 
 static void exit_words_to(struct buf *b, const struct exit_words *w, term what) {
     for (; w->tag; w++) {
-        if (!is_tagged(what, kv_atom(w->tag), 2)) continue;
+        if (!is_tagged(what, atom(w->tag), 2)) continue;
         buf_puts(b, w->before);
         inspect_to(b, elem(what, 1));
         buf_puts(b, w->after);
@@ -4053,7 +4054,7 @@ static const struct module *code_find(term name) {
 }
 
 /* The module's name as an atom: KV.Registry is :"Elixir.KV.Registry". */
-static term module_atom(const struct module *m) { return kv_alias(m->name); }
+static term module_atom(const struct module *m) { return alias(m->name); }
 
 /* A module's name as reports give it: "KV.Registry" (atoms live forever,
  * so the text can be kept). */
@@ -4108,7 +4109,7 @@ API term erlang_apply(term module, term function, term args) {
 /* %UndefinedFunctionError{}: module.function/arity does not exist */
 static term undefined_function_error(term module, term function, int arity) {
     return exception_new(am_UndefinedFunctionError, 5, am_module, module, am_function, function, am_arity,
-                         kv_int(arity), am_reason, am_nil, am_message, am_nil);
+                         integer(arity), am_reason, am_nil, am_message, am_nil);
 }
 
 /* The x of `{:ok, x} = result`; anything else raises MatchError, as the
@@ -4122,10 +4123,10 @@ API term ok_value(term result) {
  * not a fun of that arity raises, as in Elixir. */
 API term fun_call(term f, term arg) {
     int arity = arg ? 1 : 0;
-    if (!is_function(f)) raise_error(exception_new(kv_alias("BadFunctionError"), 1, am_term, f));
+    if (!is_function(f)) raise_error(exception_new(alias("BadFunctionError"), 1, am_term, f));
     if (f->u.fun->arity != arity)
-        raise_error(exception_new(kv_alias("BadArityError"), 2, kv_atom("function"), f, am_args,
-                                  arg ? kv_list(1, arg) : NIL));
+        raise_error(exception_new(alias("BadArityError"), 2, atom("function"), f, am_args,
+                                  arg ? list(1, arg) : NIL));
     return f->u.fun->code(f->item[0], arg);
 }
 
@@ -4160,7 +4161,7 @@ API term gen_server_cast(term server, term request);
 API term gen_server_stop(term server, term reason, term timeout);
 
 #define GEN_SERVER_DEFAULT_TIMEOUT 5000 /* GenServer.call's, in milliseconds */
-#define DEFAULT_TIMEOUT kv_int(GEN_SERVER_DEFAULT_TIMEOUT)
+#define DEFAULT_TIMEOUT integer(GEN_SERVER_DEFAULT_TIMEOUT)
 
 /* --------------------------------------------------------------------------
  * agents.md — "Agents 101": the Agent module
@@ -4168,7 +4169,7 @@ API term gen_server_stop(term server, term reason, term timeout);
 
 /* Agent.Server's callbacks.  A request carries the function to run. */
 
-static term agent_init(term fun) { return kv_tuple(2, am_ok, fun_call(fun, NULL)); }
+static term agent_init(term fun) { return tuple(2, am_ok, fun_call(fun, NULL)); }
 
 /* What a request asks the agent to run against its state: a fun,
  * fun.(state); or, from the Agent.get/4 family, {module, function, args}:
@@ -4176,7 +4177,7 @@ static term agent_init(term fun) { return kv_tuple(2, am_ok, fun_call(fun, NULL)
  * caller: a bad module, function or args fails here, in apply/3. */
 static term agent_run(term fun, term state) {
     if (is_tuple(fun) && tuple_size(fun) == 3)
-        return erlang_apply(elem(fun, 0), elem(fun, 1), kv_cons(state, elem(fun, 2)));
+        return erlang_apply(elem(fun, 0), elem(fun, 1), cons(state, elem(fun, 2)));
     return fun_call(fun, state);
 }
 
@@ -4184,21 +4185,21 @@ static term agent_handle_call(term request, term from, term state) {
     (void)from;
     term fun = is_tuple(request) && tuple_size(request) == 2 ? elem(request, 1) : NULL;
     if (fun && elem(request, 0) == am_get)
-        return kv_tuple(3, am_reply, agent_run(fun, state), state);
+        return tuple(3, am_reply, agent_run(fun, state), state);
     if (fun && elem(request, 0) == am_update)
-        return kv_tuple(3, am_reply, am_ok, agent_run(fun, state));
+        return tuple(3, am_reply, am_ok, agent_run(fun, state));
     if (fun && elem(request, 0) == am_get_and_update) {
         term r = agent_run(fun, state); /* must be {reply, new_state} */
-        if (is_tuple(r) && tuple_size(r) == 2) return kv_tuple(3, am_reply, elem(r, 0), elem(r, 1));
-        return kv_tuple(3, am_stop, kv_tuple(2, am_bad_return_value, r), state);
+        if (is_tuple(r) && tuple_size(r) == 2) return tuple(3, am_reply, elem(r, 0), elem(r, 1));
+        return tuple(3, am_stop, tuple(2, am_bad_return_value, r), state);
     }
-    raise_error(function_clause_error(kv_alias("Agent.Server"), am_handle_call, 3));
+    raise_error(function_clause_error(alias("Agent.Server"), am_handle_call, 3));
 }
 
 static term agent_handle_cast(term request, term state) {
     if (!is_tagged(request, am_cast, 2))
-        raise_error(function_clause_error(kv_alias("Agent.Server"), am_handle_cast, 2));
-    return kv_tuple(2, am_noreply, agent_run(elem(request, 1), state));
+        raise_error(function_clause_error(alias("Agent.Server"), am_handle_cast, 2));
+    return tuple(2, am_noreply, agent_run(elem(request, 1), state));
 }
 
 static const struct module agent_server = {
@@ -4212,24 +4213,24 @@ static const struct module agent_server = {
  * anything else is a FunctionClauseError in the caller. */
 static term agent_fun(term fun, int arity, const char *function, int function_arity) {
     if (!is_function(fun) || fun->u.fun->arity != arity)
-        raise_error(function_clause_error(am_Agent, kv_atom(function), function_arity));
+        raise_error(function_clause_error(am_Agent, atom(function), function_arity));
     return fun;
 }
 
 /* Agent.start_link/2 — {:ok, pid}; fun computes the initial state in the
  * new process.  opts: [name: atom], [timeout: ms]. */
 API term agent_start_link(term fun, term opts) {
-    return gen_start(kv_alias("Agent.Server"), agent_fun(fun, 0, "start_link", 2), opts, true);
+    return gen_start(alias("Agent.Server"), agent_fun(fun, 0, "start_link", 2), opts, true);
 }
 
 /* Agent.start/2 — the same, unlinked */
 API term agent_start(term fun, term opts) {
-    return gen_start(kv_alias("Agent.Server"), agent_fun(fun, 0, "start", 2), opts, false);
+    return gen_start(alias("Agent.Server"), agent_fun(fun, 0, "start", 2), opts, false);
 }
 
 /* Agent.get/3 — fun.(state), computed in the agent */
 API term agent_get_timeout(term agent, term fun, term timeout) {
-    return gen_server_call_timeout(agent, kv_tuple(2, am_get, agent_fun(fun, 1, "get", 3)), timeout);
+    return gen_server_call_timeout(agent, tuple(2, am_get, agent_fun(fun, 1, "get", 3)), timeout);
 }
 
 /* Agent.get/2 */
@@ -4239,44 +4240,44 @@ API term agent_get(term agent, term fun) {
 
 /* Agent.update/2 — the state becomes fun.(state); returns :ok */
 API term agent_update(term agent, term fun) {
-    return gen_server_call_timeout(agent, kv_tuple(2, am_update, agent_fun(fun, 1, "update", 3)),
+    return gen_server_call_timeout(agent, tuple(2, am_update, agent_fun(fun, 1, "update", 3)),
                                    DEFAULT_TIMEOUT);
 }
 
 /* Agent.get_and_update/2 — fun.(state) returns {reply, new_state} */
 API term agent_get_and_update(term agent, term fun) {
-    return gen_server_call_timeout(agent, kv_tuple(2, am_get_and_update, agent_fun(fun, 1, "get_and_update", 3)),
+    return gen_server_call_timeout(agent, tuple(2, am_get_and_update, agent_fun(fun, 1, "get_and_update", 3)),
                                    DEFAULT_TIMEOUT);
 }
 
 /* Agent.cast/2 — like update, without waiting; always :ok */
 API term agent_cast(term agent, term fun) {
-    return gen_server_cast(agent, kv_tuple(2, am_cast, agent_fun(fun, 1, "cast", 2)));
+    return gen_server_cast(agent, tuple(2, am_cast, agent_fun(fun, 1, "cast", 2)));
 }
 
 /* Agent.get/4 — apply(module, function, [state | args]), computed in the
  * agent.  Unlike the fun forms, nothing is checked in the caller: a bad
  * {module, function, args} crashes the agent (agent_run, apply/3). */
 API term agent_get_mfa(term agent, term module, term function, term args) {
-    return gen_server_call_timeout(agent, kv_tuple(2, am_get, kv_tuple(3, module, function, args)),
+    return gen_server_call_timeout(agent, tuple(2, am_get, tuple(3, module, function, args)),
                                    DEFAULT_TIMEOUT);
 }
 
 /* Agent.update/4 — the state becomes apply(module, function, [state | args]) */
 API term agent_update_mfa(term agent, term module, term function, term args) {
-    return gen_server_call_timeout(agent, kv_tuple(2, am_update, kv_tuple(3, module, function, args)),
+    return gen_server_call_timeout(agent, tuple(2, am_update, tuple(3, module, function, args)),
                                    DEFAULT_TIMEOUT);
 }
 
 /* Agent.get_and_update/4 — apply(...) returns {reply, new_state} */
 API term agent_get_and_update_mfa(term agent, term module, term function, term args) {
-    return gen_server_call_timeout(agent, kv_tuple(2, am_get_and_update, kv_tuple(3, module, function, args)),
+    return gen_server_call_timeout(agent, tuple(2, am_get_and_update, tuple(3, module, function, args)),
                                    DEFAULT_TIMEOUT);
 }
 
 /* Agent.cast/4 — like update/4, without waiting; always :ok */
 API term agent_cast_mfa(term agent, term module, term function, term args) {
-    return gen_server_cast(agent, kv_tuple(2, am_cast, kv_tuple(3, module, function, args)));
+    return gen_server_cast(agent, tuple(2, am_cast, tuple(3, module, function, args)));
 }
 
 /* Agent.stop/3 — :ok once the agent has exited with `reason` */
@@ -4291,7 +4292,7 @@ static term agent_start_link_1(term fun) { return agent_start_link(fun, NIL); }
 
 /* Agent.child_spec/1 (use GenServer, in Agent) */
 static term agent_child_spec(term arg) {
-    return kv_map(2, am_id, am_Agent, am_start, kv_tuple(3, am_Agent, am_start_link, kv_list(1, arg)));
+    return map(2, am_id, am_Agent, am_start, tuple(3, am_Agent, am_start_link, list(1, arg)));
 }
 
 static const struct export agent_exports[] = {
@@ -4310,15 +4311,15 @@ static const struct module agent_module = {.name = "Agent", .exports = agent_exp
  * function plus the one term it captures (struct fun_def, I.3).
  */
 
-static term empty_map(term env, term unused) {
+static term bucket_new(term env, term unused) {
     (void)env, (void)unused;
-    return kv_map_empty();
+    return empty_map();
 }
-static term bucket_get(term key, term map) { return map_get(map, key, am_nil); }
-static term bucket_put(term kv, term map) { return map_put(map, elem(kv, 0), elem(kv, 1)); }
-static term bucket_pop(term key, term map) { return map_pop(map, key); }
+static term bucket_get(term key, term state) { return map_get(state, key, am_nil); }
+static term bucket_put(term kv, term state) { return map_put(state, elem(kv, 0), elem(kv, 1)); }
+static term bucket_pop(term key, term state) { return map_pop(state, key); }
 
-static const struct fun_def empty_map_fun = {"empty_map", 0, "KV.Bucket.start_link/1", empty_map};
+static const struct fun_def bucket_new_fun = {"bucket_new", 0, "KV.Bucket.start_link/1", bucket_new};
 static const struct fun_def bucket_get_fun = {"bucket_get", 1, "KV.Bucket.get/2", bucket_get};
 static const struct fun_def bucket_put_fun = {"bucket_put", 1, "KV.Bucket.put/3", bucket_put};
 static const struct fun_def bucket_pop_fun = {"bucket_pop", 1, "KV.Bucket.delete/2", bucket_pop};
@@ -4326,15 +4327,15 @@ static const struct fun_def bucket_pop_fun = {"bucket_pop", 1, "KV.Bucket.delete
 /* KV.Bucket.start_link/1 — Agent.start_link(fn -> %{} end) */
 API term kv_bucket_start_link(term opts) {
     (void)opts;
-    return agent_start_link(kv_fun(&empty_map_fun, NIL), NIL);
+    return agent_start_link(fun_term(&bucket_new_fun, NIL), NIL);
 }
 
 /* KV.Bucket.get/2 — Agent.get(bucket, &Map.get(&1, key)) */
-API term kv_bucket_get(term bucket, term key) { return agent_get(bucket, kv_fun(&bucket_get_fun, key)); }
+API term kv_bucket_get(term bucket, term key) { return agent_get(bucket, fun_term(&bucket_get_fun, key)); }
 
 /* KV.Bucket.put/3 — Agent.update(bucket, &Map.put(&1, key, value)) */
 API term kv_bucket_put(term bucket, term key, term value) {
-    return agent_update(bucket, kv_fun(&bucket_put_fun, kv_tuple(2, key, value)));
+    return agent_update(bucket, fun_term(&bucket_put_fun, tuple(2, key, value)));
 }
 
 /* --------------------------------------------------------------------------
@@ -4355,7 +4356,7 @@ API term kv_bucket_put(term bucket, term key, term value) {
 /* KV.Bucket.delete/2 — Agent.get_and_update(bucket, &Map.pop(&1, key)):
  * the value that was there, or nil */
 API term kv_bucket_delete(term bucket, term key) {
-    return agent_get_and_update(bucket, kv_fun(&bucket_pop_fun, key));
+    return agent_get_and_update(bucket, fun_term(&bucket_pop_fun, key));
 }
 
 /* --------------------------------------------------------------------------
@@ -4490,7 +4491,7 @@ static term default_handle_info(struct gen_server *gs, term msg) {
     inspect_to(&b, msg);
     logger_log(LOG_ERROR, buf_str(&b));
     buf_free(&b);
-    return kv_tuple(2, am_noreply, gs->state);
+    return tuple(2, am_noreply, gs->state);
 }
 
 static void run_callback(void *arg) {
@@ -4527,7 +4528,7 @@ static term callback(struct gen_server *gs, enum callback which, term msg, term 
     switch (try_catch(run_callback, &r, &caught)) {
     case CAUGHT_NOTHING: return r.result;
     case CAUGHT_EXIT: *reason = caught; return NULL;
-    case CAUGHT_ERROR: *reason = kv_tuple(2, caught, NIL); return NULL;
+    case CAUGHT_ERROR: *reason = tuple(2, caught, NIL); return NULL;
     case CAUGHT_THROW: /* gen_server catches a throw: it is the result */
         return caught;
     }
@@ -4546,7 +4547,7 @@ static NORETURN void gen_server_terminate(struct gen_server *gs, term reason, te
     if (!callback(gs, CB_TERMINATE, reason, NULL, &crash)) reason = crash;
     if (!is_normal_exit(reason)) log_terminate(gs, reason, last, from);
     if (reply) gen_server_reply(from, reply);
-    exit_current(reason);
+    exit_now(reason);
 }
 
 /* GenServer.reply/2: send `reply` to the caller waiting in GenServer.call.
@@ -4556,12 +4557,12 @@ static NORETURN void gen_server_terminate(struct gen_server *gs, term reason, te
  * FunctionClauseError, as there. */
 API term gen_server_reply(term from, term reply) {
     if (!is_tuple(from) || tuple_size(from) != 2 || !is_pid(elem(from, 0)))
-        raise_error(function_clause_error(kv_atom("gen"), kv_atom("reply"), 2));
+        raise_error(function_clause_error(atom("gen"), atom("reply"), 2));
     term to = elem(from, 0), tag = elem(from, 1);
     if (is_list(tag) && tag->kind == K_CONS && hd(tag) == am_alias && is_reference(tl(tag)))
-        process_send_alias(to, tl(tag), kv_tuple(2, tag, reply));
+        process_send_alias(to, tl(tag), tuple(2, tag, reply));
     else
-        process_send(to, kv_tuple(2, tag, reply)); /* a plain {pid, tag} */
+        process_send(to, tuple(2, tag, reply)); /* a plain {pid, tag} */
     return am_ok;
 }
 
@@ -4594,7 +4595,7 @@ static void handle_call_result(struct gen_server *gs, term r, term msg, term fro
         gs->state = elem(r, 2);
         gen_server_terminate(gs, elem(r, 1), msg, from, NULL);
     } else {
-        gen_server_terminate(gs, kv_tuple(2, am_bad_return_value, r), msg, from, NULL);
+        gen_server_terminate(gs, tuple(2, am_bad_return_value, r), msg, from, NULL);
     }
 }
 
@@ -4610,7 +4611,7 @@ static void handle_noreply_result(struct gen_server *gs, term r, term msg) {
         gs->state = elem(r, 2);
         gen_server_terminate(gs, elem(r, 1), msg, NULL, NULL);
     } else {
-        gen_server_terminate(gs, kv_tuple(2, am_bad_return_value, r), msg, NULL, NULL);
+        gen_server_terminate(gs, tuple(2, am_bad_return_value, r), msg, NULL, NULL);
     }
 }
 
@@ -4652,7 +4653,7 @@ static NORETURN void gen_server_loop(struct gen_server *gs) {
         gs->timeout = NO_TIMEOUT;
         /* An integer that receive cannot wait for: gen_server's own loop
          * crashes, outside any callback, so nothing is logged. */
-        if (timeout != NO_TIMEOUT && timeout > AFTER_MAX) exit_current(kv_tuple(2, am_timeout_value, NIL));
+        if (timeout != NO_TIMEOUT && timeout > AFTER_MAX) exit_now(tuple(2, am_timeout_value, NIL));
         term msg = receive_full(NULL, NULL, timeout, "a message, in its GenServer loop", NULL);
         gen_server_handle(gs, msg ? msg : am_timeout);
         if (heap->bytes > 2 * heap->live + 16384) gs->state = heap_compact(heap, gs->state);
@@ -4672,9 +4673,9 @@ static void gen_server_main(term arg) {
     if (name != am_nil) {
         struct proc *holder = whereis_proc(name);
         if (holder) { /* the name is taken: {:error, {:already_started, pid}} */
-            term err = kv_tuple(2, am_error, kv_tuple(2, am_already_started, kv_pid(holder->pid)));
-            process_send(starter, kv_tuple(3, am_ack, tag, err));
-            exit_current(am_normal);
+            term err = tuple(2, am_error, tuple(2, am_already_started, pid_term(holder->pid)));
+            process_send(starter, tuple(3, am_ack, tag, err));
+            exit_now(am_normal);
         }
         process_register(self(), name);
         gs.name = name;
@@ -4682,25 +4683,25 @@ static void gen_server_main(term arg) {
     term reason, r = callback(&gs, CB_INIT, elem(arg, 1), NULL, &reason);
     term ack;
     if (!r) {
-        ack = kv_tuple(2, am_error, reason); /* init raised or exited */
+        ack = tuple(2, am_error, reason); /* init raised or exited */
     } else if (is_tagged(r, am_ok, 2) || (is_tagged(r, am_ok, 3) && callback_timeout(elem(r, 2), &gs.timeout))) {
         gs.state = elem(r, 1);
-        process_send(starter, kv_tuple(3, am_ack, tag, kv_tuple(2, am_ok, self())));
+        process_send(starter, tuple(3, am_ack, tag, tuple(2, am_ok, self())));
         gen_server_loop(&gs);
     } else if (r == am_ignore) {
         reason = am_normal;
         ack = am_ignore;
     } else if (is_tagged(r, am_stop, 2)) {
         reason = elem(r, 1);
-        ack = kv_tuple(2, am_error, reason);
+        ack = tuple(2, am_error, reason);
     } else {
-        reason = kv_tuple(2, am_bad_return_value, r);
-        ack = kv_tuple(2, am_error, reason);
+        reason = tuple(2, am_bad_return_value, r);
+        ack = tuple(2, am_error, reason);
     }
     /* OTP 25: the failed server still exits with the reason, link and all:
      * a linked caller that does not trap exits goes down with it. */
-    process_send(starter, kv_tuple(3, am_ack, tag, ack));
-    exit_current(reason);
+    process_send(starter, tuple(3, am_ack, tag, ack));
+    exit_now(reason);
 }
 
 /* --------------------------------------------------------------------------
@@ -4733,21 +4734,21 @@ static term gen_start(term module, term arg, term opts, bool link) {
     check_name_option(name);
     int64_t timeout = after_ms(keyword_get(opts, am_timeout, am_infinity));
     term me = self(), tag = make_ref();
-    term init = kv_tuple(6, module, arg, name, me, link ? me : am_nil, tag);
+    term init = tuple(6, module, arg, name, me, link ? me : am_nil, tag);
     struct proc *child = proc_spawn(gen_server_main, init, module_label(module));
-    term pid = kv_pid(child->pid);
+    term pid = pid_term(child->pid);
     if (link) link_add(vm.current, child);
     term mref = process_monitor(pid);
     term refs[2] = {tag, mref};
     term m = receive_full(match_ack, refs, timeout, "the init/1 of", pid);
     process_demonitor(mref, true);
     if (m && is_tagged(m, am_ack, 3)) return elem(m, 2);
-    if (m) return kv_tuple(2, am_error, elem(m, 4)); /* died before answering */
+    if (m) return tuple(2, am_error, elem(m, 4)); /* died before answering */
     /* init/1 took too long: kill it, quietly. */
     process_unlink(pid);
     process_exit(pid, am_kill);
     receive_now(is_exit_from, pid);
-    return kv_tuple(2, am_error, am_timeout);
+    return tuple(2, am_error, am_timeout);
 }
 
 /* GenServer.start_link/3 — module's callbacks, init(arg), options [name: ...] */
@@ -4775,15 +4776,15 @@ static bool match_reply(term msg, const void *mref) {
  * {reason, {GenServer, :call, [server, request, timeout]}}. */
 static term gen_call(term server, term label, term request, term timeout, term module, term fun) {
     if (!is_pid(server) && !is_atom(server))
-        raise_error(function_clause_error(am_GenServer, kv_atom("whereis"), 1));
-    term where = kv_tuple(3, module, fun, kv_list(3, server, request, timeout));
+        raise_error(function_clause_error(am_GenServer, atom("whereis"), 1));
+    term where = tuple(3, module, fun, list(3, server, request, timeout));
     struct proc *p = server_proc(server);
-    if (p == vm.current) exit_self(kv_tuple(2, am_calling_self, where));
-    term pid = p ? kv_pid(p->pid) : server;
+    if (p == vm.current) exit_self(tuple(2, am_calling_self, where));
+    term pid = p ? pid_term(p->pid) : server;
     term mref = process_monitor(p ? pid : server);
     monitor_make_alias(mref);
-    term tag = kv_cons(am_alias, mref);
-    if (p) process_send(pid, kv_tuple(3, label, kv_tuple(2, self(), tag), request));
+    term tag = cons(am_alias, mref);
+    if (p) process_send(pid, tuple(3, label, tuple(2, self(), tag), request));
     /* An integer too long for receive raises here, after the request went
      * out (as gen:call does): the reply will arrive as a stray message. */
     term m = receive_full(match_reply, mref, after_ms(timeout), "a GenServer.call reply from", pid);
@@ -4791,13 +4792,13 @@ static term gen_call(term server, term label, term request, term timeout, term m
         process_demonitor(mref, true);
         return elem(m, 1);
     }
-    if (m) exit_self(kv_tuple(2, elem(m, 4), where)); /* the server died */
+    if (m) exit_self(tuple(2, elem(m, 4), where)); /* the server died */
     /* Timed out.  Deactivate the alias, so a late reply never arrives, but
      * take one that came in the meantime. */
     process_demonitor(mref, true);
     m = receive_now(match_reply, mref);
     if (m) return elem(m, 1);
-    exit_self(kv_tuple(2, am_timeout, where));
+    exit_self(tuple(2, am_timeout, where));
 }
 
 /* :infinity or an integer >= 0: the guard of GenServer.call/3 and friends */
@@ -4819,7 +4820,7 @@ API term gen_server_call(term server, term request) {
 API term gen_server_cast(term server, term request) {
     if (!is_pid(server) && !is_atom(server)) raise_error(function_clause_error(am_GenServer, am_cast, 2));
     struct proc *p = server_proc(server);
-    if (p) deliver(p, kv_tuple(2, am_gen_cast, request));
+    if (p) deliver(p, tuple(2, am_gen_cast, request));
     return am_ok;
 }
 
@@ -4832,27 +4833,27 @@ API term sys_get_state(term server) {
  * for it to be gone: :ok, or an exit if it was not there. */
 API term gen_server_stop(term server, term reason, term timeout) {
     if (!is_pid(server) && !is_atom(server))
-        raise_error(function_clause_error(am_GenServer, kv_atom("whereis"), 1));
-    term where = kv_tuple(3, am_GenServer, am_stop, kv_list(3, server, reason, timeout));
+        raise_error(function_clause_error(am_GenServer, atom("whereis"), 1));
+    term where = tuple(3, am_GenServer, am_stop, list(3, server, reason, timeout));
     if (!is_timeout(timeout)) { /* OTP's :sys.terminate refuses it, in a helper, as an exit */
-        term sys = kv_tuple(3, am_sys, am_terminate, kv_list(3, server, reason, timeout));
-        term why = kv_tuple(2, function_clause_error(kv_atom("gen"), am_call, 4), NIL);
-        exit_self(kv_tuple(2, kv_tuple(2, why, sys), where));
+        term sys = tuple(3, am_sys, am_terminate, list(3, server, reason, timeout));
+        term why = tuple(2, function_clause_error(atom("gen"), am_call, 4), NIL);
+        exit_self(tuple(2, tuple(2, why, sys), where));
     }
     struct proc *p = server_proc(server);
-    if (!p) exit_self(kv_tuple(2, am_noproc, where));
-    if (p == vm.current) exit_self(kv_tuple(2, am_calling_self, where));
-    term pid = kv_pid(p->pid);
+    if (!p) exit_self(tuple(2, am_noproc, where));
+    if (p == vm.current) exit_self(tuple(2, am_calling_self, where));
+    term pid = pid_term(p->pid);
     term mref = process_monitor(pid);
-    process_send(pid, kv_tuple(3, am_system, kv_tuple(2, self(), kv_cons(am_alias, mref)),
-                               kv_tuple(2, am_terminate, reason)));
+    process_send(pid, tuple(3, am_system, tuple(2, self(), cons(am_alias, mref)),
+                               tuple(2, am_terminate, reason)));
     term m = receive_full(match_reply, mref, after_ms(timeout), "the end of GenServer.stop of", pid);
     if (!m) {
         process_demonitor(mref, true);
-        exit_self(kv_tuple(2, am_timeout, where));
+        exit_self(tuple(2, am_timeout, where));
     }
     term down_reason = elem(m, 4);
-    if (!term_eq(down_reason, reason)) exit_self(kv_tuple(2, down_reason, where));
+    if (!term_eq(down_reason, reason)) exit_self(tuple(2, down_reason, where));
     return am_ok;
 }
 
@@ -4867,7 +4868,7 @@ API term gen_server_stop(term server, term reason, term timeout) {
 
 static term kv_registry_init(term arg) {
     (void)arg;
-    return kv_tuple(2, am_ok, kv_tuple(2, kv_map_empty(), kv_map_empty()));
+    return tuple(2, am_ok, tuple(2, empty_map(), empty_map()));
 }
 
 /* handle_call({:lookup, name}, _from, state): {:reply, Map.fetch(names, name), state}.
@@ -4876,9 +4877,9 @@ static term kv_registry_init(term arg) {
 static term kv_registry_handle_call(term request, term from, term state) {
     (void)from;
     if (!is_tagged(request, am_lookup, 2))
-        raise_error(function_clause_error(kv_alias("KV.Registry"), am_handle_call, 3));
+        raise_error(function_clause_error(alias("KV.Registry"), am_handle_call, 3));
     term names = elem(state, 0);
-    return kv_tuple(3, am_reply, map_fetch(names, elem(request, 1)), state);
+    return tuple(3, am_reply, map_fetch(names, elem(request, 1)), state);
 }
 
 API term dynamic_supervisor_start_child(term sup, term child_spec); /* Part V */
@@ -4889,14 +4890,14 @@ API term dynamic_supervisor_start_child(term sup, term child_spec); /* Part V */
  * arrives in "The need for monitoring": see the sections below.) */
 static term kv_registry_handle_cast(term request, term state) {
     if (!is_tagged(request, am_create, 2))
-        raise_error(function_clause_error(kv_alias("KV.Registry"), am_handle_cast, 2));
+        raise_error(function_clause_error(alias("KV.Registry"), am_handle_cast, 2));
     term name = elem(request, 1), names = elem(state, 0), refs = elem(state, 1);
-    if (map_has_key(names, name)) return kv_tuple(2, am_noreply, state);
-    term bucket = ok_value(dynamic_supervisor_start_child(kv_alias("KV.BucketSupervisor"), kv_alias("KV.Bucket")));
+    if (map_has_key(names, name)) return tuple(2, am_noreply, state);
+    term bucket = ok_value(dynamic_supervisor_start_child(alias("KV.BucketSupervisor"), alias("KV.Bucket")));
     term ref = process_monitor(bucket);
     refs = map_put(refs, ref, name);
     names = map_put(names, name, bucket);
-    return kv_tuple(2, am_noreply, kv_tuple(2, names, refs));
+    return tuple(2, am_noreply, tuple(2, names, refs));
 }
 
 /* --------------------------------------------------------------------------
@@ -4907,16 +4908,16 @@ static const struct module kv_registry; /* below: the callbacks and exports */
 static term kv_registry_handle_info(term msg, term state); /* "The need for monitoring" */
 
 /* KV.Registry.start_link/1 — GenServer.start_link(__MODULE__, :ok, opts) */
-API term kv_registry_start_link(term opts) { return gen_server_start_link(kv_alias("KV.Registry"), am_ok, opts); }
+API term kv_registry_start_link(term opts) { return gen_server_start_link(alias("KV.Registry"), am_ok, opts); }
 
 /* KV.Registry.lookup/2 — {:ok, pid} if the bucket exists, :error otherwise */
 API term kv_registry_lookup(term server, term name) {
-    return gen_server_call(server, kv_tuple(2, am_lookup, name));
+    return gen_server_call(server, tuple(2, am_lookup, name));
 }
 
 /* KV.Registry.create/2 — ensures there is a bucket for name (a cast: :ok at once) */
 API term kv_registry_create(term server, term name) {
-    return gen_server_cast(server, kv_tuple(2, am_create, name));
+    return gen_server_cast(server, tuple(2, am_create, name));
 }
 
 /* KV.Registry.child_spec/1 — what `use GenServer` generates (Part IV) */
@@ -4961,14 +4962,14 @@ static term kv_registry_handle_info(term msg, term state) {
     if (is_tagged(msg, am_DOWN, 5)) {
         term popped = map_pop(elem(state, 1), elem(msg, 1)); /* {name, refs} */
         term names = map_delete(elem(state, 0), elem(popped, 0));
-        return kv_tuple(2, am_noreply, kv_tuple(2, names, elem(popped, 1)));
+        return tuple(2, am_noreply, tuple(2, names, elem(popped, 1)));
     }
     struct buf b = {0};
     buf_puts(&b, "Unexpected message in KV.Registry: ");
     inspect_to(&b, msg);
     logger_log(LOG_DEBUG, buf_str(&b));
     buf_free(&b);
-    return kv_tuple(2, am_noreply, state);
+    return tuple(2, am_noreply, state);
 }
 
 /* --------------------------------------------------------------------------
@@ -5045,8 +5046,8 @@ static term kv_registry_handle_info(term msg, term state) {
  * `use` option restart: (nil for the default, :permanent). */
 static term use_child_spec(const struct module *m, term arg, term restart, term type) {
     term mod = module_atom(m);
-    term shutdown = type == am_supervisor ? am_infinity : kv_int(DEFAULT_SHUTDOWN);
-    return kv_map(5, am_id, mod, am_start, kv_tuple(3, mod, am_start_link, kv_list(1, arg)), am_restart,
+    term shutdown = type == am_supervisor ? am_infinity : integer(DEFAULT_SHUTDOWN);
+    return map(5, am_id, mod, am_start, tuple(3, mod, am_start_link, list(1, arg)), am_restart,
                   restart == am_nil ? am_permanent : restart, am_shutdown, shutdown, am_type, type);
 }
 
@@ -5057,7 +5058,7 @@ static term use_child_spec(const struct module *m, term arg, term restart, term 
  * the same map. */
 API term child_spec_as_1_14(term spec) {
     term type = map_get(spec, am_type, am_worker);
-    term shutdown = type == am_supervisor ? am_infinity : kv_int(DEFAULT_SHUTDOWN);
+    term shutdown = type == am_supervisor ? am_infinity : integer(DEFAULT_SHUTDOWN);
     if (type == am_worker) spec = map_delete(spec, am_type);
     if (map_get(spec, am_restart, NULL) == am_permanent) spec = map_delete(spec, am_restart);
     term s = map_get(spec, am_shutdown, NULL);
@@ -5079,7 +5080,7 @@ static NORETURN void raise_not_a_child(term child) {
 static bool is_erlang_child_spec(term t) { return is_tuple(t) && tuple_size(t) == 6; }
 
 static term erlang_child_spec_map(term t) {
-    return kv_map(6, am_id, elem(t, 0), am_start, elem(t, 1), am_restart, elem(t, 2), am_shutdown, elem(t, 3),
+    return map(6, am_id, elem(t, 0), am_start, elem(t, 1), am_restart, elem(t, 2), am_shutdown, elem(t, 3),
                   am_type, elem(t, 4), am_modules, elem(t, 5));
 }
 
@@ -5099,7 +5100,7 @@ API term supervisor_child_spec(term child, term overrides) {
         if (!has)
             raise_argument_error("The module %T was given as a child to a supervisor\nbut it does not "
                                  "implement child_spec/1.", module);
-        spec = erlang_apply(module, am_child_spec, kv_list(1, arg));
+        spec = erlang_apply(module, am_child_spec, list(1, arg));
     } else if (is_tuple(child) && tuple_size(child) == 6) {
         raise_argument_error("old tuple-based child specification %T is not supported in "
                              "Supervisor.child_spec/2", child);
@@ -5110,7 +5111,7 @@ API term supervisor_child_spec(term child, term overrides) {
     for (term o = overrides; o->kind == K_CONS; o = tl(o)) {
         term key = is_tuple(hd(o)) && tuple_size(hd(o)) == 2 ? elem(hd(o), 0) : hd(o);
         bool known = false;
-        for (size_t i = 0; keys[i]; i++) known = known || key == kv_atom(keys[i]);
+        for (size_t i = 0; keys[i]; i++) known = known || key == atom(keys[i]);
         if (!known) raise_argument_error("unknown key %T in child specification override", key);
         spec = map_put(spec, key, elem(hd(o), 1));
     }
@@ -5122,28 +5123,28 @@ API term supervisor_child_spec(term child, term overrides) {
  * pid: :undefined) or {:error, reason}. */
 static term child_check(term spec) {
     if (is_erlang_child_spec(spec)) spec = erlang_child_spec_map(spec);
-    if (!is_map(spec)) return kv_tuple(2, am_error, kv_tuple(2, am_invalid_child_spec, spec));
+    if (!is_map(spec)) return tuple(2, am_error, tuple(2, am_invalid_child_spec, spec));
     term id = map_get(spec, am_id, NULL), start = map_get(spec, am_start, NULL);
-    if (!id) return kv_tuple(2, am_error, am_missing_id);
-    if (!start) return kv_tuple(2, am_error, am_missing_start);
+    if (!id) return tuple(2, am_error, am_missing_id);
+    if (!start) return tuple(2, am_error, am_missing_start);
     if (!is_tuple(start) || tuple_size(start) != 3 || !is_atom(elem(start, 0)) || !is_atom(elem(start, 1)) ||
         !is_list(elem(start, 2)))
-        return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_mfa"), start));
+        return tuple(2, am_error, tuple(2, atom("invalid_mfa"), start));
     term restart = map_get(spec, am_restart, am_permanent);
     if (restart != am_permanent && restart != am_transient && restart != am_temporary)
-        return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_restart_type"), restart));
+        return tuple(2, am_error, tuple(2, atom("invalid_restart_type"), restart));
     term type = map_get(spec, am_type, am_worker);
     if (type != am_worker && type != am_supervisor)
-        return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_child_type"), type));
-    term shutdown = map_get(spec, am_shutdown, type == am_worker ? kv_int(DEFAULT_SHUTDOWN) : am_infinity);
+        return tuple(2, am_error, tuple(2, atom("invalid_child_type"), type));
+    term shutdown = map_get(spec, am_shutdown, type == am_worker ? integer(DEFAULT_SHUTDOWN) : am_infinity);
     if (!(shutdown == am_infinity || shutdown == am_brutal_kill || (is_integer(shutdown) && int_value(shutdown) >= 0)))
-        return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_shutdown"), shutdown));
-    term modules = map_get(spec, am_modules, kv_list(1, elem(start, 0)));
+        return tuple(2, am_error, tuple(2, atom("invalid_shutdown"), shutdown));
+    term modules = map_get(spec, am_modules, list(1, elem(start, 0)));
     if (modules != am_dynamic && !is_proper_list(modules))
-        return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_modules"), modules));
+        return tuple(2, am_error, tuple(2, atom("invalid_modules"), modules));
     for (term l = modules; modules != am_dynamic && l->kind == K_CONS; l = tl(l))
-        if (!is_atom(hd(l))) return kv_tuple(2, am_error, kv_tuple(2, kv_atom("invalid_module"), hd(l)));
-    return kv_map(7, am_id, id, am_start, start, am_restart, restart, am_shutdown, shutdown, am_type, type,
+        if (!is_atom(hd(l))) return tuple(2, am_error, tuple(2, atom("invalid_module"), hd(l)));
+    return map(7, am_id, id, am_start, start, am_restart, restart, am_shutdown, shutdown, am_type, type,
                   am_modules, modules, am_pid, am_undefined);
 }
 
@@ -5153,7 +5154,7 @@ static term child_record(term child) {
     term items[9] = {am_child, am_undefined, map_get(child, am_id, am_nil), map_get(child, am_start, am_nil),
                      map_get(child, am_restart, am_nil), am_false, map_get(child, am_shutdown, am_nil),
                      map_get(child, am_type, am_nil), map_get(child, am_modules, am_nil)};
-    return kv_tuple_of(9, items);
+    return tuple_of(9, items);
 }
 
 /* --------------------------------------------------------------------------
@@ -5191,14 +5192,14 @@ static term child_start(term child) {
     term caught, what;
     switch (try_catch(apply_mfa, &r, &caught)) {
     case CAUGHT_NOTHING: what = r.result; break;
-    case CAUGHT_ERROR: what = kv_tuple(2, am_EXIT, kv_tuple(2, caught, NIL)); break;
-    case CAUGHT_EXIT: what = kv_tuple(2, am_EXIT, caught); break;
+    case CAUGHT_ERROR: what = tuple(2, am_EXIT, tuple(2, caught, NIL)); break;
+    case CAUGHT_EXIT: what = tuple(2, am_EXIT, caught); break;
     default: what = caught; break;
     }
     if (is_started(what)) return what;
-    if (what == am_ignore) return kv_tuple(2, am_ok, am_undefined);
+    if (what == am_ignore) return tuple(2, am_ok, am_undefined);
     if (is_tagged(what, am_error, 2)) return what;
-    return kv_tuple(2, am_error, what);
+    return tuple(2, am_error, what);
 }
 
 static bool match_down_of(term msg, const void *mref) {
@@ -5239,11 +5240,11 @@ static void child_shutdown(term child) {
  * whatever a process holds across a wait must be freed by its death. */
 static term children_shutdown(term children) {
     term newest_first = NIL;
-    for (term l = children; l->kind == K_CONS; l = tl(l)) newest_first = kv_cons(hd(l), newest_first);
+    for (term l = children; l->kind == K_CONS; l = tl(l)) newest_first = cons(hd(l), newest_first);
     for (term l = newest_first; l->kind == K_CONS; l = tl(l)) child_shutdown(hd(l));
     term kept = NIL; /* back in start order */
     for (term l = newest_first; l->kind == K_CONS; l = tl(l))
-        if (child_get(hd(l), am_restart) != am_temporary) kept = kv_cons(map_put(hd(l), am_pid, am_undefined), kept);
+        if (child_get(hd(l), am_restart) != am_temporary) kept = cons(map_put(hd(l), am_pid, am_undefined), kept);
     return kept;
 }
 
@@ -5279,7 +5280,7 @@ static term restarts_within(term times, int64_t now, int64_t period) {
  * period, and say whether more than `intensity` remain: time to give up. */
 static bool add_restart(term *st) {
     int64_t now = now_ms() / 1000, period = int_value(sup_get(*st, am_period));
-    term times = kv_cons(kv_int(now), restarts_within(sup_get(*st, am_restarts), now, period));
+    term times = cons(integer(now), restarts_within(sup_get(*st, am_restarts), now, period));
     *st = map_put(*st, am_restarts, times);
     return (int64_t)list_length(times) > int_value(sup_get(*st, am_intensity));
 }
@@ -5330,7 +5331,7 @@ static bool sup_restart(term *state, term child) {
             else after = list_append(after, hd(l));
         }
         after = children_shutdown(after);
-        term restart_set = kv_cons(map_put(child, am_pid, am_undefined), after);
+        term restart_set = cons(map_put(child, am_pid, am_undefined), after);
         if (strategy == am_one_for_all) { /* back to start order */
             restart_set = NIL;
             for (term l = children; l->kind == K_CONS; l = tl(l)) {
@@ -5346,14 +5347,14 @@ static bool sup_restart(term *state, term child) {
         if (failed) { /* retry later; every attempt counts */
             st = map_put(st, am_children, children_replace(children, failed,
                                                            map_put(child_by(children, am_id, failed), am_pid, am_restarting)));
-            gen_server_cast(self(), kv_tuple(2, am_try_again_restart, failed));
+            gen_server_cast(self(), tuple(2, am_try_again_restart, failed));
         }
         *state = st;
         return true;
     }
     term r = child_start(child); /* :one_for_one */
     term pid = is_ok_tuple(r) ? elem(r, 1) : am_restarting;
-    if (pid == am_restarting) gen_server_cast(self(), kv_tuple(2, am_try_again_restart, id));
+    if (pid == am_restarting) gen_server_cast(self(), tuple(2, am_try_again_restart, id));
     *state = map_put(st, am_children, children_replace(children, id, map_put(child, am_pid, pid)));
     return true;
 }
@@ -5393,15 +5394,15 @@ static term sup_flags(term flags, term *strategy, term *intensity, term *period)
         *strategy = elem(flags, 0), *intensity = elem(flags, 1), *period = elem(flags, 2);
     } else if (is_map(flags)) {
         *strategy = map_get(flags, am_strategy, am_one_for_one);
-        *intensity = map_get(flags, am_intensity, kv_int(1));
-        *period = map_get(flags, am_period, kv_int(5));
+        *intensity = map_get(flags, am_intensity, integer(1));
+        *period = map_get(flags, am_period, integer(5));
     } else {
-        return kv_tuple(2, kv_atom("invalid_type"), flags);
+        return tuple(2, atom("invalid_type"), flags);
     }
     if (*strategy != am_one_for_one && *strategy != am_one_for_all && *strategy != am_rest_for_one)
-        return kv_tuple(2, am_invalid_strategy, *strategy);
-    if (!is_integer(*intensity) || int_value(*intensity) < 0) return kv_tuple(2, kv_atom("invalid_intensity"), *intensity);
-    if (!is_integer(*period) || int_value(*period) < 1) return kv_tuple(2, kv_atom("invalid_period"), *period);
+        return tuple(2, am_invalid_strategy, *strategy);
+    if (!is_integer(*intensity) || int_value(*intensity) < 0) return tuple(2, atom("invalid_intensity"), *intensity);
+    if (!is_integer(*period) || int_value(*period) < 1) return tuple(2, atom("invalid_period"), *period);
     return NULL;
 }
 
@@ -5412,33 +5413,33 @@ static term sup_init(term arg) {
     term r = behaviour_init(module, elem(arg, 1), &code);
     if (r == am_ignore) return am_ignore;
     if (!is_tagged(r, am_ok, 2) || !is_tuple(elem(r, 1)) || tuple_size(elem(r, 1)) != 2)
-        return kv_tuple(2, am_stop, kv_tuple(2, am_bad_return, kv_tuple(3, module, am_init, r)));
+        return tuple(2, am_stop, tuple(2, am_bad_return, tuple(3, module, am_init, r)));
     term flags = elem(elem(r, 1), 0), specs = elem(elem(r, 1), 1);
     term strategy = NULL, intensity = NULL, period = NULL;
     term bad = sup_flags(flags, &strategy, &intensity, &period);
-    if (bad) return kv_tuple(2, am_stop, kv_tuple(2, am_supervisor_data, bad));
-    if (!is_proper_list(specs)) return kv_tuple(2, am_stop, kv_tuple(2, am_bad_start_spec, specs));
+    if (bad) return tuple(2, am_stop, tuple(2, am_supervisor_data, bad));
+    if (!is_proper_list(specs)) return tuple(2, am_stop, tuple(2, am_bad_start_spec, specs));
     term children = NIL;
     for (term l = specs; l->kind == K_CONS; l = tl(l)) {
         term c = child_check(hd(l));
-        if (is_tagged(c, am_error, 2)) return kv_tuple(2, am_stop, kv_tuple(2, am_start_spec, elem(c, 1)));
+        if (is_tagged(c, am_error, 2)) return tuple(2, am_stop, tuple(2, am_start_spec, elem(c, 1)));
         if (child_by(children, am_id, child_get(c, am_id)))
-            return kv_tuple(2, am_stop, kv_tuple(2, am_start_spec,
-                                                 kv_tuple(2, am_duplicate_child_name, child_get(c, am_id))));
+            return tuple(2, am_stop, tuple(2, am_start_spec,
+                                                 tuple(2, am_duplicate_child_name, child_get(c, am_id))));
         children = list_append(children, c);
     }
     term reason = NULL, started;
     term failed = children_start(children, &started, &reason);
     if (failed) {
         children_shutdown(started);
-        return kv_tuple(2, am_stop, kv_tuple(2, am_shutdown, kv_tuple(3, am_failed_to_start_child, failed, reason)));
+        return tuple(2, am_stop, tuple(2, am_shutdown, tuple(3, am_failed_to_start_child, failed, reason)));
     }
-    term st = kv_map(6, am_module, module, am_strategy, strategy, am_intensity, intensity, am_period, period,
+    term st = map(6, am_module, module, am_strategy, strategy, am_intensity, intensity, am_period, period,
                      am_restarts, NIL, am_children, started);
-    return kv_tuple(2, am_ok, st);
+    return tuple(2, am_ok, st);
 }
 
-static term reply(term value, term st) { return kv_tuple(3, am_reply, value, st); }
+static term reply(term value, term st) { return tuple(3, am_reply, value, st); }
 
 /* Supervisor.start_child: {:ok, pid}, or OTP's errors. */
 static term sup_start_child(term spec, term st) {
@@ -5447,11 +5448,11 @@ static term sup_start_child(term spec, term st) {
     term children = sup_get(st, am_children);
     term old = child_by(children, am_id, child_get(c, am_id));
     if (old && is_pid(child_get(old, am_pid)))
-        return reply(kv_tuple(2, am_error, kv_tuple(2, am_already_started, child_get(old, am_pid))), st);
-    if (old) return reply(kv_tuple(2, am_error, am_already_present), st);
+        return reply(tuple(2, am_error, tuple(2, am_already_started, child_get(old, am_pid))), st);
+    if (old) return reply(tuple(2, am_error, am_already_present), st);
     term r = child_start(c);
     if (is_tagged(r, am_error, 2))
-        return reply(kv_tuple(2, am_error, kv_tuple(2, elem(r, 1), child_record(c))), st);
+        return reply(tuple(2, am_error, tuple(2, elem(r, 1), child_record(c))), st);
     if (elem(r, 1) != am_undefined || child_get(c, am_restart) != am_temporary)
         st = map_put(st, am_children, list_append(children, map_put(c, am_pid, elem(r, 1))));
     return reply(r, st);
@@ -5461,13 +5462,13 @@ static term sup_handle_call(term req, term from, term st) {
     (void)from;
     term children = sup_get(st, am_children);
     if (req == am_which_children) { /* newest first, as OTP lists them */
-        term list = NIL;
+        term result = NIL;
         for (term l = children; l->kind == K_CONS; l = tl(l)) {
             term c = hd(l);
-            list = kv_cons(kv_tuple(4, child_get(c, am_id), child_get(c, am_pid), child_get(c, am_type),
-                                    child_get(c, am_modules)), list);
+            result = cons(tuple(4, child_get(c, am_id), child_get(c, am_pid), child_get(c, am_type),
+                                    child_get(c, am_modules)), result);
         }
-        return reply(list, st);
+        return reply(result, st);
     }
     if (req == am_count_children) {
         int64_t active = 0, specs = 0, sups = 0, workers = 0;
@@ -5476,8 +5477,8 @@ static term sup_handle_call(term req, term from, term st) {
             active += is_pid(child_get(hd(l), am_pid));
             if (child_get(hd(l), am_type) == am_supervisor) sups++; else workers++;
         }
-        return reply(kv_map(4, am_active, kv_int(active), am_specs, kv_int(specs), am_supervisors,
-                             kv_int(sups), am_workers, kv_int(workers)), st);
+        return reply(map(4, am_active, integer(active), am_specs, integer(specs), am_supervisors,
+                             integer(sups), am_workers, integer(workers)), st);
     }
     if (is_tagged(req, am_start_child, 2)) return sup_start_child(elem(req, 1), st);
     /* The rest name a child by id; any other request matches no clause of
@@ -5486,9 +5487,9 @@ static term sup_handle_call(term req, term from, term st) {
                  is_tagged(req, am_delete_child, 2) || is_tagged(req, am_get_childspec, 2);
     if (!by_id) raise_error(function_clause_error(am_supervisor, am_handle_call, 3));
     term id = elem(req, 1), c = child_by(children, am_id, id);
-    if (!c) return reply(kv_tuple(2, am_error, am_not_found), st);
+    if (!c) return reply(tuple(2, am_error, am_not_found), st);
     if (is_tagged(req, am_get_childspec, 2))
-        return reply(kv_tuple(2, am_ok, map_put(map_delete(c, am_pid), kv_atom("significant"), am_false)), st);
+        return reply(tuple(2, am_ok, map_put(map_delete(c, am_pid), atom("significant"), am_false)), st);
     if (is_tagged(req, am_terminate_child, 2)) {
         child_shutdown(c);
         term rest = child_get(c, am_restart) == am_temporary ? NULL : map_put(c, am_pid, am_undefined);
@@ -5496,8 +5497,8 @@ static term sup_handle_call(term req, term from, term st) {
     }
     if (is_tagged(req, am_restart_child, 2)) {
         term pid = child_get(c, am_pid);
-        if (is_pid(pid)) return reply(kv_tuple(2, am_error, am_running), st);
-        if (pid == am_restarting) return reply(kv_tuple(2, am_error, am_restarting), st);
+        if (is_pid(pid)) return reply(tuple(2, am_error, am_running), st);
+        if (pid == am_restarting) return reply(tuple(2, am_error, am_restarting), st);
         term r = child_start(c);
         if (is_ok_tuple(r))
             st = map_put(st, am_children, children_replace(children, id, map_put(c, am_pid, elem(r, 1))));
@@ -5505,8 +5506,8 @@ static term sup_handle_call(term req, term from, term st) {
     }
     /* {:delete_child, id} */
     term pid = child_get(c, am_pid);
-    if (is_pid(pid)) return reply(kv_tuple(2, am_error, am_running), st);
-    if (pid == am_restarting) return reply(kv_tuple(2, am_error, am_restarting), st);
+    if (is_pid(pid)) return reply(tuple(2, am_error, am_running), st);
+    if (pid == am_restarting) return reply(tuple(2, am_error, am_restarting), st);
     return reply(am_ok, map_put(st, am_children, children_replace(children, id, NULL)));
 }
 
@@ -5518,8 +5519,8 @@ static term sup_handle_cast(term req, term st) {
         raise_error(function_clause_error(am_supervisor, am_handle_cast, 2));
     term c = child_by(sup_get(st, am_children), am_id, elem(req, 1));
     if (c && child_get(c, am_pid) == am_restarting && !sup_restart(&st, c))
-        return kv_tuple(3, am_stop, am_shutdown, st);
-    return kv_tuple(2, am_noreply, st);
+        return tuple(3, am_stop, am_shutdown, st);
+    return tuple(2, am_noreply, st);
 }
 
 static term sup_handle_info(term msg, term st) {
@@ -5530,14 +5531,14 @@ static term sup_handle_info(term msg, term st) {
         buf_puts(&b, "\n"); /* OTP's format ends with ~n */
         logger_log(LOG_ERROR, buf_str(&b));
         buf_free(&b);
-        return kv_tuple(2, am_noreply, st);
+        return tuple(2, am_noreply, st);
     }
     term child = child_by(sup_get(st, am_children), am_pid, elem(msg, 1));
-    if (!child) return kv_tuple(2, am_noreply, st); /* not one of ours (any more) */
+    if (!child) return tuple(2, am_noreply, st); /* not one of ours (any more) */
     /* Too many restarts too quickly: shut every child down and exit with
      * :shutdown (terminate/2 below does the shutting down). */
-    if (!sup_child_exited(&st, child, elem(msg, 2))) return kv_tuple(3, am_stop, am_shutdown, st);
-    return kv_tuple(2, am_noreply, st);
+    if (!sup_child_exited(&st, child, elem(msg, 2))) return tuple(3, am_stop, am_shutdown, st);
+    return tuple(2, am_noreply, st);
 }
 
 static void sup_terminate(term reason, term st) {
@@ -5559,19 +5560,19 @@ static const struct module supervisor_engine = {
 API term supervisor_init(term children, term opts) {
     term strategy = keyword_get(opts, am_strategy, NULL);
     if (!strategy) raise_error(argument_error("expected :strategy option to be given"));
-    term flags = kv_map(3, am_strategy, strategy, am_intensity, keyword_get(opts, am_max_restarts, kv_int(3)),
-                        am_period, keyword_get(opts, am_max_seconds, kv_int(5)));
+    term flags = map(3, am_strategy, strategy, am_intensity, keyword_get(opts, am_max_restarts, integer(3)),
+                        am_period, keyword_get(opts, am_max_seconds, integer(5)));
     struct list_builder specs;
     list_builder_init(&specs);
     for (term l = children; l->kind == K_CONS; l = tl(l))
         list_builder_add(&specs, is_erlang_child_spec(hd(l)) ? hd(l) : supervisor_child_spec(hd(l), NIL));
-    return kv_tuple(2, am_ok, kv_tuple(2, flags, list_builder_done(&specs, NIL)));
+    return tuple(2, am_ok, tuple(2, flags, list_builder_done(&specs, NIL)));
 }
 
 /* Supervisor.start_link/3 — a supervisor whose module's init/1 gives its
  * children: KV.Supervisor.start_link(opts) calls this. */
 API term supervisor_start_link(term module, term arg, term opts) {
-    return gen_start(am_supervisor, kv_tuple(2, module, arg), opts, true);
+    return gen_start(am_supervisor, tuple(2, module, arg), opts, true);
 }
 
 /* Supervisor.start_link/2 with a list of children: its module is
@@ -5584,7 +5585,7 @@ API term supervisor_start_link_children(term children, term opts) {
     term sup_opts, start_opts, keys[] = {am_strategy, am_max_restarts, am_max_seconds, NULL};
     keyword_split(opts, keys, &sup_opts, &start_opts);
     term spec = supervisor_init(children, sup_opts);
-    return gen_start(am_supervisor, kv_tuple(2, kv_alias("Supervisor.Default"), spec), start_opts, true);
+    return gen_start(am_supervisor, tuple(2, alias("Supervisor.Default"), spec), start_opts, true);
 }
 
 /* Supervisor.which_children/1 — [{id, pid, type, modules}], newest first */
@@ -5600,28 +5601,28 @@ API term supervisor_count_children(term sup) {
 /* Supervisor.start_child/2 — the child is a module, {module, arg} or a map */
 API term supervisor_start_child(term sup, term child) {
     term spec = is_erlang_child_spec(child) ? child : supervisor_child_spec(child, NIL);
-    return gen_server_call_timeout(sup, kv_tuple(2, am_start_child, spec), am_infinity);
+    return gen_server_call_timeout(sup, tuple(2, am_start_child, spec), am_infinity);
 }
 
 /* :supervisor.get_childspec/2 — {:ok, the child's spec with every default
  * filled in}, or {:error, :not_found}; by id only, as OTP. */
 API term supervisor_get_childspec(term sup, term id) {
-    return gen_server_call_timeout(sup, kv_tuple(2, kv_atom("get_childspec"), id), am_infinity);
+    return gen_server_call_timeout(sup, tuple(2, atom("get_childspec"), id), am_infinity);
 }
 
 /* Supervisor.terminate_child/2 — by id: :ok or {:error, :not_found} */
 API term supervisor_terminate_child(term sup, term id) {
-    return gen_server_call_timeout(sup, kv_tuple(2, am_terminate_child, id), am_infinity);
+    return gen_server_call_timeout(sup, tuple(2, am_terminate_child, id), am_infinity);
 }
 
 /* Supervisor.restart_child/2 — start a stopped child again */
 API term supervisor_restart_child(term sup, term id) {
-    return gen_server_call_timeout(sup, kv_tuple(2, am_restart_child, id), am_infinity);
+    return gen_server_call_timeout(sup, tuple(2, am_restart_child, id), am_infinity);
 }
 
 /* Supervisor.delete_child/2 — forget a stopped child's spec */
 API term supervisor_delete_child(term sup, term id) {
-    return gen_server_call_timeout(sup, kv_tuple(2, am_delete_child, id), am_infinity);
+    return gen_server_call_timeout(sup, tuple(2, am_delete_child, id), am_infinity);
 }
 
 /* Supervisor.stop/3 */
@@ -5641,14 +5642,14 @@ static const struct module kv_supervisor;
 static term kv_bucket_supervisor_spec(void); /* Part V */
 
 /* KV.Supervisor.start_link/1 — Supervisor.start_link(__MODULE__, :ok, opts) */
-API term kv_supervisor_start_link(term opts) { return supervisor_start_link(kv_alias("KV.Supervisor"), am_ok, opts); }
+API term kv_supervisor_start_link(term opts) { return supervisor_start_link(alias("KV.Supervisor"), am_ok, opts); }
 
 /* KV.Supervisor.init/1 */
 static term kv_supervisor_init(term arg) {
     (void)arg;
-    term children = kv_list(2, kv_bucket_supervisor_spec(),
-                            kv_tuple(2, kv_alias("KV.Registry"), kv_list(1, kv_tuple(2, am_name, kv_alias("KV.Registry")))));
-    return supervisor_init(children, kv_list(1, kv_tuple(2, am_strategy, am_one_for_all)));
+    term children = list(2, kv_bucket_supervisor_spec(),
+                            tuple(2, alias("KV.Registry"), list(1, tuple(2, am_name, alias("KV.Registry")))));
+    return supervisor_init(children, list(1, tuple(2, am_strategy, am_one_for_all)));
 }
 
 /* KV.Supervisor.child_spec/1 (use Supervisor) */
@@ -5717,7 +5718,7 @@ static const struct app_spec *app_spec_of(term app) {
 /* 'kv' — an Erlang string, a list of character codes. */
 static term charlist(const char *s) {
     term l = NIL;
-    for (size_t i = strlen(s); i-- > 0;) l = kv_cons(kv_int((unsigned char)s[i]), l);
+    for (size_t i = strlen(s); i-- > 0;) l = cons(integer((unsigned char)s[i]), l);
     return l;
 }
 
@@ -5725,7 +5726,7 @@ static term atom_list(const char *const *names, bool aliases) {
     term l = NIL;
     size_t n = 0;
     while (names[n]) n++;
-    while (n--) l = kv_cons(aliases ? kv_alias(names[n]) : kv_atom(names[n]), l);
+    while (n--) l = cons(aliases ? alias(names[n]) : atom(names[n]), l);
     return l;
 }
 
@@ -5733,13 +5734,13 @@ static term atom_list(const char *const *names, bool aliases) {
 API term application_resource(term app) {
     const struct app_spec *a = app_spec_of(app);
     if (!a) return am_nil;
-    term keys = kv_list(5, kv_tuple(2, kv_atom("applications"), atom_list(a->applications, false)),
-                        kv_tuple(2, kv_atom("description"), charlist(a->description)),
-                        kv_tuple(2, am_modules, atom_list(a->modules, true)),
-                        kv_tuple(2, kv_atom("registered"), NIL), kv_tuple(2, kv_atom("vsn"), charlist(a->vsn)));
+    term keys = list(5, tuple(2, atom("applications"), atom_list(a->applications, false)),
+                        tuple(2, atom("description"), charlist(a->description)),
+                        tuple(2, am_modules, atom_list(a->modules, true)),
+                        tuple(2, atom("registered"), NIL), tuple(2, atom("vsn"), charlist(a->vsn)));
     if (a->mod)
-        keys = list_append(keys, kv_tuple(2, kv_atom("mod"), kv_tuple(2, module_atom(a->mod), NIL)));
-    return kv_tuple(3, kv_atom("application"), app, keys);
+        keys = list_append(keys, tuple(2, atom("mod"), tuple(2, module_atom(a->mod), NIL)));
+    return tuple(3, atom("application"), app, keys);
 }
 
 /* ---- Erlang's ~p, for the .app file --------------------------------------
@@ -5878,7 +5879,7 @@ API void application_resource_file(struct buf *b, term app) {
  */
 
 static term app_start_mfa(const struct app_spec *a) {
-    return kv_tuple(3, module_atom(a->mod), am_start, kv_list(2, am_normal, NIL));
+    return tuple(3, module_atom(a->mod), am_start, list(2, am_normal, NIL));
 }
 
 struct app_run {
@@ -5901,16 +5902,16 @@ static void app_master(term arg) {
     term caught, result;
     enum caught kind = try_catch(app_call_start, &r, &caught);
     term mfa = app_start_mfa(a);
-    if (kind == CAUGHT_ERROR) caught = kv_tuple(2, caught, NIL);
+    if (kind == CAUGHT_ERROR) caught = tuple(2, caught, NIL);
     if (kind != CAUGHT_NOTHING)
-        result = kv_tuple(2, am_bad_return, kv_tuple(2, mfa, kv_tuple(2, am_EXIT, caught)));
+        result = tuple(2, am_bad_return, tuple(2, mfa, tuple(2, am_EXIT, caught)));
     else if (is_started(r.result))
         result = am_ok;
     else if (is_tagged(r.result, am_error, 2))
-        result = kv_tuple(2, elem(r.result, 1), mfa);
+        result = tuple(2, elem(r.result, 1), mfa);
     else
-        result = kv_tuple(2, am_bad_return, kv_tuple(2, mfa, r.result));
-    process_send(controller, kv_tuple(3, am_app_started, self(), result));
+        result = tuple(2, am_bad_return, tuple(2, mfa, r.result));
+    process_send(controller, tuple(3, am_app_started, self(), result));
     if (result != am_ok) return;
     term sup = elem(r.result, 1);
     term state = tuple_size(r.result) == 3 ? elem(r.result, 2) : am_nil;
@@ -5919,7 +5920,7 @@ static void app_master(term arg) {
         if (is_tagged(m, am_EXIT, 3) && term_eq(elem(m, 1), sup)) { /* the tree died */
             if (a->mod->prep_stop) state = a->mod->prep_stop(state);
             if (a->mod->stop) a->mod->stop(state);
-            process_send(controller, kv_tuple(3, am_app_exited, elem(arg, 0), elem(m, 2)));
+            process_send(controller, tuple(3, am_app_exited, elem(arg, 0), elem(m, 2)));
             return;
         }
         if (m == am_stop) { /* Application.stop: prep_stop, the tree, stop */
@@ -5941,11 +5942,11 @@ static term started_find(term st, term app) {
     return NULL;
 }
 
-static term started_without(term list, term app) {
+static term started_without(term started, term app) {
     struct list_builder r;
     list_builder_init(&r);
-    for (; list->kind == K_CONS; list = tl(list))
-        if (elem(hd(list), 0) != app) list_builder_add(&r, hd(list));
+    for (; started->kind == K_CONS; started = tl(started))
+        if (elem(hd(started), 0) != app) list_builder_add(&r, hd(started));
     return list_builder_done(&r, NIL);
 }
 
@@ -5963,7 +5964,7 @@ static void log_app_exit(term app, term reason) {
         buf_puts(&b, " returned an error: ");
         format_exit_to(&b, elem(reason, 0), "\n    ");
     } else if (inner && is_tagged(elem(inner, 1), am_EXIT, 2)) { /* it raised or exited */
-        format_exit_to(&b, kv_tuple(2, elem(elem(inner, 1), 1), elem(inner, 0)), "\n    ");
+        format_exit_to(&b, tuple(2, elem(elem(inner, 1), 1), elem(inner, 0)), "\n    ");
     } else if (inner) { /* it returned something else */
         mfa_call_text(&b, elem(inner, 0));
         buf_puts(&b, " returned a bad value: ");
@@ -5984,32 +5985,32 @@ static term ctl_start(term app, term st) {
     if (!a) {
         struct buf b = {0};
         buf_printf(&b, "%s.app", BYTES(app));
-        term r = kv_tuple(2, am_error, kv_tuple(2, charlist("no such file or directory"), charlist(buf_str(&b))));
+        term r = tuple(2, am_error, tuple(2, charlist("no such file or directory"), charlist(buf_str(&b))));
         buf_free(&b);
         return reply(r, st);
     }
-    if (started_find(st, app)) return reply(kv_tuple(2, am_error, kv_tuple(2, am_already_started, app)), st);
+    if (started_find(st, app)) return reply(tuple(2, am_error, tuple(2, am_already_started, app)), st);
     for (size_t i = 0; a->applications[i]; i++)
-        if (!started_find(st, kv_atom(a->applications[i])))
-            return reply(kv_tuple(2, am_error, kv_tuple(2, am_not_started, kv_atom(a->applications[i]))), st);
+        if (!started_find(st, atom(a->applications[i])))
+            return reply(tuple(2, am_error, tuple(2, am_not_started, atom(a->applications[i]))), st);
     term master = am_nil;
     if (a->mod) {
-        master = spawn_link(app_master, kv_tuple(2, app, self()));
+        master = spawn_link(app_master, tuple(2, app, self()));
         term m = receive_forever(match_app_started, master);
         term result = elem(m, 2);
         if (result != am_ok) {
             log_app_exit(app, result);
-            return reply(kv_tuple(2, am_error, result), st);
+            return reply(tuple(2, am_error, result), st);
         }
     }
     if (app == am_logger) logger_started = true;
-    term started = kv_cons(kv_tuple(2, app, master), map_get(st, am_started, NIL));
+    term started = cons(tuple(2, app, master), map_get(st, am_started, NIL));
     return reply(am_ok, map_put(st, am_started, started));
 }
 
 static term ctl_stop(term app, term st) {
     term entry = started_find(st, app);
-    if (!entry) return reply(kv_tuple(2, am_error, kv_tuple(2, am_not_started, app)), st);
+    if (!entry) return reply(tuple(2, am_error, tuple(2, am_not_started, app)), st);
     term master = elem(entry, 1);
     if (is_pid(master)) {
         term ref = process_monitor(master);
@@ -6018,16 +6019,16 @@ static term ctl_stop(term app, term st) {
     }
     st = map_put(st, am_started, started_without(map_get(st, am_started, NIL), app));
     if (app == am_logger) logger_started = false; /* so it cannot say so */
-    log_app_exit(app, kv_atom("stopped"));
+    log_app_exit(app, atom("stopped"));
     return reply(am_ok, st);
 }
 
 static term ctl_init(term arg) {
     process_flag_trap_exit(true);
     term started = NIL;
-    for (term l = arg; l->kind == K_CONS; l = tl(l)) started = kv_cons(kv_tuple(2, hd(l), am_nil), started);
+    for (term l = arg; l->kind == K_CONS; l = tl(l)) started = cons(tuple(2, hd(l), am_nil), started);
     logger_started = true;
-    return kv_tuple(2, am_ok, kv_map(1, am_started, started));
+    return tuple(2, am_ok, map(1, am_started, started));
 }
 
 static term ctl_handle_call(term req, term from, term st) {
@@ -6035,12 +6036,12 @@ static term ctl_handle_call(term req, term from, term st) {
     if (is_tagged(req, am_start, 2)) return ctl_start(elem(req, 1), st);
     if (is_tagged(req, am_stop, 2)) return ctl_stop(elem(req, 1), st);
     /* :started_applications */
-    term list = NIL, l = map_get(st, am_started, NIL);
+    term result = NIL, l = map_get(st, am_started, NIL);
     for (; l->kind == K_CONS; l = tl(l)) {
         const struct app_spec *a = app_spec_of(elem(hd(l), 0));
-        list = list_append(list, kv_tuple(3, elem(hd(l), 0), charlist(a->description), charlist(a->vsn)));
+        result = list_append(result, tuple(3, elem(hd(l), 0), charlist(a->description), charlist(a->vsn)));
     }
-    return reply(list, st);
+    return reply(result, st);
 }
 
 static term ctl_handle_info(term msg, term st) {
@@ -6049,7 +6050,7 @@ static term ctl_handle_info(term msg, term st) {
         st = map_put(st, am_started, started_without(map_get(st, am_started, NIL), app));
         log_app_exit(app, elem(msg, 2));
     }
-    return kv_tuple(2, am_noreply, st);
+    return tuple(2, am_noreply, st);
 }
 
 static const struct module application_controller = {
@@ -6064,24 +6065,24 @@ static const struct module application_controller = {
  * stdlib, elixir and logger running, then :kv itself unless `no_start`
  * (iex -S mix run --no-start). */
 API term application_boot(bool no_start) {
-    term base = kv_list(4, kv_atom("kernel"), kv_atom("stdlib"), kv_atom("elixir"), am_logger);
-    term r = gen_server_start(am_application_controller, base, kv_list(1, kv_tuple(2, am_name, am_application_controller)));
+    term base = list(4, atom("kernel"), atom("stdlib"), atom("elixir"), am_logger);
+    term r = gen_server_start(am_application_controller, base, list(1, tuple(2, am_name, am_application_controller)));
     if (!is_tagged(r, am_ok, 2) || no_start) return r;
-    term started = gen_server_call_timeout(am_application_controller, kv_tuple(2, am_start, am_kv), am_infinity);
+    term started = gen_server_call_timeout(am_application_controller, tuple(2, am_start, am_kv), am_infinity);
     return started == am_ok ? r : started;
 }
 
 /* Application.start/1 — :ok, {:error, {:already_started, app}},
  * {:error, {:not_started, dependency}}, ... */
 API term application_start(term app) {
-    if (!is_atom(app)) raise_error(function_clause_error(kv_alias("Application"), am_start, 2));
-    return gen_server_call_timeout(am_application_controller, kv_tuple(2, am_start, app), am_infinity);
+    if (!is_atom(app)) raise_error(function_clause_error(alias("Application"), am_start, 2));
+    return gen_server_call_timeout(am_application_controller, tuple(2, am_start, app), am_infinity);
 }
 
 /* Application.stop/1 */
 API term application_stop(term app) {
-    if (!is_atom(app)) raise_error(function_clause_error(kv_alias("Application"), am_stop, 1));
-    return gen_server_call_timeout(am_application_controller, kv_tuple(2, am_stop, app), am_infinity);
+    if (!is_atom(app)) raise_error(function_clause_error(alias("Application"), am_stop, 1));
+    return gen_server_call_timeout(am_application_controller, tuple(2, am_stop, app), am_infinity);
 }
 
 /* Application.spec/1 — what the application's .app file says, as a
@@ -6089,14 +6090,14 @@ API term application_stop(term app) {
  * also has the keys the controller fills in when it loads one, id:,
  * maxP:, ...; kv.c loads nothing, so it has only the file's.) */
 API term application_spec(term app) {
-    if (!is_atom(app)) raise_error(function_clause_error(kv_alias("Application"), kv_atom("spec"), 1));
+    if (!is_atom(app)) raise_error(function_clause_error(alias("Application"), atom("spec"), 1));
     term resource = application_resource(app);
     return resource == am_nil ? am_nil : elem(resource, 2);
 }
 
 /* Application.started_applications/0 — [{app, description, vsn}], newest first */
 API term application_started_applications(void) {
-    return gen_server_call_timeout(am_application_controller, kv_atom("started_applications"), am_infinity);
+    return gen_server_call_timeout(am_application_controller, atom("started_applications"), am_infinity);
 }
 
 /* Start app's dependencies, then app.  An unknown app (a == NULL) has no
@@ -6104,22 +6105,22 @@ API term application_started_applications(void) {
 static term ensure_started(term app, term started) {
     const struct app_spec *a = app_spec_of(app);
     for (size_t i = 0; a && a->applications[i]; i++) {
-        started = ensure_started(kv_atom(a->applications[i]), started);
+        started = ensure_started(atom(a->applications[i]), started);
         if (is_tagged(started, am_error, 2)) return started;
     }
     term r = application_start(app);
     if (r == am_ok) return list_append(started, app);
     if (is_tagged(r, am_error, 2) && is_tagged(elem(r, 1), am_already_started, 2)) return started;
-    return kv_tuple(2, am_error, kv_tuple(2, app, elem(r, 1)));
+    return tuple(2, am_error, tuple(2, app, elem(r, 1)));
 }
 
 /* Application.ensure_all_started/1 — starts what app needs, then app:
  * {:ok, [the applications it started, in order]} */
 API term application_ensure_all_started(term app) {
     if (!is_atom(app))
-        raise_error(function_clause_error(kv_alias("Application"), kv_atom("ensure_all_started"), 2));
+        raise_error(function_clause_error(alias("Application"), atom("ensure_all_started"), 2));
     term r = ensure_started(app, NIL);
-    return is_tagged(r, am_error, 2) ? r : kv_tuple(2, am_ok, r);
+    return is_tagged(r, am_error, 2) ? r : tuple(2, am_ok, r);
 }
 
 /* --------------------------------------------------------------------------
@@ -6131,7 +6132,7 @@ API term application_ensure_all_started(term app) {
 /* KV.start/2 — KV.Supervisor.start_link(name: KV.Supervisor) */
 static term kv_start(term type, term args) {
     (void)type, (void)args;
-    return kv_supervisor_start_link(kv_list(1, kv_tuple(2, am_name, kv_alias("KV.Supervisor"))));
+    return kv_supervisor_start_link(list(1, tuple(2, am_name, alias("KV.Supervisor"))));
 }
 
 static const struct module kv_application = {.name = "KV", .start = kv_start};
@@ -6170,16 +6171,16 @@ static const struct module dynamic_supervisor;
 static term dyn_child_of(term spec) {
     term c = child_check(spec);
     if (is_tagged(c, am_error, 2)) return c;
-    return kv_tuple(5, child_get(c, am_start), child_get(c, am_restart), child_get(c, am_shutdown),
+    return tuple(5, child_get(c, am_start), child_get(c, am_restart), child_get(c, am_shutdown),
                     child_get(c, am_type), child_get(c, am_modules));
 }
 
 /* DynamicSupervisor.init/1 — the flags: strategy (only :one_for_one),
  * max_restarts (3), max_seconds (5), max_children, extra_arguments. */
 API term dynamic_supervisor_init(term opts) {
-    return kv_tuple(2, am_ok, kv_map(5, am_strategy, keyword_get(opts, am_strategy, am_one_for_one),
-                                    am_intensity, keyword_get(opts, am_max_restarts, kv_int(3)),
-                                    am_period, keyword_get(opts, am_max_seconds, kv_int(5)),
+    return tuple(2, am_ok, map(5, am_strategy, keyword_get(opts, am_strategy, am_one_for_one),
+                                    am_intensity, keyword_get(opts, am_max_restarts, integer(3)),
+                                    am_period, keyword_get(opts, am_max_seconds, integer(5)),
                                     am_max_children, keyword_get(opts, am_max_children, am_infinity),
                                     am_extra_arguments, keyword_get(opts, am_extra_arguments, NIL)));
 }
@@ -6191,12 +6192,12 @@ static term dyn_flags_check(term flags) {
     term strategy = sup_get(flags, am_strategy), intensity = sup_get(flags, am_intensity);
     term period = sup_get(flags, am_period), max = sup_get(flags, am_max_children);
     term extra = sup_get(flags, am_extra_arguments);
-    if (strategy != am_one_for_one) return kv_tuple(2, am_invalid_strategy, strategy);
-    if (!is_integer(intensity) || int_value(intensity) < 0) return kv_tuple(2, kv_atom("invalid_intensity"), intensity);
-    if (!is_integer(period) || int_value(period) < 1) return kv_tuple(2, kv_atom("invalid_period"), period);
+    if (strategy != am_one_for_one) return tuple(2, am_invalid_strategy, strategy);
+    if (!is_integer(intensity) || int_value(intensity) < 0) return tuple(2, atom("invalid_intensity"), intensity);
+    if (!is_integer(period) || int_value(period) < 1) return tuple(2, atom("invalid_period"), period);
     if (max != am_infinity && !(is_integer(max) && int_value(max) >= 0))
-        return kv_tuple(2, kv_atom("invalid_max_children"), max);
-    if (!is_list(extra)) return kv_tuple(2, kv_atom("invalid_extra_arguments"), extra);
+        return tuple(2, atom("invalid_max_children"), max);
+    if (!is_list(extra)) return tuple(2, atom("invalid_extra_arguments"), extra);
     return NULL;
 }
 
@@ -6207,10 +6208,10 @@ static term dyn_init(term arg) {
     term r = behaviour_init(module, elem(arg, 1), &code);
     if (r == am_ignore) return am_ignore;
     if (!is_tagged(r, am_ok, 2) || !is_map(elem(r, 1)))
-        return kv_tuple(2, am_stop, kv_tuple(2, am_bad_return, kv_tuple(3, module, am_init, r)));
+        return tuple(2, am_stop, tuple(2, am_bad_return, tuple(3, module, am_init, r)));
     term flags = elem(r, 1), bad = dyn_flags_check(flags);
-    if (bad) return kv_tuple(2, am_stop, kv_tuple(2, am_supervisor_data, bad));
-    return kv_tuple(2, am_ok, map_put(map_put(flags, am_restarts, NIL), am_children, kv_map_empty()));
+    if (bad) return tuple(2, am_stop, tuple(2, am_supervisor_data, bad));
+    return tuple(2, am_ok, map_put(map_put(flags, am_restarts, NIL), am_children, empty_map()));
 }
 
 /* Start one child: OTP's apply, with extra_arguments in front. */
@@ -6220,18 +6221,18 @@ static term dyn_start(term child, term st) {
      * improper list crashes the DynamicSupervisor, as :erlang.++ does. */
     if (!is_proper_list(extra)) raise_error(argument_error("argument error"));
     term a = list_concat(extra, elem(mfa, 2));
-    struct apply_run r = {kv_tuple(3, elem(mfa, 0), elem(mfa, 1), a), NULL};
+    struct apply_run r = {tuple(3, elem(mfa, 0), elem(mfa, 1), a), NULL};
     term caught;
     switch (try_catch(apply_mfa, &r, &caught)) {
     case CAUGHT_NOTHING: break;
-    case CAUGHT_ERROR: return kv_tuple(2, am_error, kv_tuple(2, caught, NIL));
-    case CAUGHT_EXIT: return kv_tuple(2, am_error, caught);
-    case CAUGHT_THROW: return kv_tuple(2, am_error, kv_tuple(2, kv_tuple(2, am_nocatch, caught), NIL));
+    case CAUGHT_ERROR: return tuple(2, am_error, tuple(2, caught, NIL));
+    case CAUGHT_EXIT: return tuple(2, am_error, caught);
+    case CAUGHT_THROW: return tuple(2, am_error, tuple(2, tuple(2, am_nocatch, caught), NIL));
     }
     term w = r.result;
     if (is_started(w)) return w;
     if (w == am_ignore || is_tagged(w, am_error, 2)) return w;
-    return kv_tuple(2, am_error, w);
+    return tuple(2, am_error, w);
 }
 
 /* Stop every child at once: send each its exit signal first, then wait
@@ -6279,8 +6280,8 @@ static bool dyn_restart(term *state, term pid, term child) {
     if (is_ok_tuple(r)) {
         *state = map_put(st, am_children, map_put(children, elem(r, 1), child));
     } else { /* could not start it: try again, keeping it under the old pid */
-        gen_server_cast(self(), kv_tuple(2, am_try_again_restart, pid));
-        *state = map_put(st, am_children, map_put(children, pid, kv_tuple(2, am_restarting, child)));
+        gen_server_cast(self(), tuple(2, am_try_again_restart, pid));
+        *state = map_put(st, am_children, map_put(children, pid, tuple(2, am_restarting, child)));
     }
     return true;
 }
@@ -6289,15 +6290,15 @@ static term dyn_handle_call(term req, term from, term st) {
     (void)from;
     term children = sup_get(st, am_children);
     if (req == am_which_children) {
-        term list = NIL;
+        term result = NIL;
         for (size_t i = children->n; i-- > 0;) {
             term c = map_value(children, i);
             bool restarting = is_tagged(c, am_restarting, 2);
             if (restarting) c = elem(c, 1);
-            list = kv_cons(kv_tuple(4, am_undefined, restarting ? am_restarting : map_key(children, i),
-                                    elem(c, 3), elem(c, 4)), list);
+            result = cons(tuple(4, am_undefined, restarting ? am_restarting : map_key(children, i),
+                                    elem(c, 3), elem(c, 4)), result);
         }
-        return reply(list, st);
+        return reply(result, st);
     }
     if (req == am_count_children) {
         int64_t active = 0, sups = 0, workers = 0;
@@ -6306,13 +6307,13 @@ static term dyn_handle_call(term req, term from, term st) {
             if (is_tagged(c, am_restarting, 2)) c = elem(c, 1); else active++;
             if (elem(c, 3) == am_supervisor) sups++; else workers++;
         }
-        return reply(kv_map(4, am_active, kv_int(active), am_specs, kv_int((int64_t)children->n), am_supervisors,
-                             kv_int(sups), am_workers, kv_int(workers)), st);
+        return reply(map(4, am_active, integer(active), am_specs, integer((int64_t)children->n), am_supervisors,
+                             integer(sups), am_workers, integer(workers)), st);
     }
     if (is_tagged(req, am_start_child, 2)) {
         term max = sup_get(st, am_max_children);
         if (is_integer(max) && (int64_t)children->n >= int_value(max))
-            return reply(kv_tuple(2, am_error, am_max_children), st);
+            return reply(tuple(2, am_error, am_max_children), st);
         term child = elem(req, 1), r = dyn_start(child, st);
         if (is_ok_tuple(r))
             st = map_put(st, am_children, map_put(children, elem(r, 1), child));
@@ -6320,21 +6321,21 @@ static term dyn_handle_call(term req, term from, term st) {
     }
     if (is_tagged(req, am_terminate_child, 2)) {
         term pid = elem(req, 1), child = map_get(children, pid, NULL);
-        if (!child) return reply(kv_tuple(2, am_error, am_not_found), st);
+        if (!child) return reply(tuple(2, am_error, am_not_found), st);
         if (!is_tagged(child, am_restarting, 2)) /* a child being restarted has no process */
-            child_shutdown(kv_map(2, am_pid, pid, am_shutdown, elem(child, 2)));
+            child_shutdown(map(2, am_pid, pid, am_shutdown, elem(child, 2)));
         return reply(am_ok, map_put(st, am_children, map_delete(children, pid)));
     }
-    raise_error(function_clause_error(kv_alias("DynamicSupervisor"), am_handle_call, 3));
+    raise_error(function_clause_error(alias("DynamicSupervisor"), am_handle_call, 3));
 }
 
 /* {:try_again_restart, pid}; DynamicSupervisor ignores any other cast. */
 static term dyn_handle_cast(term req, term st) {
-    if (!is_tagged(req, am_try_again_restart, 2)) return kv_tuple(2, am_noreply, st);
+    if (!is_tagged(req, am_try_again_restart, 2)) return tuple(2, am_noreply, st);
     term pid = elem(req, 1), child = map_get(sup_get(st, am_children), pid, NULL);
     if (child && is_tagged(child, am_restarting, 2) && !dyn_restart(&st, pid, elem(child, 1)))
-        return kv_tuple(3, am_stop, am_shutdown, st);
-    return kv_tuple(2, am_noreply, st);
+        return tuple(3, am_stop, am_shutdown, st);
+    return tuple(2, am_noreply, st);
 }
 
 static term dyn_handle_info(term msg, term st) {
@@ -6345,16 +6346,16 @@ static term dyn_handle_info(term msg, term st) {
         buf_puts(&b, "\n"); /* ~n, as in Elixir's source */
         logger_log(LOG_ERROR, buf_str(&b));
         buf_free(&b);
-        return kv_tuple(2, am_noreply, st);
+        return tuple(2, am_noreply, st);
     }
     term pid = elem(msg, 1), reason = elem(msg, 2);
     term children = sup_get(st, am_children), child = map_get(children, pid, NULL);
-    if (!child) return kv_tuple(2, am_noreply, st);
+    if (!child) return tuple(2, am_noreply, st);
     term restart = elem(child, 1);
     if (restart == am_temporary || (restart == am_transient && is_normal_exit(reason)))
-        return kv_tuple(2, am_noreply, map_put(st, am_children, map_delete(children, pid)));
-    if (!dyn_restart(&st, pid, child)) return kv_tuple(3, am_stop, am_shutdown, st);
-    return kv_tuple(2, am_noreply, st);
+        return tuple(2, am_noreply, map_put(st, am_children, map_delete(children, pid)));
+    if (!dyn_restart(&st, pid, child)) return tuple(3, am_stop, am_shutdown, st);
+    return tuple(2, am_noreply, st);
 }
 
 static void dyn_terminate(term reason, term st) {
@@ -6365,8 +6366,8 @@ static void dyn_terminate(term reason, term st) {
 /* DynamicSupervisor.child_spec/1 — for {DynamicSupervisor, opts} children:
  * its id is the name, and it is a supervisor. */
 API term dynamic_supervisor_child_spec(term opts) {
-    term id = keyword_get(opts, am_name, kv_alias("DynamicSupervisor"));
-    return kv_map(3, am_id, id, am_start, kv_tuple(3, kv_alias("DynamicSupervisor"), am_start_link, kv_list(1, opts)),
+    term id = keyword_get(opts, am_name, alias("DynamicSupervisor"));
+    return map(3, am_id, id, am_start, tuple(3, alias("DynamicSupervisor"), am_start_link, list(1, opts)),
                   am_type, am_supervisor);
 }
 
@@ -6377,13 +6378,13 @@ API term dynamic_supervisor_start_link(term opts) {
     term keys[] = {am_strategy, am_max_restarts, am_max_seconds, am_max_children, am_extra_arguments, NULL};
     keyword_split(opts, keys, &sup_opts, &start_opts);
     term flags = dynamic_supervisor_init(sup_opts);
-    return gen_start(kv_alias("DynamicSupervisor"), kv_tuple(2, kv_alias("Supervisor.Default"), flags), start_opts, true);
+    return gen_start(alias("DynamicSupervisor"), tuple(2, alias("Supervisor.Default"), flags), start_opts, true);
 }
 
 /* DynamicSupervisor.start_link/3 — a module whose init/1 returns the flags,
  * as DynamicSupervisor.init/1 makes them */
 API term dynamic_supervisor_start_link_module(term module, term arg, term opts) {
-    return gen_start(kv_alias("DynamicSupervisor"), kv_tuple(2, module, arg), opts, true);
+    return gen_start(alias("DynamicSupervisor"), tuple(2, module, arg), opts, true);
 }
 
 /* DynamicSupervisor.start_child/2 — {:ok, pid}, :ignore or {:error, reason} */
@@ -6393,15 +6394,15 @@ API term dynamic_supervisor_start_child(term sup, term child_spec) {
     if (is_tagged(child, am_error, 2)) {
         term why = elem(child, 1);
         if (why == am_missing_id || why == am_missing_start)
-            why = kv_tuple(2, am_invalid_child_spec, child_spec);
-        return kv_tuple(2, am_error, why);
+            why = tuple(2, am_invalid_child_spec, child_spec);
+        return tuple(2, am_error, why);
     }
-    return gen_server_call_timeout(sup, kv_tuple(2, am_start_child, child), am_infinity);
+    return gen_server_call_timeout(sup, tuple(2, am_start_child, child), am_infinity);
 }
 
 /* DynamicSupervisor.terminate_child/2 — by pid */
 API term dynamic_supervisor_terminate_child(term sup, term pid) {
-    return gen_server_call_timeout(sup, kv_tuple(2, am_terminate_child, pid), am_infinity);
+    return gen_server_call_timeout(sup, tuple(2, am_terminate_child, pid), am_infinity);
 }
 
 /* DynamicSupervisor.which_children/1 — [{:undefined, pid, type, modules}] */
@@ -6441,9 +6442,9 @@ static const struct module dynamic_supervisor = {
 
 /* {DynamicSupervisor, name: KV.BucketSupervisor, strategy: :one_for_one} */
 static term kv_bucket_supervisor_spec(void) {
-    return kv_tuple(2, kv_alias("DynamicSupervisor"),
-                    kv_list(2, kv_tuple(2, am_name, kv_alias("KV.BucketSupervisor")),
-                            kv_tuple(2, am_strategy, am_one_for_one)));
+    return tuple(2, alias("DynamicSupervisor"),
+                    list(2, tuple(2, am_name, alias("KV.BucketSupervisor")),
+                            tuple(2, am_strategy, am_one_for_one)));
 }
 
 /* --------------------------------------------------------------------------
@@ -6521,30 +6522,30 @@ static void ring_member(term arg) {
         int64_t left = int_value(receive_forever(NULL, NULL));
         garbage_collect(NIL);
         if (left == 0) break;
-        process_send(kv_pid(next), kv_int(left - 1));
+        process_send(pid_term(next), integer(left - 1));
     }
-    process_send(kv_pid(main_pid), am_ok);
+    process_send(pid_term(main_pid), am_ok);
 }
 
 static void ring_main(term arg) {
     int64_t n = int_value(elem(arg, 0)), hops = int_value(elem(arg, 1));
     term members = NIL;
-    for (int64_t i = 0; i < n; i++) members = kv_cons(spawn_link(ring_member, NIL), members);
+    for (int64_t i = 0; i < n; i++) members = cons(spawn_link(ring_member, NIL), members);
     term first = hd(members), m = members;
     for (; m->kind == K_CONS; m = tl(m)) {
         term next = tl(m)->kind == K_CONS ? hd(tl(m)) : first;
-        process_send(hd(m), kv_tuple(2, next, self()));
+        process_send(hd(m), tuple(2, next, self()));
     }
     erlang_yield(); /* every member runs into its receive */
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    process_send(first, kv_int(hops));
+    process_send(first, integer(hops));
     receive_forever(NULL, NULL);
     double secs = seconds_since(&t0);
     char bench[32];
     snprintf(bench, sizeof bench, "ring_n%" PRId64, n);
     bench_result(bench, "ns_per_hop", secs * 1e9 / (double)hops, "ns");
-    exit_self(kv_atom("done")); /* the linked members go with it */
+    exit_self(atom("done")); /* the linked members go with it */
 }
 
 static void exit_at_once(term arg) { (void)arg; }
@@ -6587,7 +6588,7 @@ static void idle_bench(term arg) {
     double count = (double)n;
     bench_result("idle_1m", "bytes_per_process", (double)(vm_memory() - mem0) / count, "bytes");
     if (rss0) bench_result("idle_1m", "rss_bytes_per_process", (double)(rss_bytes() - rss0) / count, "bytes");
-    exit_self(kv_atom("done"));
+    exit_self(atom("done"));
 }
 
 static void run_bench(void (*fn)(term), term arg) {
@@ -6601,11 +6602,11 @@ static int bench_main(void) {
     vm_init(false);
     kv_load_modules();
     bench_switch();
-    run_bench(ring_main, kv_tuple(2, kv_int(1000), kv_int(10000000)));
-    run_bench(ring_main, kv_tuple(2, kv_int(100000), kv_int(10000000)));
-    run_bench(spawn_bench, kv_int(1000000));
+    run_bench(ring_main, tuple(2, integer(1000), integer(10000000)));
+    run_bench(ring_main, tuple(2, integer(100000), integer(10000000)));
+    run_bench(spawn_bench, integer(1000000));
     vm_set_process_limit(2000000);
-    run_bench(idle_bench, kv_int(1000000));
+    run_bench(idle_bench, integer(1000000));
     vm_shutdown();
     return 0;
 }
@@ -6658,12 +6659,12 @@ static void print_out(const char *text, size_t len) {
 }
 
 static term fn_empty(term env, term x) { (void)env, (void)x; return NIL; }
-static term fn_eggs(term env, term list) { (void)env; return kv_cons(kv_string("eggs"), list); }
+static term fn_eggs(term env, term l) { (void)env; return cons(string("eggs"), l); }
 static term fn_same(term env, term x) { (void)env; return x; }
-static term fn_123(term env, term x) { (void)env, (void)x; return kv_int(123); }
-static term fn_wrap(term env, term x) { (void)env; return kv_map(1, kv_atom("a"), x); }
-static term fn_12(term env, term x) { (void)env; return kv_cons(kv_int(12), kv_list(1, x)); }
-static term fn_nop(term env, term list) { (void)env; return kv_cons(kv_atom("nop"), list); }
+static term fn_123(term env, term x) { (void)env, (void)x; return integer(123); }
+static term fn_wrap(term env, term x) { (void)env; return map(1, atom("a"), x); }
+static term fn_12(term env, term x) { (void)env; return cons(integer(12), list(1, x)); }
+static term fn_nop(term env, term l) { (void)env; return cons(atom("nop"), l); }
 
 static const struct fun_def tour_funs[] = {
     {"fn_empty", 0, "the tour", fn_empty}, {"fn_eggs", 1, "the tour", fn_eggs},
@@ -6671,17 +6672,17 @@ static const struct fun_def tour_funs[] = {
     {"fn_wrap", 1, "the tour", fn_wrap},   {"fn_12", 1, "the tour", fn_12},
     {"fn_nop", 1, "the tour", fn_nop},
 };
-#define TOUR_FUN(i) kv_fun(&tour_funs[i], NIL)
+#define TOUR_FUN(i) fun_term(&tour_funs[i], NIL)
 
 static void tour_agents(void) {
     banner("agents.md", "Agents 101");
     term agent;
-    iex("{:ok, agent} = Agent.start_link(fn -> [] end)", kv_tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
+    iex("{:ok, agent} = Agent.start_link(fn -> [] end)", tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
     iex("Agent.update(agent, fn list -> [\"eggs\" | list] end)", agent_update(agent, TOUR_FUN(1)));
     iex("Agent.get(agent, fn list -> list end)", agent_get(agent, TOUR_FUN(2)));
     iex("Agent.stop(agent)", agent_stop(agent, am_normal, am_infinity));
     printf("\n");
-    iex("{:ok, agent} = Agent.start_link(fn -> [] end)", kv_tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
+    iex("{:ok, agent} = Agent.start_link(fn -> [] end)", tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
     iex("Agent.update(agent, fn _list -> 123 end)", agent_update(agent, TOUR_FUN(3)));
     iex("Agent.update(agent, fn content -> %{a: content} end)", agent_update(agent, TOUR_FUN(4)));
     iex("Agent.update(agent, fn content -> [12 | [content]] end)", agent_update(agent, TOUR_FUN(5)));
@@ -6691,23 +6692,23 @@ static void tour_agents(void) {
 
 static void tour_genservers(void) {
     banner("genservers.md", "Client-server communication with GenServer");
-    term shopping = kv_list(1, kv_tuple(2, am_name, kv_atom("shopping")));
-    iex("Agent.start_link(fn -> %{} end, name: :shopping)", agent_start_link(kv_fun(&empty_map_fun, NIL), shopping));
-    iex("KV.Bucket.put(:shopping, \"milk\", 1)", kv_bucket_put(kv_atom("shopping"), kv_string("milk"), kv_int(1)));
-    iex("KV.Bucket.get(:shopping, \"milk\")", kv_bucket_get(kv_atom("shopping"), kv_string("milk")));
+    term shopping = list(1, tuple(2, am_name, atom("shopping")));
+    iex("Agent.start_link(fn -> %{} end, name: :shopping)", agent_start_link(fun_term(&bucket_new_fun, NIL), shopping));
+    iex("KV.Bucket.put(:shopping, \"milk\", 1)", kv_bucket_put(atom("shopping"), string("milk"), integer(1)));
+    iex("KV.Bucket.get(:shopping, \"milk\")", kv_bucket_get(atom("shopping"), string("milk")));
 
     banner("genservers.md", "GenServer callbacks");
     term registry;
     iex("{:ok, registry} = GenServer.start_link(KV.Registry, :ok)",
-        kv_tuple(2, am_ok, registry = ok_value(gen_server_start_link(kv_alias("KV.Registry"), am_ok, NIL))));
+        tuple(2, am_ok, registry = ok_value(gen_server_start_link(alias("KV.Registry"), am_ok, NIL))));
     iex("GenServer.cast(registry, {:create, \"shopping\"})",
-        gen_server_cast(registry, kv_tuple(2, am_create, kv_string("shopping"))));
+        gen_server_cast(registry, tuple(2, am_create, string("shopping"))));
     iex("{:ok, bk} = GenServer.call(registry, {:lookup, \"shopping\"})",
-        gen_server_call(registry, kv_tuple(2, am_lookup, kv_string("shopping"))));
+        gen_server_call(registry, tuple(2, am_lookup, string("shopping"))));
 
     banner("genservers.md", "The need for monitoring");
     term pid;
-    iex("{:ok, pid} = KV.Bucket.start_link([])", kv_tuple(2, am_ok, pid = ok_value(kv_bucket_start_link(NIL))));
+    iex("{:ok, pid} = KV.Bucket.start_link([])", tuple(2, am_ok, pid = ok_value(kv_bucket_start_link(NIL))));
     iex("Process.monitor(pid)", process_monitor(pid));
     iex("Agent.stop(pid)", agent_stop(pid, am_normal, am_infinity));
     printf("iex> flush()\n");
@@ -6720,7 +6721,7 @@ static void tour_genservers(void) {
     printf(":ok\n");
 }
 
-static void call_bad_input(void *registry) { gen_server_call((term)registry, kv_atom("bad_input")); }
+static void call_bad_input(void *registry) { gen_server_call((term)registry, atom("bad_input")); }
 
 static void tour_supervisors(void) {
     banner("supervisor-and-application.md", "Our first supervisor");
@@ -6733,8 +6734,8 @@ static void tour_supervisors(void) {
            "# kv.c's KV.Supervisor is the final one, so the same tree is built directly:\n");
     term sup, children;
     iex("{:ok, sup} = Supervisor.start_link([KV.Registry], strategy: :one_for_one)",
-        kv_tuple(2, am_ok, sup = ok_value(supervisor_start_link_children(kv_list(1, kv_alias("KV.Registry")),
-                                                                         kv_list(1, kv_tuple(2, am_strategy, am_one_for_one))))));
+        tuple(2, am_ok, sup = ok_value(supervisor_start_link_children(list(1, alias("KV.Registry")),
+                                                                         list(1, tuple(2, am_strategy, am_one_for_one))))));
     iex("Supervisor.which_children(sup)", supervisor_which_children(sup));
     iex("[{_, registry, _, _}] = Supervisor.which_children(sup)", children = supervisor_which_children(sup));
     iex_exit("GenServer.call(registry, :bad_input)", call_bad_input, (void *)elem(hd(children), 1));
@@ -6744,9 +6745,9 @@ static void tour_supervisors(void) {
     printf("# The chapter starts KV.Supervisor by hand here, with KV.Supervisor.start_link([]).\n"
            "# In kv.c the application's callback has started it already, under its name,\n"
            "# and a second one could not take the names KV.Registry and KV.BucketSupervisor:\n");
-    iex("Process.whereis(KV.Supervisor)", process_whereis(kv_alias("KV.Supervisor")));
-    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(kv_alias("KV.Registry"), kv_string("shopping")));
-    iex("KV.Registry.lookup(KV.Registry, \"shopping\")", kv_registry_lookup(kv_alias("KV.Registry"), kv_string("shopping")));
+    iex("Process.whereis(KV.Supervisor)", process_whereis(alias("KV.Supervisor")));
+    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(alias("KV.Registry"), string("shopping")));
+    iex("KV.Registry.lookup(KV.Registry, \"shopping\")", kv_registry_lookup(alias("KV.Registry"), string("shopping")));
 
     banner("supervisor-and-application.md", "Understanding applications");
     struct buf b = {0};
@@ -6769,25 +6770,25 @@ static void tour_supervisors(void) {
     iex("Application.ensure_all_started(:kv)", application_ensure_all_started(am_kv));
 
     banner("supervisor-and-application.md", "The application callback");
-    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(kv_alias("KV.Registry"), kv_string("shopping")));
-    iex("KV.Registry.lookup(KV.Registry, \"shopping\")", kv_registry_lookup(kv_alias("KV.Registry"), kv_string("shopping")));
+    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(alias("KV.Registry"), string("shopping")));
+    iex("KV.Registry.lookup(KV.Registry, \"shopping\")", kv_registry_lookup(alias("KV.Registry"), string("shopping")));
 }
 
 static void tour_dynamic(void) {
     banner("dynamic-supervisor.md", "The bucket supervisor");
     term r;
     iex("{:ok, bucket} = DynamicSupervisor.start_child(KV.BucketSupervisor, KV.Bucket)",
-        r = dynamic_supervisor_start_child(kv_alias("KV.BucketSupervisor"), kv_alias("KV.Bucket")));
+        r = dynamic_supervisor_start_child(alias("KV.BucketSupervisor"), alias("KV.Bucket")));
     term bucket = ok_value(r);
-    iex("KV.Bucket.put(bucket, \"eggs\", 3)", kv_bucket_put(bucket, kv_string("eggs"), kv_int(3)));
-    iex("KV.Bucket.get(bucket, \"eggs\")", kv_bucket_get(bucket, kv_string("eggs")));
+    iex("KV.Bucket.put(bucket, \"eggs\", 3)", kv_bucket_put(bucket, string("eggs"), integer(3)));
+    iex("KV.Bucket.get(bucket, \"eggs\")", kv_bucket_get(bucket, string("eggs")));
 
     banner("dynamic-supervisor.md", "Observer");
-    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(kv_alias("KV.Registry"), kv_string("shopping")));
+    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(alias("KV.Registry"), string("shopping")));
     printf("# What Observer's tree shows, asked for with which_children:\n");
-    iex("Supervisor.which_children(KV.Supervisor)", supervisor_which_children(kv_alias("KV.Supervisor")));
+    iex("Supervisor.which_children(KV.Supervisor)", supervisor_which_children(alias("KV.Supervisor")));
     iex("DynamicSupervisor.which_children(KV.BucketSupervisor)",
-        dynamic_supervisor_which_children(kv_alias("KV.BucketSupervisor")));
+        dynamic_supervisor_which_children(alias("KV.BucketSupervisor")));
 }
 
 static void tour(term arg) {
@@ -6799,9 +6800,9 @@ static void tour(term arg) {
     }
     if (no_start) { /* the seed edition's iex -S mix run --no-start */
         printf("# Started with --no-start (iex -S mix run --no-start, in the seed edition):\n");
-        iex("Process.whereis(KV.Registry)", process_whereis(kv_alias("KV.Registry")));
+        iex("Process.whereis(KV.Registry)", process_whereis(alias("KV.Registry")));
         iex("Application.start(:kv)", application_start(am_kv));
-        iex("Process.whereis(KV.Registry)", process_whereis(kv_alias("KV.Registry")));
+        iex("Process.whereis(KV.Registry)", process_whereis(alias("KV.Registry")));
     }
     tour_agents();
     tour_genservers();
@@ -6816,7 +6817,7 @@ static int tour_main(bool no_start) {
     vm.out = print_out;
     printf("kv.c replays the iex sessions of Elixir's Mix and OTP guide on its own processes.\n"
            "(Pids and references are kv.c's; everything else is computed here, not copied.)\n");
-    uint64_t pid = vm_spawn(tour, kv_bool(no_start), "the tour");
+    uint64_t pid = vm_spawn(tour, boolean(no_start), "the tour");
     heap_free(&outside_heap);
     enum vm_result r = vm_run(pid);
     vm_shutdown(); /* the application's tree is still up: it goes too */

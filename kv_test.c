@@ -79,9 +79,9 @@ static NORETURN void fail_with(const char *file, int line, const char *message, 
         H.failed = true;
         longjmp(H.main_fail, 1);
     }
-    term e = exception_new(kv_alias("ExUnit.AssertionError"), 4, kv_atom("message"),
-                           kv_string(buf_str(&b)), kv_atom("left"), left ? left : am_nil,
-                           kv_atom("right"), right ? right : am_nil, kv_atom("expr"), kv_string(code));
+    term e = exception_new(alias("ExUnit.AssertionError"), 4, atom("message"),
+                           string(buf_str(&b)), atom("left"), left ? left : am_nil,
+                           atom("right"), right ? right : am_nil, atom("expr"), string(code));
     buf_free(&b);
     raise_error(e);
 }
@@ -90,8 +90,8 @@ static void assert_equal_at(const char *file, int line, const char *l, const cha
                             term right) {
     /* NULL is "no term" (a receive that timed out, an exit not caught). */
     if (left == right || (left && right && term_eq(left, right))) return;
-    if (!left) left = kv_atom("(no term)");
-    if (!right) right = kv_atom("(no term)");
+    if (!left) left = atom("(no term)");
+    if (!right) right = atom("(no term)");
     char code[512];
     snprintf(code, sizeof code, "assert %s == %s", l, r);
     fail_with(file, line, "Assertion with == failed", code, left, right);
@@ -115,7 +115,7 @@ static void assert_inspect_at(const char *file, int line, const char *expr, term
         snprintf(code, sizeof code, "assert inspect(%s) == ...", expr);
         struct heap scratch = {0};
         term l, r;
-        WITH_HEAP(vm.current ? alloc_heap : &scratch, l = kv_string(buf_str(&b)); r = kv_string(expected));
+        WITH_HEAP(vm.current ? alloc_heap : &scratch, l = string(buf_str(&b)); r = string(expected));
         buf_free(&b);
         fail_with(file, line, "Assertion with == failed", code, l, r);
     }
@@ -127,8 +127,8 @@ static void assert_contains_at(const char *file, int line, const char *expr, con
     if (strstr(text, needle)) return;
     char code[512];
     snprintf(code, sizeof code, "assert String.contains?(%s, ...)", expr);
-    fail_with(file, line, "Assertion with String.contains? failed", code, kv_string(text),
-              kv_string(needle));
+    fail_with(file, line, "Assertion with String.contains? failed", code, string(text),
+              string(needle));
 }
 
 #define assert_eq(left, right) assert_equal_at(__FILE__, __LINE__, #left, #right, (left), (right))
@@ -142,15 +142,15 @@ static void assert_contains_at(const char *file, int line, const char *expr, con
 static term exit_text(term reason) {
     struct buf b = {0};
     format_exit_banner(&b, reason);
-    term s = kv_string(buf_str(&b));
+    term s = string(buf_str(&b));
     buf_free(&b);
     return s;
 }
 
 /* Short names for the literals tests use most. */
-static term S(const char *s) { return kv_string(s); }
-static term A(const char *s) { return kv_atom(s); }
-static term I(int64_t i) { return kv_int(i); }
+static term S(const char *s) { return string(s); }
+static term A(const char *s) { return atom(s); }
+static term I(int64_t i) { return integer(i); }
 
 /* catch_exit(expr): run fn(arg) in this process; the exit reason it exited
  * with (Kernel.exit/1, or the raise, as {exception, []}), or NULL. */
@@ -158,7 +158,7 @@ static term catch_exit(void (*fn)(void *), void *arg) {
     term reason;
     enum caught kind = try_catch(fn, arg, &reason);
     if (kind == CAUGHT_NOTHING) return NULL;
-    if (kind == CAUGHT_ERROR) return kv_tuple(2, reason, NIL);
+    if (kind == CAUGHT_ERROR) return tuple(2, reason, NIL);
     return reason;
 }
 
@@ -174,11 +174,11 @@ static term catch_error(void (*fn)(void *), void *arg) {
  * children down before the next test starts. */
 static term start_supervised(term child_spec) {
     if (!H.test_sup || !proc_of_pid(H.test_sup)) {
-        term opts = kv_list(3, kv_tuple(2, am_strategy, am_one_for_one), kv_tuple(2, am_max_restarts, kv_int(1000000)),
-                            kv_tuple(2, am_max_seconds, kv_int(1)));
+        term opts = list(3, tuple(2, am_strategy, am_one_for_one), tuple(2, am_max_restarts, integer(1000000)),
+                            tuple(2, am_max_seconds, integer(1)));
         H.test_sup = ok_value(supervisor_start_link_children(NIL, opts))->u.id;
     }
-    term r = supervisor_start_child(kv_pid(H.test_sup), child_spec);
+    term r = supervisor_start_child(pid_term(H.test_sup), child_spec);
     if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3)) return elem(r, 1);
     struct buf b = {0};
     buf_puts(&b, "failed to start child with the spec ");
@@ -211,14 +211,14 @@ static term iex_flush(void) {
     size_t n = 0;
     term m;
     while (n < 64 && (m = receive_any(I(0)))) items[n++] = m;
-    return kv_list_of(n, items);
+    return list_of(n, items);
 }
 
 /* ---- Running one test ---- */
 
 static void test_body(void *arg) {
     const struct test *t = arg;
-    term ctx = t->setup ? t->setup() : kv_map_empty();
+    term ctx = t->setup ? t->setup() : empty_map();
     t->body(ctx);
 }
 
@@ -230,7 +230,7 @@ static void test_main(term arg) {
     enum caught kind = try_catch(test_body, (void *)H.test, &reason);
     H.finished = true;
     if (kind == CAUGHT_ERROR && is_map(reason) &&
-        map_get(reason, am_struct_, am_nil) == kv_alias("ExUnit.AssertionError")) {
+        map_get(reason, am_struct_, am_nil) == alias("ExUnit.AssertionError")) {
         H.failed = true;
         term m = map_get(reason, am_message, S(""));
         buf_add(&H.failure, BYTES(m), m->n);
@@ -247,8 +247,8 @@ static void test_main(term arg) {
 /* Kill whatever a test left running, from outside. */
 static void kill_everyone(void) {
     for (size_t i = 0; i < vm.table_cap; i++)
-        if (vm.table[i]) die(vm.table[i], am_killed);
-    reap();
+        if (vm.table[i]) exit_later(vm.table[i], am_killed);
+    finish_exited();
     vm_run(0);
 }
 
@@ -329,42 +329,42 @@ static void wait_for_never(term arg);
 
 static void t_inspect_basic(term ctx) {
     (void)ctx;
-    assert_inspect(kv_tuple(2, am_ok, kv_pid(72)), "{:ok, #PID<0.72.0>}");
-    assert_inspect(kv_list(3, A("nop"), I(12), kv_map(1, A("a"), I(123))), "[:nop, 12, %{a: 123}]");
-    assert_inspect(kv_map(1, S("milk"), I(3)), "%{\"milk\" => 3}");
+    assert_inspect(tuple(2, am_ok, pid_term(72)), "{:ok, #PID<0.72.0>}");
+    assert_inspect(list(3, A("nop"), I(12), map(1, A("a"), I(123))), "[:nop, 12, %{a: 123}]");
+    assert_inspect(map(1, S("milk"), I(3)), "%{\"milk\" => 3}");
     assert_inspect(am_nil, "nil");
-    assert_inspect(kv_list(1, I(12)), "'\\f'");
-    assert_inspect(kv_ref(551), "#Reference<0.0.0.551>");
-    assert_inspect(kv_map(2, S("milk"), I(3), A("a"), I(1)), "%{:a => 1, \"milk\" => 3}");
-    assert_inspect(kv_list(2, kv_tuple(2, A("name"), kv_alias("KV.Registry")), kv_tuple(2, A("$gen"), I(1))),
+    assert_inspect(list(1, I(12)), "'\\f'");
+    assert_inspect(ref_term(551), "#Reference<0.0.0.551>");
+    assert_inspect(map(2, S("milk"), I(3), A("a"), I(1)), "%{:a => 1, \"milk\" => 3}");
+    assert_inspect(list(2, tuple(2, A("name"), alias("KV.Registry")), tuple(2, A("$gen"), I(1))),
                    "[name: KV.Registry, \"$gen\": 1]");
-    assert_inspect(kv_map(3, A("@"), am_nil, A("+"), I(1), A("::"), I(2)), "%{+: 1, \"::\": 2, @: nil}");
-    assert_inspect(kv_list(2, kv_tuple(2, A("a"), I(1)), kv_tuple(2, A("Elixir"), I(2))), "[a: 1, \"Elixir\": 2]");
-    assert_inspect(kv_tuple(11, A("$gen_call"), A("foo bar"), A("ok?"), A("+"), A("Elixir"), A("Elixir"),
-                            kv_alias("Foo.Bar"), A("9a"), A("a@b"), A("A"), A("a-b")),
+    assert_inspect(map(3, A("@"), am_nil, A("+"), I(1), A("::"), I(2)), "%{+: 1, \"::\": 2, @: nil}");
+    assert_inspect(list(2, tuple(2, A("a"), I(1)), tuple(2, A("Elixir"), I(2))), "[a: 1, \"Elixir\": 2]");
+    assert_inspect(tuple(11, A("$gen_call"), A("foo bar"), A("ok?"), A("+"), A("Elixir"), A("Elixir"),
+                            alias("Foo.Bar"), A("9a"), A("a@b"), A("A"), A("a-b")),
                    "{:\"$gen_call\", :\"foo bar\", :ok?, :+, Elixir, Elixir, Foo.Bar, :\"9a\", :a@b, :A, :\"a-b\"}");
-    assert_inspect(kv_list(2, kv_list(2, I('k'), I('v')), kv_list(2, I(1), I(2))), "['kv', [1, 2]]");
-    assert_inspect(kv_cons(I(1), I(2)), "[1 | 2]");
-    assert_inspect(kv_list(4, I('#'), I('#'), I('{'), I('}')), "'#\\#{}'");
-    assert_inspect(kv_tuple(0), "{}");
-    assert_inspect(kv_map_empty(), "%{}");
+    assert_inspect(list(2, list(2, I('k'), I('v')), list(2, I(1), I(2))), "['kv', [1, 2]]");
+    assert_inspect(cons(I(1), I(2)), "[1 | 2]");
+    assert_inspect(list(4, I('#'), I('#'), I('{'), I('}')), "'#\\#{}'");
+    assert_inspect(tuple(0), "{}");
+    assert_inspect(empty_map(), "%{}");
     assert_inspect(NIL, "[]");
     assert_inspect(I(-5), "-5");
     assert_inspect(S("a\"b\\c\n\t\x1b\a \xc3\xa9 \x7f"), "\"a\\\"b\\\\c\\n\\t\\e\\a \xc3\xa9 \\d\"");
     assert_inspect(S("\x01" "abc"), "<<1, 97, 98, 99>>");
-    assert_inspect(kv_list(2, kv_tuple(2, A("a"), I(1)), kv_tuple(2, S("b"), I(2))), "[{:a, 1}, {\"b\", 2}]");
-    assert_inspect(kv_list(5, am_true, am_false, am_nil, A("Elixir.kv"), A("Elixir.KV.Bucket!")),
+    assert_inspect(list(2, tuple(2, A("a"), I(1)), tuple(2, S("b"), I(2))), "[{:a, 1}, {\"b\", 2}]");
+    assert_inspect(list(5, am_true, am_false, am_nil, A("Elixir.kv"), A("Elixir.KV.Bucket!")),
                    "[true, false, nil, :\"Elixir.kv\", :\"Elixir.KV.Bucket!\"]");
-    assert_inspect(kv_map(3, kv_tuple(1, A("a")), I(1), I(1), I(2), A("b"), I(3)), "%{1 => 2, :b => 3, {:a} => 1}");
+    assert_inspect(map(3, tuple(1, A("a")), I(1), I(1), I(2), A("b"), I(3)), "%{1 => 2, :b => 3, {:a} => 1}");
     assert_inspect(runtime_error("boom"), "%RuntimeError{message: \"boom\"}");
-    assert_inspect(function_clause_error(kv_alias("KV.Registry"), A("handle_call"), 3),
+    assert_inspect(function_clause_error(alias("KV.Registry"), A("handle_call"), 3),
                    "%FunctionClauseError{module: KV.Registry, function: :handle_call, arity: 3, kind: nil, args: nil, clauses: nil}");
-    assert_inspect(kv_map(2, am_struct_, kv_alias("Foo"), A("a"), I(1)), "%{__struct__: Foo, a: 1}");
+    assert_inspect(map(2, am_struct_, alias("Foo"), A("a"), I(1)), "%{__struct__: Foo, a: 1}");
 }
 
 static term seq(int from, int to) {
     term l = NIL;
-    for (int i = to; i >= from; i--) l = kv_cons(I(i), l);
+    for (int i = to; i >= from; i--) l = cons(I(i), l);
     return l;
 }
 
@@ -373,7 +373,7 @@ static void t_inspect_limit(term ctx) {
     assert_inspect(seq(1, 60), "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, "
                                "23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, "
                                "43, 44, 45, 46, 47, 48, 49, 50, ...]");
-    assert_inspect(kv_map(1, A("a"), seq(1, 60)),
+    assert_inspect(map(1, A("a"), seq(1, 60)),
                    "%{a: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, "
                    "23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, "
                    "43, 44, 45, 46, 47, 48, 49, ...]}");
@@ -381,8 +381,8 @@ static void t_inspect_limit(term ctx) {
 
 static void t_inspect_pretty(term ctx) {
     (void)ctx;
-    term spec = kv_map(5, A("id"), kv_alias("KV.Registry"), A("restart"), A("permanent"), A("shutdown"), I(5000),
-                       A("start"), kv_tuple(3, kv_alias("KV.Registry"), A("start_link"), kv_list(1, NIL)),
+    term spec = map(5, A("id"), alias("KV.Registry"), A("restart"), A("permanent"), A("shutdown"), I(5000),
+                       A("start"), tuple(3, alias("KV.Registry"), A("start_link"), list(1, NIL)),
                        A("type"), A("worker"));
     assert_inspect(spec, "%{id: KV.Registry, restart: :permanent, shutdown: 5000, start: {KV.Registry, "
                          ":start_link, [[]]}, type: :worker}");
@@ -391,27 +391,27 @@ static void t_inspect_pretty(term ctx) {
     assert_pretty(seq(1, 60), "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,\n"
                               " 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42,\n"
                               " 43, 44, 45, 46, 47, 48, 49, 50, ...]");
-    assert_pretty(kv_tuple(2, am_ok, kv_tuple(2, kv_map(3, A("intensity"), I(3), A("period"), I(5), A("strategy"),
+    assert_pretty(tuple(2, am_ok, tuple(2, map(3, A("intensity"), I(3), A("period"), I(5), A("strategy"),
                                                         A("one_for_one")),
-                                              kv_list(1, kv_map(2, A("id"), kv_alias("KV.Registry"), A("start"),
-                                                                kv_tuple(3, kv_alias("KV.Registry"), A("start_link"),
-                                                                         kv_list(1, NIL)))))),
+                                              list(1, map(2, A("id"), alias("KV.Registry"), A("start"),
+                                                                tuple(3, alias("KV.Registry"), A("start_link"),
+                                                                         list(1, NIL)))))),
                   "{:ok,\n {%{intensity: 3, period: 5, strategy: :one_for_one},\n"
                   "  [%{id: KV.Registry, start: {KV.Registry, :start_link, [[]]}}]}}");
-    term kw = kv_list(2, kv_tuple(2, A("name"), kv_alias("KV.BucketSupervisor")),
-                      kv_tuple(2, A("strategy"), A("one_for_one")));
-    assert_pretty(kv_map(3, A("id"), kv_alias("KV.BucketSupervisor"), A("start"),
-                         kv_tuple(3, kv_alias("DynamicSupervisor"), A("start_link"), kv_list(1, kw)),
+    term kw = list(2, tuple(2, A("name"), alias("KV.BucketSupervisor")),
+                      tuple(2, A("strategy"), A("one_for_one")));
+    assert_pretty(map(3, A("id"), alias("KV.BucketSupervisor"), A("start"),
+                         tuple(3, alias("DynamicSupervisor"), A("start_link"), list(1, kw)),
                          A("type"), A("supervisor")),
                   "%{\n  id: KV.BucketSupervisor,\n  start: {DynamicSupervisor, :start_link,\n"
                   "   [[name: KV.BucketSupervisor, strategy: :one_for_one]]},\n  type: :supervisor\n}");
     term pairs = NIL;
-    for (int i = 3; i >= 1; i--) pairs = kv_cons(kv_tuple(2, I(i), A("a")), pairs);
+    for (int i = 3; i >= 1; i--) pairs = cons(tuple(2, I(i), A("a")), pairs);
     assert_pretty(pairs, "[{1, :a}, {2, :a}, {3, :a}]");
     /* A broken binary continues two columns right of its "<<". */
     char bytes[30];
     for (int i = 0; i < 30; i++) bytes[i] = (char)(200 + i);
-    assert_pretty(kv_tuple(2, I(1), kv_binary(bytes, 30)),
+    assert_pretty(tuple(2, I(1), binary(bytes, 30)),
                   "{1,\n <<200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214,\n"
                   "   215, 216, 217, 218, 219, 220, 221, 222, 223, 224, 225, 226, 227, 228, 229>>}");
 }
@@ -419,16 +419,16 @@ static void t_inspect_pretty(term ctx) {
 static void t_term_order(term ctx) {
     (void)ctx;
     /* number < atom < reference < fun < pid < tuple < map < [] < list < binary */
-    term ordered[] = {I(-1), I(7), A("a"), A("b"), kv_ref(1), kv_pid(1), kv_tuple(1, I(9)),
-                      kv_tuple(2, I(1), I(1)), kv_map_empty(), NIL, kv_list(1, I(1)), S("a"), S("ab")};
+    term ordered[] = {I(-1), I(7), A("a"), A("b"), ref_term(1), pid_term(1), tuple(1, I(9)),
+                      tuple(2, I(1), I(1)), empty_map(), NIL, list(1, I(1)), S("a"), S("ab")};
     size_t n = sizeof ordered / sizeof *ordered;
     for (size_t i = 0; i + 1 < n; i++) assert_true(term_cmp(ordered[i], ordered[i + 1]) < 0);
-    assert_eq(kv_list(2, I(1), S("x")), kv_list(2, I(1), S("x")));
-    term m = kv_map(2, S("milk"), I(3), S("eggs"), I(1));
+    assert_eq(list(2, I(1), S("x")), list(2, I(1), S("x")));
+    term m = map(2, S("milk"), I(3), S("eggs"), I(1));
     assert_eq(map_get(m, S("milk"), am_nil), I(3));
     assert_eq(map_fetch(m, S("bread")), am_error);
-    assert_eq(map_pop(m, S("milk")), kv_tuple(2, I(3), kv_map(1, S("eggs"), I(1))));
-    assert_eq(map_pop(kv_map_empty(), S("milk")), kv_tuple(2, am_nil, kv_map_empty()));
+    assert_eq(map_pop(m, S("milk")), tuple(2, I(3), map(1, S("eggs"), I(1))));
+    assert_eq(map_pop(empty_map(), S("milk")), tuple(2, am_nil, empty_map()));
 }
 
 /* ==========================================================================
@@ -437,7 +437,7 @@ static void t_term_order(term ctx) {
 
 static void echo_once(term parent) {
     term m = receive_any(am_infinity);
-    process_send(parent, kv_tuple(2, self(), m));
+    process_send(parent, tuple(2, self(), m));
 }
 
 static void t_spawn_and_send(term ctx) {
@@ -445,10 +445,10 @@ static void t_spawn_and_send(term ctx) {
     term pid = spawn(echo_once, self());
     assert_true(is_pid(pid));
     assert_true(process_alive(pid));
-    term msg = kv_tuple(2, A("hello"), kv_list(2, S("milk"), kv_map(1, A("a"), I(1))));
+    term msg = tuple(2, A("hello"), list(2, S("milk"), map(1, A("a"), I(1))));
     assert_eq(process_send(pid, msg), msg);
     term reply = assert_receive(100);
-    assert_eq(reply, kv_tuple(2, pid, msg));
+    assert_eq(reply, tuple(2, pid, msg));
     /* The reply is a copy: equal, but not the same memory. */
     assert_true(elem(reply, 1) != msg);
     process_sleep(I(0));
@@ -470,14 +470,14 @@ static bool match_tag(term msg, const void *tag) { return is_tuple(msg) && elem(
 static void t_selective_receive(term ctx) {
     (void)ctx;
     term me = self();
-    process_send(me, kv_tuple(2, A("a"), I(1)));
-    process_send(me, kv_tuple(2, A("b"), I(2)));
-    process_send(me, kv_tuple(2, A("a"), I(3)));
-    process_send(me, kv_tuple(2, A("b"), I(4)));
-    assert_eq(receive(match_tag, A("b"), I(0)), kv_tuple(2, A("b"), I(2)));
-    assert_eq(receive(match_tag, A("b"), I(0)), kv_tuple(2, A("b"), I(4)));
+    process_send(me, tuple(2, A("a"), I(1)));
+    process_send(me, tuple(2, A("b"), I(2)));
+    process_send(me, tuple(2, A("a"), I(3)));
+    process_send(me, tuple(2, A("b"), I(4)));
+    assert_eq(receive(match_tag, A("b"), I(0)), tuple(2, A("b"), I(2)));
+    assert_eq(receive(match_tag, A("b"), I(0)), tuple(2, A("b"), I(4)));
     assert_eq(receive(match_tag, A("b"), I(0)), NULL);
-    assert_eq(iex_flush(), kv_list(2, kv_tuple(2, A("a"), I(1)), kv_tuple(2, A("a"), I(3))));
+    assert_eq(iex_flush(), list(2, tuple(2, A("a"), I(1)), tuple(2, A("a"), I(3))));
 }
 
 static void send_later(term arg) { /* {dest, delay, msg} */
@@ -493,10 +493,10 @@ static void t_receive_after(term ctx) {
     assert_eq(receive_any(I(5000)), NULL);
     assert_eq(I(now_ms() - t0), I(5000));
     /* A message that arrives in time wins, and cancels the timer. */
-    spawn(send_later, kv_tuple(3, self(), I(100), A("late")));
+    spawn(send_later, tuple(3, self(), I(100), A("late")));
     assert_eq(receive_any(I(200)), A("late"));
     assert_eq(I(now_ms() - t0), I(5100));
-    spawn(send_later, kv_tuple(3, self(), I(300), A("too_late")));
+    spawn(send_later, tuple(3, self(), I(300), A("too_late")));
     assert_eq(receive_any(I(200)), NULL);
     assert_eq(receive_any(I(200)), A("too_late"));
     clock_gettime(CLOCK_MONOTONIC, &w1);
@@ -521,9 +521,9 @@ static term down_reason(term pid) {
 
 static void t_link_abnormal(term ctx) {
     (void)ctx;
-    term pid = spawn(linker, kv_tuple(1, A("boom")));
+    term pid = spawn(linker, tuple(1, A("boom")));
     assert_eq(down_reason(pid), A("boom"));
-    pid = spawn(linker, kv_tuple(1, am_normal));
+    pid = spawn(linker, tuple(1, am_normal));
     process_sleep(I(10));
     assert_true(process_alive(pid));
     process_exit(pid, am_kill);
@@ -531,12 +531,12 @@ static void t_link_abnormal(term ctx) {
 
 static void t_trap_exit(term ctx) {
     (void)ctx;
-    assert_eq(kv_bool(process_flag_trap_exit(true)), am_false);
-    assert_eq(kv_bool(process_flag_trap_exit(true)), am_true);
+    assert_eq(boolean(process_flag_trap_exit(true)), am_false);
+    assert_eq(boolean(process_flag_trap_exit(true)), am_true);
     term a = spawn_link(exit_with, am_normal);
     term b = spawn_link(exit_with, A("boom"));
-    assert_eq(assert_receive(100), kv_tuple(3, am_EXIT, a, am_normal));
-    assert_eq(assert_receive(100), kv_tuple(3, am_EXIT, b, A("boom")));
+    assert_eq(assert_receive(100), tuple(3, am_EXIT, a, am_normal));
+    assert_eq(assert_receive(100), tuple(3, am_EXIT, b, A("boom")));
     /* Still running: */
     assert_true(process_alive(self()));
 }
@@ -580,12 +580,12 @@ static void t_kill(term ctx) {
     process_sleep(I(1));
     term tref = process_monitor(trapper), nref = process_monitor(neighbour);
     process_exit(trapper, am_kill);
-    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, tref, am_process, trapper, am_killed));
-    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, nref, am_process, neighbour, am_killed));
+    assert_eq(assert_receive(100), tuple(5, am_DOWN, tref, am_process, trapper, am_killed));
+    assert_eq(assert_receive(100), tuple(5, am_DOWN, nref, am_process, neighbour, am_killed));
     /* :killed sent explicitly is an ordinary, trappable reason. */
     process_flag_trap_exit(true);
     process_exit(self(), am_killed);
-    assert_eq(assert_receive(100), kv_tuple(3, am_EXIT, self(), am_killed));
+    assert_eq(assert_receive(100), tuple(3, am_EXIT, self(), am_killed));
 }
 
 static void link_dead(void *pid) { process_link((term)pid); }
@@ -602,7 +602,7 @@ static void t_link_dead(term ctx) {
     buf_free(&b);
     process_flag_trap_exit(true);
     assert_eq(process_link(dead), am_true);
-    assert_eq(assert_receive(100), kv_tuple(3, am_EXIT, dead, am_noproc));
+    assert_eq(assert_receive(100), tuple(3, am_EXIT, dead, am_noproc));
 }
 
 static void parent_of(term arg) { /* {test, unlink?} */
@@ -615,12 +615,12 @@ static void parent_of(term arg) { /* {test, unlink?} */
 
 static void t_links_bidirectional(term ctx) {
     (void)ctx;
-    term parent = spawn(parent_of, kv_tuple(2, self(), am_false));
+    term parent = spawn(parent_of, tuple(2, self(), am_false));
     term child = assert_receive(100);
     term ref = process_monitor(child);
     process_send(parent, A("go"));
-    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, child, A("parent_crash")));
-    parent = spawn(parent_of, kv_tuple(2, self(), am_true));
+    assert_eq(assert_receive(100), tuple(5, am_DOWN, ref, am_process, child, A("parent_crash")));
+    parent = spawn(parent_of, tuple(2, self(), am_true));
     child = assert_receive(100);
     process_send(parent, A("go"));
     process_sleep(I(10));
@@ -651,14 +651,14 @@ static void t_monitors(term ctx) {
     term r1 = process_monitor(pid), r2 = process_monitor(pid);
     refute(term_eq(r1, r2));
     process_exit(pid, A("bye"));
-    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, r2, am_process, pid, A("bye")));
-    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, r1, am_process, pid, A("bye")));
+    assert_eq(assert_receive(100), tuple(5, am_DOWN, r2, am_process, pid, A("bye")));
+    assert_eq(assert_receive(100), tuple(5, am_DOWN, r1, am_process, pid, A("bye")));
     /* Monitoring the dead, or a name nobody holds. */
     term ref = process_monitor(pid);
-    assert_eq(assert_receive(0), kv_tuple(5, am_DOWN, ref, am_process, pid, am_noproc));
+    assert_eq(assert_receive(0), tuple(5, am_DOWN, ref, am_process, pid, am_noproc));
     ref = process_monitor(A("unregistered"));
-    assert_eq(assert_receive(0), kv_tuple(5, am_DOWN, ref, am_process,
-                                          kv_tuple(2, A("unregistered"), am_nonode), am_noproc));
+    assert_eq(assert_receive(0), tuple(5, am_DOWN, ref, am_process,
+                                          tuple(2, A("unregistered"), am_nonode), am_noproc));
     /* demonitor with :flush drops a DOWN already queued. */
     pid = spawn(exit_with, A("gone"));
     ref = process_monitor(pid);
@@ -683,7 +683,7 @@ static void bad_exit(void *a) { process_exit((term)a, am_kill); }
 static void bad_send(void *a) { process_send((term)a, am_ok); }
 static void bad_demonitor(void *a) { process_demonitor((term)a, false); }
 static void bad_whereis(void *a) { process_whereis((term)a); }
-static void bad_apply(void *a) { erlang_apply((term)a, (term)a, kv_cons(I(1), I(2))); }
+static void bad_apply(void *a) { erlang_apply((term)a, (term)a, cons(I(1), I(2))); }
 static void bad_reply(void *a) { gen_server_reply((term)a, am_ok); }
 static void bad_app_start(void *a) { application_start((term)a); }
 
@@ -702,7 +702,7 @@ static void t_badargs(term ctx) {
               argument_error("errors were found at the given arguments:\n\n  * 1st argument: not an atom\n"
                              "  * 2nd argument: not an atom\n  * 3rd argument: not a proper list\n"));
     assert_eq(catch_error(bad_reply, (void *)one), function_clause_error(A("gen"), A("reply"), 2));
-    assert_eq(catch_error(bad_app_start, (void *)one), function_clause_error(kv_alias("Application"), am_start, 2));
+    assert_eq(catch_error(bad_app_start, (void *)one), function_clause_error(alias("Application"), am_start, 2));
 }
 
 static void t_names(term ctx) {
@@ -749,7 +749,7 @@ static int64_t deep_then_exit(int depth, term reason) {
 static void hoarder(term arg) {
     /* Own plenty: heap, links, monitors, a name, a big mailbox. */
     term acc = NIL;
-    for (int i = 0; i < 1000; i++) acc = kv_cons(kv_map(1, I(i), S("some bytes to keep")), acc);
+    for (int i = 0; i < 1000; i++) acc = cons(map(1, I(i), S("some bytes to keep")), acc);
     for (int i = 0; i < 10; i++) {
         term pid = spawn(wait_forever, NIL);
         process_link(pid);
@@ -770,7 +770,7 @@ static int64_t others_memory(void) {
 static void t_exit_from_depth(term ctx) {
     (void)ctx;
     int64_t before = others_memory();
-    term pid = spawn(hoarder, kv_tuple(1, A("deep")));
+    term pid = spawn(hoarder, tuple(1, A("deep")));
     assert_eq(down_reason(pid), A("from_the_depths"));
     process_sleep(I(1));
     assert_eq(process_whereis(A("hoarder")), am_nil);
@@ -795,7 +795,7 @@ static void t_exit_caught(term ctx) {
 static void t_kill_releases_memory(term ctx) {
     (void)ctx;
     int64_t before = others_memory();
-    term pid = spawn(hoarder, kv_tuple(1, A("wait")));
+    term pid = spawn(hoarder, tuple(1, A("wait")));
     process_sleep(I(1));
     assert_true(others_memory() > before + 100000);
     process_exit(pid, am_kill);
@@ -812,7 +812,7 @@ static void raiser(term arg) {
 static void t_raise_logs(term ctx) {
     (void)ctx;
     term pid = spawn(raiser, NIL);
-    assert_eq(down_reason(pid), kv_tuple(2, runtime_error("boom"), NIL));
+    assert_eq(down_reason(pid), tuple(2, runtime_error("boom"), NIL));
     struct buf b = {0};
     buf_puts(&b, "[error] Process ");
     inspect_to(&b, pid);
@@ -835,7 +835,7 @@ static void main_deadlock(void) {
     uint64_t a = vm_spawn(wait_for_never, NIL, "first");
     struct proc *pa = proc_of_pid(a);
     term args;
-    WITH_HEAP(&outside_heap, args = kv_pid(a));
+    WITH_HEAP(&outside_heap, args = pid_term(a));
     uint64_t b = vm_spawn(wait_for_reply, args, "second");
     assert_true(vm_run(b) == VM_DEADLOCK);
     assert_true(pa != NULL);
@@ -909,7 +909,7 @@ static void t_process_limit(term ctx) {
     (void)ctx;
     size_t spawned = 0;
     term e = catch_error(spawn_until_limit, &spawned);
-    assert_eq(map_get(e, am_struct_, am_nil), kv_alias("SystemLimitError"));
+    assert_eq(map_get(e, am_struct_, am_nil), alias("SystemLimitError"));
     assert_eq(I((int64_t)vm.count), I(262144));
     process_sleep(I(1)); /* let every child run into its receive */
     size_t bytes = vm_memory();
@@ -944,14 +944,14 @@ static void t_signals_outside_receive(term ctx) {
     (void)ctx;
     int fds[2];
     assert_true(pipe(fds) == 0);
-    term reader = spawn(wait_input_forever, kv_tuple(2, I(fds[0]), am_false));
+    term reader = spawn(wait_input_forever, tuple(2, I(fds[0]), am_false));
     erlang_yield();
     term ref = process_monitor(reader);
     process_exit(reader, A("boom"));
-    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, reader, A("boom")));
+    assert_eq(assert_receive(100), tuple(5, am_DOWN, ref, am_process, reader, A("boom")));
     assert_eq(I((int64_t)vm.fd_waiters), I(0));
     /* A trapping reader gets the EXIT as a message and goes on waiting. */
-    reader = spawn(wait_input_forever, kv_tuple(2, I(fds[0]), am_true));
+    reader = spawn(wait_input_forever, tuple(2, I(fds[0]), am_true));
     erlang_yield();
     process_exit(reader, A("boom"));
     erlang_yield();
@@ -965,14 +965,14 @@ static void t_signals_outside_receive(term ctx) {
     process_flag_trap_exit(true);
     term busy = spawn_link(yield_then_return, NIL);
     process_exit(busy, A("boom"));
-    assert_eq(assert_receive(100), kv_tuple(3, am_EXIT, busy, A("boom")));
+    assert_eq(assert_receive(100), tuple(3, am_EXIT, busy, A("boom")));
 }
 
 static void main_wait_input(void) {
     int fds[2];
     assert_true(pipe(fds) == 0);
     uint64_t reader;
-    WITH_HEAP(&outside_heap, reader = vm_spawn(read_line, kv_int(fds[0]), "reader"));
+    WITH_HEAP(&outside_heap, reader = vm_spawn(read_line, integer(fds[0]), "reader"));
     assert_true(vm_run(0) == VM_IDLE); /* it waits for input */
     assert_true(proc_of_pid(reader) != NULL);
     assert_true(write(fds[1], "hello\n", 6) == 6);
@@ -1057,13 +1057,13 @@ static const struct fun_def fault_fun_def = {"fault_fun", 1, "Runtime.FaultTest"
 /* [[[...[]...]]], `depth` levels deep, and {{{...:core...}}} */
 static term nested_list(int depth) {
     term t = NIL;
-    for (int i = 0; i < depth; i++) t = kv_cons(t, NIL);
+    for (int i = 0; i < depth; i++) t = cons(t, NIL);
     return t;
 }
 
 static term nested_tuple(int depth, term core) {
     term t = core;
-    for (int i = 0; i < depth; i++) t = kv_tuple(1, t);
+    for (int i = 0; i < depth; i++) t = tuple(1, t);
     return t;
 }
 
@@ -1102,11 +1102,11 @@ static void t_term_sizes_agree_with_copies(term ctx) {
     (void)ctx;
     term oks = NIL, triples = NIL;
     for (int i = 0; i < 200; i++) {
-        oks = kv_cons(kv_tuple(1, am_ok), oks);
-        triples = kv_cons(kv_tuple(3, I(i), A("x"), S("odd")), triples);
+        oks = cons(tuple(1, am_ok), oks);
+        triples = cons(tuple(3, I(i), A("x"), S("odd")), triples);
     }
-    term odd = kv_tuple(5, oks, triples, kv_map(3, A("a"), I(1), A("b"), kv_tuple(1, NIL), A("c"), S("s")),
-                        kv_fun(&fault_fun_def, I(7)), S("seven"));
+    term odd = tuple(5, oks, triples, map(3, A("a"), I(1), A("b"), tuple(1, NIL), A("c"), S("s")),
+                        fun_term(&fault_fun_def, I(7)), S("seven"));
     term samples[] = {oks, triples, odd};
     for (size_t i = 0; i < sizeof samples / sizeof samples[0]; i++) {
         process_send(self(), samples[i]);
@@ -1134,26 +1134,26 @@ THUNK(keyword_get_of, keyword_get(a[0], a[1], am_nil))
 static void t_library_functions_check_arguments(term ctx) {
     (void)ctx;
     void (*const map_fns[])(void *) = {map_get_of, map_put_of, map_pop_of, map_delete_of, map_fetch_of, map_has_key_of};
-    term not_maps[] = {I(123), S("s"), kv_tuple(1, I(1)), kv_list(1, kv_tuple(2, A("a"), I(1)))};
+    term not_maps[] = {I(123), S("s"), tuple(1, I(1)), list(1, tuple(2, A("a"), I(1)))};
     for (size_t f = 0; f < sizeof map_fns / sizeof map_fns[0]; f++) {
         for (size_t i = 0; i < sizeof not_maps / sizeof not_maps[0]; i++) {
             term e = catch_error(map_fns[f], &not_maps[i]);
-            assert_eq(e, exception_new(kv_alias("BadMapError"), 1, am_term, not_maps[i]));
+            assert_eq(e, exception_new(alias("BadMapError"), 1, am_term, not_maps[i]));
         }
     }
     struct buf b = {0};
     exception_message(&b, catch_error(map_get_of, &not_maps[0]));
     assert_eq(S(buf_str(&b)), S("expected a map, got: 123"));
     buf_free(&b);
-    term bad_lists[] = {I(42), kv_cons(I(1), I(2))};
+    term bad_lists[] = {I(42), cons(I(1), I(2))};
     for (size_t i = 0; i < 2; i++)
         assert_eq(catch_error(length_of, &bad_lists[i]), argument_error(BADARG("1st argument: not a list")));
-    term fce = function_clause_error(kv_alias("Keyword"), am_get, 3);
+    term fce = function_clause_error(alias("Keyword"), am_get, 3);
     term kw[2] = {I(42), A("a")};
     assert_eq(catch_error(keyword_get_of, kw), fce);
-    kw[0] = kv_list(1, kv_tuple(2, A("a"), I(1))), kw[1] = S("a");
+    kw[0] = list(1, tuple(2, A("a"), I(1))), kw[1] = S("a");
     assert_eq(catch_error(keyword_get_of, kw), fce);
-    assert_eq(keyword_get(kv_list(2, I(1), I(2)), A("a"), am_nil), am_nil);
+    assert_eq(keyword_get(list(2, I(1), I(2)), A("a"), am_nil), am_nil);
 }
 
 /* Process.register's guard, and what Elixir 1.14 says for unregister. */
@@ -1164,7 +1164,7 @@ static void t_register_checks_the_name(term ctx) {
     (void)ctx;
     term names[] = {I(42), am_nil, am_true, am_false, am_undefined};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-        assert_eq(catch_error(register_as, &names[i]), function_clause_error(kv_alias("Process"), A("register"), 2));
+        assert_eq(catch_error(register_as, &names[i]), function_clause_error(alias("Process"), A("register"), 2));
     term nobody = A("nobody");
     assert_eq(catch_error(unregister_name, &nobody), argument_error(BADARG("1st argument: not a pid")));
 }
@@ -1197,7 +1197,7 @@ static void t_timers_fire_while_others_run(term ctx) {
     (void)ctx;
     vm.virtual_clock = false;
     int64_t give_up = now_ms() + 2000;
-    term a = spawn_link(ping_pong, kv_tuple(1, I(give_up))), b = spawn_link(ping_pong, kv_tuple(1, I(give_up)));
+    term a = spawn_link(ping_pong, tuple(1, I(give_up))), b = spawn_link(ping_pong, tuple(1, I(give_up)));
     term y = spawn_link(yield_until, I(give_up));
     process_send(a, b), process_send(b, a);
     process_send(a, A("ball"));
@@ -1293,32 +1293,32 @@ static void main_overflow_unlimited_or_giant(void) {
  * ========================================================================== */
 
 static term fn_empty_list(term env, term x) { (void)env, (void)x; return NIL; }
-static term fn_eggs(term env, term list) { (void)env; return kv_cons(S("eggs"), list); }
+static term fn_eggs(term env, term l) { (void)env; return cons(S("eggs"), l); }
 static term fn_identity(term env, term x) { (void)env; return x; }
 static term fn_123(term env, term x) { (void)env, (void)x; return I(123); }
-static term fn_wrap_a(term env, term x) { (void)env; return kv_map(1, A("a"), x); }
-static term fn_12(term env, term x) { (void)env; return kv_cons(I(12), kv_list(1, x)); }
-static term fn_nop(term env, term list) { (void)env; return kv_cons(A("nop"), list); }
+static term fn_wrap_a(term env, term x) { (void)env; return map(1, A("a"), x); }
+static term fn_12(term env, term x) { (void)env; return cons(I(12), list(1, x)); }
+static term fn_nop(term env, term l) { (void)env; return cons(A("nop"), l); }
 static term fn_one(term env, term x) { (void)env, (void)x; return I(1); }
 static term fn_raise(term env, term x) { (void)x; raise_error(runtime_error(BYTES(env))); }
 static term fn_raise0(term env, term x) { (void)x; raise_error(runtime_error(BYTES(env))); }
 static term fn_sleep(term env, term x) { process_sleep(env); return x; }
-static term fn_pop_milk(term env, term map) { (void)env; return map_pop(map, S("milk")); }
+static term fn_pop_milk(term env, term m) { (void)env; return map_pop(m, S("milk")); }
 static term fn_not_a_pair(term env, term x) { (void)env, (void)x; return A("oops"); }
 
 #define FUN(name, arity) static const struct fun_def name##_def = {#name, arity, "AgentTest", name}
 FUN(fn_empty_list, 0); FUN(fn_eggs, 1); FUN(fn_identity, 1); FUN(fn_123, 1); FUN(fn_wrap_a, 1);
 FUN(fn_12, 1); FUN(fn_nop, 1); FUN(fn_one, 0); FUN(fn_raise, 1); FUN(fn_sleep, 1);
 FUN(fn_pop_milk, 1); FUN(fn_not_a_pair, 1); FUN(fn_raise0, 0);
-#define F(name) kv_fun(&name##_def, NIL)
-#define F_ENV(name, env) kv_fun(&name##_def, (env))
+#define F(name) fun_term(&name##_def, NIL)
+#define F_ENV(name, env) fun_term(&name##_def, (env))
 
 /* The two iex sessions of "Agents 101". */
 static void t_agents_101(term ctx) {
     (void)ctx;
     term agent = ok_value(agent_start_link(F(fn_empty_list), NIL));
     assert_eq(agent_update(agent, F(fn_eggs)), am_ok);
-    assert_eq(agent_get(agent, F(fn_identity)), kv_list(1, S("eggs")));
+    assert_eq(agent_get(agent, F(fn_identity)), list(1, S("eggs")));
     assert_eq(agent_stop(agent, am_normal, am_infinity), am_ok);
 
     agent = ok_value(agent_start_link(F(fn_empty_list), NIL));
@@ -1340,15 +1340,15 @@ static void t_agent_after_stop(term ctx) {
     term agent = ok_value(agent_start(F(fn_one), NIL));
     term ref = process_monitor(agent);
     assert_eq(agent_stop(agent, am_normal, am_infinity), am_ok);
-    assert_eq(assert_receive(0), kv_tuple(5, am_DOWN, ref, am_process, agent, am_normal));
+    assert_eq(assert_receive(0), tuple(5, am_DOWN, ref, am_process, agent, am_normal));
     term reason = catch_exit(get_from, (void *)agent);
     assert_eq(elem(reason, 0), am_noproc);
-    assert_eq(elem(reason, 1), kv_tuple(3, am_GenServer, am_call,
-                                        kv_list(3, agent, kv_tuple(2, am_get, F(fn_identity)), I(5000))));
+    assert_eq(elem(reason, 1), tuple(3, am_GenServer, am_call,
+                                        list(3, agent, tuple(2, am_get, F(fn_identity)), I(5000))));
     assert_eq(elem(catch_exit(update_on, (void *)agent), 0), am_noproc);
     assert_eq(agent_cast(agent, F(fn_identity)), am_ok);
     assert_eq(catch_exit(stop_agent, (void *)agent),
-              kv_tuple(2, am_noproc, kv_tuple(3, am_GenServer, am_stop, kv_list(3, agent, am_normal, am_infinity))));
+              tuple(2, am_noproc, tuple(3, am_GenServer, am_stop, list(3, agent, am_normal, am_infinity))));
     struct buf b = {0};
     format_exit_banner(&b, reason);
     struct buf want = {0};
@@ -1368,7 +1368,7 @@ static void t_agent_get_and_update(term ctx) {
     kv_bucket_put(bucket, S("milk"), I(3));
     assert_eq(agent_get_and_update(bucket, F(fn_pop_milk)), I(3));
     assert_eq(agent_get_and_update(bucket, F(fn_pop_milk)), am_nil);
-    assert_eq(agent_get(bucket, F(fn_identity)), kv_map_empty());
+    assert_eq(agent_get(bucket, F(fn_identity)), empty_map());
 }
 
 static void get_and_update_badly(void *agent) { agent_get_and_update((term)agent, F(fn_not_a_pair)); }
@@ -1380,7 +1380,7 @@ static void t_agent_fun_raises(term ctx) {
     (void)ctx;
     term agent = ok_value(agent_start(F(fn_one), NIL));
     term reason = catch_exit(get_boom, (void *)agent);
-    assert_eq(elem(reason, 0), kv_tuple(2, runtime_error("agent boom"), NIL));
+    assert_eq(elem(reason, 0), tuple(2, runtime_error("agent boom"), NIL));
     refute(process_alive(agent));
     struct buf want = {0};
     buf_puts(&want, "[error] GenServer ");
@@ -1395,7 +1395,7 @@ static void t_agent_fun_raises(term ctx) {
     /* A get_and_update fun must return a pair, or the agent stops. */
     agent = ok_value(agent_start(F(fn_one), NIL));
     reason = catch_exit(get_and_update_badly, (void *)agent);
-    assert_eq(elem(reason, 0), kv_tuple(2, am_bad_return_value, A("oops")));
+    assert_eq(elem(reason, 0), tuple(2, am_bad_return_value, A("oops")));
     refute(process_alive(agent));
 }
 
@@ -1406,12 +1406,12 @@ static void t_agent_timeouts_and_init(term ctx) {
     term agent = ok_value(agent_start(F(fn_one), NIL));
     term reason = catch_exit(slow_get, (void *)agent);
     assert_eq(elem(reason, 0), am_timeout);
-    assert_eq(elem(elem(reason, 1), 2), kv_list(3, agent, kv_tuple(2, am_get, F_ENV(fn_sleep, I(100))), I(50)));
+    assert_eq(elem(elem(reason, 1), 2), list(3, agent, tuple(2, am_get, F_ENV(fn_sleep, I(100))), I(50)));
     process_sleep(I(200));
     assert_eq(receive_any(I(0)), NULL); /* the late reply was dropped */
     assert_eq(agent_get(agent, F(fn_identity)), I(1));
     assert_eq(agent_start(F_ENV(fn_raise0, S("init")), NIL),
-              kv_tuple(2, am_error, kv_tuple(2, runtime_error("init"), NIL)));
+              tuple(2, am_error, tuple(2, runtime_error("init"), NIL)));
 }
 
 static void stop_own_agent(term test) {
@@ -1424,7 +1424,7 @@ static void stop_own_agent(term test) {
 /* Agent.stop(b, :shutdown) by the process that started b with start_link:
  * the link's :shutdown signal takes that process down before :ok. */
 static void call_with_bad_fun(void *agent) {
-    gen_server_call((term)agent, kv_tuple(2, am_get, F(fn_one)));
+    gen_server_call((term)agent, tuple(2, am_get, F(fn_one)));
 }
 
 static void get_with_atom(void *agent) { agent_get((term)agent, A("notafun")); }
@@ -1448,22 +1448,22 @@ static void t_agent_stop_by_linker(term ctx) {
     term caller = spawn(stop_own_agent, self());
     term ref = process_monitor(caller);
     term agent = assert_receive(100);
-    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, caller, am_shutdown));
+    assert_eq(assert_receive(100), tuple(5, am_DOWN, ref, am_process, caller, am_shutdown));
     refute(process_alive(agent));
     assert_eq(receive_any(I(0)), NULL); /* never got to "stop returned" */
     /* From an unlinked caller it is just :ok. */
     agent = ok_value(agent_start(F(fn_one), NIL));
     ref = process_monitor(agent);
     assert_eq(agent_stop(agent, am_shutdown, am_infinity), am_ok);
-    assert_eq(assert_receive(0), kv_tuple(5, am_DOWN, ref, am_process, agent, am_shutdown));
+    assert_eq(assert_receive(0), tuple(5, am_DOWN, ref, am_process, agent, am_shutdown));
 }
 
 /* A module for the {module, function, args} forms: apply(Test.Stack,
  * :push, [state, x]) and friends.  An export of arity 2 or more gets its
  * arguments as a list. */
-static term stack_count(term list) { return kv_int((int64_t)list_length(list)); }
-static term stack_push(term args) { return kv_cons(hd(tl(args)), hd(args)); }
-static term stack_pop(term list) { return kv_tuple(2, hd(list), tl(list)); }
+static term stack_count(term l) { return integer((int64_t)list_length(l)); }
+static term stack_push(term args) { return cons(hd(tl(args)), hd(args)); }
+static term stack_pop(term l) { return tuple(2, hd(l), tl(l)); }
 
 static const struct export test_stack_exports[] = {
     {"count", 1, stack_count},
@@ -1474,19 +1474,19 @@ static const struct export test_stack_exports[] = {
 
 static const struct module test_stack = {.name = "Test.Stack", .exports = test_stack_exports};
 
-static void get_nope(void *agent) { agent_get_mfa((term)agent, kv_alias("Test.Stack"), A("nope"), NIL); }
-static void get_bad_args(void *agent) { agent_get_mfa((term)agent, kv_alias("Test.Stack"), S("count"), A("x")); }
+static void get_nope(void *agent) { agent_get_mfa((term)agent, alias("Test.Stack"), A("nope"), NIL); }
+static void get_bad_args(void *agent) { agent_get_mfa((term)agent, alias("Test.Stack"), S("count"), A("x")); }
 
 /* Agent.get(agent, Enum, :count, []) and the rest of the MFA family. */
 static void t_agent_mfa(term ctx) {
     (void)ctx;
-    term stack = kv_alias("Test.Stack");
+    term stack = alias("Test.Stack");
     term agent = ok_value(agent_start(F(fn_empty_list), NIL));
-    assert_eq(agent_update_mfa(agent, stack, A("push"), kv_list(1, I(1))), am_ok);
-    assert_eq(agent_cast_mfa(agent, stack, A("push"), kv_list(1, I(2))), am_ok);
+    assert_eq(agent_update_mfa(agent, stack, A("push"), list(1, I(1))), am_ok);
+    assert_eq(agent_cast_mfa(agent, stack, A("push"), list(1, I(2))), am_ok);
     assert_eq(agent_get_mfa(agent, stack, A("count"), NIL), I(2));
     assert_eq(agent_get_and_update_mfa(agent, stack, A("pop"), NIL), I(2));
-    assert_eq(agent_get(agent, F(fn_identity)), kv_list(1, I(1)));
+    assert_eq(agent_get(agent, F(fn_identity)), list(1, I(1)));
     /* an unknown function raises in the agent, which dies of it */
     term r = catch_exit(get_nope, (void *)agent);
     assert_inspect(elem(r, 0), "{%UndefinedFunctionError{module: Test.Stack, function: :nope, arity: 1, "
@@ -1510,7 +1510,7 @@ static void t_agent_mfa(term ctx) {
 
 static term fn_123_state(term env, term x) { (void)env, (void)x; return I(123); }
 FUN(fn_123_state, 0);
-static term fn_list_state(term env, term x) { (void)env, (void)x; return kv_list(1, kv_tuple(2, A("a"), I(1))); }
+static term fn_list_state(term env, term x) { (void)env, (void)x; return list(1, tuple(2, A("a"), I(1))); }
 FUN(fn_list_state, 0);
 
 THUNK(bucket_get_milk, kv_bucket_get(a[0], S("milk")))
@@ -1522,11 +1522,11 @@ THUNK(bucket_get_milk, kv_bucket_get(a[0], S("milk")))
 static void t_bucket_with_a_state_that_is_no_map(term ctx) {
     (void)ctx;
     term agents[] = {ok_value(agent_start(F(fn_123_state), NIL)), ok_value(agent_start(F(fn_list_state), NIL))};
-    term states[] = {I(123), kv_list(1, kv_tuple(2, A("a"), I(1)))};
+    term states[] = {I(123), list(1, tuple(2, A("a"), I(1)))};
     term bystander = ok_value(kv_bucket_start_link(NIL));
     for (size_t i = 0; i < 2; i++) {
         term e = catch_exit(bucket_get_milk, &agents[i]);
-        assert_eq(elem(e, 0), kv_tuple(2, exception_new(kv_alias("BadMapError"), 1, am_term, states[i]), NIL));
+        assert_eq(elem(e, 0), tuple(2, exception_new(alias("BadMapError"), 1, am_term, states[i]), NIL));
         refute(process_alive(agents[i]));
     }
     assert_contains(captured_log(), "** (BadMapError) expected a map, got: 123\nLast message (from ");
@@ -1537,7 +1537,7 @@ static void t_bucket_with_a_state_that_is_no_map(term ctx) {
 
 static term bucket_setup(void) {
     term bucket = ok_value(kv_bucket_start_link(NIL));
-    return kv_map(1, A("bucket"), bucket);
+    return map(1, A("bucket"), bucket);
 }
 
 /* test "stores values by key", %{bucket: bucket} */
@@ -1569,59 +1569,59 @@ static void tell_witness(term msg) {
 }
 
 static term ts_init(term arg) {
-    if (arg == A("stop")) return kv_tuple(2, am_stop, A("bad_init"));
+    if (arg == A("stop")) return tuple(2, am_stop, A("bad_init"));
     if (arg == A("junk")) return A("junk");
     if (arg == A("ignore")) return am_ignore;
     if (arg == A("raise")) raise_error(runtime_error("init"));
     if (arg == A("exit")) exit_self(A("init_exit"));
     if (is_tagged(arg, A("sleep"), 2)) {
         process_sleep(elem(arg, 1));
-        return kv_tuple(2, am_ok, arg);
+        return tuple(2, am_ok, arg);
     }
-    if (is_tagged(arg, am_timeout, 2)) return kv_tuple(3, am_ok, A("waiting"), elem(arg, 1));
+    if (is_tagged(arg, am_timeout, 2)) return tuple(3, am_ok, A("waiting"), elem(arg, 1));
     if (is_tagged(arg, A("trap_exit"), 2)) {
         process_flag_trap_exit(true);
-        return kv_tuple(2, am_ok, elem(arg, 1));
+        return tuple(2, am_ok, elem(arg, 1));
     }
-    return kv_tuple(2, am_ok, arg);
+    return tuple(2, am_ok, arg);
 }
 
 static term ts_handle_call(term req, term from, term state) {
-    if (req == A("ping")) return kv_tuple(3, am_reply, A("pong"), state);
-    if (req == A("state")) return kv_tuple(3, am_reply, state, state);
+    if (req == A("ping")) return tuple(3, am_reply, A("pong"), state);
+    if (req == A("state")) return tuple(3, am_reply, state, state);
     if (req == A("crash")) raise_error(runtime_error("handle_call boom"));
     if (req == A("oops")) return A("oops");
-    if (req == A("stop_with_reply")) return kv_tuple(4, am_stop, am_normal, A("bye"), state);
-    if (req == A("stop_without_reply")) return kv_tuple(3, am_stop, am_normal, state);
-    if (req == A("defer")) return kv_tuple(2, am_noreply, kv_tuple(2, A("deferred"), from));
+    if (req == A("stop_with_reply")) return tuple(4, am_stop, am_normal, A("bye"), state);
+    if (req == A("stop_without_reply")) return tuple(3, am_stop, am_normal, state);
+    if (req == A("defer")) return tuple(2, am_noreply, tuple(2, A("deferred"), from));
     if (is_tagged(req, A("sleep"), 2)) {
         process_sleep(elem(req, 1));
-        return kv_tuple(3, am_reply, A("slept"), state);
+        return tuple(3, am_reply, A("slept"), state);
     }
-    if (is_tagged(req, am_reply, 3)) return kv_tuple(4, am_reply, A("ok"), state, elem(req, 2));
+    if (is_tagged(req, am_reply, 3)) return tuple(4, am_reply, A("ok"), state, elem(req, 2));
     if (is_tagged(req, am_EXIT, 2)) exit_self(elem(req, 1));
-    if (req == A("throw")) throw_value(kv_tuple(3, am_reply, A("thrown"), state));
+    if (req == A("throw")) throw_value(tuple(3, am_reply, A("thrown"), state));
     if (req == A("stop_self")) gen_server_stop(self(), am_normal, am_infinity);
-    raise_error(function_clause_error(kv_alias("Test.Server"), A("handle_call"), 3));
+    raise_error(function_clause_error(alias("Test.Server"), A("handle_call"), 3));
 }
 
 static term ts_handle_cast(term req, term state) {
     if (is_tagged(req, am_EXIT, 2)) exit_self(elem(req, 1));
-    if (is_tagged(req, A("noreply_timeout"), 2)) return kv_tuple(3, am_noreply, state, elem(req, 1));
+    if (is_tagged(req, A("noreply_timeout"), 2)) return tuple(3, am_noreply, state, elem(req, 1));
     if (req == A("answer") && is_tagged(state, A("deferred"), 2)) {
         gen_server_reply(elem(state, 1), A("later"));
-        return kv_tuple(2, am_noreply, A("answered"));
+        return tuple(2, am_noreply, A("answered"));
     }
-    return kv_tuple(2, am_noreply, kv_tuple(2, A("cast"), req));
+    return tuple(2, am_noreply, tuple(2, A("cast"), req));
 }
 
 static term ts_handle_info(term msg, term state) {
     (void)state;
-    return kv_tuple(2, am_noreply, kv_tuple(2, A("info"), msg));
+    return tuple(2, am_noreply, tuple(2, A("info"), msg));
 }
 
 static void ts_terminate(term reason, term state) {
-    tell_witness(kv_tuple(3, am_terminate, reason, state));
+    tell_witness(tuple(3, am_terminate, reason, state));
     if (state == A("slow_terminate")) process_sleep(I(1000));
 }
 
@@ -1634,7 +1634,7 @@ static const struct module test_server = {
     .terminate = ts_terminate,
 };
 
-static term no_info_init(term arg) { return kv_tuple(2, am_ok, arg); }
+static term no_info_init(term arg) { return tuple(2, am_ok, arg); }
 static const struct module no_info = {.name = "NoInfo", .init = no_info_init};
 
 
@@ -1646,13 +1646,13 @@ static void t_init_results(term ctx) {
     term r = start_ts(A("ok"));
     assert_true(is_tagged(r, am_ok, 2) && is_pid(elem(r, 1)));
     assert_eq(start_ts(A("ignore")), am_ignore);
-    assert_eq(start_ts(A("stop")), kv_tuple(2, am_error, A("bad_init")));
-    assert_eq(start_ts(A("junk")), kv_tuple(2, am_error, kv_tuple(2, am_bad_return_value, A("junk"))));
-    assert_eq(start_ts(A("raise")), kv_tuple(2, am_error, kv_tuple(2, runtime_error("init"), NIL)));
-    assert_eq(start_ts(A("exit")), kv_tuple(2, am_error, A("init_exit")));
-    assert_eq(gen_server_start(module_atom(&test_server), kv_tuple(2, A("sleep"), I(100)),
-                               kv_list(1, kv_tuple(2, am_timeout, I(50)))),
-              kv_tuple(2, am_error, am_timeout));
+    assert_eq(start_ts(A("stop")), tuple(2, am_error, A("bad_init")));
+    assert_eq(start_ts(A("junk")), tuple(2, am_error, tuple(2, am_bad_return_value, A("junk"))));
+    assert_eq(start_ts(A("raise")), tuple(2, am_error, tuple(2, runtime_error("init"), NIL)));
+    assert_eq(start_ts(A("exit")), tuple(2, am_error, A("init_exit")));
+    assert_eq(gen_server_start(module_atom(&test_server), tuple(2, A("sleep"), I(100)),
+                               list(1, tuple(2, am_timeout, I(50)))),
+              tuple(2, am_error, am_timeout));
     assert_eq(receive_any(I(0)), NULL); /* and nothing left behind */
     /* Init failures are not logged (they are reported to the caller). */
     assert_eq(S(captured_log()), S(""));
@@ -1668,36 +1668,36 @@ static void t_start_link_failure(term ctx) {
     (void)ctx;
     term caller = spawn(start_link_failing, self());
     term ref = process_monitor(caller);
-    assert_eq(assert_receive(100), kv_tuple(2, am_error, A("bad_init")));
-    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, caller, A("bad_init")));
+    assert_eq(assert_receive(100), tuple(2, am_error, A("bad_init")));
+    assert_eq(assert_receive(100), tuple(5, am_DOWN, ref, am_process, caller, A("bad_init")));
     /* A trapping caller gets the EXIT instead; :ignore exits :normal. */
     process_flag_trap_exit(true);
-    assert_eq(gen_server_start_link(module_atom(&test_server), A("stop"), NIL), kv_tuple(2, am_error, A("bad_init")));
+    assert_eq(gen_server_start_link(module_atom(&test_server), A("stop"), NIL), tuple(2, am_error, A("bad_init")));
     term m = assert_receive(0);
     assert_true(is_tagged(m, am_EXIT, 3) && elem(m, 2) == A("bad_init"));
     assert_eq(gen_server_start_link(module_atom(&test_server), A("ignore"), NIL), am_ignore);
     m = assert_receive(0);
     assert_true(is_tagged(m, am_EXIT, 3) && elem(m, 2) == am_normal);
     /* A timed-out start leaves no message. */
-    gen_server_start_link(module_atom(&test_server), kv_tuple(2, A("sleep"), I(100)), kv_list(1, kv_tuple(2, am_timeout, I(50))));
+    gen_server_start_link(module_atom(&test_server), tuple(2, A("sleep"), I(100)), list(1, tuple(2, am_timeout, I(50))));
     assert_eq(receive_any(I(0)), NULL);
 }
 
 static void start_with_string_name(void *arg) {
     (void)arg;
-    gen_server_start(module_atom(&test_server), A("ok"), kv_list(1, kv_tuple(2, am_name, S("str"))));
+    gen_server_start(module_atom(&test_server), A("ok"), list(1, tuple(2, am_name, S("str"))));
 }
 
 static void t_names_option(term ctx) {
     (void)ctx;
-    term opts = kv_list(1, kv_tuple(2, am_name, A("srv")));
+    term opts = list(1, tuple(2, am_name, A("srv")));
     term pid = ok_value(gen_server_start(module_atom(&test_server), A("ok"), opts));
     assert_eq(process_whereis(A("srv")), pid);
     assert_eq(gen_server_call(A("srv"), A("ping")), A("pong"));
     assert_eq(gen_server_start(module_atom(&test_server), A("ok"), opts),
-              kv_tuple(2, am_error, kv_tuple(2, am_already_started, pid)));
+              tuple(2, am_error, tuple(2, am_already_started, pid)));
     /* Any process holding the name counts, and an Agent says the same. */
-    assert_eq(agent_start(F(fn_one), opts), kv_tuple(2, am_error, kv_tuple(2, am_already_started, pid)));
+    assert_eq(agent_start(F(fn_one), opts), tuple(2, am_error, tuple(2, am_already_started, pid)));
     term e = catch_error(start_with_string_name, NULL);
     assert_eq(e, argument_error("expected :name option to be one of the following:\n\n  * nil\n  * atom\n"
                                 "  * {:global, term}\n  * {:via, module, term}\n\nGot: \"str\""));
@@ -1718,7 +1718,7 @@ static void t_call_noproc(term ctx) {
     term pid = server(A("ok"));
     gen_server_stop(pid, am_normal, am_infinity);
     term reason = call_exit(pid, A("ping"), NULL);
-    assert_eq(reason, kv_tuple(2, am_noproc, kv_tuple(3, am_GenServer, am_call, kv_list(3, pid, A("ping"), I(5000)))));
+    assert_eq(reason, tuple(2, am_noproc, tuple(3, am_GenServer, am_call, list(3, pid, A("ping"), I(5000)))));
     struct buf b = {0}, want = {0};
     format_exit_banner(&b, reason);
     buf_puts(&want, "** (exit) exited in: GenServer.call(");
@@ -1729,15 +1729,15 @@ static void t_call_noproc(term ctx) {
     buf_free(&b);
     buf_free(&want);
     assert_eq(call_exit(A("nobody"), A("ping"), NULL),
-              kv_tuple(2, am_noproc, kv_tuple(3, am_GenServer, am_call, kv_list(3, A("nobody"), A("ping"), I(5000)))));
+              tuple(2, am_noproc, tuple(3, am_GenServer, am_call, list(3, A("nobody"), A("ping"), I(5000)))));
 }
 
 static void t_call_timeout(term ctx) {
     (void)ctx;
     term pid = server(A("ok"));
-    term reason = call_exit(pid, kv_tuple(2, A("sleep"), I(300)), I(100));
-    assert_eq(reason, kv_tuple(2, am_timeout, kv_tuple(3, am_GenServer, am_call,
-                                                       kv_list(3, pid, kv_tuple(2, A("sleep"), I(300)), I(100)))));
+    term reason = call_exit(pid, tuple(2, A("sleep"), I(300)), I(100));
+    assert_eq(reason, tuple(2, am_timeout, tuple(3, am_GenServer, am_call,
+                                                       list(3, pid, tuple(2, A("sleep"), I(300)), I(100)))));
     struct buf b = {0};
     format_exit_banner(&b, reason);
     assert_contains(buf_str(&b), "\n    ** (EXIT) time out");
@@ -1759,7 +1759,7 @@ static void t_call_self(term ctx) {
     (void)ctx;
     term pid = spawn(call_self, self());
     term r = assert_receive(100);
-    assert_eq(r, kv_tuple(2, am_calling_self, kv_tuple(3, am_GenServer, am_call, kv_list(3, pid, A("ping"), I(5000)))));
+    assert_eq(r, tuple(2, am_calling_self, tuple(3, am_GenServer, am_call, list(3, pid, A("ping"), I(5000)))));
     struct buf b = {0};
     format_exit_banner(&b, r);
     assert_contains(buf_str(&b), "** (EXIT) process attempted to call itself");
@@ -1768,10 +1768,10 @@ static void t_call_self(term ctx) {
 
 static void t_call_crash(term ctx) {
     (void)ctx;
-    term pid = server(kv_map(1, A("a"), I(1)));
+    term pid = server(map(1, A("a"), I(1)));
     term reason = call_exit(pid, A("crash"), NULL);
-    assert_eq(reason, kv_tuple(2, kv_tuple(2, runtime_error("handle_call boom"), NIL),
-                               kv_tuple(3, am_GenServer, am_call, kv_list(3, pid, A("crash"), I(5000)))));
+    assert_eq(reason, tuple(2, tuple(2, runtime_error("handle_call boom"), NIL),
+                               tuple(3, am_GenServer, am_call, list(3, pid, A("crash"), I(5000)))));
     struct buf b = {0};
     format_exit_banner(&b, reason);
     assert_contains(buf_str(&b), "\n    ** (EXIT) an exception was raised:\n        ** (RuntimeError) handle_call boom");
@@ -1791,7 +1791,7 @@ static void t_call_crash(term ctx) {
 static void crash_linked(term test) {
     term pid = ok_value(gen_server_start_link(module_atom(&test_server), A("ok"), NIL));
     process_send(test, pid);
-    gen_server_call(pid, kv_tuple(2, am_EXIT, A("upd_exit")));
+    gen_server_call(pid, tuple(2, am_EXIT, A("upd_exit")));
 }
 
 static void t_call_crash_linked(term ctx) {
@@ -1800,7 +1800,7 @@ static void t_call_crash_linked(term ctx) {
     term ref = process_monitor(caller);
     assert_receive(100);
     /* The link's signal comes before the server's DOWN: the bare reason. */
-    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, caller, A("upd_exit")));
+    assert_eq(assert_receive(100), tuple(5, am_DOWN, ref, am_process, caller, A("upd_exit")));
 }
 
 static int occurrences(const char *text, const char *needle) {
@@ -1820,8 +1820,8 @@ static void t_throw_and_stop_order(term ctx) {
     assert_eq(elem(reason, 0), am_timeout);
     pid = server(A("ok"));
     reason = call_exit(pid, A("stop_self"), NULL);
-    assert_eq(elem(reason, 0), kv_tuple(2, am_calling_self, kv_tuple(3, am_GenServer, am_stop,
-                                                                    kv_list(3, pid, am_normal, am_infinity))));
+    assert_eq(elem(reason, 0), tuple(2, am_calling_self, tuple(3, am_GenServer, am_stop,
+                                                                    list(3, pid, am_normal, am_infinity))));
 }
 
 static void t_stop_from_call(term ctx) {
@@ -1830,11 +1830,11 @@ static void t_stop_from_call(term ctx) {
     process_register(self(), witness_name);
     term pid = server(A("s1"));
     assert_eq(gen_server_call(pid, A("stop_with_reply")), A("bye"));
-    assert_eq(assert_receive(100), kv_tuple(3, am_terminate, am_normal, A("s1")));
+    assert_eq(assert_receive(100), tuple(3, am_terminate, am_normal, A("s1")));
     pid = server(A("s2"));
     term reason = call_exit(pid, A("stop_without_reply"), NULL);
-    assert_eq(reason, kv_tuple(2, am_normal, kv_tuple(3, am_GenServer, am_call,
-                                                      kv_list(3, pid, A("stop_without_reply"), I(5000)))));
+    assert_eq(reason, tuple(2, am_normal, tuple(3, am_GenServer, am_call,
+                                                      list(3, pid, A("stop_without_reply"), I(5000)))));
     struct buf b = {0};
     format_exit_banner(&b, reason);
     assert_contains(buf_str(&b), "** (EXIT) normal");
@@ -1842,7 +1842,7 @@ static void t_stop_from_call(term ctx) {
     /* Bad returns stop the server: the caller exits, the server logs. */
     pid = server(A("s3"));
     reason = call_exit(pid, A("oops"), NULL);
-    assert_eq(elem(reason, 0), kv_tuple(2, am_bad_return_value, A("oops")));
+    assert_eq(elem(reason, 0), tuple(2, am_bad_return_value, A("oops")));
     b = (struct buf){0};
     format_exit_banner(&b, reason);
     assert_contains(buf_str(&b), "** (EXIT) bad return value: :oops");
@@ -1870,9 +1870,9 @@ static void t_cast_and_info(term ctx) {
     (void)ctx;
     term pid = server(A("ok"));
     assert_eq(gen_server_cast(pid, A("hello")), am_ok);
-    assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("cast"), A("hello")));
-    process_send(pid, kv_tuple(2, A("hello"), I(1)));
-    assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("info"), kv_tuple(2, A("hello"), I(1))));
+    assert_eq(gen_server_call(pid, A("state")), tuple(2, A("cast"), A("hello")));
+    process_send(pid, tuple(2, A("hello"), I(1)));
+    assert_eq(gen_server_call(pid, A("state")), tuple(2, A("info"), tuple(2, A("hello"), I(1))));
     gen_server_stop(pid, am_normal, am_infinity);
     assert_eq(gen_server_cast(pid, A("hello")), am_ok);            /* dead pid */
     assert_eq(gen_server_cast(A("unregistered"), A("hello")), am_ok); /* no such name */
@@ -1880,14 +1880,14 @@ static void t_cast_and_info(term ctx) {
 
 static void t_default_callbacks(term ctx) {
     (void)ctx;
-    term pid = ok_value(gen_server_start(module_atom(&no_info), I(1), kv_list(1, kv_tuple(2, am_name, A("no_info")))));
-    process_send(pid, kv_tuple(2, A("hello"), I(1)));
+    term pid = ok_value(gen_server_start(module_atom(&no_info), I(1), list(1, tuple(2, am_name, A("no_info")))));
+    process_send(pid, tuple(2, A("hello"), I(1)));
     process_sleep(I(1));
     assert_contains(captured_log(), "[error] NoInfo :no_info received unexpected message in handle_info/2: {:hello, 1}\n");
     assert_true(process_alive(pid));
     term reason = call_exit(pid, A("x"), NULL);
     assert_eq(elem(reason, 0),
-              kv_tuple(2, runtime_error("attempted to call GenServer :no_info but no handle_call/3 clause was provided"), NIL));
+              tuple(2, runtime_error("attempted to call GenServer :no_info but no handle_call/3 clause was provided"), NIL));
     pid = ok_value(gen_server_start(module_atom(&no_info), I(1), NIL));
     term ref = process_monitor(pid);
     gen_server_cast(pid, A("x"));
@@ -1896,7 +1896,7 @@ static void t_default_callbacks(term ctx) {
     buf_puts(&want, "attempted to cast GenServer ");
     inspect_to(&want, pid);
     buf_puts(&want, " but no handle_cast/2 clause was provided");
-    assert_eq(down, kv_tuple(5, am_DOWN, ref, am_process, pid, kv_tuple(2, runtime_error(buf_str(&want)), NIL)));
+    assert_eq(down, tuple(5, am_DOWN, ref, am_process, pid, tuple(2, runtime_error(buf_str(&want)), NIL)));
     buf_free(&want);
 }
 
@@ -1907,14 +1907,14 @@ static void t_gen_server_stop(term ctx) {
     process_register(self(), A("witness"));
     term pid = server(A("one"));
     assert_eq(gen_server_stop(pid, am_normal, am_infinity), am_ok);
-    assert_eq(assert_receive(0), kv_tuple(3, am_terminate, am_normal, A("one")));
+    assert_eq(assert_receive(0), tuple(3, am_terminate, am_normal, A("one")));
     pid = server(A("two"));
     assert_eq(gen_server_stop(pid, am_shutdown, am_infinity), am_ok);
-    assert_eq(assert_receive(0), kv_tuple(3, am_terminate, am_shutdown, A("two")));
+    assert_eq(assert_receive(0), tuple(3, am_terminate, am_shutdown, A("two")));
     assert_eq(S(captured_log()), S("")); /* neither is logged */
     pid = server(A("three"));
     assert_eq(gen_server_stop(pid, A("boom"), am_infinity), am_ok);
-    assert_eq(assert_receive(0), kv_tuple(3, am_terminate, A("boom"), A("three")));
+    assert_eq(assert_receive(0), tuple(3, am_terminate, A("boom"), A("three")));
     struct buf want = {0};
     buf_puts(&want, "[error] GenServer ");
     inspect_to(&want, pid);
@@ -1922,11 +1922,11 @@ static void t_gen_server_stop(term ctx) {
     assert_contains(captured_log(), buf_str(&want));
     buf_free(&want);
     assert_eq(catch_exit(stop_it, (void *)pid),
-              kv_tuple(2, am_noproc, kv_tuple(3, am_GenServer, am_stop, kv_list(3, pid, am_normal, am_infinity))));
+              tuple(2, am_noproc, tuple(3, am_GenServer, am_stop, list(3, pid, am_normal, am_infinity))));
 }
 
 static void parent_then_exit(term arg) { /* {test, how the parent goes} */
-    term pid = ok_value(gen_server_start_link(module_atom(&test_server), kv_tuple(2, A("trap_exit"), A("child")), NIL));
+    term pid = ok_value(gen_server_start_link(module_atom(&test_server), tuple(2, A("trap_exit"), A("child")), NIL));
     process_send(elem(arg, 0), pid);
     receive_any(am_infinity);
     exit_self(elem(arg, 1));
@@ -1937,37 +1937,37 @@ static void parent_then_exit(term arg) { /* {test, how the parent goes} */
 static void t_terminate_on_parent_exit(term ctx) {
     (void)ctx;
     process_register(self(), A("witness"));
-    term parent = spawn(parent_then_exit, kv_tuple(2, self(), A("boom")));
+    term parent = spawn(parent_then_exit, tuple(2, self(), A("boom")));
     term child = assert_receive(100);
     process_send(parent, A("go"));
-    assert_eq(assert_receive(100), kv_tuple(3, am_terminate, A("boom"), A("child")));
+    assert_eq(assert_receive(100), tuple(3, am_terminate, A("boom"), A("child")));
     refute(process_alive(child));
-    parent = spawn(parent_then_exit, kv_tuple(2, self(), am_normal));
+    parent = spawn(parent_then_exit, tuple(2, self(), am_normal));
     child = assert_receive(100);
     process_send(parent, A("go"));
-    assert_eq(assert_receive(100), kv_tuple(3, am_terminate, am_normal, A("child")));
+    assert_eq(assert_receive(100), tuple(3, am_terminate, am_normal, A("child")));
     /* From anyone else, the EXIT is just a message for handle_info. */
-    child = server(kv_tuple(2, A("trap_exit"), A("child")));
+    child = server(tuple(2, A("trap_exit"), A("child")));
     process_exit(child, A("from_a_stranger"));
     assert_eq(gen_server_call(child, A("state")),
-              kv_tuple(2, A("info"), kv_tuple(3, am_EXIT, self(), A("from_a_stranger"))));
+              tuple(2, A("info"), tuple(3, am_EXIT, self(), A("from_a_stranger"))));
     /* :kill: no terminate. */
     term ref = process_monitor(child);
     process_exit(child, am_kill);
-    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, child, am_killed));
+    assert_eq(assert_receive(100), tuple(5, am_DOWN, ref, am_process, child, am_killed));
     assert_eq(receive_any(I(10)), NULL);
 }
 
 static void t_callback_timeouts(term ctx) {
     (void)ctx;
-    term pid = server(kv_tuple(2, am_timeout, I(50)));
+    term pid = server(tuple(2, am_timeout, I(50)));
     process_sleep(I(100));
-    assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("info"), am_timeout));
+    assert_eq(gen_server_call(pid, A("state")), tuple(2, A("info"), am_timeout));
     /* A message arriving first cancels the timeout. */
-    assert_eq(gen_server_call(pid, kv_tuple(3, am_reply, A("x"), I(30))), A("ok"));
+    assert_eq(gen_server_call(pid, tuple(3, am_reply, A("x"), I(30))), A("ok"));
     gen_server_cast(pid, A("early"));
     process_sleep(I(100));
-    assert_eq(gen_server_call(pid, A("state")), kv_tuple(2, A("cast"), A("early")));
+    assert_eq(gen_server_call(pid, A("state")), tuple(2, A("cast"), A("early")));
 }
 
 /* Between callbacks a server keeps only its state: its heap stays small
@@ -1997,7 +1997,7 @@ THUNK(agent_get_with_timeout, agent_get_timeout(a[0], F(fn_identity), a[1]))
  * GenServer.stop's :sys.terminate (an exit).  Nothing is read as "forever". */
 static void t_bad_timeouts_raise(term ctx) {
     (void)ctx;
-    term fce_sleep = function_clause_error(kv_alias("Process"), A("sleep"), 1);
+    term fce_sleep = function_clause_error(alias("Process"), A("sleep"), 1);
     term timeout_value = erlang_error(A("timeout_value"));
     term t[1];
     t[0] = I(-5), assert_eq(catch_error(sleep_for, t), fce_sleep);
@@ -2020,9 +2020,9 @@ static void t_bad_timeouts_raise(term ctx) {
     assert_true(elem(stray, 0)->kind == K_CONS && hd(elem(stray, 0)) == am_alias);
     args[1] = I(-5);
     term e = catch_exit(stop_with_timeout, args);
-    term sys = kv_tuple(3, am_sys, am_terminate, kv_list(3, server, am_normal, I(-5)));
-    term why = kv_tuple(2, function_clause_error(A("gen"), am_call, 4), NIL);
-    assert_eq(e, kv_tuple(2, kv_tuple(2, why, sys), kv_tuple(3, am_GenServer, am_stop, kv_list(3, server, am_normal, I(-5)))));
+    term sys = tuple(3, am_sys, am_terminate, list(3, server, am_normal, I(-5)));
+    term why = tuple(2, function_clause_error(A("gen"), am_call, 4), NIL);
+    assert_eq(e, tuple(2, tuple(2, why, sys), tuple(3, am_GenServer, am_stop, list(3, server, am_normal, I(-5)))));
     assert_true(process_alive(server));
     term agent = ok_value(agent_start(F(fn_empty_list), NIL));
     term aargs[2] = {agent, I(-5)};
@@ -2040,25 +2040,25 @@ static void t_bad_callback_timeouts(term ctx) {
     process_flag_trap_exit(true);
     term server = ok_value(gen_server_start(module_atom(&test_server), A("s"), NIL));
     term ref = process_monitor(server);
-    term req = kv_tuple(3, am_reply, A("_"), I(-5));
+    term req = tuple(3, am_reply, A("_"), I(-5));
     term args[2] = {server, req};
     term e = catch_exit(call_request, args);
-    term bad = kv_tuple(2, am_bad_return_value, kv_tuple(4, am_reply, A("ok"), A("s"), I(-5)));
+    term bad = tuple(2, am_bad_return_value, tuple(4, am_reply, A("ok"), A("s"), I(-5)));
     assert_eq(elem(e, 0), bad);
     assert_eq(elem(assert_receive(100), 4), bad);
     assert_contains(captured_log(), "** (stop) bad return value: {:reply, :ok, :s, -5}");
     server = ok_value(gen_server_start(module_atom(&test_server), A("s"), NIL));
     ref = process_monitor(server);
-    gen_server_cast(server, kv_tuple(2, A("noreply_timeout"), A("bogus")));
+    gen_server_cast(server, tuple(2, A("noreply_timeout"), A("bogus")));
     assert_eq(elem(assert_receive(100), 4),
-              kv_tuple(2, am_bad_return_value, kv_tuple(3, am_noreply, A("s"), A("bogus"))));
-    assert_eq(gen_server_start(module_atom(&test_server), kv_tuple(2, am_timeout, I(-5)), NIL),
-              kv_tuple(2, am_error, kv_tuple(2, am_bad_return_value, kv_tuple(3, am_ok, A("waiting"), I(-5)))));
+              tuple(2, am_bad_return_value, tuple(3, am_noreply, A("s"), A("bogus"))));
+    assert_eq(gen_server_start(module_atom(&test_server), tuple(2, am_timeout, I(-5)), NIL),
+              tuple(2, am_error, tuple(2, am_bad_return_value, tuple(3, am_ok, A("waiting"), I(-5)))));
     server = ok_value(gen_server_start(module_atom(&test_server), A("s"), NIL));
     ref = process_monitor(server);
     size_t logged = H.log.len;
-    assert_eq(gen_server_call(server, kv_tuple(3, am_reply, A("_"), I(4294967296))), A("ok"));
-    assert_eq(assert_receive(100), kv_tuple(5, am_DOWN, ref, am_process, server, kv_tuple(2, A("timeout_value"), NIL)));
+    assert_eq(gen_server_call(server, tuple(3, am_reply, A("_"), I(4294967296))), A("ok"));
+    assert_eq(assert_receive(100), tuple(5, am_DOWN, ref, am_process, server, tuple(2, A("timeout_value"), NIL)));
     assert_eq(I((int64_t)H.log.len), I((int64_t)logged)); /* nothing logged */
 }
 
@@ -2071,17 +2071,17 @@ THUNK(start_module, gen_server_start(a[0], am_ok, NIL))
 static void t_unloaded_module_fails_to_start(term ctx) {
     (void)ctx;
     process_flag_trap_exit(true);
-    term nope = kv_alias("Nope");
-    term undef = kv_tuple(2, undefined_function_error(nope, am_init, 1), NIL);
-    assert_eq(gen_server_start(nope, am_ok, NIL), kv_tuple(2, am_error, undef));
-    assert_eq(gen_server_start_link(nope, am_ok, NIL), kv_tuple(2, am_error, undef));
+    term nope = alias("Nope");
+    term undef = tuple(2, undefined_function_error(nope, am_init, 1), NIL);
+    assert_eq(gen_server_start(nope, am_ok, NIL), tuple(2, am_error, undef));
+    assert_eq(gen_server_start_link(nope, am_ok, NIL), tuple(2, am_error, undef));
     assert_eq(elem(assert_receive(100), 2), undef);
-    assert_eq(supervisor_start_link(nope, am_ok, NIL), kv_tuple(2, am_error, undef));
+    assert_eq(supervisor_start_link(nope, am_ok, NIL), tuple(2, am_error, undef));
     assert_eq(elem(assert_receive(100), 2), undef);
-    assert_eq(dynamic_supervisor_start_link_module(nope, am_ok, NIL), kv_tuple(2, am_error, undef));
+    assert_eq(dynamic_supervisor_start_link_module(nope, am_ok, NIL), tuple(2, am_error, undef));
     assert_eq(elem(assert_receive(100), 2), undef);
     term r = supervisor_start_link(I(42), NIL, NIL);
-    assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, argument_error(BADARG("1st argument: not an atom")), NIL)));
+    assert_eq(r, tuple(2, am_error, tuple(2, argument_error(BADARG("1st argument: not an atom")), NIL)));
     assert_receive(100);
     struct buf b = {0};
     format_exit_to(&b, undef, "\n    ");
@@ -2116,8 +2116,8 @@ static void t_registry_session(term ctx) {
     (void)ctx;
     boot_kv();
     term registry = ok_value(gen_server_start_link(module_atom(&kv_registry), am_ok, NIL));
-    assert_eq(gen_server_cast(registry, kv_tuple(2, am_create, S("shopping"))), am_ok);
-    term r = gen_server_call(registry, kv_tuple(2, am_lookup, S("shopping")));
+    assert_eq(gen_server_cast(registry, tuple(2, am_create, S("shopping"))), am_ok);
+    term r = gen_server_call(registry, tuple(2, am_lookup, S("shopping")));
     assert_true(is_tagged(r, am_ok, 2) && is_pid(elem(r, 1)));
 }
 
@@ -2128,15 +2128,15 @@ static void t_monitor_session(term ctx) {
     term ref = process_monitor(pid);
     assert_true(is_reference(ref));
     assert_eq(agent_stop(pid, am_normal, am_infinity), am_ok);
-    assert_eq(iex_flush(), kv_list(1, kv_tuple(5, am_DOWN, ref, am_process, pid, am_normal)));
+    assert_eq(iex_flush(), list(1, tuple(5, am_DOWN, ref, am_process, pid, am_normal)));
 }
 
 /* setup do registry = start_supervised!(KV.Registry); %{registry: registry} end
  * (with :kv running, as under mix test: buckets go to KV.BucketSupervisor) */
 static term registry_setup(void) {
     boot_kv();
-    term registry = start_supervised(kv_alias("KV.Registry"));
-    return kv_map(1, A("registry"), registry);
+    term registry = start_supervised(alias("KV.Registry"));
+    return map(1, A("registry"), registry);
 }
 
 /* test "spawns buckets", %{registry: registry} */
@@ -2165,7 +2165,7 @@ static void t_removes_buckets_on_exit(term ctx) {
 /* The catch-all handle_info clause logs at debug level and carries on. */
 static void t_registry_unexpected_message(term ctx) {
     term registry = map_get(ctx, A("registry"), am_nil);
-    process_send(registry, kv_tuple(2, A("hello"), I(1)));
+    process_send(registry, tuple(2, A("hello"), I(1)));
     assert_eq(kv_registry_lookup(registry, S("shopping")), am_error);
     assert_contains(captured_log(), "[debug] Unexpected message in KV.Registry: {:hello, 1}\n");
 }
@@ -2175,11 +2175,11 @@ static void bad_input(void *registry) { gen_server_call((term)registry, A("bad_i
 /* A request no clause matches crashes the registry, with a report. */
 static void t_registry_bad_input(term ctx) {
     (void)ctx;
-    term registry = ok_value(gen_server_start(module_atom(&kv_registry), am_ok, kv_list(1, kv_tuple(2, am_name, kv_alias("KV.Registry")))));
+    term registry = ok_value(gen_server_start(module_atom(&kv_registry), am_ok, list(1, tuple(2, am_name, alias("KV.Registry")))));
     /* (No application here: this registry is the only KV.Registry.) */
     term reason = catch_exit(bad_input, (void *)registry);
     assert_eq(elem(reason, 0),
-              kv_tuple(2, function_clause_error(kv_alias("KV.Registry"), A("handle_call"), 3), NIL));
+              tuple(2, function_clause_error(alias("KV.Registry"), A("handle_call"), 3), NIL));
     struct buf want = {0};
     buf_puts(&want, "[error] GenServer KV.Registry terminating\n** (FunctionClauseError) no function clause "
                     "matching in KV.Registry.handle_call/3\nLast message (from ");
@@ -2203,38 +2203,38 @@ static int tw_fail_after_first; /* > 0: starts after the first one fail */
 
 static term tw_init(term arg) {
     term name = elem(arg, 0), opts = elem(arg, 1);
-    tell_witness(kv_tuple(2, A("started"), name));
+    tell_witness(tuple(2, A("started"), name));
     if (keyword_get(opts, A("trap"), am_true) == am_true) process_flag_trap_exit(true);
     term init = keyword_get(opts, A("init"), am_ok);
-    if (init == A("fail")) return kv_tuple(2, am_stop, A("cannot"));
+    if (init == A("fail")) return tuple(2, am_stop, A("cannot"));
     if (init == am_ignore) return am_ignore;
     if (init == A("junk")) return A("weird");
-    if (init == A("fail_later") && tw_fail_after_first++ > 0) return kv_tuple(2, am_stop, A("cannot"));
-    return kv_tuple(2, am_ok, arg);
+    if (init == A("fail_later") && tw_fail_after_first++ > 0) return tuple(2, am_stop, A("cannot"));
+    return tuple(2, am_ok, arg);
 }
 
 static term tw_handle_call(term req, term from, term state) {
     (void)req, (void)from;
-    return kv_tuple(3, am_reply, A("pong"), state);
+    return tuple(3, am_reply, A("pong"), state);
 }
 
 static term tw_handle_cast(term req, term state) { /* {:exit, reason} */
-    return kv_tuple(3, am_stop, elem(req, 1), state);
+    return tuple(3, am_stop, elem(req, 1), state);
 }
 
 static void tw_terminate(term reason, term state) {
-    tell_witness(kv_tuple(3, am_terminate, elem(state, 0), reason));
+    tell_witness(tuple(3, am_terminate, elem(state, 0), reason));
     term slow = keyword_get(elem(state, 1), A("slow"), NULL);
     if (slow) process_sleep(slow);
 }
 
 static const struct module test_worker;
 static term tw_start_link(term arg) { return gen_server_start_link(module_atom(&test_worker), arg, NIL); }
-static term tw_start_error(term arg) { (void)arg; return kv_tuple(2, am_error, A("my_reason")); }
+static term tw_start_error(term arg) { (void)arg; return tuple(2, am_error, A("my_reason")); }
 static term tw_start_weird(term arg) { (void)arg; return A("weird"); }
 static term tw_start_raise(term arg) { (void)arg; raise_error(runtime_error("start raised")); }
 static term tw_start_exit(term arg) { (void)arg; exit_self(A("start_exit")); }
-static term tw_start_extra(term args) { return kv_tuple(2, am_ok, spawn(wait_forever, args)); }
+static term tw_start_extra(term args) { return tuple(2, am_ok, spawn(wait_forever, args)); }
 
 static const struct export test_worker_exports[] = {
     {"start_link", 1, tw_start_link},   {"start_error", 1, tw_start_error},
@@ -2255,21 +2255,21 @@ static const struct module test_sup = {.name = "Test.Sup", .init = tsup_init};
 /* The guide's first KV.Supervisor: children [KV.Registry], :one_for_one. */
 static term first_kv_supervisor_init(term arg) {
     (void)arg;
-    return supervisor_init(kv_list(1, kv_alias("KV.Registry")), kv_list(1, kv_tuple(2, am_strategy, am_one_for_one)));
+    return supervisor_init(list(1, alias("KV.Registry")), list(1, tuple(2, am_strategy, am_one_for_one)));
 }
 static const struct module first_kv_supervisor = {.name = "KV.FirstSupervisor", .init = first_kv_supervisor_init};
 
 /* A Test.Worker child spec: %{id: name, start: ..., restart: ..., shutdown: ...} */
 static term worker_opts(const char *name, term restart, term shutdown, term opts) {
-    term spec = kv_map(2, am_id, A(name), am_start,
-                       kv_tuple(3, kv_alias("Test.Worker"), am_start_link, kv_list(1, kv_tuple(2, A(name), opts))));
+    term spec = map(2, am_id, A(name), am_start,
+                       tuple(3, alias("Test.Worker"), am_start_link, list(1, tuple(2, A(name), opts))));
     if (restart) spec = map_put(spec, am_restart, restart);
     if (shutdown) spec = map_put(spec, am_shutdown, shutdown);
     return spec;
 }
 static term worker(const char *name) { return worker_opts(name, NULL, NULL, NIL); }
 
-static term strategy(term s) { return kv_list(1, kv_tuple(2, am_strategy, s)); }
+static term strategy(term s) { return list(1, tuple(2, am_strategy, s)); }
 
 /* Start a Test.Sup with these children, linked, the test as the witness. */
 static term start_sup(term children, term opts) {
@@ -2281,11 +2281,11 @@ static term start_sup(term children, term opts) {
 static term events(int n) {
     term items[32];
     for (int i = 0; i < n && i < 32; i++) items[i] = assert_receive(60000);
-    return kv_list_of((size_t)n, items);
+    return list_of((size_t)n, items);
 }
 
-static term started(const char *n) { return kv_tuple(2, A("started"), A(n)); }
-static term terminated(const char *n, term reason) { return kv_tuple(3, am_terminate, A(n), reason); }
+static term started(const char *n) { return tuple(2, A("started"), A(n)); }
+static term terminated(const char *n, term reason) { return tuple(3, am_terminate, A(n), reason); }
 
 /* The pid of child `id` of sup. */
 static term child_pid(term sup, const char *id) {
@@ -2295,7 +2295,7 @@ static term child_pid(term sup, const char *id) {
 }
 
 static void crash(term sup, const char *id, term reason) {
-    gen_server_cast(child_pid(sup, id), kv_tuple(2, am_EXIT, reason));
+    gen_server_cast(child_pid(sup, id), tuple(2, am_EXIT, reason));
 }
 
 
@@ -2311,11 +2311,11 @@ static void t_child_specs(term ctx) {
                    "%{id: KV.Bucket, restart: :temporary, start: {KV.Bucket, :start_link, [[]]}}");
     assert_inspect(child_spec_as_1_14(kv_supervisor_child_spec(NIL)),
                    "%{id: KV.Supervisor, start: {KV.Supervisor, :start_link, [[]]}, type: :supervisor}");
-    term over = kv_list(3, kv_tuple(2, am_id, A("r2")), kv_tuple(2, am_restart, am_temporary),
-                        kv_tuple(2, am_shutdown, am_brutal_kill));
-    assert_inspect(child_spec_as_1_14(supervisor_child_spec(kv_tuple(2, kv_alias("KV.Registry"), NIL), over)),
+    term over = list(3, tuple(2, am_id, A("r2")), tuple(2, am_restart, am_temporary),
+                        tuple(2, am_shutdown, am_brutal_kill));
+    assert_inspect(child_spec_as_1_14(supervisor_child_spec(tuple(2, alias("KV.Registry"), NIL), over)),
                    "%{id: :r2, restart: :temporary, shutdown: :brutal_kill, start: {KV.Registry, :start_link, [[]]}}");
-    term kw = kv_list(2, kv_tuple(2, am_name, kv_alias("KV.BucketSupervisor")), kv_tuple(2, am_strategy, am_one_for_one));
+    term kw = list(2, tuple(2, am_name, alias("KV.BucketSupervisor")), tuple(2, am_strategy, am_one_for_one));
     assert_inspect(dynamic_supervisor_child_spec(kw),
                    "%{id: KV.BucketSupervisor, start: {DynamicSupervisor, :start_link, "
                    "[[name: KV.BucketSupervisor, strategy: :one_for_one]]}, type: :supervisor}");
@@ -2323,9 +2323,9 @@ static void t_child_specs(term ctx) {
 
 static void bogus_override(void *arg) {
     (void)arg;
-    supervisor_child_spec(kv_alias("KV.Registry"), kv_list(1, kv_tuple(2, A("bogus"), I(1))));
+    supervisor_child_spec(alias("KV.Registry"), list(1, tuple(2, A("bogus"), I(1))));
 }
-static void unknown_child(void *arg) { (void)arg; supervisor_child_spec(kv_alias("NoSuchModule"), NIL); }
+static void unknown_child(void *arg) { (void)arg; supervisor_child_spec(alias("NoSuchModule"), NIL); }
 static void init_without_strategy(void *arg) { (void)arg; supervisor_init(NIL, NIL); }
 
 static void t_child_spec_errors(term ctx) {
@@ -2334,7 +2334,7 @@ static void t_child_spec_errors(term ctx) {
     assert_eq(catch_error(unknown_child, NULL),
               argument_error("The module NoSuchModule was given as a child to a supervisor but it does not exist."));
     assert_eq(catch_error(init_without_strategy, NULL), argument_error("expected :strategy option to be given"));
-    term r = supervisor_init(kv_list(1, kv_alias("KV.Registry")), strategy(am_one_for_one));
+    term r = supervisor_init(list(1, alias("KV.Registry")), strategy(am_one_for_one));
     assert_pretty(r, "{:ok,\n {%{intensity: 3, period: 5, strategy: :one_for_one},\n  [\n    %{\n      id: KV.Registry,\n"
                      "      restart: :permanent,\n      shutdown: 5000,\n      start: {KV.Registry, :start_link, [[]]},\n"
                      "      type: :worker\n    }\n  ]}}");
@@ -2349,7 +2349,7 @@ static void t_first_supervisor(term ctx) {
     term children = supervisor_which_children(sup);
     assert_eq(I((int64_t)list_length(children)), I(1));
     term first = hd(children), registry = elem(first, 1);
-    assert_eq(first, kv_tuple(4, kv_alias("KV.Registry"), registry, am_worker, kv_list(1, kv_alias("KV.Registry"))));
+    assert_eq(first, tuple(4, alias("KV.Registry"), registry, am_worker, list(1, alias("KV.Registry"))));
     catch_exit(bad_input_to, (void *)registry);
     struct buf want = {0};
     buf_puts(&want, "[error] GenServer ");
@@ -2363,31 +2363,31 @@ static void t_first_supervisor(term ctx) {
 
 static void t_start_order(term ctx) {
     (void)ctx;
-    term sup = start_sup(kv_list(3, worker("a"), worker("b"), worker("c")), strategy(am_one_for_one));
-    assert_eq(events(3), kv_list(3, started("a"), started("b"), started("c")));
+    term sup = start_sup(list(3, worker("a"), worker("b"), worker("c")), strategy(am_one_for_one));
+    assert_eq(events(3), list(3, started("a"), started("b"), started("c")));
     assert_inspect(supervisor_count_children(sup), "%{active: 3, specs: 3, supervisors: 0, workers: 3}");
     term ids = NIL;
     for (term l = supervisor_which_children(sup); l->kind == K_CONS; l = tl(l)) ids = list_append(ids, elem(hd(l), 0));
-    assert_eq(ids, kv_list(3, A("c"), A("b"), A("a"))); /* newest first */
+    assert_eq(ids, list(3, A("c"), A("b"), A("a"))); /* newest first */
     /* Supervisor.stop: every child gets :shutdown, newest first. */
     assert_eq(supervisor_stop(sup, am_normal, am_infinity), am_ok);
-    assert_eq(events(3), kv_list(3, terminated("c", am_shutdown), terminated("b", am_shutdown), terminated("a", am_shutdown)));
+    assert_eq(events(3), list(3, terminated("c", am_shutdown), terminated("b", am_shutdown), terminated("a", am_shutdown)));
 }
 
 static void t_strategies(term ctx) {
     (void)ctx;
-    term three = kv_list(3, worker("a"), worker("b"), worker("c"));
+    term three = list(3, worker("a"), worker("b"), worker("c"));
     term sup = start_sup(three, strategy(am_one_for_one));
     events(3);
     crash(sup, "b", A("boom"));
-    assert_eq(events(2), kv_list(2, terminated("b", A("boom")), started("b")));
+    assert_eq(events(2), list(2, terminated("b", A("boom")), started("b")));
     supervisor_stop(sup, am_normal, am_infinity);
     events(3);
 
     sup = start_sup(three, strategy(am_one_for_all));
     events(3);
     crash(sup, "b", A("boom"));
-    assert_eq(events(6), kv_list(6, terminated("b", A("boom")), terminated("c", am_shutdown), terminated("a", am_shutdown),
+    assert_eq(events(6), list(6, terminated("b", A("boom")), terminated("c", am_shutdown), terminated("a", am_shutdown),
                                  started("a"), started("b"), started("c")));
     supervisor_stop(sup, am_normal, am_infinity);
     events(3);
@@ -2395,32 +2395,32 @@ static void t_strategies(term ctx) {
     sup = start_sup(three, strategy(am_rest_for_one));
     events(3);
     crash(sup, "b", A("boom"));
-    assert_eq(events(4), kv_list(4, terminated("b", A("boom")), terminated("c", am_shutdown), started("b"), started("c")));
+    assert_eq(events(4), list(4, terminated("b", A("boom")), terminated("c", am_shutdown), started("b"), started("c")));
     crash(sup, "c", A("boom"));
-    assert_eq(events(2), kv_list(2, terminated("c", A("boom")), started("c")));
+    assert_eq(events(2), list(2, terminated("c", A("boom")), started("c")));
     crash(sup, "a", A("boom"));
-    assert_eq(events(6), kv_list(6, terminated("a", A("boom")), terminated("c", am_shutdown), terminated("b", am_shutdown),
+    assert_eq(events(6), list(6, terminated("a", A("boom")), terminated("c", am_shutdown), terminated("b", am_shutdown),
                                  started("a"), started("b"), started("c")));
 }
 
 /* A temporary bystander of a :one_for_all restart is not restarted. */
 static void t_temporary_bystander(term ctx) {
     (void)ctx;
-    term sup = start_sup(kv_list(2, worker("a"), worker_opts("t", am_temporary, NULL, NIL)), strategy(am_one_for_all));
+    term sup = start_sup(list(2, worker("a"), worker_opts("t", am_temporary, NULL, NIL)), strategy(am_one_for_all));
     events(2);
     crash(sup, "a", A("boom"));
-    assert_eq(events(3), kv_list(3, terminated("a", A("boom")), terminated("t", am_shutdown), started("a")));
+    assert_eq(events(3), list(3, terminated("a", A("boom")), terminated("t", am_shutdown), started("a")));
     assert_eq(I((int64_t)list_length(supervisor_which_children(sup))), I(1));
 }
 
 /* Which exit reasons restart which children. */
 static void t_restart_types(term ctx) {
     (void)ctx;
-    term reasons[] = {am_normal, am_shutdown, kv_tuple(2, am_shutdown, A("x")), A("boom"), am_killed};
+    term reasons[] = {am_normal, am_shutdown, tuple(2, am_shutdown, A("x")), A("boom"), am_killed};
     term types[] = {am_permanent, am_transient, am_temporary};
     for (size_t t = 0; t < 3; t++) {
         for (size_t r = 0; r < 5; r++) {
-            term sup = start_sup(kv_list(1, worker_opts("w", types[t], NULL, NIL)), strategy(am_one_for_one));
+            term sup = start_sup(list(1, worker_opts("w", types[t], NULL, NIL)), strategy(am_one_for_one));
             events(1);
             term pid = child_pid(sup, "w");
             if (reasons[r] == am_killed) process_exit(pid, am_kill);
@@ -2428,10 +2428,10 @@ static void t_restart_types(term ctx) {
             term children = supervisor_which_children(sup);
             bool restarted = types[t] == am_permanent || (types[t] == am_transient && (r == 3 || r == 4));
             if (restarted) {
-                assert_eq(events(1), kv_list(1, started("w")));
+                assert_eq(events(1), list(1, started("w")));
                 assert_true(is_pid(elem(hd(children), 1)) && !term_eq(elem(hd(children), 1), pid));
             } else if (types[t] == am_transient) {
-                assert_eq(children, kv_list(1, kv_tuple(4, A("w"), am_undefined, am_worker, kv_list(1, kv_alias("Test.Worker")))));
+                assert_eq(children, list(1, tuple(4, A("w"), am_undefined, am_worker, list(1, alias("Test.Worker")))));
             } else {
                 assert_eq(children, NIL);
             }
@@ -2453,30 +2453,30 @@ static term wait_exit_from(term pid) {
 static void t_intensity(term ctx) {
     (void)ctx;
     process_flag_trap_exit(true);
-    term sup = start_sup(kv_list(2, worker("a"), worker("b")), strategy(am_one_for_one));
+    term sup = start_sup(list(2, worker("a"), worker("b")), strategy(am_one_for_one));
     events(2);
     for (int i = 0; i < 3; i++) {
         crash(sup, "b", A("boom"));
-        assert_eq(events(2), kv_list(2, terminated("b", A("boom")), started("b")));
+        assert_eq(events(2), list(2, terminated("b", A("boom")), started("b")));
     }
     crash(sup, "b", A("boom"));
-    assert_eq(events(2), kv_list(2, terminated("b", A("boom")), terminated("a", am_shutdown)));
+    assert_eq(events(2), list(2, terminated("b", A("boom")), terminated("a", am_shutdown)));
     assert_eq(wait_exit_from(sup), am_shutdown);
     /* max_restarts: 0: the first crash is too many. */
-    sup = start_sup(kv_list(1, worker("a")), kv_list(2, kv_tuple(2, am_strategy, am_one_for_one),
-                                                     kv_tuple(2, am_max_restarts, I(0))));
+    sup = start_sup(list(1, worker("a")), list(2, tuple(2, am_strategy, am_one_for_one),
+                                                     tuple(2, am_max_restarts, I(0))));
     events(1);
     crash(sup, "a", A("boom"));
     events(1);
     assert_eq(wait_exit_from(sup), am_shutdown);
     /* Restarts more than the period apart never add up. */
-    term opts = kv_list(3, kv_tuple(2, am_strategy, am_one_for_one), kv_tuple(2, am_max_restarts, I(1)),
-                        kv_tuple(2, am_max_seconds, I(1)));
-    sup = start_sup(kv_list(1, worker("a")), opts);
+    term opts = list(3, tuple(2, am_strategy, am_one_for_one), tuple(2, am_max_restarts, I(1)),
+                        tuple(2, am_max_seconds, I(1)));
+    sup = start_sup(list(1, worker("a")), opts);
     events(1);
     for (int i = 0; i < 5; i++) {
         crash(sup, "a", A("boom"));
-        assert_eq(events(2), kv_list(2, terminated("a", A("boom")), started("a")));
+        assert_eq(events(2), list(2, terminated("a", A("boom")), started("a")));
         process_sleep(I(2100));
     }
     crash(sup, "a", A("boom"));
@@ -2492,23 +2492,23 @@ static void t_failed_restarts(term ctx) {
     (void)ctx;
     process_flag_trap_exit(true);
     tw_fail_after_first = 0;
-    term failing = worker_opts("f", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), A("fail_later"))));
-    term sup = start_sup(kv_list(2, worker("a"), failing), strategy(am_one_for_one));
+    term failing = worker_opts("f", NULL, NULL, list(1, tuple(2, A("init"), A("fail_later"))));
+    term sup = start_sup(list(2, worker("a"), failing), strategy(am_one_for_one));
     events(2);
     crash(sup, "f", A("boom"));
     /* terminate, then three starts that fail; the 4th restart is too many */
-    assert_eq(events(5), kv_list(5, terminated("f", A("boom")), started("f"), started("f"), started("f"),
+    assert_eq(events(5), list(5, terminated("f", A("boom")), started("f"), started("f"), started("f"),
                                  terminated("a", am_shutdown)));
     assert_eq(wait_exit_from(sup), am_shutdown);
 }
 
 static void t_shutdown_modes(term ctx) {
     (void)ctx;
-    term slow = kv_list(1, kv_tuple(2, A("slow"), I(1000)));
-    term sup = start_sup(kv_list(5, worker_opts("five", NULL, I(5000), NIL), worker_opts("hundred", NULL, I(100), slow),
+    term slow = list(1, tuple(2, A("slow"), I(1000)));
+    term sup = start_sup(list(5, worker_opts("five", NULL, I(5000), NIL), worker_opts("hundred", NULL, I(100), slow),
                                  worker_opts("brutal", NULL, am_brutal_kill, NIL),
-                                 worker_opts("patient", NULL, am_infinity, kv_list(1, kv_tuple(2, A("slow"), I(300)))),
-                                 worker_opts("plain", NULL, I(5000), kv_list(1, kv_tuple(2, A("trap"), am_false)))),
+                                 worker_opts("patient", NULL, am_infinity, list(1, tuple(2, A("slow"), I(300)))),
+                                 worker_opts("plain", NULL, I(5000), list(1, tuple(2, A("trap"), am_false)))),
                          strategy(am_one_for_one));
     events(5);
     const char *ids[] = {"five", "hundred", "brutal", "patient", "plain"};
@@ -2524,49 +2524,49 @@ static void t_shutdown_modes(term ctx) {
         down[i] = elem(receive(match_down_of, ref, I(0)), 4);
         ran_terminate[i] = receive_any(I(0)) != NULL;
     }
-    assert_eq(kv_list_of(5, down), kv_list(5, am_shutdown, am_killed, am_killed, am_shutdown, am_shutdown));
-    assert_eq(kv_list(5, I(took[0]), I(took[1]), I(took[2]), I(took[3]), I(took[4])),
-              kv_list(5, I(0), I(100), I(0), I(300), I(0)));
-    assert_eq(kv_list(5, kv_bool(ran_terminate[0]), kv_bool(ran_terminate[1]), kv_bool(ran_terminate[2]),
-                      kv_bool(ran_terminate[3]), kv_bool(ran_terminate[4])),
-              kv_list(5, am_true, am_true, am_false, am_true, am_false)); /* "hundred" started, never finished */
+    assert_eq(list_of(5, down), list(5, am_shutdown, am_killed, am_killed, am_shutdown, am_shutdown));
+    assert_eq(list(5, I(took[0]), I(took[1]), I(took[2]), I(took[3]), I(took[4])),
+              list(5, I(0), I(100), I(0), I(300), I(0)));
+    assert_eq(list(5, boolean(ran_terminate[0]), boolean(ran_terminate[1]), boolean(ran_terminate[2]),
+                      boolean(ran_terminate[3]), boolean(ran_terminate[4])),
+              list(5, am_true, am_true, am_false, am_true, am_false)); /* "hundred" started, never finished */
     assert_eq(supervisor_terminate_child(sup, A("five")), am_ok); /* again: still :ok */
-    assert_eq(supervisor_terminate_child(sup, child_pid(sup, "brutal")), kv_tuple(2, am_error, am_not_found));
+    assert_eq(supervisor_terminate_child(sup, child_pid(sup, "brutal")), tuple(2, am_error, am_not_found));
 }
 
 static void t_child_management(term ctx) {
     (void)ctx;
-    term sup = start_sup(kv_list(1, worker("a")), strategy(am_one_for_one));
+    term sup = start_sup(list(1, worker("a")), strategy(am_one_for_one));
     events(1);
     term b = worker("b");
     term r = supervisor_start_child(sup, b);
     term bpid = elem(r, 1);
     assert_true(is_tagged(r, am_ok, 2));
     events(1);
-    assert_eq(supervisor_start_child(sup, b), kv_tuple(2, am_error, kv_tuple(2, am_already_started, bpid)));
-    assert_eq(supervisor_restart_child(sup, A("b")), kv_tuple(2, am_error, am_running));
-    assert_eq(supervisor_delete_child(sup, A("b")), kv_tuple(2, am_error, am_running));
+    assert_eq(supervisor_start_child(sup, b), tuple(2, am_error, tuple(2, am_already_started, bpid)));
+    assert_eq(supervisor_restart_child(sup, A("b")), tuple(2, am_error, am_running));
+    assert_eq(supervisor_delete_child(sup, A("b")), tuple(2, am_error, am_running));
     assert_eq(supervisor_terminate_child(sup, A("b")), am_ok);
     events(1);
-    assert_eq(supervisor_start_child(sup, b), kv_tuple(2, am_error, am_already_present));
+    assert_eq(supervisor_start_child(sup, b), tuple(2, am_error, am_already_present));
     r = supervisor_restart_child(sup, A("b"));
     assert_true(is_tagged(r, am_ok, 2) && !term_eq(elem(r, 1), bpid));
     events(1);
     supervisor_terminate_child(sup, A("b"));
     events(1);
     assert_eq(supervisor_delete_child(sup, A("b")), am_ok);
-    assert_eq(supervisor_delete_child(sup, A("b")), kv_tuple(2, am_error, am_not_found));
-    assert_eq(supervisor_restart_child(sup, A("nope")), kv_tuple(2, am_error, am_not_found));
+    assert_eq(supervisor_delete_child(sup, A("b")), tuple(2, am_error, am_not_found));
+    assert_eq(supervisor_restart_child(sup, A("nope")), tuple(2, am_error, am_not_found));
     /* :ignore keeps the entry, unless the child is temporary. */
-    assert_eq(supervisor_start_child(sup, worker_opts("ig", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), am_ignore)))),
-              kv_tuple(2, am_ok, am_undefined));
+    assert_eq(supervisor_start_child(sup, worker_opts("ig", NULL, NULL, list(1, tuple(2, A("init"), am_ignore)))),
+              tuple(2, am_ok, am_undefined));
     assert_eq(child_pid(sup, "ig"), am_undefined);
-    assert_eq(supervisor_start_child(sup, worker_opts("igt", am_temporary, NULL, kv_list(1, kv_tuple(2, A("init"), am_ignore)))),
-              kv_tuple(2, am_ok, am_undefined));
+    assert_eq(supervisor_start_child(sup, worker_opts("igt", am_temporary, NULL, list(1, tuple(2, A("init"), am_ignore)))),
+              tuple(2, am_ok, am_undefined));
     assert_eq(child_pid(sup, "igt"), am_nil);
     events(2);
     /* Failures carry OTP's child record; the supervisor stays up. */
-    term st = worker_opts("st", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), A("fail"))));
+    term st = worker_opts("st", NULL, NULL, list(1, tuple(2, A("init"), A("fail"))));
     r = supervisor_start_child(sup, st);
     events(1);
     assert_inspect(r, "{:error, {:cannot, {:child, :undefined, :st, {Test.Worker, :start_link, [st: [init: :fail]]}, "
@@ -2575,7 +2575,7 @@ static void t_child_management(term ctx) {
     const char *want[] = {":my_reason", ":weird", "{:EXIT, {%RuntimeError{message: \"start raised\"}, []}}",
                           "{:EXIT, :start_exit}"};
     for (int i = 0; i < 4; i++) {
-        term spec = kv_map(2, am_id, A("x"), am_start, kv_tuple(3, kv_alias("Test.Worker"), how[i], kv_list(1, NIL)));
+        term spec = map(2, am_id, A("x"), am_start, tuple(3, alias("Test.Worker"), how[i], list(1, NIL)));
         struct buf b1 = {0};
         inspect_to(&b1, elem(elem(supervisor_start_child(sup, spec), 1), 0));
         assert_eq(S(buf_str(&b1)), S(want[i]));
@@ -2583,22 +2583,22 @@ static void t_child_management(term ctx) {
     }
     assert_true(process_alive(sup));
     /* Invalid specs: the reason alone. */
-    term bad = kv_map(3, am_id, A("x"), am_start, kv_tuple(3, kv_alias("Test.Worker"), am_start_link, NIL), am_restart, A("maybe"));
-    assert_eq(supervisor_start_child(sup, bad), kv_tuple(2, am_error, kv_tuple(2, A("invalid_restart_type"), A("maybe"))));
-    bad = kv_map(3, am_id, A("x"), am_start, kv_tuple(3, kv_alias("Test.Worker"), am_start_link, NIL), am_shutdown, I(-1));
-    assert_eq(supervisor_start_child(sup, bad), kv_tuple(2, am_error, kv_tuple(2, A("invalid_shutdown"), I(-1))));
-    assert_eq(supervisor_start_child(sup, kv_map(1, am_id, A("x"))), kv_tuple(2, am_error, A("missing_start")));
+    term bad = map(3, am_id, A("x"), am_start, tuple(3, alias("Test.Worker"), am_start_link, NIL), am_restart, A("maybe"));
+    assert_eq(supervisor_start_child(sup, bad), tuple(2, am_error, tuple(2, A("invalid_restart_type"), A("maybe"))));
+    bad = map(3, am_id, A("x"), am_start, tuple(3, alias("Test.Worker"), am_start_link, NIL), am_shutdown, I(-1));
+    assert_eq(supervisor_start_child(sup, bad), tuple(2, am_error, tuple(2, A("invalid_shutdown"), I(-1))));
+    assert_eq(supervisor_start_child(sup, map(1, am_id, A("x"))), tuple(2, am_error, A("missing_start")));
 }
 
 static void t_supervisor_start_failures(term ctx) {
     (void)ctx;
     process_flag_trap_exit(true);
     process_register(self(), A("witness"));
-    term fails = worker_opts("c", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), A("fail"))));
-    term r = supervisor_start_link(module_atom(&test_sup), supervisor_init(kv_list(3, worker("a"), worker("b"), fails),
+    term fails = worker_opts("c", NULL, NULL, list(1, tuple(2, A("init"), A("fail"))));
+    term r = supervisor_start_link(module_atom(&test_sup), supervisor_init(list(3, worker("a"), worker("b"), fails),
                                                               strategy(am_one_for_one)), NIL);
-    assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_shutdown, kv_tuple(3, am_failed_to_start_child, A("c"), A("cannot")))));
-    assert_eq(events(5), kv_list(5, started("a"), started("b"), started("c"), terminated("b", am_shutdown),
+    assert_eq(r, tuple(2, am_error, tuple(2, am_shutdown, tuple(3, am_failed_to_start_child, A("c"), A("cannot")))));
+    assert_eq(events(5), list(5, started("a"), started("b"), started("c"), terminated("b", am_shutdown),
                                  terminated("a", am_shutdown)));
     assert_true(is_tagged(assert_receive(0), am_EXIT, 3)); /* the caller gets the EXIT too */
     struct buf b = {0};
@@ -2608,33 +2608,33 @@ static void t_supervisor_start_failures(term ctx) {
     assert_eq(supervisor_start_link(module_atom(&test_sup), am_ignore, NIL), am_ignore);
     assert_receive(0);
     assert_eq(supervisor_start_link(module_atom(&test_sup), A("invalid"), NIL),
-              kv_tuple(2, am_error, kv_tuple(2, am_bad_return, kv_tuple(3, kv_alias("Test.Sup"), A("init"), A("invalid")))));
+              tuple(2, am_error, tuple(2, am_bad_return, tuple(3, alias("Test.Sup"), A("init"), A("invalid")))));
     assert_receive(0);
-    term flags = kv_map(1, am_strategy, A("none_for_one"));
-    assert_eq(supervisor_start_link(module_atom(&test_sup), kv_tuple(2, am_ok, kv_tuple(2, flags, NIL)), NIL),
-              kv_tuple(2, am_error, kv_tuple(2, am_supervisor_data, kv_tuple(2, A("invalid_strategy"), A("none_for_one")))));
+    term flags = map(1, am_strategy, A("none_for_one"));
+    assert_eq(supervisor_start_link(module_atom(&test_sup), tuple(2, am_ok, tuple(2, flags, NIL)), NIL),
+              tuple(2, am_error, tuple(2, am_supervisor_data, tuple(2, A("invalid_strategy"), A("none_for_one")))));
     assert_receive(0);
-    r = supervisor_start_link(module_atom(&test_sup), supervisor_init(kv_list(2, worker("a"), worker("a")), strategy(am_one_for_one)), NIL);
-    assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_start_spec, kv_tuple(2, A("duplicate_child_name"), A("a")))));
+    r = supervisor_start_link(module_atom(&test_sup), supervisor_init(list(2, worker("a"), worker("a")), strategy(am_one_for_one)), NIL);
+    assert_eq(r, tuple(2, am_error, tuple(2, am_start_spec, tuple(2, A("duplicate_child_name"), A("a")))));
     assert_receive(0);
-    term nameless = kv_map(1, am_start, kv_tuple(3, kv_alias("Test.Worker"), am_start_link, NIL));
-    r = supervisor_start_link(module_atom(&test_sup), kv_tuple(2, am_ok, kv_tuple(2, kv_map(1, am_strategy, am_one_for_one),
-                                                                    kv_list(1, nameless))), NIL);
-    assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_start_spec, A("missing_id"))));
+    term nameless = map(1, am_start, tuple(3, alias("Test.Worker"), am_start_link, NIL));
+    r = supervisor_start_link(module_atom(&test_sup), tuple(2, am_ok, tuple(2, map(1, am_strategy, am_one_for_one),
+                                                                    list(1, nameless))), NIL);
+    assert_eq(r, tuple(2, am_error, tuple(2, am_start_spec, A("missing_id"))));
     /* ... and each reason reads as Exception.format_exit/1 words it */
     assert_eq(exit_text(elem(r, 1)), S("** (exit) bad child specification, got: :missing_id"));
-    assert_eq(exit_text(kv_tuple(2, am_start_spec, kv_tuple(2, A("invalid_restart_type"), A("sometimes")))),
+    assert_eq(exit_text(tuple(2, am_start_spec, tuple(2, A("invalid_restart_type"), A("sometimes")))),
               S("** (exit) bad child specification, invalid restart type: :sometimes. "
                 "Must be :permanent, :transient or :temporary."));
-    assert_eq(exit_text(kv_tuple(2, am_supervisor_data, kv_tuple(2, A("invalid_strategy"), A("none_for_one")))),
+    assert_eq(exit_text(tuple(2, am_supervisor_data, tuple(2, A("invalid_strategy"), A("none_for_one")))),
               S("** (exit) bad supervisor configuration, invalid strategy: :none_for_one"));
-    assert_eq(exit_text(kv_tuple(2, am_bad_return, kv_tuple(3, kv_alias("Test.Sup"), A("init"), A("invalid")))),
+    assert_eq(exit_text(tuple(2, am_bad_return, tuple(3, alias("Test.Sup"), A("init"), A("invalid")))),
               S("** (exit) Test.Sup.init/1 returned a bad value: :invalid"));
-    assert_contains(BYTES(exit_text(kv_tuple(2, am_start_spec, kv_tuple(2, A("duplicate_child_name"), A("a"))))),
+    assert_contains(BYTES(exit_text(tuple(2, am_start_spec, tuple(2, A("duplicate_child_name"), A("a"))))),
                     "** (exit) bad child specification, more than one child specification has the id: :a.\n"
                     "If using maps as child specifications, make sure the :id keys are unique.\n");
-    assert_eq(exit_text(kv_tuple(2, am_shutdown, kv_tuple(3, am_failed_to_start_child, A("a"),
-                                                          kv_tuple(2, am_start_spec, A("missing_id"))))),
+    assert_eq(exit_text(tuple(2, am_shutdown, tuple(3, am_failed_to_start_child, A("a"),
+                                                          tuple(2, am_start_spec, A("missing_id"))))),
               S("** (exit) shutdown: failed to start child: :a\n    ** (EXIT) bad child specification, got: :missing_id"));
 }
 
@@ -2642,14 +2642,14 @@ static void t_supervisor_start_failures(term ctx) {
 static void t_bucket_supervisor_session(term ctx) {
     (void)ctx;
     boot_kv();
-    term r = dynamic_supervisor_start_child(kv_alias("KV.BucketSupervisor"), kv_alias("KV.Bucket"));
+    term r = dynamic_supervisor_start_child(alias("KV.BucketSupervisor"), alias("KV.Bucket"));
     assert_true(is_tagged(r, am_ok, 2));
     term bucket = elem(r, 1);
     assert_eq(kv_bucket_put(bucket, S("eggs"), I(3)), am_ok);
     assert_eq(kv_bucket_get(bucket, S("eggs")), I(3));
-    term children = dynamic_supervisor_which_children(kv_alias("KV.BucketSupervisor"));
-    assert_eq(children, kv_list(1, kv_tuple(4, am_undefined, bucket, am_worker, kv_list(1, kv_alias("KV.Bucket")))));
-    assert_inspect(dynamic_supervisor_count_children(kv_alias("KV.BucketSupervisor")),
+    term children = dynamic_supervisor_which_children(alias("KV.BucketSupervisor"));
+    assert_eq(children, list(1, tuple(4, am_undefined, bucket, am_worker, list(1, alias("KV.Bucket")))));
+    assert_inspect(dynamic_supervisor_count_children(alias("KV.BucketSupervisor")),
                    "%{active: 1, specs: 1, supervisors: 0, workers: 1}");
 }
 
@@ -2658,36 +2658,36 @@ static term start_dyn(term opts) { return ok_value(dynamic_supervisor_start_link
 static void t_dynamic_supervisor(term ctx) {
     (void)ctx;
     process_register(self(), A("witness"));
-    term sup = start_dyn(kv_list(1, kv_tuple(2, am_strategy, am_one_for_one)));
+    term sup = start_dyn(list(1, tuple(2, am_strategy, am_one_for_one)));
     term a = ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", am_temporary, NULL, NIL)));
     events(1);
     assert_eq(dynamic_supervisor_terminate_child(sup, a), am_ok);
     events(1);
-    assert_eq(dynamic_supervisor_terminate_child(sup, a), kv_tuple(2, am_error, am_not_found));
+    assert_eq(dynamic_supervisor_terminate_child(sup, a), tuple(2, am_error, am_not_found));
     /* A crashed temporary child is dropped; a permanent one restarted. */
     a = ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", am_temporary, NULL, NIL)));
     term p = ok_value(dynamic_supervisor_start_child(sup, worker_opts("p", NULL, NULL, NIL)));
     events(2);
-    gen_server_cast(a, kv_tuple(2, am_EXIT, A("boom")));
-    gen_server_cast(p, kv_tuple(2, am_EXIT, A("boom")));
-    assert_eq(events(3), kv_list(3, terminated("a", A("boom")), terminated("p", A("boom")), started("p")));
+    gen_server_cast(a, tuple(2, am_EXIT, A("boom")));
+    gen_server_cast(p, tuple(2, am_EXIT, A("boom")));
+    assert_eq(events(3), list(3, terminated("a", A("boom")), terminated("p", A("boom")), started("p")));
     term children = dynamic_supervisor_which_children(sup);
     assert_eq(I((int64_t)list_length(children)), I(1));
     assert_true(!term_eq(elem(hd(children), 1), p));
     /* start_child's answers, without child records; ids mean nothing. */
-    term ig = worker_opts("ig", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), am_ignore)));
+    term ig = worker_opts("ig", NULL, NULL, list(1, tuple(2, A("init"), am_ignore)));
     assert_eq(dynamic_supervisor_start_child(sup, ig), am_ignore);
-    term st = worker_opts("st", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), A("fail"))));
-    assert_eq(dynamic_supervisor_start_child(sup, st), kv_tuple(2, am_error, A("cannot")));
-    term junk = worker_opts("j", NULL, NULL, kv_list(1, kv_tuple(2, A("init"), A("junk"))));
-    assert_eq(dynamic_supervisor_start_child(sup, junk), kv_tuple(2, am_error, kv_tuple(2, am_bad_return_value, A("weird"))));
+    term st = worker_opts("st", NULL, NULL, list(1, tuple(2, A("init"), A("fail"))));
+    assert_eq(dynamic_supervisor_start_child(sup, st), tuple(2, am_error, A("cannot")));
+    term junk = worker_opts("j", NULL, NULL, list(1, tuple(2, A("init"), A("junk"))));
+    assert_eq(dynamic_supervisor_start_child(sup, junk), tuple(2, am_error, tuple(2, am_bad_return_value, A("weird"))));
     events(3);
-    term raise = kv_map(2, am_id, A("x"), am_start, kv_tuple(3, kv_alias("Test.Worker"), A("start_raise"), kv_list(1, NIL)));
-    assert_eq(dynamic_supervisor_start_child(sup, raise), kv_tuple(2, am_error, kv_tuple(2, runtime_error("start raised"), NIL)));
+    term raise = map(2, am_id, A("x"), am_start, tuple(3, alias("Test.Worker"), A("start_raise"), list(1, NIL)));
+    assert_eq(dynamic_supervisor_start_child(sup, raise), tuple(2, am_error, tuple(2, runtime_error("start raised"), NIL)));
     term bad = map_put(worker("x"), am_restart, A("maybe"));
-    assert_eq(dynamic_supervisor_start_child(sup, bad), kv_tuple(2, am_error, kv_tuple(2, A("invalid_restart_type"), A("maybe"))));
-    term nostart = kv_map(1, am_id, I(1));
-    assert_eq(dynamic_supervisor_start_child(sup, nostart), kv_tuple(2, am_error, kv_tuple(2, A("invalid_child_spec"), nostart)));
+    assert_eq(dynamic_supervisor_start_child(sup, bad), tuple(2, am_error, tuple(2, A("invalid_restart_type"), A("maybe"))));
+    term nostart = map(1, am_id, I(1));
+    assert_eq(dynamic_supervisor_start_child(sup, nostart), tuple(2, am_error, tuple(2, A("invalid_child_spec"), nostart)));
     term w = worker("same");
     ok_value(dynamic_supervisor_start_child(sup, w));
     ok_value(dynamic_supervisor_start_child(sup, w)); /* the same spec twice: two children */
@@ -2697,27 +2697,27 @@ static void t_dynamic_supervisor(term ctx) {
 
 static void start_child_of_nobody(void *arg) {
     (void)arg;
-    dynamic_supervisor_start_child(A("no_sup"), kv_tuple(2, am_Agent, F(fn_one)));
+    dynamic_supervisor_start_child(A("no_sup"), tuple(2, am_Agent, F(fn_one)));
 }
 
 static void t_dynamic_supervisor_options(term ctx) {
     (void)ctx;
     process_flag_trap_exit(true);
     process_register(self(), A("witness"));
-    term sup = start_dyn(kv_list(1, kv_tuple(2, am_max_children, I(2))));
+    term sup = start_dyn(list(1, tuple(2, am_max_children, I(2))));
     ok_value(dynamic_supervisor_start_child(sup, worker("a")));
     ok_value(dynamic_supervisor_start_child(sup, worker("b")));
-    assert_eq(dynamic_supervisor_start_child(sup, worker("c")), kv_tuple(2, am_error, am_max_children));
+    assert_eq(dynamic_supervisor_start_child(sup, worker("c")), tuple(2, am_error, am_max_children));
     events(2);
     /* extra_arguments come first: start_extra(:extra, arg) */
-    sup = start_dyn(kv_list(1, kv_tuple(2, am_extra_arguments, kv_list(1, A("extra")))));
-    term spec = kv_map(2, am_id, A("x"), am_start, kv_tuple(3, kv_alias("Test.Worker"), A("start_extra"), kv_list(1, A("arg"))));
+    sup = start_dyn(list(1, tuple(2, am_extra_arguments, list(1, A("extra")))));
+    term spec = map(2, am_id, A("x"), am_start, tuple(3, alias("Test.Worker"), A("start_extra"), list(1, A("arg"))));
     term pid = ok_value(dynamic_supervisor_start_child(sup, spec));
-    assert_eq(proc_of(pid)->arg, kv_list(2, A("extra"), A("arg")));
-    assert_eq(dynamic_supervisor_start_link(kv_list(1, kv_tuple(2, am_strategy, am_one_for_all))),
-              kv_tuple(2, am_error, kv_tuple(2, am_supervisor_data, kv_tuple(2, A("invalid_strategy"), am_one_for_all))));
+    assert_eq(proc_of(pid)->arg, list(2, A("extra"), A("arg")));
+    assert_eq(dynamic_supervisor_start_link(list(1, tuple(2, am_strategy, am_one_for_all))),
+              tuple(2, am_error, tuple(2, am_supervisor_data, tuple(2, A("invalid_strategy"), am_one_for_all))));
     assert_receive(0);
-    assert_inspect(dynamic_supervisor_init(kv_list(1, kv_tuple(2, am_strategy, am_one_for_one))),
+    assert_inspect(dynamic_supervisor_init(list(1, tuple(2, am_strategy, am_one_for_one))),
                    "{:ok, %{extra_arguments: [], intensity: 3, max_children: :infinity, period: 5, strategy: :one_for_one}}");
     /* The 4th crash in 5 seconds: the others get :shutdown, it exits. */
     sup = start_dyn(NIL);
@@ -2729,11 +2729,11 @@ static void t_dynamic_supervisor_options(term ctx) {
         term children = dynamic_supervisor_which_children(sup);
         term target = NULL;
         for (term l = children; l->kind == K_CONS; l = tl(l))
-            if (term_eq(sys_get_state(elem(hd(l), 1)), kv_tuple(2, A("a"), NIL))) target = elem(hd(l), 1);
-        gen_server_cast(target, kv_tuple(2, am_EXIT, A("boom")));
+            if (term_eq(sys_get_state(elem(hd(l), 1)), tuple(2, A("a"), NIL))) target = elem(hd(l), 1);
+        gen_server_cast(target, tuple(2, am_EXIT, A("boom")));
         events(i < 3 ? 2 : 1);
     }
-    assert_eq(events(1), kv_list(1, terminated("other", am_shutdown)));
+    assert_eq(events(1), list(1, terminated("other", am_shutdown)));
     assert_eq(wait_exit_from(sup), am_shutdown);
     term reason = catch_exit(start_child_of_nobody, NULL);
     assert_inspect(reason, "{:noproc, {GenServer, :call, [:no_sup, {:start_child, {{Agent, :start_link, "
@@ -2746,11 +2746,11 @@ static void t_dynamic_restarting_child(term ctx) {
     (void)ctx;
     process_register(self(), A("witness"));
     tw_fail_after_first = 0;
-    term sup = start_dyn(kv_list(1, kv_tuple(2, am_max_restarts, I(100))));
+    term sup = start_dyn(list(1, tuple(2, am_max_restarts, I(100))));
     term f = ok_value(dynamic_supervisor_start_child(sup, worker_opts("f", NULL, NULL,
-                                                                      kv_list(1, kv_tuple(2, A("init"), A("fail_later"))))));
+                                                                      list(1, tuple(2, A("init"), A("fail_later"))))));
     events(1);
-    gen_server_cast(f, kv_tuple(2, am_EXIT, A("boom")));
+    gen_server_cast(f, tuple(2, am_EXIT, A("boom")));
     events(2); /* terminated, then a failed start */
     term children = dynamic_supervisor_which_children(sup);
     assert_eq(elem(hd(children), 1), am_restarting);
@@ -2767,7 +2767,7 @@ static void t_dynamic_shutdown_concurrent(term ctx) {
     (void)ctx;
     process_register(self(), A("witness"));
     term sup = start_dyn(NIL);
-    term slow = kv_list(1, kv_tuple(2, A("slow"), I(1000)));
+    term slow = list(1, tuple(2, A("slow"), I(1000)));
     ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", NULL, I(100), slow)));
     ok_value(dynamic_supervisor_start_child(sup, worker_opts("b", NULL, I(100), slow)));
     events(2);
@@ -2786,13 +2786,13 @@ static void t_dynamic_shutdown_concurrent(term ctx) {
 static void kill_during_shutdown(term arg) {
     process_flag_trap_exit(true);
     process_register(self(), A("witness"));
-    term slow = kv_list(1, kv_tuple(2, A("slow"), I(1000)));
+    term slow = list(1, tuple(2, A("slow"), I(1000)));
     term sup;
     if (arg == am_true) {
         sup = ok_value(dynamic_supervisor_start_link(NIL));
         for (int i = 0; i < 3; i++) ok_value(dynamic_supervisor_start_child(sup, worker_opts("w", NULL, I(5000), slow)));
     } else {
-        sup = start_sup(kv_list(3, worker("a"), worker_opts("b", NULL, I(5000), slow), worker("c")), strategy(am_one_for_one));
+        sup = start_sup(list(3, worker("a"), worker_opts("b", NULL, I(5000), slow), worker("c")), strategy(am_one_for_one));
     }
     process_exit(sup, am_shutdown); /* from its parent: it shuts its children down */
     process_sleep(I(10));            /* ...and now waits for a slow one */
@@ -2847,20 +2847,20 @@ static void t_supervisor_unexpected_requests(term ctx) {
     process_flag_trap_exit(true);
     term sup = start_sup(NIL, strategy(am_one_for_one));
     process_send(sup, A("hello"));
-    gen_server_cast(sup, kv_tuple(2, am_try_again_restart, A("nope")));
+    gen_server_cast(sup, tuple(2, am_try_again_restart, A("nope")));
     process_sleep(I(1));
     assert_true(process_alive(sup));
     assert_contains(captured_log(), "[error] Supervisor received unexpected message: :hello\n\n");
     gen_server_cast(sup, A("hello"));
-    term fce_cast = kv_tuple(2, function_clause_error(am_supervisor, am_handle_cast, 2), NIL);
+    term fce_cast = tuple(2, function_clause_error(am_supervisor, am_handle_cast, 2), NIL);
     assert_eq(wait_exit_from(sup), fce_cast);
     assert_contains(captured_log(), "** (FunctionClauseError) no function clause matching in :supervisor.handle_cast/2");
-    term requests[] = {A("hello"), kv_tuple(2, A("foo"), I(1))};
+    term requests[] = {A("hello"), tuple(2, A("foo"), I(1))};
     for (size_t i = 0; i < 2; i++) {
         sup = start_sup(NIL, strategy(am_one_for_one));
         term args[2] = {sup, requests[i]};
         term e = catch_exit(call_sup, args);
-        term fce_call = kv_tuple(2, function_clause_error(am_supervisor, am_handle_call, 3), NIL);
+        term fce_call = tuple(2, function_clause_error(am_supervisor, am_handle_call, 3), NIL);
         assert_eq(elem(e, 0), fce_call);
         assert_eq(wait_exit_from(sup), fce_call);
     }
@@ -2873,31 +2873,31 @@ static void t_supervisor_flags_in_either_form(term ctx) {
     (void)ctx;
     process_flag_trap_exit(true);
     process_register(self(), A("witness"));
-    term init = kv_tuple(2, am_ok, kv_tuple(2, kv_tuple(3, am_one_for_all, I(2), I(3600)), kv_list(2, worker("a"), worker("b"))));
+    term init = tuple(2, am_ok, tuple(2, tuple(3, am_one_for_all, I(2), I(3600)), list(2, worker("a"), worker("b"))));
     term sup = ok_value(supervisor_start_link(module_atom(&test_sup), init, NIL));
     events(2);
     crash(sup, "a", A("boom"));
-    assert_eq(events(4), kv_list(4, terminated("a", A("boom")), terminated("b", am_shutdown), started("a"), started("b")));
+    assert_eq(events(4), list(4, terminated("a", A("boom")), terminated("b", am_shutdown), started("a"), started("b")));
     term state = sys_get_state(sup);
     assert_eq(map_get(state, am_intensity, NULL), I(2));
     assert_eq(map_get(state, am_period, NULL), I(3600));
     struct { term flags, reason; } cases[] = {
-        {kv_tuple(2, am_strategy, am_one_for_all), kv_tuple(2, A("invalid_type"), kv_tuple(2, am_strategy, am_one_for_all))},
-        {kv_tuple(3, am_one_for_all, I(-1), I(5)), kv_tuple(2, A("invalid_intensity"), I(-1))},
-        {kv_tuple(3, A("bogus"), I(1), I(5)), kv_tuple(2, A("invalid_strategy"), A("bogus"))},
-        {kv_tuple(3, am_one_for_one, I(1), I(0)), kv_tuple(2, A("invalid_period"), I(0))},
-        {A("junk"), kv_tuple(2, A("invalid_type"), A("junk"))},
-        {kv_map(2, am_strategy, am_one_for_all, am_intensity, A("x")), kv_tuple(2, A("invalid_intensity"), A("x"))},
+        {tuple(2, am_strategy, am_one_for_all), tuple(2, A("invalid_type"), tuple(2, am_strategy, am_one_for_all))},
+        {tuple(3, am_one_for_all, I(-1), I(5)), tuple(2, A("invalid_intensity"), I(-1))},
+        {tuple(3, A("bogus"), I(1), I(5)), tuple(2, A("invalid_strategy"), A("bogus"))},
+        {tuple(3, am_one_for_one, I(1), I(0)), tuple(2, A("invalid_period"), I(0))},
+        {A("junk"), tuple(2, A("invalid_type"), A("junk"))},
+        {map(2, am_strategy, am_one_for_all, am_intensity, A("x")), tuple(2, A("invalid_intensity"), A("x"))},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        term r = supervisor_start_link(module_atom(&test_sup), kv_tuple(2, am_ok, kv_tuple(2, cases[i].flags, NIL)), NIL);
-        assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_supervisor_data, cases[i].reason)));
+        term r = supervisor_start_link(module_atom(&test_sup), tuple(2, am_ok, tuple(2, cases[i].flags, NIL)), NIL);
+        assert_eq(r, tuple(2, am_error, tuple(2, am_supervisor_data, cases[i].reason)));
         assert_receive(0); /* and the EXIT */
     }
-    sup = ok_value(supervisor_start_link(module_atom(&test_sup), kv_tuple(2, am_ok, kv_tuple(2, kv_map(1, A("bogus"), I(1)), NIL)), NIL));
+    sup = ok_value(supervisor_start_link(module_atom(&test_sup), tuple(2, am_ok, tuple(2, map(1, A("bogus"), I(1)), NIL)), NIL));
     state = sys_get_state(sup); /* unknown keys ignored; :supervisor's own defaults */
-    assert_eq(kv_tuple(3, map_get(state, am_strategy, NULL), map_get(state, am_intensity, NULL), map_get(state, am_period, NULL)),
-              kv_tuple(3, am_one_for_one, I(1), I(5)));
+    assert_eq(tuple(3, map_get(state, am_strategy, NULL), map_get(state, am_intensity, NULL), map_get(state, am_period, NULL)),
+              tuple(3, am_one_for_one, I(1), I(5)));
 }
 
 THUNK(child_spec_of, supervisor_child_spec(a[0], NIL))
@@ -2910,43 +2910,43 @@ static void t_erlang_tuple_child_specs(term ctx) {
     (void)ctx;
     process_flag_trap_exit(true);
     process_register(self(), A("witness"));
-    term mfa = kv_tuple(3, kv_alias("Test.Worker"), am_start_link, kv_list(1, kv_tuple(2, A("t"), NIL)));
-    term good = kv_tuple(6, A("t"), mfa, am_permanent, I(5000), am_worker, kv_list(1, kv_alias("Test.Worker")));
-    term sup = start_sup(kv_list(1, good), strategy(am_one_for_one));
+    term mfa = tuple(3, alias("Test.Worker"), am_start_link, list(1, tuple(2, A("t"), NIL)));
+    term good = tuple(6, A("t"), mfa, am_permanent, I(5000), am_worker, list(1, alias("Test.Worker")));
+    term sup = start_sup(list(1, good), strategy(am_one_for_one));
     events(1);
     assert_eq(elem(hd(supervisor_which_children(sup)), 0), A("t"));
     assert_eq(supervisor_get_childspec(sup, A("t")),
-              kv_tuple(2, am_ok, kv_map(7, am_id, A("t"), am_start, mfa, am_restart, am_permanent, am_shutdown, I(5000),
-                                        am_type, am_worker, am_modules, kv_list(1, kv_alias("Test.Worker")),
+              tuple(2, am_ok, map(7, am_id, A("t"), am_start, mfa, am_restart, am_permanent, am_shutdown, I(5000),
+                                        am_type, am_worker, am_modules, list(1, alias("Test.Worker")),
                                         A("significant"), am_false)));
-    assert_eq(supervisor_get_childspec(sup, A("nope")), kv_tuple(2, am_error, am_not_found));
-    assert_eq(supervisor_get_childspec(sup, child_pid(sup, "t")), kv_tuple(2, am_error, am_not_found));
-    term map_spec = kv_map(2, am_id, A("m"), am_start, mfa); /* defaults: 5000, [Test.Worker], ... */
+    assert_eq(supervisor_get_childspec(sup, A("nope")), tuple(2, am_error, am_not_found));
+    assert_eq(supervisor_get_childspec(sup, child_pid(sup, "t")), tuple(2, am_error, am_not_found));
+    term map_spec = map(2, am_id, A("m"), am_start, mfa); /* defaults: 5000, [Test.Worker], ... */
     assert_true(is_started(supervisor_start_child(sup, map_spec)));
     events(1);
     assert_eq(supervisor_get_childspec(sup, A("m")),
-              kv_tuple(2, am_ok, kv_map(7, am_id, A("m"), am_start, mfa, am_restart, am_permanent, am_shutdown, I(5000),
-                                        am_type, am_worker, am_modules, kv_list(1, kv_alias("Test.Worker")),
+              tuple(2, am_ok, map(7, am_id, A("m"), am_start, mfa, am_restart, am_permanent, am_shutdown, I(5000),
+                                        am_type, am_worker, am_modules, list(1, alias("Test.Worker")),
                                         A("significant"), am_false)));
     struct { term spec, reason; } bad[] = {
-        {kv_tuple(6, A("b"), A("mfa"), am_permanent, I(5000), am_worker, NIL), kv_tuple(2, A("invalid_mfa"), A("mfa"))},
-        {kv_tuple(6, A("b"), mfa, A("sometimes"), I(5000), am_worker, NIL), kv_tuple(2, A("invalid_restart_type"), A("sometimes"))},
-        {kv_tuple(6, A("b"), mfa, am_permanent, I(-1), am_worker, NIL), kv_tuple(2, A("invalid_shutdown"), I(-1))},
-        {kv_tuple(6, A("b"), mfa, am_permanent, I(5000), A("wrker"), NIL), kv_tuple(2, A("invalid_child_type"), A("wrker"))},
-        {kv_tuple(6, A("b"), mfa, am_permanent, I(5000), am_worker, A("dy")), kv_tuple(2, A("invalid_modules"), A("dy"))},
-        {kv_tuple(6, A("b"), mfa, am_permanent, I(5000), am_worker, kv_list(1, I(1))), kv_tuple(2, A("invalid_module"), I(1))},
+        {tuple(6, A("b"), A("mfa"), am_permanent, I(5000), am_worker, NIL), tuple(2, A("invalid_mfa"), A("mfa"))},
+        {tuple(6, A("b"), mfa, A("sometimes"), I(5000), am_worker, NIL), tuple(2, A("invalid_restart_type"), A("sometimes"))},
+        {tuple(6, A("b"), mfa, am_permanent, I(-1), am_worker, NIL), tuple(2, A("invalid_shutdown"), I(-1))},
+        {tuple(6, A("b"), mfa, am_permanent, I(5000), A("wrker"), NIL), tuple(2, A("invalid_child_type"), A("wrker"))},
+        {tuple(6, A("b"), mfa, am_permanent, I(5000), am_worker, A("dy")), tuple(2, A("invalid_modules"), A("dy"))},
+        {tuple(6, A("b"), mfa, am_permanent, I(5000), am_worker, list(1, I(1))), tuple(2, A("invalid_module"), I(1))},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        assert_eq(supervisor_start_child(sup, bad[i].spec), kv_tuple(2, am_error, bad[i].reason));
-        term r = supervisor_start_link(module_atom(&test_sup), supervisor_init(kv_list(1, bad[i].spec), strategy(am_one_for_one)), NIL);
-        assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_start_spec, bad[i].reason)));
+        assert_eq(supervisor_start_child(sup, bad[i].spec), tuple(2, am_error, bad[i].reason));
+        term r = supervisor_start_link(module_atom(&test_sup), supervisor_init(list(1, bad[i].spec), strategy(am_one_for_one)), NIL);
+        assert_eq(r, tuple(2, am_error, tuple(2, am_start_spec, bad[i].reason)));
         assert_receive(0);
     }
-    term dynamic = kv_tuple(6, A("d"), kv_tuple(3, kv_alias("Test.Worker"), am_start_link, kv_list(1, kv_tuple(2, A("d"), NIL))),
+    term dynamic = tuple(6, A("d"), tuple(3, alias("Test.Worker"), am_start_link, list(1, tuple(2, A("d"), NIL))),
                             am_permanent, I(5000), am_worker, am_dynamic);
     assert_true(is_started(supervisor_start_child(sup, dynamic)));
     events(1);
-    term five = kv_tuple(5, A("b"), mfa, am_permanent, I(5000), am_worker);
+    term five = tuple(5, A("b"), mfa, am_permanent, I(5000), am_worker);
     term args[2] = {sup, five};
     term e = catch_error(start_child_of, args);
     assert_contains(BYTES(map_get(e, am_message, S(""))), "  * or a tuple with 6 elements generated by Supervisor.Spec (deprecated)\n\nGot: {:b, ");
@@ -2964,13 +2964,13 @@ static void t_dynamic_supervisor_unexpected_requests(term ctx) {
     process_flag_trap_exit(true);
     term sup = ok_value(dynamic_supervisor_start_link(NIL));
     gen_server_cast(sup, A("hello"));
-    gen_server_cast(sup, kv_tuple(2, am_try_again_restart, self()));
+    gen_server_cast(sup, tuple(2, am_try_again_restart, self()));
     process_send(sup, A("hello"));
     process_sleep(I(1));
     assert_true(process_alive(sup));
     assert_contains(captured_log(), "[error] DynamicSupervisor received unexpected message: :hello\n\n");
-    term args[2] = {sup, kv_tuple(2, A("foo"), I(1))};
-    term fce = kv_tuple(2, function_clause_error(kv_alias("DynamicSupervisor"), am_handle_call, 3), NIL);
+    term args[2] = {sup, tuple(2, A("foo"), I(1))};
+    term fce = tuple(2, function_clause_error(alias("DynamicSupervisor"), am_handle_call, 3), NIL);
     assert_eq(elem(catch_exit(call_dyn, args), 0), fce);
     assert_eq(wait_exit_from(sup), fce);
 }
@@ -2983,32 +2983,32 @@ static void t_dynamic_supervisor_options_checked(term ctx) {
     (void)ctx;
     process_flag_trap_exit(true);
     struct { term opt, reason; } cases[] = {
-        {kv_tuple(2, am_max_restarts, A("x")), kv_tuple(2, A("invalid_intensity"), A("x"))},
-        {kv_tuple(2, am_max_restarts, I(-1)), kv_tuple(2, A("invalid_intensity"), I(-1))},
-        {kv_tuple(2, am_max_seconds, A("x")), kv_tuple(2, A("invalid_period"), A("x"))},
-        {kv_tuple(2, am_max_seconds, I(0)), kv_tuple(2, A("invalid_period"), I(0))},
-        {kv_tuple(2, am_max_children, A("x")), kv_tuple(2, A("invalid_max_children"), A("x"))},
-        {kv_tuple(2, am_max_children, I(-1)), kv_tuple(2, A("invalid_max_children"), I(-1))},
-        {kv_tuple(2, am_extra_arguments, A("x")), kv_tuple(2, A("invalid_extra_arguments"), A("x"))},
+        {tuple(2, am_max_restarts, A("x")), tuple(2, A("invalid_intensity"), A("x"))},
+        {tuple(2, am_max_restarts, I(-1)), tuple(2, A("invalid_intensity"), I(-1))},
+        {tuple(2, am_max_seconds, A("x")), tuple(2, A("invalid_period"), A("x"))},
+        {tuple(2, am_max_seconds, I(0)), tuple(2, A("invalid_period"), I(0))},
+        {tuple(2, am_max_children, A("x")), tuple(2, A("invalid_max_children"), A("x"))},
+        {tuple(2, am_max_children, I(-1)), tuple(2, A("invalid_max_children"), I(-1))},
+        {tuple(2, am_extra_arguments, A("x")), tuple(2, A("invalid_extra_arguments"), A("x"))},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        term r = dynamic_supervisor_start_link(kv_list(1, cases[i].opt));
-        assert_eq(r, kv_tuple(2, am_error, kv_tuple(2, am_supervisor_data, cases[i].reason)));
-        assert_eq(elem(assert_receive(0), 2), kv_tuple(2, am_supervisor_data, cases[i].reason));
+        term r = dynamic_supervisor_start_link(list(1, cases[i].opt));
+        assert_eq(r, tuple(2, am_error, tuple(2, am_supervisor_data, cases[i].reason)));
+        assert_eq(elem(assert_receive(0), 2), tuple(2, am_supervisor_data, cases[i].reason));
     }
-    assert_true(is_started(dynamic_supervisor_start_link(kv_list(1, kv_tuple(2, am_max_children, I(0))))));
-    assert_inspect(dynamic_supervisor_init(kv_list(1, kv_tuple(2, am_max_restarts, A("x")))),
+    assert_true(is_started(dynamic_supervisor_start_link(list(1, tuple(2, am_max_children, I(0))))));
+    assert_inspect(dynamic_supervisor_init(list(1, tuple(2, am_max_restarts, A("x")))),
                    "{:ok, %{extra_arguments: [], intensity: :x, max_children: :infinity, period: 5, strategy: :one_for_one}}");
-    term sup = ok_value(dynamic_supervisor_start_link(kv_list(1, kv_tuple(2, am_extra_arguments, kv_cons(I(1), I(2))))));
-    term args[2] = {sup, kv_tuple(2, am_Agent, F(fn_one))};
+    term sup = ok_value(dynamic_supervisor_start_link(list(1, tuple(2, am_extra_arguments, cons(I(1), I(2))))));
+    term args[2] = {sup, tuple(2, am_Agent, F(fn_one))};
     assert_true(catch_exit(dyn_start_child_of, args) != NULL);
-    assert_eq(wait_exit_from(sup), kv_tuple(2, argument_error("argument error"), NIL));
+    assert_eq(wait_exit_from(sup), tuple(2, argument_error("argument error"), NIL));
 }
 
 /* test "are temporary workers" */
 static void t_are_temporary_workers(term ctx) {
     (void)ctx;
-    assert_eq(map_get(supervisor_child_spec(kv_alias("KV.Bucket"), NIL), am_restart, NULL), am_temporary);
+    assert_eq(map_get(supervisor_child_spec(alias("KV.Bucket"), NIL), am_restart, NULL), am_temporary);
 }
 
 /* test "removes bucket on crash", %{registry: registry} */
@@ -3028,10 +3028,10 @@ static void t_removes_bucket_on_crash(term ctx) {
  * and the test fails the way the guide shows.  This is that registry. */
 static term linked_registry_handle_cast(term request, term state) {
     term name = elem(request, 1), names = elem(state, 0), refs = elem(state, 1);
-    if (map_has_key(names, name)) return kv_tuple(2, am_noreply, state);
+    if (map_has_key(names, name)) return tuple(2, am_noreply, state);
     term bucket = ok_value(kv_bucket_start_link(NIL)); /* linked */
     term ref = process_monitor(bucket);
-    return kv_tuple(2, am_noreply, kv_tuple(2, map_put(names, name, bucket), map_put(refs, ref, name)));
+    return tuple(2, am_noreply, tuple(2, map_put(names, name, bucket), map_put(refs, ref, name)));
 }
 
 static const struct module linked_registry = {
@@ -3085,8 +3085,8 @@ static void t_application_functions_check_arguments(term ctx) {
     (void)ctx;
     boot_kv();
     term bad = I(42);
-    assert_eq(catch_error(app_stop_of, &bad), function_clause_error(kv_alias("Application"), am_stop, 1));
-    assert_eq(catch_error(spec_of_app, &bad), function_clause_error(kv_alias("Application"), A("spec"), 1));
+    assert_eq(catch_error(app_stop_of, &bad), function_clause_error(alias("Application"), am_stop, 1));
+    assert_eq(catch_error(spec_of_app, &bad), function_clause_error(alias("Application"), A("spec"), 1));
     assert_eq(application_spec(A("nope")), am_nil);
     assert_eq(keyword_get(application_spec(A("kv")), A("vsn"), am_nil), charlist("0.1.0"));
 }
@@ -3095,22 +3095,22 @@ static void t_application_functions_check_arguments(term ctx) {
 static void t_starting_applications(term ctx) {
     (void)ctx;
     boot_kv();
-    assert_eq(application_start(A("kv")), kv_tuple(2, am_error, kv_tuple(2, am_already_started, A("kv"))));
-    assert_true(term_eq(hd(application_started_applications()), kv_tuple(3, A("kv"), charlist("kv"), charlist("0.1.0"))));
+    assert_eq(application_start(A("kv")), tuple(2, am_error, tuple(2, am_already_started, A("kv"))));
+    assert_true(term_eq(hd(application_started_applications()), tuple(3, A("kv"), charlist("kv"), charlist("0.1.0"))));
     assert_inspect(hd(application_started_applications()), "{:kv, 'kv', '0.1.0'}");
     assert_eq(application_stop(A("kv")), am_ok);
     assert_contains(captured_log(), "[notice] Application kv exited: :stopped\n");
-    assert_eq(process_whereis(kv_alias("KV.Registry")), am_nil); /* the tree is gone */
-    assert_eq(application_stop(A("kv")), kv_tuple(2, am_error, kv_tuple(2, A("not_started"), A("kv"))));
+    assert_eq(process_whereis(alias("KV.Registry")), am_nil); /* the tree is gone */
+    assert_eq(application_stop(A("kv")), tuple(2, am_error, tuple(2, A("not_started"), A("kv"))));
     assert_eq(application_stop(A("logger")), am_ok);
-    assert_eq(application_start(A("kv")), kv_tuple(2, am_error, kv_tuple(2, A("not_started"), A("logger"))));
-    assert_eq(application_ensure_all_started(A("kv")), kv_tuple(2, am_ok, kv_list(2, A("logger"), A("kv"))));
-    assert_eq(application_ensure_all_started(A("kv")), kv_tuple(2, am_ok, NIL));
-    assert_true(is_pid(process_whereis(kv_alias("KV.Registry"))));
+    assert_eq(application_start(A("kv")), tuple(2, am_error, tuple(2, A("not_started"), A("logger"))));
+    assert_eq(application_ensure_all_started(A("kv")), tuple(2, am_ok, list(2, A("logger"), A("kv"))));
+    assert_eq(application_ensure_all_started(A("kv")), tuple(2, am_ok, NIL));
+    assert_true(is_pid(process_whereis(alias("KV.Registry"))));
     assert_eq(application_start(A("nope")),
-              kv_tuple(2, am_error, kv_tuple(2, charlist("no such file or directory"), charlist("nope.app"))));
+              tuple(2, am_error, tuple(2, charlist("no such file or directory"), charlist("nope.app"))));
     assert_eq(application_ensure_all_started(A("nope")),
-              kv_tuple(2, am_error, kv_tuple(2, A("nope"), kv_tuple(2, charlist("no such file or directory"),
+              tuple(2, am_error, tuple(2, A("nope"), tuple(2, charlist("no such file or directory"),
                                                                     charlist("nope.app")))));
 }
 
@@ -3118,22 +3118,22 @@ static void t_starting_applications(term ctx) {
 static void t_no_start(term ctx) {
     (void)ctx;
     ok_value(application_boot(true));
-    assert_eq(process_whereis(kv_alias("KV.Registry")), am_nil);
+    assert_eq(process_whereis(alias("KV.Registry")), am_nil);
     assert_eq(application_start(A("kv")), am_ok);
-    assert_true(is_pid(process_whereis(kv_alias("KV.Registry"))));
+    assert_true(is_pid(process_whereis(alias("KV.Registry"))));
 }
 
 /* "The application callback": with :kv running, the registry is there by name. */
 static void t_application_callback(term ctx) {
     (void)ctx;
     boot_kv();
-    assert_eq(kv_registry_create(kv_alias("KV.Registry"), S("shopping")), am_ok);
-    term r = kv_registry_lookup(kv_alias("KV.Registry"), S("shopping"));
+    assert_eq(kv_registry_create(alias("KV.Registry"), S("shopping")), am_ok);
+    term r = kv_registry_lookup(alias("KV.Registry"), S("shopping"));
     assert_true(is_tagged(r, am_ok, 2) && is_pid(elem(r, 1)));
-    term children = supervisor_which_children(kv_alias("KV.Supervisor"));
-    assert_eq(elem(hd(children), 0), kv_alias("KV.Registry"));
-    assert_eq(hd(tl(children)), kv_tuple(4, kv_alias("KV.BucketSupervisor"), process_whereis(kv_alias("KV.BucketSupervisor")),
-                                         am_supervisor, kv_list(1, kv_alias("DynamicSupervisor"))));
+    term children = supervisor_which_children(alias("KV.Supervisor"));
+    assert_eq(elem(hd(children), 0), alias("KV.Registry"));
+    assert_eq(hd(tl(children)), tuple(4, alias("KV.BucketSupervisor"), process_whereis(alias("KV.BucketSupervisor")),
+                                         am_supervisor, list(1, alias("DynamicSupervisor"))));
 }
 
 /* Stopping :kv shuts the tree down newest first: the registry, then the
@@ -3141,15 +3141,15 @@ static void t_application_callback(term ctx) {
 static void t_app_stop_order(term ctx) {
     (void)ctx;
     boot_kv();
-    kv_registry_create(kv_alias("KV.Registry"), S("shopping"));
-    term bucket = ok_value(kv_registry_lookup(kv_alias("KV.Registry"), S("shopping")));
-    term reg = process_whereis(kv_alias("KV.Registry")), bsup = process_whereis(kv_alias("KV.BucketSupervisor"));
-    term top = process_whereis(kv_alias("KV.Supervisor"));
+    kv_registry_create(alias("KV.Registry"), S("shopping"));
+    term bucket = ok_value(kv_registry_lookup(alias("KV.Registry"), S("shopping")));
+    term reg = process_whereis(alias("KV.Registry")), bsup = process_whereis(alias("KV.BucketSupervisor"));
+    term top = process_whereis(alias("KV.Supervisor"));
     process_monitor(reg), process_monitor(bucket), process_monitor(bsup), process_monitor(top);
     application_stop(A("kv"));
     term order = NIL;
     for (int i = 0; i < 4; i++) order = list_append(order, elem(assert_receive(0), 3));
-    assert_eq(order, kv_list(4, reg, bucket, bsup, top));
+    assert_eq(order, list(4, reg, bucket, bsup, top));
 }
 
 /* The registered process `name`, once its supervisor has (re)started it. */
@@ -3161,7 +3161,7 @@ static term registered(term name) {
 
 static void crash_registry_times(int n) {
     for (int i = 0; i < n; i++) {
-        term reg = registered(kv_alias("KV.Registry"));
+        term reg = registered(alias("KV.Registry"));
         term ref = process_monitor(reg);
         process_exit(reg, A("boom"));
         receive(match_down_of, ref, am_infinity);
@@ -3173,16 +3173,16 @@ static void crash_registry_times(int n) {
 static void t_app_exits_with_its_tree(term ctx) {
     (void)ctx;
     boot_kv();
-    term top = process_whereis(kv_alias("KV.Supervisor"));
+    term top = process_whereis(alias("KV.Supervisor"));
     term ref = process_monitor(top);
     crash_registry_times(4);
     assert_eq(elem(receive(match_down_of, ref, am_infinity), 4), am_shutdown);
     process_sleep(I(1));
     assert_contains(captured_log(), "[notice] Application kv exited: shutdown\n");
-    assert_eq(process_whereis(kv_alias("KV.Supervisor")), am_nil);
-    assert_true(!term_eq(hd(application_started_applications()), kv_tuple(3, A("kv"), charlist("kv"), charlist("0.1.0"))));
+    assert_eq(process_whereis(alias("KV.Supervisor")), am_nil);
+    assert_true(!term_eq(hd(application_started_applications()), tuple(3, A("kv"), charlist("kv"), charlist("0.1.0"))));
     assert_eq(application_start(A("kv")), am_ok); /* and it can start again */
-    process_exit(process_whereis(kv_alias("KV.Supervisor")), am_kill);
+    process_exit(process_whereis(alias("KV.Supervisor")), am_kill);
     process_sleep(I(1));
     assert_contains(captured_log(), "[notice] Application kv exited: killed\n");
 }
