@@ -6,156 +6,53 @@
  * Read this file beside the guide.  The guide builds a key-value store in
  * Elixir: buckets (an Agent), a registry of buckets (a GenServer that
  * monitors them), a supervisor, a dynamic supervisor for the buckets and an
- * application callback that starts the whole tree.  Elixir gets processes,
- * mailboxes, links, monitors and exit signals for free from the BEAM virtual
- * machine.  C gets none of that, so Part I of this file builds them, small
- * and in plain sight, and the later parts follow the guide chapter by
- * chapter, section by section, using only what Part I provides.
+ * application callback that starts the whole tree.  Elixir gets values,
+ * processes, mailboxes, links, monitors and exit signals for free from the
+ * BEAM virtual machine.  C gets none of that, so this file builds them too,
+ * small and in plain sight, each in the first chapter that needs it, and
+ * follows the guide chapter by chapter, section by section.
  *
- *   Part I    The runtime: processes, messages, links, monitors, exits.
- *             (What the guide takes for granted; see the Getting Started
- *             guide's "Processes" chapter.)
- *   Part II   agents.md                    Agent and KV.Bucket
- *   Part III  genservers.md                GenServer and KV.Registry
- *   Part IV   supervisor-and-application.md   Supervisor, Application, KV
- *   Part V    dynamic-supervisor.md        DynamicSupervisor, the final tree
- *   Part VI   ./kv: the program (the sessions replayed, and benchmarks)
+ *   Part I     Terms: the values everything is made of, and their printing
+ *   Part II    introduction-to-mix.md        the project Mix generates
+ *   Part III   Processes: the runtime the guide takes for granted        //> agents
+ *   Part IV    OTP's generic server, which Agent and GenServer run on    //> agents
+ *   Part V     agents.md                     Agent and KV.Bucket         //> agents
+ *   Part VI    genservers.md                 KV.Registry, monitors       //> genservers
+ *   Part VII   supervisor-and-application.md Supervisor, Application     //> supervisor-and-application
+ *   Part VIII  dynamic-supervisor.md         DynamicSupervisor, the tree //> dynamic-supervisor
+ *   Part IX    ./kv: the program (the modules loaded, the sessions replayed)
  *
- * Every banner names the guide chapter and section it mirrors.  Every public
- * function says, in its first comment line, which Elixir call it mirrors.
- * Names follow Elixir: GenServer.call is gen_server_call, KV.Bucket.put is
- * kv_bucket_put, Process.monitor is process_monitor.  Kernel's auto-imported
- * functions keep their bare names (self, spawn, spawn_link, make_ref) except
- * where the C library owns the name already: Kernel.exit/1 is exit_self and
- * Kernel.send/2 is process_send (both it and Process.send/3 are
- * :erlang.send).
+ * Every banner names the guide chapter and section it mirrors, and a Part
+ * uses only the Parts before it.  Every public function says, in its first
+ * comment line, which Elixir call it mirrors.  Names follow Elixir:
+ * GenServer.call is gen_server_call, KV.Bucket.put is kv_bucket_put,
+ * Process.monitor is process_monitor; the kv_ prefix is kept for the KV
+ * modules.  Kernel's auto-imported functions keep their bare names (self,
+ * spawn, spawn_link, make_ref) except where the C library owns the name
+ * already: Kernel.exit/1 is exit_self and Kernel.send/2 is process_send.
+ * Terms are built with functions named after what they build: tuple(2,
+ * am_ok, pid) is {:ok, pid}, list(...), map(...), atom("ok"), string("milk").
  *
  * Words from the guide and the BEAM are used in their Erlang sense: a
  * "process" is one of ours (a coroutine), never an operating-system process;
  * the program itself is "the VM".
+ *
+ * The chapters.  This file is the guide's last stage; chapters/ holds the
+ * file as it stood at the end of each earlier chapter, cut from this one by
+ * tools/cut.awk (make chapters), each with its own tests.  The cut follows
+ * light markers, which name the step of the guide (tools/steps) where code
+ * arrives:
+ *
+ *     //> genservers          on a line of its own, above a banner or a
+ *                             function: what follows arrives in genservers.md
+ *     code;  //> genservers   at the end of a line: that line does
+ *     a comment that opens    code that a later section of the guide
+ *     with "retired at STEP:" replaced, kept where the guide first wrote it:
+ *                             commented out here, live in the chapters
+ *                             before STEP
+ *
+ * Everything before the first marker arrives with the first chapter.
  */
-
-/* ==========================================================================
- * PART I — THE RUNTIME
- * ==========================================================================
- *
- * I.1  The machine in pictures
- * ----------------------------
- *
- * Everything below runs on one operating-system thread.  Processes take
- * turns: a process runs until it waits for a message (receive) or gives up
- * its turn, and then another one runs.  Nobody is interrupted, so there are
- * no locks anywhere in this file.  (BEAM interrupts a process after a budget
- * of "reductions"; ours are cooperative.  A process that loops forever
- * without receiving keeps the VM to itself.)
- *
- * The process table.  A pid is a number N, printed #PID<0.N.0> as iex does.
- * The table is an array whose size is a power of two; process N lives in
- * slot N mod size.  When a new process is spawned, the VM takes the next
- * number whose slot is free, so finding a process from its pid is one array
- * read and one comparison.  (BEAM's table works the same way.)
- *
- *     vm.table   slot:   0        1        2        3      ...
- *                     +--------+--------+--------+--------+
- *                     | proc 8 |  ----  | proc 2 | proc 3 |
- *                     +---|----+--------+---|----+---|----+
- *                         v                 v        v
- *                     struct proc: pid, state, mailbox, heap, links,
- *                     monitors, saved stack, jmp_buf, ...
- *
- * A stack per process, kept as a saved copy.  A C function's local
- * variables live on the C stack, so a process that stops in the middle of
- * a call chain (waiting in receive, five calls deep) needs its stack kept
- * somewhere while others run.  Coroutine libraries give every coroutine its
- * own stack region and switch the stack pointer between them.  kv.c does
- * something simpler and cheaper in memory: every process runs on the same
- * stretch of the ordinary C stack, called "the stage", and when a process
- * steps off the stage the bytes it was using are copied into a buffer of
- * its own.  When it steps back on, they are copied back to the very same
- * addresses, so every pointer into its stack is valid again.
- *
- *     high addresses
- *     +--------------------------+
- *     | main(), vm_run()         |  the scheduler's frames
- *     |  ...the gap (64 KiB)...  |  room for the scheduler's own calls
- *     +--------------------------+  <- vm.stage_top: the same for everyone
- *     | proc_main(P)             |  the running process's frames,
- *     | gen_server_loop(...)     |  exactly as the compiler laid them out
- *     | receive(...)             |
- *     | proc_wait()              |  <- its stack pointer when it stopped
- *     +--------------------------+
- *     |   (rest of the C stack)  |  a deep call chain simply keeps going;
- *     v                          v  no other process's bytes live here
- *
- *     P's saved copy, p->stack, a malloc'd buffer of its own:
- *                       [ bytes from its stack pointer up to vm.stage_top ]
- *                       typically 200 to 900 bytes
- *
- * Why this way?  An idle process costs only the bytes it was really using
- * (BEAM's idle process costs about 2.7 KB; ours about a third of that),
- * there is no memory map per process and so no limit near 32,000
- * processes (a guard page per stack costs two kernel mappings, and Linux
- * allows 65,530), and no assembly is needed anywhere: entering the stage
- * is an ordinary call, leaving it is _longjmp.  The price is the copy: a
- * switch moves a few hundred bytes each way (see `./kv bench`).  A
- * process that overflows the C stack cannot trample another process
- * either, because no other process's stack is on the C stack: the
- * kernel's guard page stops it and the VM names the culprit (section I.7).
- *
- * What a jmp_buf holds.  _setjmp(buf) saves the registers a C function
- * must preserve across calls: the stack pointer, the frame pointer, the
- * callee-saved registers (rbx, r12-r15 on x86-64; x19-x29 on aarch64) and
- * the address to continue at.  _longjmp(buf, v) loads them back, so the
- * program continues as if that _setjmp had just returned v.  It does not
- * restore memory: the stack bytes the registers point at must still be
- * there, which is exactly what copying the saved stack back guarantees.
- * Three kinds of jmp_buf exist here:
- *
- *     vm.sched_ctx    in the scheduler's frame, above the stage: every
- *                     jump to it goes upward, to an older frame, as C allows.
- *                     It stays valid however many times processes hand the
- *                     CPU to one another directly, because all of them run
- *                     below the scheduler's frame, which is still live
- *     proc->ctx       where a waiting process continues; valid only while
- *                     its saved bytes are back on the stage
- *     catch->env      a catch point inside one process (exit from any
- *                     depth); dead once the try_catch call that set it has
- *                     returned, which is why it is unlinked on the way out
- *
- * Every _longjmp in this file goes to a frame above the current one, which
- * is also why glibc's _FORTIFY_SOURCE check (it aborts a longjmp that goes
- * *down* the stack) never fires.
- *
- * Why _setjmp and not setjmp?  POSIX's setjmp may also save the signal
- * mask, which costs a system call on every switch; _setjmp never does,
- * and kv.c changes no signal mask while processes run.  And C's one rule
- * about locals: a local variable of the function that called _setjmp,
- * changed after the _setjmp and before the _longjmp back, holds an
- * undefined value afterwards unless it is volatile (it may have lived in
- * a register that the jump restored).  Each contract comment below says
- * why its locals are safe: usually, nothing is changed in between.
- *
- * The mailbox.  Messages are copied when sent (processes share nothing)
- * into a block of memory of their own and queued in arrival order:
- *
- *     proc->mbox_head -> [msg 1] -> [msg 2] -> [msg 3] -> NULL
- *                                                 ^
- *     proc->mbox_tail -------------------- &msg3->next
- *
- * receive walks the queue from the oldest message, asks a match function
- * about each one, and takes the first that matches; the others stay where
- * they were, in order (selective receive).  A received message's memory
- * joins the receiver's heap.
- *
- * Terms and heaps.  Values are Elixir terms: atoms, integers, strings,
- * tuples, lists, maps, pids, references and functions, immutable once
- * built.  Each process allocates its terms from its own heap, a list of
- * memory chunks that is freed all at once when the process dies, however it
- * dies.  Long-lived servers compact their heap after a callback by copying
- * the state into a fresh heap, the same idea as BEAM's per-process garbage
- * collector, with one root.
- */
-
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI: _setjmp, sigaltstack */
 
 #include <errno.h>
@@ -191,38 +88,52 @@
 #define API static
 #endif
 
-/* AddressSanitizer support; every macro here is nothing in a normal build.
- * ASan keeps "poison" marks for stack frames, and copying a saved stack in
- * and out moves bytes it believes belong to dead or foreign frames, so the
- * stage is unpoisoned before each copy (UNPOISON).  With ASan's
- * detect_stack_use_after_return, local variables live on a "fake stack" in
- * the heap instead; each process then needs a fake stack of its own, and
- * ASan's fiber calls switch them as processes switch (FIBER_LEAVE before
- * control leaves a process or the scheduler, FIBER_ARRIVE when it arrives).
- * NO_ASAN keeps a function's locals on the real stack. */
-#if defined(__SANITIZE_ADDRESS__)
-#define KV_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KV_ASAN 1
-#endif
-#endif
-#ifdef KV_ASAN
-void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
-void __sanitizer_start_switch_fiber(void **fake_stack_save, const void *bottom, size_t size);
-void __sanitizer_finish_switch_fiber(void *fake_stack_save, const void **bottom_old, size_t *size_old);
-#define UNPOISON(addr, size) __asan_unpoison_memory_region((addr), (size))
-#define ASAN_WINDOW 16384 /* bytes below the scheduler's frame kept clear */
-#define FIBER_LEAVE(save) __sanitizer_start_switch_fiber((save), (const void *)vm.stack_end, vm.stack_size)
-#define FIBER_ARRIVE(save) __sanitizer_finish_switch_fiber((save), NULL, NULL)
-#define NO_ASAN __attribute__((no_sanitize_address))
-#else
-#define UNPOISON(addr, size) ((void)0)
-#define ASAN_WINDOW 0
-#define FIBER_LEAVE(save) ((void)0)
-#define FIBER_ARRIVE(save) ((void)0)
-#define NO_ASAN
-#endif
+/* ==========================================================================
+ * PART I — TERMS: THE VALUES EVERYTHING IS MADE OF
+ * ==========================================================================
+ *
+ * I.1  Terms in pictures
+ * ----------------------
+ *
+ * Every value an Elixir program touches is a term: an integer, an atom, a
+ * string, a tuple, a list, a map, a pid, a reference, a function.  Terms
+ * never change once built; "changing" one builds a new one.  In kv.c a term
+ * is a pointer to a small struct in memory, and the pointer is all that
+ * is ever passed around:
+ *
+ *     {:ok, "milk"}
+ *
+ *     +-------+-----+---------+---------+
+ *     | TUPLE | n=2 | item[0] | item[1] |       struct term: a kind, a
+ *     +-------+-----+----|----+----|----+       count, and what follows
+ *                        |         |
+ *                        |         +--> +-----+-----+-----------+
+ *                        |              | BIN | n=4 | m i l k \0|
+ *                        v              +-----+-----+-----------+
+ *     the atom :ok, interned: one struct for every :ok in the VM
+ *
+ *     [1, 2] is two list cells ending in [], the one shared empty list:
+ *
+ *     +------+------+------+      +------+------+------+
+ *     | CONS | head | tail-+----> | CONS | head | tail-+----> []
+ *     +------+--|---+------+      +------+--|---+------+
+ *               v                           v
+ *               1                           2
+ *
+ * Where terms live.  Terms are allocated from a heap: a chain of memory
+ * chunks in which a new term takes the next free bytes (a pointer bump).
+ * Nothing in a heap is freed on its own; the heap is freed whole, when
+ * what owns it is done.  From agents.md on, every process has a heap of its
+ * own, and a term that passes from one process to another is copied into
+ * the receiver's heap, so no term is ever shared between two heaps; only
+ * atoms, which never go away, are shared by everyone.
+ *
+ * What is in this Part: where the memory comes from (I.2), the term
+ * struct, heaps, atoms and the functions that build and look at terms
+ * (I.3), Erlang's ordering of terms, maps, and copying (I.4), and printing
+ * terms exactly as iex does (I.5).  Inspect is long, and a first reading
+ * may skip it: what it prints is all the rest of the file relies on.
+ */
 
 /* --------------------------------------------------------------------------
  * I.2  Memory: every byte counted
@@ -425,7 +336,7 @@ static const struct term nil_term = {.kind = K_NIL};
  *
  * So a term stays where it was built until the whole heap goes, when the
  * process dies (heap_free) or when it is compacted around the one term it
- * still needs (heap_compact, I.4: GenServer does this between callbacks).
+ * still needs (heap_compact, III.7: GenServer does this between callbacks).
  * Nothing ever points from one process's heap into another's, because
  * every term that crosses is copied. */
 
@@ -559,7 +470,7 @@ static struct heap outside_heap; /* terms built when no process runs */
     } while (0)
 
 /* The bytes a term with `items` items takes in a heap, rounded up as
- * heap_alloc rounds every request.  term_size (I.4) counts with this same
+ * heap_alloc rounds every request.  term_size (III.5) counts with this same
  * function, so a copy always fits the chunk measured for it, on 32-bit
  * machines too (where a pointer is 4 bytes and an odd item count would
  * otherwise leave the two sums 4 bytes apart). */
@@ -621,98 +532,46 @@ static term atom_n(const char *name, size_t n) {
     return a;
 }
 
-static term atom(const char *name) { return atom_n(name, strlen(name)); }
+/* :name — the atom with this name */
+API term atom(const char *name) { return atom_n(name, strlen(name)); }
 
-/* The atoms the VM uses itself, created once at start-up.  BEAM's own C
- * source calls its built-in atoms am_ok, am_normal, ...; so does kv.c.
- * Module names are atoms too: KV.Registry is :"Elixir.KV.Registry". */
-#define KV_ATOMS(X)                                                          \
-    X(ok, "ok") X(error, "error") X(nil, "nil") X(true, "true")               \
-    X(false, "false") X(normal, "normal") X(kill, "kill")                    \
-    X(killed, "killed") X(shutdown, "shutdown") X(noproc, "noproc")         \
-    X(EXIT, "EXIT") X(DOWN, "DOWN") X(process, "process")                    \
-    X(timeout, "timeout") X(infinity, "infinity") X(undefined, "undefined") \
-    X(timeout_value, "timeout_value") \
-    X(alias, "alias") X(nonode, "nonode@nohost") X(calling_self, "calling_self") \
-    X(gen_call, "$gen_call") X(gen_cast, "$gen_cast") X(system, "system")  \
-    X(terminate, "terminate") X(get_state, "get_state") X(call, "call")    \
-    X(stop, "stop") X(reply, "reply") X(noreply, "noreply")                 \
-    X(ignore, "ignore") X(bad_return_value, "bad_return_value")             \
-    X(already_started, "already_started") X(ack, "ack")                     \
-    X(name, "name") X(struct_, "__struct__")      \
-    X(exception_, "__exception__") X(message, "message") X(term, "term")     \
-    X(module, "module") X(function, "function") X(arity, "arity")           \
-    X(kind, "kind") X(clauses, "clauses")                                    \
-    X(original, "original") X(reason, "reason") \
-    X(GenServer, "Elixir.GenServer")                    \
-    X(RuntimeError, "Elixir.RuntimeError")                                   \
-    X(ArgumentError, "Elixir.ArgumentError")                                 \
-    X(MatchError, "Elixir.MatchError")                                       \
-    X(FunctionClauseError, "Elixir.FunctionClauseError")                    \
-    X(ErlangError, "Elixir.ErlangError")                                     \
-    X(UndefinedFunctionError, "Elixir.UndefinedFunctionError")              \
-    X(get, "get") X(update, "update") X(get_and_update, "get_and_update")  \
-    X(cast, "cast") X(lookup, "lookup") X(create, "create")               \
-    X(Agent, "Elixir.Agent") X(sys, "sys") X(id, "id") X(start, "start")   \
-    X(restart, "restart") X(type, "type") X(modules, "modules")             \
-    X(permanent, "permanent") X(transient, "transient")                     \
-    X(temporary, "temporary") X(worker, "worker") X(supervisor, "supervisor") \
-    X(brutal_kill, "brutal_kill") X(strategy, "strategy")                   \
-    X(one_for_one, "one_for_one") X(one_for_all, "one_for_all")             \
-    X(rest_for_one, "rest_for_one") X(intensity, "intensity")               \
-    X(period, "period") X(max_restarts, "max_restarts")                     \
-    X(max_seconds, "max_seconds") X(children, "children") X(pid, "pid")     \
-    X(restarts, "restarts") X(restarting, "restarting") X(child, "child")   \
-    X(running, "running") X(not_found, "not_found")                         \
-    X(already_present, "already_present") X(which_children, "which_children") \
-    X(count_children, "count_children") X(start_child, "start_child")      \
-    X(terminate_child, "terminate_child") X(restart_child, "restart_child") \
-    X(delete_child, "delete_child") X(args, "args") \
-    X(start_spec, "start_spec") X(supervisor_data, "supervisor_data")       \
-    X(bad_start_spec, "bad_start_spec") X(bad_call, "bad_call")             \
-    X(bad_cast, "bad_cast") X(duplicate_child_name, "duplicate_child_name") \
-    X(bad_return, "bad_return") X(child_spec, "child_spec")                 \
-    X(start_link, "start_link") X(failed_to_start_child, "failed_to_start_child") \
-    X(active, "active") X(specs, "specs") X(supervisors, "supervisors")     \
-    X(workers, "workers") X(dynamic, "dynamic") X(max_children, "max_children") \
-    X(extra_arguments, "extra_arguments") X(started, "started") X(kv, "kv")  \
-    X(logger, "logger") X(handle_call, "handle_call") X(handle_cast, "handle_cast") \
-    X(try_again_restart, "try_again_restart") X(nocatch, "nocatch")          \
-    X(not_started, "not_started") X(missing_id, "missing_id")                \
-    X(missing_start, "missing_start") X(invalid_strategy, "invalid_strategy") \
-    X(invalid_child_spec, "invalid_child_spec") X(init, "init")              \
-    X(app_started, "app_started") X(app_exited, "app_exited")                \
-    X(application_controller, "application_controller") X(get_childspec, "get_childspec")
-
+/* The atoms the VM uses itself are created once, at start-up, and kept in
+ * variables: am_ok is :ok.  (BEAM's own C source names its built-in atoms
+ * the same way.)  Each Part declares its own list, ATOMS(X) style, and
+ * creates them in its init function: DECLARE_ATOMS(list) declares the
+ * variables, INIT_ATOMS(list) fills them in.  Module names are atoms too:
+ * KV.Registry is :"Elixir.KV.Registry". */
 #define DECLARE_ATOM(id, text) static term am_##id;
-KV_ATOMS(DECLARE_ATOM)
-#undef DECLARE_ATOM
-
-static void atoms_init(void) {
 #define INIT_ATOM(id, text) am_##id = atom(text);
-    KV_ATOMS(INIT_ATOM)
-#undef INIT_ATOM
-}
+#define DECLARE_ATOMS(list) list(DECLARE_ATOM)
+#define INIT_ATOMS(list) list(INIT_ATOM)
 
-/* Elixir's `KV.Registry` is the atom :"Elixir.KV.Registry". */
-static term alias(const char *name) {
+/* Part I's: the ones the printing of terms needs. */
+#define TERM_ATOMS(X) X(nil, "nil") X(true, "true") X(false, "false") X(struct_, "__struct__") \
+    X(exception_, "__exception__")
+DECLARE_ATOMS(TERM_ATOMS)
+
+/* KV.Registry — the atom :"Elixir.KV.Registry", an alias */
+API term alias(const char *name) {
     char buf[256];
     snprintf(buf, sizeof buf, "Elixir.%s", name);
     return atom(buf);
 }
 
-/* true or false, the atoms, from a C bool (C's side only; Elixir needs none) */
-API term boolean(bool b) { return b ? am_true : am_false; }
+/* ---- Building terms ---------------------------------------------------
+ * One function per kind of Elixir literal, named after what it builds.
+ * They are the file's vocabulary, so, like the API, a stage may leave some
+ * unused. */
 
-/* ---- Building terms --------------------------------------------------- */
-
-static term integer(int64_t i) {
+/* 42 — an integer */
+API term integer(int64_t i) {
     struct term *t = term_alloc(K_INT, 0, 0);
     t->u.i = i;
     return t;
 }
 
-static term binary(const char *bytes, size_t n) {
+/* <<bytes>> — a binary of n bytes */
+API term binary(const char *bytes, size_t n) {
     /* The bytes follow the header, plus a NUL so BYTES(b) is a C string. */
     struct term *b = heap_alloc(alloc_heap, sizeof *b + n + 1);
     b->kind = K_BIN;
@@ -723,29 +582,32 @@ static term binary(const char *bytes, size_t n) {
     return b;
 }
 
-/* "milk" — an Elixir string (a UTF-8 binary). */
-static term string(const char *s) { return binary(s, strlen(s)); }
+/* "milk" — an Elixir string (a UTF-8 binary) */
+API term string(const char *s) { return binary(s, strlen(s)); }
 
-static term pid_term(uint64_t n) {
+/* #PID<0.n.0> — the pid of process number n (processes arrive in Part III) */
+API term pid_term(uint64_t n) {
     struct term *t = term_alloc(K_PID, 0, 0);
     t->u.id = n;
     return t;
 }
 
-static term ref_term(uint64_t n) {
+/* #Reference<0.0.0.n> — reference number n */
+API term ref_term(uint64_t n) {
     struct term *t = term_alloc(K_REF, 0, 0);
     t->u.id = n;
     return t;
 }
 
-static term tuple_of(size_t n, const term *items) {
+/* {items[0], ..., items[n-1]} — a tuple of any size */
+API term tuple_of(size_t n, const term *items) {
     struct term *t = term_alloc(K_TUPLE, (uint32_t)n, n);
     for (size_t i = 0; i < n; i++) t->item[i] = items[i];
     return t;
 }
 
-/* {a, b, ...} — tuple(3, am_ok, x, y) builds {:ok, x, y}. */
-static term tuple(size_t n, ...) {
+/* {a, b, ...} — tuple(3, am_ok, x, y) builds {:ok, x, y} */
+API term tuple(size_t n, ...) {
     term items[16];
     if (n > 16) abort(); /* use tuple_of for more */
     va_list ap;
@@ -756,14 +618,15 @@ static term tuple(size_t n, ...) {
 }
 
 /* [head | tail] */
-static term cons(term head, term tail) {
+API term cons(term head, term tail) {
     struct term *t = term_alloc(K_CONS, 0, 2);
     t->item[0] = head;
     t->item[1] = tail;
     return t;
 }
 
-static term list_of(size_t n, const term *items) {
+/* [items[0], ..., items[n-1]] — a list of any length */
+API term list_of(size_t n, const term *items) {
     term l = NIL;
     while (n--) l = cons(items[n], l);
     return l;
@@ -780,53 +643,82 @@ API term list(size_t n, ...) {
     return list_of(n, items);
 }
 
-static term fun_term(const struct fun_def *def, term env) {
+/* fn ... end — a fun: def's C code, with env as the term it captured */
+API term fun_term(const struct fun_def *def, term env) {
     struct term *t = term_alloc(K_FUN, 1, 1);
     t->u.fun = def;
     t->item[0] = env ? env : NIL;
     return t;
 }
 
+/* true or false, the atoms, from a C bool (C's side only; Elixir needs none) */
+API term boolean(bool b) { return b ? am_true : am_false; }
+
 /* ---- Looking at terms -------------------------------------------------
  * Kernel's guards and accessors, with their Elixir names. */
 
-/* is_integer/1, is_atom/1, ... — the guards */
+/* is_integer/1 */
 API bool is_integer(term t) { return t->kind == K_INT; }
-static bool is_atom(term t) { return t->kind == K_ATOM; }
-static bool is_pid(term t) { return t->kind == K_PID; }
-static bool is_reference(term t) { return t->kind == K_REF; }
-static bool is_tuple(term t) { return t->kind == K_TUPLE; }
-static bool is_map(term t) { return t->kind == K_MAP; }
-static bool is_binary(term t) { return t->kind == K_BIN; }
-static bool is_list(term t) { return t->kind == K_NIL || t->kind == K_CONS; }
+/* is_atom/1 */
+API bool is_atom(term t) { return t->kind == K_ATOM; }
+/* is_pid/1 */
+API bool is_pid(term t) { return t->kind == K_PID; }
+/* is_reference/1 */
+API bool is_reference(term t) { return t->kind == K_REF; }
+/* is_tuple/1 */
+API bool is_tuple(term t) { return t->kind == K_TUPLE; }
+/* is_map/1 */
+API bool is_map(term t) { return t->kind == K_MAP; }
+/* is_binary/1 */
+API bool is_binary(term t) { return t->kind == K_BIN; }
+/* is_list/1 */
+API bool is_list(term t) { return t->kind == K_NIL || t->kind == K_CONS; }
 /* is_function/1 */
 API bool is_function(term t) { return t->kind == K_FUN; }
-static size_t tuple_size(term t) { return t->n; }
-static term elem(term t, size_t i) { return t->item[i]; }
-static term hd(term t) { return t->item[0]; }
-static term tl(term t) { return t->item[1]; }
-static int64_t int_value(term t) { return t->u.i; }
+/* tuple_size/1 */
+API size_t tuple_size(term t) { return t->n; }
+/* elem/2 */
+API term elem(term t, size_t i) { return t->item[i]; }
+/* hd/1 */
+API term hd(term t) { return t->item[0]; }
+/* tl/1 */
+API term tl(term t) { return t->item[1]; }
+/* an integer's value, for C */
+API int64_t int_value(term t) { return t->u.i; }
 
-/* Is t the tuple {tag, _, ...} of this size? The commonest match in C. */
-static bool is_tagged(term t, term tag, size_t size) {
+/* {tag, _, ...} of this size?  The commonest pattern match in C. */
+API bool is_tagged(term t, term tag, size_t size) {
     return t->kind == K_TUPLE && t->n == size && t->item[0] == tag;
 }
 
 /* {key, value} with an atom key: one entry of a keyword list */
-static bool is_tagged_pair(term t) { return t->kind == K_TUPLE && t->n == 2 && t->item[0]->kind == K_ATOM; }
-
-/* {:ok, x} or {:ok, x, info}: what a start function returns on success */
-static bool is_ok_tuple(term t) { return is_tagged(t, am_ok, 2) || is_tagged(t, am_ok, 3); }
-
-/* ...with a pid for x: a started process */
-static bool is_started(term t) { return is_ok_tuple(t) && is_pid(elem(t, 1)); }
+API bool is_tagged_pair(term t) { return t->kind == K_TUPLE && t->n == 2 && t->item[0]->kind == K_ATOM; }
 
 /* if t, do: ... — is t truthy: anything but nil and false (atoms are
  * compared by pointer) */
 API bool truthy(term t) { return t != am_nil && t != am_false; }
 
+/* ---- Starting and stopping -------------------------------------------- */
+
+/* Part I's start-up: its atoms, and terms built from now on go to the
+ * heap of no process (there are no processes yet). */
+static void terms_init(void) {
+    INIT_ATOMS(TERM_ATOMS);
+    alloc_heap = &outside_heap;
+}
+
+/* The last step at exit: the heap of no process, the pooled chunks and
+ * the atoms go back to malloc, so that nothing kv.c allocated is left. */
+static void terms_shutdown(void) {
+    heap_free(&outside_heap);
+    pool_drain();
+    for (size_t i = 0; i < atoms.cap; i++)
+        vm_free((struct term *)atoms.slots[i]); /* const to everyone else */
+    vm_free(atoms.slots);
+    memset(&atoms, 0, sizeof atoms);
+}
 /* --------------------------------------------------------------------------
- * I.4  Term order, maps and copying
+ * I.4  Term order, maps and lists
  * --------------------------------------------------------------------------
  * term_cmp is Erlang's total order, the one `<` and `==` use: different
  * kinds compare by kind; numbers by value; atoms by name; tuples by size,
@@ -836,9 +728,9 @@ API bool truthy(term t) { return t != am_nil && t != am_false; }
  * Terms can nest as deep as anyone likes: [[[[...]]]] a million levels
  * down is a fine message on BEAM, whose processes' stacks grow on the
  * heap.  A C function that recursed once per level would run off the C
- * stack long before that.  So the three walks over whole terms (term_cmp
- * here; term_size and term_copy, below) keep the work still to do on a
- * stack of their own, in malloc'd memory, and loop: a list's spine, the
+ * stack long before that.  So the walks over whole terms (term_cmp here;
+ * term_size and term_copy, which messages use, in III.5) keep the work
+ * still to do on a stack of their own, in vm_alloc'd memory, and loop: a list's spine, the
  * usual long direction, is followed in the loop itself, and only the
  * other branches (a head, a tuple's elements) are pushed.  No process
  * waits in the middle of a walk, so that memory is always freed before
@@ -853,7 +745,7 @@ struct walk_item {
 };
 
 /* The stack of pending pieces: the first 64 in the struct itself (most
- * terms need no more), then in malloc'd memory. */
+ * terms need no more), then in vm_alloc'd memory. */
 struct walk {
     struct walk_item *items;
     size_t n, cap;
@@ -974,7 +866,7 @@ static long map_find(term m, term key) {
 static struct term *map_alloc(size_t n) { return term_alloc(K_MAP, (uint32_t)n, 2 * n); }
 
 /* The value under key, or dflt.  (Map.get/3 is this with a check that m
- * is a map at all; see "The Map module" in I.13.  Inside the VM, where m
+ * is a map at all; see "Map, Keyword and length/1" in III.9.  Inside the VM, where m
  * is known to be a map, the unchecked forms are used.) */
 static term map_lookup(term m, term key, term dflt) {
     long i = map_find(m, key);
@@ -1007,25 +899,11 @@ static term map_insert(term m, term key, term value) {
     return r;
 }
 
-/* m without key (m itself if key is absent). */
-static term map_remove(term m, term key) {
-    long i = map_find(m, key);
-    if (i < 0) return m;
-    size_t n = m->n, at = (size_t)i;
-    struct term *r = map_alloc(n - 1);
-    for (size_t j = 0, k = 0; j < n; j++) {
-        if (j == at) continue;
-        r->item[k] = m->item[j];
-        r->item[n - 1 + k] = m->item[n + j];
-        k++;
-    }
-    return r;
-}
-
-static term empty_map(void) { return map_alloc(0); }
+/* %{} */
+API term empty_map(void) { return map_alloc(0); }
 
 /* %{k1 => v1, ...} — map(2, k1, v1, k2, v2): n pairs, any order. */
-static term map(size_t n, ...) {
+API term map(size_t n, ...) {
     term m = empty_map();
     va_list ap;
     va_start(ap, n);
@@ -1068,7 +946,7 @@ static term list_builder_done(struct list_builder *b, term tail) {
 
 /* Keyword.split/2: the pairs of kw whose key is one of `keys` (ending with
  * NULL) in *taken, the others (anything else too) in *rest, in order. */
-static void keyword_split(term kw, const term *keys, term *taken, term *rest) {
+API void keyword_split(term kw, const term *keys, term *taken, term *rest) {
     struct list_builder mine, others;
     list_builder_init(&mine);
     list_builder_init(&others);
@@ -1083,7 +961,7 @@ static void keyword_split(term kw, const term *keys, term *taken, term *rest) {
 }
 
 /* Kernel.++/2 */
-static term list_concat(term a, term b) {
+API term list_concat(term a, term b) {
     struct list_builder r;
     list_builder_init(&r);
     for (; a->kind == K_CONS; a = tl(a)) list_builder_add(&r, hd(a));
@@ -1091,132 +969,7 @@ static term list_concat(term a, term b) {
 }
 
 /* list ++ [x] */
-static term list_append(term l, term x) { return list_concat(l, list(1, x)); }
-
-/* ---- Copying ----------------------------------------------------------
- * Sending a message copies it: processes share nothing.  term_size says
- * how many bytes a copy needs (atoms and [] are shared, never copied),
- * term_copy builds the copy with those bytes in one go. */
-
-static size_t term_size(term t) {
-    struct walk w;
-    walk_init(&w);
-    size_t size = 0;
-    void *unused;
-    do {
-        for (;;) { /* t, and along its list spine or fun environment */
-            if (t->kind == K_ATOM || t->kind == K_NIL) break;
-            if (t->kind == K_BIN) { size += ALIGN8(sizeof(struct term) + t->n + 1); break; }
-            if (t->kind == K_FUN) { size += term_bytes(1); t = t->item[0]; continue; }
-            if (t->kind == K_CONS) {
-                size += term_bytes(2);
-                walk_push(&w, t->item[0], NULL);
-                t = t->item[1];
-                continue;
-            }
-            if (t->kind == K_TUPLE || t->kind == K_MAP) {
-                size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
-                size += term_bytes(items);
-                for (size_t i = 0; i < items; i++) walk_push(&w, t->item[i], NULL);
-                break;
-            }
-            size += term_bytes(0); /* integer, pid, reference */
-            break;
-        }
-    } while (walk_pop(&w, &t, &unused));
-    walk_free(&w);
-    return size;
-}
-
-/* Build a copy of t in alloc_heap.  Each pending piece is a term and the
- * slot its copy must go to: the new term is made, stored in its slot, and
- * its own items are pushed with their slots inside it.  Atoms and [] are
- * shared, never copied. */
-static term copy_rec(term t) {
-    struct walk w;
-    walk_init(&w);
-    term result = NIL;
-    term *slot = &result;
-    for (;;) {
-        for (;;) { /* t, and along its list spine or fun environment */
-            struct term *c;
-            switch ((enum kind)t->kind) {
-            case K_ATOM:
-            case K_NIL:
-                *slot = t;
-                break;
-            case K_INT:
-            case K_PID:
-            case K_REF:
-                c = term_alloc((enum kind)t->kind, 0, 0);
-                c->u = t->u;
-                *slot = c;
-                break;
-            case K_BIN:
-                *slot = binary(BYTES(t), t->n);
-                break;
-            case K_FUN:
-                c = term_alloc(K_FUN, 1, 1);
-                c->u = t->u;
-                *slot = c;
-                slot = &c->item[0];
-                t = t->item[0];
-                continue;
-            case K_TUPLE:
-            case K_MAP: {
-                size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
-                c = term_alloc((enum kind)t->kind, t->n, items);
-                for (size_t i = 0; i < items; i++) {
-                    c->item[i] = NIL;
-                    walk_push(&w, t->item[i], &c->item[i]);
-                }
-                *slot = c;
-                break;
-            }
-            case K_CONS:
-                c = term_alloc(K_CONS, 0, 2);
-                c->item[0] = c->item[1] = NIL;
-                *slot = c;
-                walk_push(&w, t->item[0], &c->item[0]);
-                slot = &c->item[1];
-                t = t->item[1];
-                continue;
-            }
-            break;
-        }
-        void *with;
-        if (!walk_pop(&w, &t, &with)) break;
-        slot = with;
-    }
-    walk_free(&w);
-    return result;
-}
-
-/* Copy t into heap h, in a chunk of exactly the right size. */
-static term term_copy(struct heap *h, term t) {
-    size_t size = term_size(t);
-    if (size == 0) return t;
-    heap_add_chunk(h, chunk_new(size));
-    struct heap *saved = alloc_heap;
-    alloc_heap = h;
-    term c = copy_rec(t);
-    alloc_heap = saved;
-    return c;
-}
-
-/* Collect the running process's heap, keeping only `root` (and what it
- * refers to): copy root into a fresh heap and free the old one.  Every other
- * term the process held is gone afterwards, so call it only where root is
- * all that is live, as GenServer does between callbacks.  This is BEAM's
- * per-process copying collector with a single root. */
-static term heap_compact(struct heap *h, term root) {
-    struct heap fresh = {0};
-    root = term_copy(&fresh, root);
-    heap_free(h);
-    *h = fresh;
-    h->live = h->bytes;
-    return root;
-}
+API term list_append(term l, term x) { return list_concat(l, list(1, x)); }
 
 /* --------------------------------------------------------------------------
  * I.5  Inspect: printing terms the way iex does
@@ -1708,24 +1461,25 @@ static const struct doc *container_doc(const char *left, const struct items *it,
 }
 
 /* Exception structs print as %Name{field: value, ...} in the order their
- * module defines the fields, like Elixir; unknown structs print as maps. */
+ * module defines the fields, like Elixir; unknown structs print as maps.
+ * (Exceptions arrive with processes, in agents.md's chapter.) */
 struct struct_def {
     const char *name; /* without Elixir. */
     const char *fields[7];
 };
 
 static const struct struct_def struct_defs[] = {
-    {"RuntimeError", {"message"}},
-    {"ArgumentError", {"message"}},
-    {"MatchError", {"term"}},
-    {"FunctionClauseError", {"module", "function", "arity", "kind", "args", "clauses"}},
-    {"ErlangError", {"original", "reason"}},
-    {"UndefinedFunctionError", {"module", "function", "arity", "reason", "message"}},
-    {"BadFunctionError", {"term"}},
-    {"BadMapError", {"term"}},
-    {"BadArityError", {"function", "args"}},
-    {"SystemLimitError", {"message"}},
-    {"ExUnit.AssertionError", {"left", "right", "message", "expr", "args", "doctest", "context"}},
+    {"RuntimeError", {"message"}}, //> agents
+    {"ArgumentError", {"message"}}, //> agents
+    {"MatchError", {"term"}}, //> agents
+    {"FunctionClauseError", {"module", "function", "arity", "kind", "args", "clauses"}}, //> agents
+    {"ErlangError", {"original", "reason"}}, //> agents
+    {"UndefinedFunctionError", {"module", "function", "arity", "reason", "message"}}, //> agents
+    {"BadFunctionError", {"term"}}, //> agents
+    {"BadMapError", {"term"}}, //> agents
+    {"BadArityError", {"function", "args"}}, //> agents
+    {"SystemLimitError", {"message"}}, //> agents
+    {"ExUnit.AssertionError", {"left", "right", "message", "expr", "args", "doctest", "context"}}, //> agents
     {NULL, {NULL}},
 };
 
@@ -1876,8 +1630,165 @@ static void buf_terms(struct buf *b, const char *fmt, va_list ap) {
     }
 }
 
+/* ==========================================================================
+ * PART II — introduction-to-mix.md: "Introduction to Mix"
+ * ==========================================================================
+ *
+ * `mix new kv --module KV` makes a project with one module, KV, whose one
+ * function answers :world, a test for it, and a doctest.  kv.c's twin of
+ * that project is this file's first stage, chapters/0-introduction-to-mix:
+ * the terms above, this module, and kv_test.c with its first test.
+ */
+
 /* --------------------------------------------------------------------------
- * I.6  Processes and the process table
+ * introduction-to-mix.md — "Our first project", "Project compilation"
+ * -------------------------------------------------------------------------- */
+
+/* retired at supervisor-and-application/callback: KV becomes the application callback module
+// KV.hello/0 — what `mix new` writes: :world
+API term kv_hello(void) { return atom("world"); }
+*/
+
+/* --------------------------------------------------------------------------
+ * introduction-to-mix.md — "Running tests"
+ * --------------------------------------------------------------------------
+ * The generated test, "greets the world", and the doctest of KV.hello are
+ * in kv_test.c, as are the harness that runs them and prints what
+ * `mix test` prints.  (Mix's own environments, formatter and tasks have no
+ * twin here: the project is this file and its Makefile.)
+ */
+
+//> agents
+/* ==========================================================================
+ * PART III — PROCESSES: THE RUNTIME THE GUIDE TAKES FOR GRANTED
+ * ==========================================================================
+ * (agents.md asks the reader to know the Getting Started guide's
+ * "Processes" chapter: spawn, send, receive, links.  This Part builds them.)
+ *
+ * III.1  The machine in pictures
+ * ------------------------------
+ *
+ * Everything below runs on one operating-system thread.  Processes take
+ * turns: a process runs until it waits for a message (receive) or gives up
+ * its turn, and then another one runs.  Nobody is interrupted, so there are
+ * no locks anywhere in this file.  (BEAM interrupts a process after a budget
+ * of "reductions"; ours are cooperative.  A process that loops forever
+ * without receiving keeps the VM to itself.)
+ *
+ * The process table.  A pid is a number N, printed #PID<0.N.0> as iex does.
+ * The table is an array whose size is a power of two; process N lives in
+ * slot N mod size.  When a new process is spawned, the VM takes the next
+ * number whose slot is free, so finding a process from its pid is one array
+ * read and one comparison.  (BEAM's table works the same way.)
+ *
+ *     vm.table   slot:   0        1        2        3      ...
+ *                     +--------+--------+--------+--------+
+ *                     | proc 8 |  ----  | proc 2 | proc 3 |
+ *                     +---|----+--------+---|----+---|----+
+ *                         v                 v        v
+ *                     struct proc: pid, state, mailbox, heap, links,
+ *                     monitors, saved stack, jmp_buf, ...
+ *
+ * A stack per process, kept as a saved copy.  A C function's local
+ * variables live on the C stack, so a process that stops in the middle of
+ * a call chain (waiting in receive, five calls deep) needs its stack kept
+ * somewhere while others run.  Coroutine libraries give every coroutine its
+ * own stack region and switch the stack pointer between them.  kv.c does
+ * something simpler and cheaper in memory: every process runs on the same
+ * stretch of the ordinary C stack, called "the stage", and when a process
+ * steps off the stage the bytes it was using are copied into a buffer of
+ * its own.  When it steps back on, they are copied back to the very same
+ * addresses, so every pointer into its stack is valid again.
+ *
+ *     high addresses
+ *     +--------------------------+
+ *     | main(), vm_run()         |  the scheduler's frames
+ *     |  ...the gap (64 KiB)...  |  room for the scheduler's own calls
+ *     +--------------------------+  <- vm.stage_top: the same for everyone
+ *     | proc_main(P)             |  the running process's frames,
+ *     | gen_server_loop(...)     |  exactly as the compiler laid them out
+ *     | receive(...)             |
+ *     | proc_wait()              |  <- its stack pointer when it stopped
+ *     +--------------------------+
+ *     |   (rest of the C stack)  |  a deep call chain simply keeps going;
+ *     v                          v  no other process's bytes live here
+ *
+ *     P's saved copy, p->stack, a malloc'd buffer of its own:
+ *                       [ bytes from its stack pointer up to vm.stage_top ]
+ *                       typically 200 to 900 bytes
+ *
+ * Why this way?  An idle process costs only the bytes it was really using
+ * (BEAM's idle process costs about 2.7 KB; ours about a third of that),
+ * there is no memory map per process and so no limit near 32,000
+ * processes (a guard page per stack costs two kernel mappings, and Linux
+ * allows 65,530), and no assembly is needed anywhere: entering the stage
+ * is an ordinary call, leaving it is _longjmp.  The price is the copy: a
+ * switch moves a few hundred bytes each way (see `./kv bench`).  A
+ * process that overflows the C stack cannot trample another process
+ * either, because no other process's stack is on the C stack: the
+ * kernel's guard page stops it and the VM names the culprit (section III.3).
+ *
+ * What a jmp_buf holds.  _setjmp(buf) saves the registers a C function
+ * must preserve across calls: the stack pointer, the frame pointer, the
+ * callee-saved registers (rbx, r12-r15 on x86-64; x19-x29 on aarch64) and
+ * the address to continue at.  _longjmp(buf, v) loads them back, so the
+ * program continues as if that _setjmp had just returned v.  It does not
+ * restore memory: the stack bytes the registers point at must still be
+ * there, which is exactly what copying the saved stack back guarantees.
+ * Three kinds of jmp_buf exist here:
+ *
+ *     vm.sched_ctx    in the scheduler's frame, above the stage: every
+ *                     jump to it goes upward, to an older frame, as C allows.
+ *                     It stays valid however many times processes hand the
+ *                     CPU to one another directly, because all of them run
+ *                     below the scheduler's frame, which is still live
+ *     proc->ctx       where a waiting process continues; valid only while
+ *                     its saved bytes are back on the stage
+ *     catch->env      a catch point inside one process (exit from any
+ *                     depth); dead once the try_catch call that set it has
+ *                     returned, which is why it is unlinked on the way out
+ *
+ * Every _longjmp in this file goes to a frame above the current one, which
+ * is also why glibc's _FORTIFY_SOURCE check (it aborts a longjmp that goes
+ * *down* the stack) never fires.
+ *
+ * Why _setjmp and not setjmp?  POSIX's setjmp may also save the signal
+ * mask, which costs a system call on every switch; _setjmp never does,
+ * and kv.c changes no signal mask while processes run.  And C's one rule
+ * about locals: a local variable of the function that called _setjmp,
+ * changed after the _setjmp and before the _longjmp back, holds an
+ * undefined value afterwards unless it is volatile (it may have lived in
+ * a register that the jump restored).  Each contract comment below says
+ * why its locals are safe: usually, nothing is changed in between.
+ *
+ * The mailbox.  Messages are copied when sent (processes share nothing)
+ * into a block of memory of their own and queued in arrival order:
+ *
+ *     proc->mbox_head -> [msg 1] -> [msg 2] -> [msg 3] -> NULL
+ *                                                 ^
+ *     proc->mbox_tail -------------------- &msg3->next
+ *
+ * receive walks the queue from the oldest message, asks a match function
+ * about each one, and takes the first that matches; the others stay where
+ * they were, in order (selective receive).  A received message's memory
+ * joins the receiver's heap.
+ *
+ * Terms and heaps.  Each process builds its terms (Part I) in a heap of
+ * its own, which is freed all at once when the process dies, however it
+ * dies.  Long-lived servers compact their heap after a callback by copying
+ * the state into a fresh heap, the same idea as BEAM's per-process garbage
+ * collector, with one root.
+ *
+ * What is in this Part: the process table and the states of a process
+ * (III.2); the stage, where processes take turns on the C stack (III.3);
+ * the scheduler, its timers and its clock (III.4); messages (III.5);
+ * links, monitors and exit signals (III.6); the Process module (III.7);
+ * exits and catch points (III.8); exceptions and the Logger (III.9); and
+ * modules, as apply/3 finds them (III.10).
+ */
+
+/* --------------------------------------------------------------------------
+ * III.2  Processes and the process table
  * --------------------------------------------------------------------------
  * A process is a struct proc.  Its life, in states:
  *
@@ -1901,6 +1812,19 @@ static void buf_terms(struct buf *b, const char *fmt, va_list ap) {
  * stays put while the process is off the stage.
  */
 
+/* Part III's atoms: the runtime's own, and the exceptions it raises (I.3 says how atoms are declared). */
+#define RUNTIME_ATOMS(X) X(ok, "ok") X(error, "error") X(normal, "normal") X(kill, "kill") \
+    X(killed, "killed") X(shutdown, "shutdown") X(noproc, "noproc") X(EXIT, "EXIT") X(DOWN, "DOWN") \
+    X(process, "process") X(infinity, "infinity") X(undefined, "undefined") \
+    X(timeout_value, "timeout_value") X(nonode, "nonode@nohost") X(message, "message") \
+    X(term, "term") X(module, "module") X(function, "function") X(arity, "arity") X(kind, "kind") \
+    X(clauses, "clauses") X(original, "original") X(reason, "reason") \
+    X(RuntimeError, "Elixir.RuntimeError") X(ArgumentError, "Elixir.ArgumentError") \
+    X(MatchError, "Elixir.MatchError") X(FunctionClauseError, "Elixir.FunctionClauseError") \
+    X(ErlangError, "Elixir.ErlangError") X(UndefinedFunctionError, "Elixir.UndefinedFunctionError") \
+    X(get, "get") X(args, "args") X(nocatch, "nocatch") X(init, "init")
+DECLARE_ATOMS(RUNTIME_ATOMS)
+
 enum pstate {
     P_RUNNABLE, /* in the run queue, waiting for its turn */
     P_RUNNING,  /* on the stage, executing */
@@ -1912,7 +1836,7 @@ enum pstate {
  * by the copied term.  Received, the whole chunk joins the receiver's heap.
  * An exit signal waits in the same queue, in order with the messages, as
  * {:EXIT, from, reason} with `signal` set, until the process handles it
- * (section I.10). */
+ * (section III.6). */
 struct msg {
     struct msg *next;
     term value;
@@ -1959,7 +1883,7 @@ struct proc {
     struct heap heap;        /* every term it built or received */
 
     /* The saved stack: the bytes from its stack pointer up to the top of
-     * the stage, copied out when it stopped (section I.7). */
+     * the stage, copied out when it stopped (section III.3). */
     char *stack;
     size_t stack_len, stack_cap;
     jmp_buf ctx;             /* where it continues; valid with its bytes on stage */
@@ -2011,7 +1935,7 @@ static struct vm {
     struct proc *dying_head, *dying_tail;
     struct proc *exiting;             /* the process that just exited */
 
-    /* The stage (I.7). */
+    /* The stage (III.3). */
     jmp_buf sched_ctx;   /* in sched_enter's frame: where processes jump back to */
     bool in_run;         /* vm_run is on the C stack */
     uintptr_t stage_top; /* every process's stack starts just below this */
@@ -2021,7 +1945,7 @@ static struct vm {
     unsigned direct;     /* switches since the scheduler last looked around */
     uint64_t switches;
 
-    /* Time (I.8). */
+    /* Time (III.4). */
     bool virtual_clock;
     int64_t virtual_now;
     struct timespec epoch;
@@ -2029,7 +1953,7 @@ static struct vm {
     size_t ntimers, timers_cap;
     size_t fd_waiters;
 
-    /* Registered names (I.11): a short array of (name, process). */
+    /* Registered names (III.7): a short array of (name, process). */
     struct { term name; struct proc *proc; } *names;
     size_t nnames, names_cap;
 
@@ -2128,7 +2052,7 @@ static struct proc *runq_pop(void) {
 }
 
 /* --------------------------------------------------------------------------
- * I.7  The stage: switching processes with _setjmp and _longjmp
+ * III.3  The stage: switching processes with _setjmp and _longjmp
  * --------------------------------------------------------------------------
  * Four small functions do all the switching:
  *
@@ -2158,6 +2082,43 @@ static struct proc *runq_pop(void) {
  * Because stage_land runs *below* the bytes it writes, it never overwrites
  * its own frame, and its _longjmp goes up the stack, to B's older frame.
  */
+
+/* ---- AddressSanitizer ------------------------------------------------
+ * (Only for builds with -fsanitize=address; a first reading may skip it.)
+ */
+/* AddressSanitizer support; every macro here is nothing in a normal build.
+ * ASan keeps "poison" marks for stack frames, and copying a saved stack in
+ * and out moves bytes it believes belong to dead or foreign frames, so the
+ * stage is unpoisoned before each copy (UNPOISON).  With ASan's
+ * detect_stack_use_after_return, local variables live on a "fake stack" in
+ * the heap instead; each process then needs a fake stack of its own, and
+ * ASan's fiber calls switch them as processes switch (FIBER_LEAVE before
+ * control leaves a process or the scheduler, FIBER_ARRIVE when it arrives).
+ * NO_ASAN keeps a function's locals on the real stack. */
+#if defined(__SANITIZE_ADDRESS__)
+#define KV_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KV_ASAN 1
+#endif
+#endif
+#ifdef KV_ASAN
+void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
+void __sanitizer_start_switch_fiber(void **fake_stack_save, const void *bottom, size_t size);
+void __sanitizer_finish_switch_fiber(void *fake_stack_save, const void **bottom_old, size_t *size_old);
+#define UNPOISON(addr, size) __asan_unpoison_memory_region((addr), (size))
+#define ASAN_WINDOW 16384 /* bytes below the scheduler's frame kept clear */
+#define FIBER_LEAVE(save) __sanitizer_start_switch_fiber((save), (const void *)vm.stack_end, vm.stack_size)
+#define FIBER_ARRIVE(save) __sanitizer_finish_switch_fiber((save), NULL, NULL)
+#define NO_ASAN __attribute__((no_sanitize_address))
+#else
+#define UNPOISON(addr, size) ((void)0)
+#define ASAN_WINDOW 0
+#define FIBER_LEAVE(save) ((void)0)
+#define FIBER_ARRIVE(save) ((void)0)
+#define NO_ASAN
+#endif
+
 
 #define STAGE_GAP (64 * 1024) /* between main()'s frame and the stage */
 #define STAGE_SLACK 128       /* extra room stage_enter leaves below */
@@ -2262,7 +2223,7 @@ static void proc_wait(void) {
 
 /* The running process p is finished for good: give the CPU to the
  * scheduler, which frees it (proc_finish).
- * Contract: vm.sched_ctx is valid (see I.1); p's stack is not saved and
+ * Contract: vm.sched_ctx is valid (see III.1); p's stack is not saved and
  * never entered again. */
 static NORETURN void leave_for_good(struct proc *p) {
     vm.exiting = p;
@@ -2360,7 +2321,7 @@ static void overflow_guard_install(void) {
 }
 
 /* --------------------------------------------------------------------------
- * I.8  The scheduler: run queue, timers, the clock, input, deadlock
+ * III.4  The scheduler: run queue, timers, the clock, input, deadlock
  * --------------------------------------------------------------------------
  * vm_run() is the scheduler's loop.  It takes the next runnable process and
  * enters it; processes mostly hand the CPU straight to one another, and
@@ -2641,7 +2602,8 @@ static enum vm_result vm_run(uint64_t watch) {
 /* Set the VM up.  Call once, from main() or close to it: the stage starts
  * STAGE_GAP bytes below this call's frame. */
 static void vm_init(bool virtual_clock) {
-    atoms_init();
+    terms_init();
+    INIT_ATOMS(RUNTIME_ATOMS);
     vm.limit = 262144; /* BEAM's default process limit (erl +P) */
     vm.next_pid = 1;   /* 0 means "no process" below */
     vm.next_ref = 1;
@@ -2649,14 +2611,12 @@ static void vm_init(bool virtual_clock) {
     vm.out = out_stderr;
     clock_gettime(CLOCK_MONOTONIC, &vm.epoch);
     vm.stage_top = (stack_address() - STAGE_GAP) & ~(uintptr_t)63;
-    alloc_heap = &outside_heap;
     overflow_guard_install();
 }
 
 /* erl +P: the most processes that may be alive at once. */
 API void vm_set_process_limit(size_t limit) { vm.limit = limit; }
 
-static void finish_exited(void);
 static void exit_later(struct proc *p, term reason);
 static void code_purge(void);
 
@@ -2670,21 +2630,16 @@ static void vm_shutdown(void) {
     for (size_t i = 0; i < vm.table_cap; i++)
         if (vm.table[i]) exit_later(vm.table[i], am_killed);
     finish_exited();
-    heap_free(&outside_heap);
     vm_free(vm.table);
     vm_free(vm.timers);
     vm_free(vm.names);
-    pool_drain();
-    for (size_t i = 0; i < atoms.cap; i++)
-        vm_free((struct term *)atoms.slots[i]); /* const to everyone else */
-    vm_free(atoms.slots);
-    memset(&atoms, 0, sizeof atoms);
     code_purge();
     memset(&vm, 0, sizeof vm);
+    terms_shutdown();
 }
 
 /* --------------------------------------------------------------------------
- * I.9  Messages: send and receive
+ * III.5  Messages: send and receive
  * --------------------------------------------------------------------------
  * send copies the message into a chunk of its own and appends it to the
  * receiver's mailbox; if the receiver was waiting, it becomes runnable.
@@ -2700,16 +2655,128 @@ static void vm_shutdown(void) {
  *                     scan: how far this receive has looked -------+
  *
  *     1. {:hello, 1} does not match: scan moves past it, it stays.
- *     2. The exit signal is handled where it stands (I.10): a process that
+ *     2. The exit signal is handled where it stands (III.6): a process that
  *        traps exits sees an ordinary message there; any other exits now.
  *     3. Nothing matched: the process waits (proc_wait).  A new message
  *        makes it runnable; it resumes here and tests only what came after
- *        `scan`.  The `after` timeout, if any, is a timer (I.8) that wakes
+ *        `scan`.  The `after` timeout, if any, is a timer (III.4) that wakes
  *        it with nothing: receive returns NULL.
  *     4. {:reply, 42} arrives: it matches; it is unlinked from the list
  *        and its chunk joins this process's heap.  The others stay, in
  *        their order, for a later receive.
  */
+
+/* ---- Copying a term -------------------------------------------------------
+ * Sending a message copies it: processes share nothing.  term_size says
+ * how many bytes a copy needs (atoms and [] are shared, never copied),
+ * term_copy builds the copy with those bytes in one go. */
+
+static size_t term_size(term t) {
+    struct walk w;
+    walk_init(&w);
+    size_t size = 0;
+    void *unused;
+    do {
+        for (;;) { /* t, and along its list spine or fun environment */
+            if (t->kind == K_ATOM || t->kind == K_NIL) break;
+            if (t->kind == K_BIN) { size += ALIGN8(sizeof(struct term) + t->n + 1); break; }
+            if (t->kind == K_FUN) { size += term_bytes(1); t = t->item[0]; continue; }
+            if (t->kind == K_CONS) {
+                size += term_bytes(2);
+                walk_push(&w, t->item[0], NULL);
+                t = t->item[1];
+                continue;
+            }
+            if (t->kind == K_TUPLE || t->kind == K_MAP) {
+                size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
+                size += term_bytes(items);
+                for (size_t i = 0; i < items; i++) walk_push(&w, t->item[i], NULL);
+                break;
+            }
+            size += term_bytes(0); /* integer, pid, reference */
+            break;
+        }
+    } while (walk_pop(&w, &t, &unused));
+    walk_free(&w);
+    return size;
+}
+
+/* Build a copy of t in alloc_heap.  Each pending piece is a term and the
+ * slot its copy must go to: the new term is made, stored in its slot, and
+ * its own items are pushed with their slots inside it.  Atoms and [] are
+ * shared, never copied. */
+static term copy_rec(term t) {
+    struct walk w;
+    walk_init(&w);
+    term result = NIL;
+    term *slot = &result;
+    for (;;) {
+        for (;;) { /* t, and along its list spine or fun environment */
+            struct term *c;
+            switch ((enum kind)t->kind) {
+            case K_ATOM:
+            case K_NIL:
+                *slot = t;
+                break;
+            case K_INT:
+            case K_PID:
+            case K_REF:
+                c = term_alloc((enum kind)t->kind, 0, 0);
+                c->u = t->u;
+                *slot = c;
+                break;
+            case K_BIN:
+                *slot = binary(BYTES(t), t->n);
+                break;
+            case K_FUN:
+                c = term_alloc(K_FUN, 1, 1);
+                c->u = t->u;
+                *slot = c;
+                slot = &c->item[0];
+                t = t->item[0];
+                continue;
+            case K_TUPLE:
+            case K_MAP: {
+                size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
+                c = term_alloc((enum kind)t->kind, t->n, items);
+                for (size_t i = 0; i < items; i++) {
+                    c->item[i] = NIL;
+                    walk_push(&w, t->item[i], &c->item[i]);
+                }
+                *slot = c;
+                break;
+            }
+            case K_CONS:
+                c = term_alloc(K_CONS, 0, 2);
+                c->item[0] = c->item[1] = NIL;
+                *slot = c;
+                walk_push(&w, t->item[0], &c->item[0]);
+                slot = &c->item[1];
+                t = t->item[1];
+                continue;
+            }
+            break;
+        }
+        void *with;
+        if (!walk_pop(&w, &t, &with)) break;
+        slot = with;
+    }
+    walk_free(&w);
+    return result;
+}
+
+/* Copy t into heap h, in a chunk of exactly the right size. */
+static term term_copy(struct heap *h, term t) {
+    size_t size = term_size(t);
+    if (size == 0) return t;
+    heap_add_chunk(h, chunk_new(size));
+    struct heap *saved = alloc_heap;
+    alloc_heap = h;
+    term c = copy_rec(t);
+    alloc_heap = saved;
+    return c;
+}
+
 
 /* Copy t into a new message, in one chunk sized exactly.
  *
@@ -2808,7 +2875,7 @@ static void apply_exits(void);
 typedef bool (*match_fn)(term msg, const void *arg);
 
 /* A receive is over, however it ends: a message, its `after`, or a raise
- * in its match function (throw_to_catcher, I.12, calls this too).  Its
+ * in its match function (throw_to_catcher, III.8, calls this too).  Its
  * timer must go with it, or it would fire later, in the middle of some
  * other receive, and end that one with nothing. */
 static void receive_end(struct proc *p) {
@@ -2941,7 +3008,7 @@ API void process_wait_input(int fd) {
 }
 
 /* --------------------------------------------------------------------------
- * I.10  Links, monitors and exit signals
+ * III.6  Links, monitors and exit signals
  * --------------------------------------------------------------------------
  * When a process dies, with reason R, the VM sends an exit signal with R
  * along every link, then a {:DOWN, ref, :process, pid, R} message along
@@ -3239,7 +3306,7 @@ static void apply_exits(void) {
 }
 
 /* --------------------------------------------------------------------------
- * I.11  The Process module: spawn, links, monitors, names
+ * III.7  The Process module: spawn, links, monitors, names
  * --------------------------------------------------------------------------
  * The functions processes call.  Each one runs inside the calling process;
  * `vm.current` is the caller. */
@@ -3249,6 +3316,20 @@ static term exception_new(term module, size_t nfields, ...);
 
 /* self/0 */
 static term self(void) { return pid_term(vm.current->pid); }
+
+/* Collect the running process's heap, keeping only `root` (and what it
+ * refers to): copy root into a fresh heap and free the old one.  Every other
+ * term the process held is gone afterwards, so call it only where root is
+ * all that is live, as GenServer does between callbacks.  This is BEAM's
+ * per-process copying collector with a single root. */
+static term heap_compact(struct heap *h, term root) {
+    struct heap fresh = {0};
+    root = term_copy(&fresh, root);
+    heap_free(h);
+    *h = fresh;
+    h->live = h->bytes;
+    return root;
+}
 
 /* :erlang.garbage_collect/0, with the one root C cannot find by itself:
  * returns root, copied into the running process's fresh heap (I.4). */
@@ -3353,7 +3434,7 @@ API term process_unlink(term pid) {
     return am_true;
 }
 
-/* Process.exit/2: send an exit signal (see the table in I.10). */
+/* Process.exit/2: send an exit signal (see the table in III.6). */
 API term process_exit(term pid, term reason) {
     if (!is_pid(pid)) raise_badarg("1st argument: not a pid");
     struct proc *q = proc_of(pid);
@@ -3482,7 +3563,7 @@ API term process_unregister(term name) {
 }
 
 /* --------------------------------------------------------------------------
- * I.12  Exits, raise and catch: leaving from any depth
+ * III.8  Exits, raise and catch: leaving from any depth
  * --------------------------------------------------------------------------
  * A process can end from deep inside a chain of C calls: Kernel.exit/1,
  * Kernel.raise/1, a failed match.  If no catch point is active, the process
@@ -3586,7 +3667,7 @@ API NORETURN void throw_value(term value) {
 }
 
 /* --------------------------------------------------------------------------
- * I.13  Exceptions, exit reasons and the Logger
+ * III.9  Exceptions, exit reasons and the Logger
  * --------------------------------------------------------------------------
  * An exception is a struct (a map with :__struct__ and :__exception__),
  * exactly as in Elixir: %RuntimeError{message: "boom"}.  A process that
@@ -3685,6 +3766,21 @@ API term keyword_get(term kw, term key, term dflt) {
             return elem(pair, 1);
     }
     return dflt;
+}
+
+/* m without key (m itself if key is absent). */
+static term map_remove(term m, term key) {
+    long i = map_find(m, key);
+    if (i < 0) return m;
+    size_t n = m->n, at = (size_t)i;
+    struct term *r = map_alloc(n - 1);
+    for (size_t j = 0, k = 0; j < n; j++) {
+        if (j == at) continue;
+        r->item[k] = m->item[j];
+        r->item[n - 1 + k] = m->item[n + j];
+        k++;
+    }
+    return r;
 }
 
 static void map_check(term m) {
@@ -3815,60 +3911,38 @@ static void mfa_call_text(struct buf *b, term mfa) {
     buf_puts(b, ")");
 }
 
-/* How Exception.format_exit words a supervisor's complaint about a child
- * spec ({:start_spec, what}) or about its own flags ({:supervisor_data,
- * what}): what = {tag, value} becomes before <> inspect(value) <> after. */
-struct exit_words {
-    const char *tag, *before, *after;
-};
+/* Exception.format_exit/1, the part of it that belongs to no behaviour.
+ * Each Part whose processes exit with reasons of their own (gen_server's
+ * {:bad_return_value, _}, a supervisor's {:start_spec, _}, ...) adds a
+ * wording function for them, from kv_init; format_exit_to tries those
+ * after the shapes below that wrap other reasons, so a stage prints what
+ * its own Parts know how to say. */
+typedef bool (*exit_wording)(struct buf *b, term reason, const char *joiner);
+static exit_wording exit_wordings[8];
+static size_t n_exit_wordings;
 
-static const struct exit_words start_spec_words[] = {
-    {"invalid_child_spec", "invalid child specification: ", ""},
-    {"invalid_child_type", "invalid child type: ", ". Must be :worker or :supervisor."},
-    {"invalid_mfa", "invalid mfa: ", ""},
-    {"invalid_restart_type", "invalid restart type: ", ". Must be :permanent, :transient or :temporary."},
-    {"invalid_shutdown", "invalid shutdown: ", ". Must be an integer >= 0, :infinity or :brutal_kill."},
-    {"invalid_module", "invalid module: ", ". Must be an atom."},
-    {"invalid_modules", "invalid modules: ", ". Must be a list of atoms or :dynamic."},
-    {NULL, NULL, NULL},
-};
-
-static const struct exit_words supervisor_data_words[] = {
-    {"invalid_type", "invalid type: ", ""},
-    {"invalid_strategy", "invalid strategy: ", ""},
-    {"invalid_intensity", "invalid max_restarts (intensity): ", ""},
-    {"invalid_period", "invalid max_seconds (period): ", ""},
-    {"invalid_max_children", "invalid max_children: ", ""},
-    {"invalid_extra_arguments", "invalid extra_arguments: ", ""},
-    {NULL, NULL, NULL},
-};
-
-static void exit_words_to(struct buf *b, const struct exit_words *w, term what) {
-    for (; w->tag; w++) {
-        if (!is_tagged(what, atom(w->tag), 2)) continue;
-        buf_puts(b, w->before);
-        inspect_to(b, elem(what, 1));
-        buf_puts(b, w->after);
-        return;
-    }
-    buf_puts(b, "got: "); /* anything else, e.g. :missing_id */
-    inspect_to(b, what);
+static void exit_wording_add(exit_wording w) {
+    if (n_exit_wordings == sizeof exit_wordings / sizeof exit_wordings[0]) abort();
+    exit_wordings[n_exit_wordings++] = w;
 }
 
-/* {:start_spec, what}: two ids alike get a whole paragraph of advice. */
-static void start_spec_text(struct buf *b, term what) {
-    buf_puts(b, "bad child specification, ");
-    if (!is_tagged(what, am_duplicate_child_name, 2)) {
-        exit_words_to(b, start_spec_words, what);
-        return;
-    }
-    buf_puts(b, "more than one child specification has the id: ");
-    inspect_to(b, elem(what, 1));
-    buf_puts(b, ".\nIf using maps as child specifications, make sure the :id keys are unique.\n"
-                "If using a module or {module, arg} as child, use Supervisor.child_spec/2 to change "
-                "the :id, for example:\n\n    children = [\n"
-                "      Supervisor.child_spec({MyWorker, arg}, id: :my_worker_1),\n"
-                "      Supervisor.child_spec({MyWorker, arg}, id: :my_worker_2)\n    ]\n");
+/* {reason, {Module, :function, args}}: what GenServer.call and the like
+ * exit with, "exited in: Module.function(args)" */
+static bool is_exited_in(term reason) {
+    if (!is_tuple(reason) || tuple_size(reason) != 2) return false;
+    term mfa = elem(reason, 1);
+    return is_tuple(mfa) && tuple_size(mfa) == 3 && is_atom(elem(mfa, 0)) && is_atom(elem(mfa, 1)) &&
+           is_list(elem(mfa, 2));
+}
+
+/* "** (EXIT) reason", on the next line and one level deeper: how a reason
+ * wrapped in another is printed. */
+static void format_exit_nested(struct buf *b, term reason, const char *joiner) {
+    char deeper[64];
+    snprintf(deeper, sizeof deeper, "%s    ", joiner);
+    buf_puts(b, joiner);
+    buf_puts(b, "** (EXIT) ");
+    format_exit_to(b, reason, deeper);
 }
 
 /* Exception.format_exit/1: an exit reason as people read it.  `joiner` is
@@ -3880,66 +3954,24 @@ static void format_exit_to(struct buf *b, term reason, const char *joiner) {
         exception_banner(b, elem(reason, 0));
         return;
     }
-    /* a supervisor whose child could not start */
-    if (is_tagged(reason, am_shutdown, 2) && is_tagged(elem(reason, 1), am_failed_to_start_child, 3)) {
-        term why = elem(elem(reason, 1), 2);
-        if (is_tagged(why, am_EXIT, 2)) why = elem(why, 1);
-        buf_puts(b, "shutdown: failed to start child: ");
-        inspect_to(b, elem(elem(reason, 1), 1));
-        buf_puts(b, joiner);
-        buf_puts(b, "** (EXIT) ");
-        char deeper[64];
-        snprintf(deeper, sizeof deeper, "%s    ", joiner);
-        format_exit_to(b, why, deeper);
-        return;
-    }
-    /* {reason, {Module, :function, args}}: "exited in: GenServer.call(...)" */
-    if (is_tuple(reason) && tuple_size(reason) == 2 && is_tuple(elem(reason, 1)) &&
-        tuple_size(elem(reason, 1)) == 3 && is_atom(elem(elem(reason, 1), 0)) &&
-        is_atom(elem(elem(reason, 1), 1)) && is_list(elem(elem(reason, 1), 2))) {
+    for (size_t i = 0; i < n_exit_wordings; i++)
+        if (exit_wordings[i](b, reason, joiner)) return;
+    if (is_exited_in(reason)) {
         buf_puts(b, "exited in: ");
         mfa_call_text(b, elem(reason, 1));
-        buf_puts(b, joiner);
-        buf_puts(b, "** (EXIT) ");
-        char deeper[64];
-        snprintf(deeper, sizeof deeper, "%s    ", joiner);
-        format_exit_to(b, elem(reason, 0), deeper);
-        return;
-    }
-    if (reason == am_normal) buf_puts(b, "normal");
-    else if (reason == am_shutdown) buf_puts(b, "shutdown");
-    else if (reason == am_calling_self) buf_puts(b, "process attempted to call itself");
-    else if (reason == am_timeout) buf_puts(b, "time out");
-    else if (reason == am_killed) buf_puts(b, "killed");
-    else if (reason == am_noproc)
+        format_exit_nested(b, elem(reason, 0), joiner);
+    } else if (reason == am_normal) {
+        buf_puts(b, "normal");
+    } else if (reason == am_shutdown) {
+        buf_puts(b, "shutdown");
+    } else if (reason == am_killed) {
+        buf_puts(b, "killed");
+    } else if (reason == am_noproc) {
         buf_puts(b, "no process: the process is not alive or there's no process currently "
                     "associated with the given name, possibly because its application isn't started");
-    else if (is_tagged(reason, am_shutdown, 2)) {
+    } else if (is_tagged(reason, am_shutdown, 2)) {
         buf_puts(b, "shutdown: ");
         inspect_to(b, elem(reason, 1));
-    } else if (is_tagged(reason, am_bad_return_value, 2)) {
-        buf_puts(b, "bad return value: ");
-        inspect_to(b, elem(reason, 1));
-    } else if (is_tagged(reason, am_already_started, 2)) {
-        buf_puts(b, "already started: ");
-        inspect_to(b, elem(reason, 1));
-    } else if (is_tagged(reason, am_bad_call, 2) || is_tagged(reason, am_bad_cast, 2)) {
-        buf_puts(b, elem(reason, 0) == am_bad_call ? "bad call: " : "bad cast: ");
-        inspect_to(b, elem(reason, 1));
-    } else if (is_tagged(reason, am_bad_return, 2) && is_tuple(elem(reason, 1)) &&
-               tuple_size(elem(reason, 1)) == 3 &&
-               is_atom(elem(elem(reason, 1), 0)) && elem(elem(reason, 1), 1) == am_init) {
-        mfa_text(b, elem(elem(reason, 1), 0), am_init, 1); /* a supervisor's init/1 */
-        buf_puts(b, " returned a bad value: ");
-        inspect_to(b, elem(elem(reason, 1), 2));
-    } else if (is_tagged(reason, am_bad_start_spec, 2)) {
-        buf_puts(b, "bad child specification, invalid children: ");
-        inspect_to(b, elem(reason, 1));
-    } else if (is_tagged(reason, am_start_spec, 2)) {
-        start_spec_text(b, elem(reason, 1));
-    } else if (is_tagged(reason, am_supervisor_data, 2)) {
-        buf_puts(b, "bad supervisor configuration, ");
-        exit_words_to(b, supervisor_data_words, elem(reason, 1));
     } else {
         inspect_to(b, reason);
     }
@@ -3985,7 +4017,7 @@ static void log_raised(term exception) {
 }
 
 /* --------------------------------------------------------------------------
- * I.14  Modules, and apply/3
+ * III.10  Modules, and apply/3
  * --------------------------------------------------------------------------
  * A child specification names its start function as data, {KV.Registry,
  * :start_link, [[]]}, and a supervisor calls it with apply/3.  BEAM finds
@@ -4053,8 +4085,8 @@ static const struct module *code_find(term name) {
     return NULL;
 }
 
-/* The module's name as an atom: KV.Registry is :"Elixir.KV.Registry". */
-static term module_atom(const struct module *m) { return alias(m->name); }
+/* __MODULE__ — a module's name as an atom: KV.Registry is :"Elixir.KV.Registry" */
+API term module_atom(const struct module *m) { return alias(m->name); }
 
 /* A module's name as reports give it: "KV.Registry" (atoms live forever,
  * so the text can be kept). */
@@ -4130,293 +4162,89 @@ API term fun_call(term f, term arg) {
     return f->u.fun->code(f->item[0], arg);
 }
 
+//> agents
 /* ==========================================================================
- * PART II — agents.md: "Simple state management with agents"
- * ==========================================================================
- */
-
-/* --------------------------------------------------------------------------
- * agents.md — "The trouble with (mutable) state"
- * --------------------------------------------------------------------------
- * No Elixir value can change, so a value that many processes read and
- * update must live inside one process, and the others ask it by message.
- * That is all a process in Part I needs: a loop that receives a request,
- * answers from its state and loops with the new state.  Elixir packs the
- * usual shapes of that loop as Agent, GenServer and Task; the guide's
- * key-value store starts with the simplest.
- *
- * An Agent is a process that holds a value, the state, and runs the
- * functions you send it against that value.  In Elixir, Agent is a thin
- * layer over GenServer: the agent process runs Agent.Server, a GenServer
- * callback module whose callbacks apply the function from the request to
- * the state.  kv.c does the same, so an agent crashes, stops and reports
- * exactly as a GenServer does.  GenServer itself is Part III; the calls
- * below are all you need from it for now:
- */
-
-struct gen_server;
-static term gen_start(term module, term arg, term opts, bool link);
-API term gen_server_call_timeout(term server, term request, term timeout);
-API term gen_server_cast(term server, term request);
-API term gen_server_stop(term server, term reason, term timeout);
-
-#define GEN_SERVER_DEFAULT_TIMEOUT 5000 /* GenServer.call's, in milliseconds */
-#define DEFAULT_TIMEOUT integer(GEN_SERVER_DEFAULT_TIMEOUT)
-
-/* --------------------------------------------------------------------------
- * agents.md — "Agents 101": the Agent module
- * -------------------------------------------------------------------------- */
-
-/* Agent.Server's callbacks.  A request carries the function to run. */
-
-static term agent_init(term fun) { return tuple(2, am_ok, fun_call(fun, NULL)); }
-
-/* What a request asks the agent to run against its state: a fun,
- * fun.(state); or, from the Agent.get/4 family, {module, function, args}:
- * apply(module, function, [state | args]).  Agent checks nothing in the
- * caller: a bad module, function or args fails here, in apply/3. */
-static term agent_run(term fun, term state) {
-    if (is_tuple(fun) && tuple_size(fun) == 3)
-        return erlang_apply(elem(fun, 0), elem(fun, 1), cons(state, elem(fun, 2)));
-    return fun_call(fun, state);
-}
-
-static term agent_handle_call(term request, term from, term state) {
-    (void)from;
-    term fun = is_tuple(request) && tuple_size(request) == 2 ? elem(request, 1) : NULL;
-    if (fun && elem(request, 0) == am_get)
-        return tuple(3, am_reply, agent_run(fun, state), state);
-    if (fun && elem(request, 0) == am_update)
-        return tuple(3, am_reply, am_ok, agent_run(fun, state));
-    if (fun && elem(request, 0) == am_get_and_update) {
-        term r = agent_run(fun, state); /* must be {reply, new_state} */
-        if (is_tuple(r) && tuple_size(r) == 2) return tuple(3, am_reply, elem(r, 0), elem(r, 1));
-        return tuple(3, am_stop, tuple(2, am_bad_return_value, r), state);
-    }
-    raise_error(function_clause_error(alias("Agent.Server"), am_handle_call, 3));
-}
-
-static term agent_handle_cast(term request, term state) {
-    if (!is_tagged(request, am_cast, 2))
-        raise_error(function_clause_error(alias("Agent.Server"), am_handle_cast, 2));
-    return tuple(2, am_noreply, agent_run(elem(request, 1), state));
-}
-
-static const struct module agent_server = {
-    .name = "Agent.Server",
-    .init = agent_init,
-    .handle_call = agent_handle_call,
-    .handle_cast = agent_handle_cast,
-};
-
-/* Agent's functions only take funs of the right arity (a guard in Elixir):
- * anything else is a FunctionClauseError in the caller. */
-static term agent_fun(term fun, int arity, const char *function, int function_arity) {
-    if (!is_function(fun) || fun->u.fun->arity != arity)
-        raise_error(function_clause_error(am_Agent, atom(function), function_arity));
-    return fun;
-}
-
-/* Agent.start_link/2 — {:ok, pid}; fun computes the initial state in the
- * new process.  opts: [name: atom], [timeout: ms]. */
-API term agent_start_link(term fun, term opts) {
-    return gen_start(alias("Agent.Server"), agent_fun(fun, 0, "start_link", 2), opts, true);
-}
-
-/* Agent.start/2 — the same, unlinked */
-API term agent_start(term fun, term opts) {
-    return gen_start(alias("Agent.Server"), agent_fun(fun, 0, "start", 2), opts, false);
-}
-
-/* Agent.get/3 — fun.(state), computed in the agent */
-API term agent_get_timeout(term agent, term fun, term timeout) {
-    return gen_server_call_timeout(agent, tuple(2, am_get, agent_fun(fun, 1, "get", 3)), timeout);
-}
-
-/* Agent.get/2 */
-API term agent_get(term agent, term fun) {
-    return agent_get_timeout(agent, fun, DEFAULT_TIMEOUT);
-}
-
-/* Agent.update/2 — the state becomes fun.(state); returns :ok */
-API term agent_update(term agent, term fun) {
-    return gen_server_call_timeout(agent, tuple(2, am_update, agent_fun(fun, 1, "update", 3)),
-                                   DEFAULT_TIMEOUT);
-}
-
-/* Agent.get_and_update/2 — fun.(state) returns {reply, new_state} */
-API term agent_get_and_update(term agent, term fun) {
-    return gen_server_call_timeout(agent, tuple(2, am_get_and_update, agent_fun(fun, 1, "get_and_update", 3)),
-                                   DEFAULT_TIMEOUT);
-}
-
-/* Agent.cast/2 — like update, without waiting; always :ok */
-API term agent_cast(term agent, term fun) {
-    return gen_server_cast(agent, tuple(2, am_cast, agent_fun(fun, 1, "cast", 2)));
-}
-
-/* Agent.get/4 — apply(module, function, [state | args]), computed in the
- * agent.  Unlike the fun forms, nothing is checked in the caller: a bad
- * {module, function, args} crashes the agent (agent_run, apply/3). */
-API term agent_get_mfa(term agent, term module, term function, term args) {
-    return gen_server_call_timeout(agent, tuple(2, am_get, tuple(3, module, function, args)),
-                                   DEFAULT_TIMEOUT);
-}
-
-/* Agent.update/4 — the state becomes apply(module, function, [state | args]) */
-API term agent_update_mfa(term agent, term module, term function, term args) {
-    return gen_server_call_timeout(agent, tuple(2, am_update, tuple(3, module, function, args)),
-                                   DEFAULT_TIMEOUT);
-}
-
-/* Agent.get_and_update/4 — apply(...) returns {reply, new_state} */
-API term agent_get_and_update_mfa(term agent, term module, term function, term args) {
-    return gen_server_call_timeout(agent, tuple(2, am_get_and_update, tuple(3, module, function, args)),
-                                   DEFAULT_TIMEOUT);
-}
-
-/* Agent.cast/4 — like update/4, without waiting; always :ok */
-API term agent_cast_mfa(term agent, term module, term function, term args) {
-    return gen_server_cast(agent, tuple(2, am_cast, tuple(3, module, function, args)));
-}
-
-/* Agent.stop/3 — :ok once the agent has exited with `reason` */
-API term agent_stop(term agent, term reason, term timeout) {
-    return gen_server_stop(agent, reason, timeout);
-}
-
-/* Agent as a module children can name: {Agent, fun} starts an agent. */
-static const struct module agent_module;
-
-static term agent_start_link_1(term fun) { return agent_start_link(fun, NIL); }
-
-/* Agent.child_spec/1 (use GenServer, in Agent) */
-static term agent_child_spec(term arg) {
-    return map(2, am_id, am_Agent, am_start, tuple(3, am_Agent, am_start_link, list(1, arg)));
-}
-
-static const struct export agent_exports[] = {
-    {"start_link", 1, agent_start_link_1},
-    {"child_spec", 1, agent_child_spec},
-    {NULL, 0, NULL},
-};
-
-static const struct module agent_module = {.name = "Agent", .exports = agent_exports};
-
-/* --------------------------------------------------------------------------
- * agents.md — "Agents 101": KV.Bucket
- * --------------------------------------------------------------------------
- * The bucket is an agent whose state is a map.  Each operation is a small
- * function sent to the agent: in Elixir, &Map.get(&1, key); here a C
- * function plus the one term it captures (struct fun_def, I.3).
- */
-
-static term bucket_new(term env, term unused) {
-    (void)env, (void)unused;
-    return empty_map();
-}
-static term bucket_get(term key, term state) { return map_get(state, key, am_nil); }
-static term bucket_put(term kv, term state) { return map_put(state, elem(kv, 0), elem(kv, 1)); }
-static term bucket_pop(term key, term state) { return map_pop(state, key); }
-
-static const struct fun_def bucket_new_fun = {"bucket_new", 0, "KV.Bucket.start_link/1", bucket_new};
-static const struct fun_def bucket_get_fun = {"bucket_get", 1, "KV.Bucket.get/2", bucket_get};
-static const struct fun_def bucket_put_fun = {"bucket_put", 1, "KV.Bucket.put/3", bucket_put};
-static const struct fun_def bucket_pop_fun = {"bucket_pop", 1, "KV.Bucket.delete/2", bucket_pop};
-
-/* KV.Bucket.start_link/1 — Agent.start_link(fn -> %{} end) */
-API term kv_bucket_start_link(term opts) {
-    (void)opts;
-    return agent_start_link(fun_term(&bucket_new_fun, NIL), NIL);
-}
-
-/* KV.Bucket.get/2 — Agent.get(bucket, &Map.get(&1, key)) */
-API term kv_bucket_get(term bucket, term key) { return agent_get(bucket, fun_term(&bucket_get_fun, key)); }
-
-/* KV.Bucket.put/3 — Agent.update(bucket, &Map.put(&1, key, value)) */
-API term kv_bucket_put(term bucket, term key, term value) {
-    return agent_update(bucket, fun_term(&bucket_put_fun, tuple(2, key, value)));
-}
-
-/* --------------------------------------------------------------------------
- * agents.md — "Test setup with ExUnit callbacks"
- * --------------------------------------------------------------------------
- * The guide's KV.BucketTest, its setup and "stores values by key", are in
- * kv_test.c, written as the guide writes them: the setup starts a bucket
- * with KV.Bucket.start_link([]) and hands it to the test.
- */
-
-/* --------------------------------------------------------------------------
- * agents.md — "Other agent actions"
- * --------------------------------------------------------------------------
- * Besides get and update, an agent can do both in one step: the function
- * returns {value for the caller, new state}.  Map.pop/2 has that shape.
- */
-
-/* KV.Bucket.delete/2 — Agent.get_and_update(bucket, &Map.pop(&1, key)):
- * the value that was there, or nil */
-API term kv_bucket_delete(term bucket, term key) {
-    return agent_get_and_update(bucket, fun_term(&bucket_pop_fun, key));
-}
-
-/* --------------------------------------------------------------------------
- * agents.md — "Client/server in agents"
- * --------------------------------------------------------------------------
- * Only the fun's code (bucket_get, bucket_put, bucket_pop above) runs in
- * the agent process, the server; the rest of kv_bucket_get and friends
- * runs in the calling process, the client.  Whatever the fun does, every
- * other client of that bucket waits for: slow work belongs in the client.
- */
-
-static const struct module kv_bucket;
-static term use_child_spec(const struct module *m, term arg, term restart, term type); /* Part IV */
-
-/* KV.Bucket.child_spec/1 — `use Agent, restart: :temporary`: a bucket that
- * dies is not restarted (dynamic-supervisor.md, "The bucket supervisor"). */
-API term kv_bucket_child_spec(term arg) { return use_child_spec(&kv_bucket, arg, am_temporary, am_worker); }
-
-static const struct export kv_bucket_exports[] = {
-    {"start_link", 1, kv_bucket_start_link},
-    {"child_spec", 1, kv_bucket_child_spec},
-    {NULL, 0, NULL},
-};
-
-static const struct module kv_bucket = {.name = "KV.Bucket", .exports = kv_bucket_exports};
-
-/* ==========================================================================
- * PART III — genservers.md: "Client-server communication with GenServer"
+ * PART IV — OTP'S GENERIC SERVER: WHAT AGENT AND GENSERVER RUN ON
  * ==========================================================================
  *
- * A GenServer is a process running a loop that Elixir (really OTP's
- * gen_server) writes once for everybody: receive a message, decide what
- * kind it is, call the callback module's function for it, keep the new
- * state, repeat.  The guide only writes callbacks and clients, so Part III
- * first builds what they run on, OTP's side of the two sections that use
- * it ("GenServer callbacks": the server's loop; "The Client API": call,
- * cast and the rest); then, section by section in the guide's order, the
- * registry of buckets.
+ * IV.1  A server in pictures
+ * --------------------------
+ *
+ * A server is a process that holds a state and answers requests about it.
+ * Its loop is always the same: wait for a message, work out what kind it
+ * is, call the callback module's function for that kind with the state,
+ * keep the state the function returns, and wait again.  OTP writes that
+ * loop once, in gen_server, and everything else in the guide stands on it:
+ * an Agent is a gen_server whose callbacks run the funs it is sent
+ * (Part V), KV.Registry is a gen_server with callbacks of its own (Part
+ * VI), and so are Supervisor and DynamicSupervisor (Parts VII, VIII) and
+ * the application controller.  genservers.md writes only callbacks and
+ * clients; this Part is the other half, OTP's, which the guide takes for
+ * granted.
+ *
+ * A server's life:
+ *
+ *     GenServer.start_link(M, arg)          the new process
+ *     ----------------------------          ---------------
+ *     spawn, link, wait for the ack  ---->  register the name, if any
+ *                                           M.init(arg) -> {:ok, state}
+ *                 {:ok, pid}  <-----------  ack: {:ok, pid}
+ *                                           loop:
+ *                                             receive any message
+ *     GenServer.call(pid, req)   -------->    {:"$gen_call", from, req}
+ *                                               M.handle_call(req, from, state)
+ *                 reply  <----------------      -> {:reply, reply, state2}
+ *     GenServer.cast(pid, req)   -------->    {:"$gen_cast", req}
+ *                                               M.handle_cast(req, state)
+ *     send(pid, msg), a :DOWN, ...   ---->    anything else
+ *                                               M.handle_info(msg, state)
+ *                                             ... until a callback returns
+ *                                             {:stop, reason, ...}, raises,
+ *                                             or the parent's EXIT comes:
+ *                                           M.terminate(reason, state)
+ *                                           exit(reason)
+ *
+ * Three things the loop does that the guide relies on without saying so:
+ *
+ *   - Every callback runs inside a catch point (III.8).  A callback that
+ *     raises does not take the loop down with a C-level crash: the loop
+ *     catches it, logs the crash report Elixir's Logger prints ("GenServer
+ *     KV.Registry terminating ..."), runs terminate/2 and exits with the
+ *     reason, so whoever is linked or monitoring hears of it.
+ *   - A server that traps exits treats an EXIT from its parent (the
+ *     process that started it: a supervisor) as an order to stop, and
+ *     terminates; an EXIT from anyone else is just a message for
+ *     handle_info.  That is how a supervisor shuts its children down.
+ *   - Between messages only the state is live, so the loop compacts the
+ *     process's heap around it now and then (the one-root collector of
+ *     III.7): a registry that handles a million lookups does not keep a
+ *     million lookups' garbage.
+ *
+ * The client's half (IV.4) is a few lines per call: GenServer.call
+ * monitors the server, sends {:"$gen_call", {self, tag}, request} and
+ * waits for a reply carrying the tag, or the server's :DOWN, or the
+ * timeout (5 seconds unless told otherwise).
  */
 
 /* --------------------------------------------------------------------------
- * genservers.md — OTP's side of "GenServer callbacks": the loop that calls them
+ * IV.2  The loop, and the callbacks it calls
  * --------------------------------------------------------------------------
- *
- *     client                                  server (gen_server_loop)
- *     ------                                  ------------------------
- *     GenServer.call(pid, req)
- *       monitors pid: mref, a reply alias
- *       ------ {:"$gen_call", {client, [:alias | mref]}, req} ------>
- *                                             handle_call(req, from, state)
- *       <----- {[:alias | mref], reply} ------ (it returned {:reply, ...})
- *       demonitors: the alias is gone, so a reply that comes after a
- *       timeout is dropped instead of landing in the client's mailbox
- *
- *     GenServer.cast(pid, req) --- {:"$gen_cast", req} --->  handle_cast
- *     send(pid, msg) ------------- msg --------------------->  handle_info
- *
  * The server's own facts (its module, state, parent and name) are kept in
- * a struct gen_server on its stack, for the whole life of the loop.
+ * a struct gen_server on its stack, for the whole life of the loop: the
+ * stack is saved and restored with the process (III.3), so the struct
+ * stays put while the server waits.
  */
+
+/* Part IV's atoms: gen_server's messages, results and reasons (I.3 says how atoms are declared). */
+#define GEN_SERVER_ATOMS(X) X(timeout, "timeout") X(alias, "alias") X(calling_self, "calling_self") \
+    X(gen_call, "$gen_call") X(gen_cast, "$gen_cast") X(system, "system") X(terminate, "terminate") \
+    X(get_state, "get_state") X(call, "call") X(stop, "stop") X(reply, "reply") \
+    X(noreply, "noreply") X(ignore, "ignore") X(bad_return_value, "bad_return_value") \
+    X(already_started, "already_started") X(ack, "ack") X(name, "name") \
+    X(GenServer, "Elixir.GenServer") X(cast, "cast") X(sys, "sys") X(id, "id") X(start, "start") \
+    X(restart, "restart") X(type, "type") X(permanent, "permanent") X(supervisor, "supervisor") \
+    X(bad_call, "bad_call") X(bad_cast, "bad_cast") X(start_link, "start_link")
+DECLARE_ATOMS(GEN_SERVER_ATOMS)
 
 struct gen_server {
     term module;                /* the callback module's name, KV.Registry */
@@ -4645,7 +4473,9 @@ static void gen_server_handle(struct gen_server *gs, term msg) {
 
 /* The loop.  After each message only gs->state is live, so the heap is
  * compacted around it when it has grown to twice what the last compaction
- * kept (plus some slack): the one-root collector of I.4. */
+ * kept (plus some slack): the one-root collector of III.7.  A timeout from
+ * the last callback ({:noreply, state, 100}) becomes this receive's
+ * `after`; when it fires, handle_info gets :timeout. */
 static NORETURN void gen_server_loop(struct gen_server *gs) {
     struct heap *heap = &vm.current->heap;
     for (;;) {
@@ -4659,6 +4489,34 @@ static NORETURN void gen_server_loop(struct gen_server *gs) {
         if (heap->bytes > 2 * heap->live + 16384) gs->state = heap_compact(heap, gs->state);
     }
 }
+
+/* gen_server's exit reasons, as Exception.format_exit words them. */
+static bool gen_server_exit_wording(struct buf *b, term reason, const char *joiner) {
+    (void)joiner;
+    if (reason == am_calling_self) buf_puts(b, "process attempted to call itself");
+    else if (reason == am_timeout) buf_puts(b, "time out");
+    else if (is_tagged(reason, am_bad_return_value, 2)) buf_puts(b, "bad return value: ");
+    else if (is_tagged(reason, am_already_started, 2)) buf_puts(b, "already started: ");
+    else if (is_tagged(reason, am_bad_call, 2)) buf_puts(b, "bad call: ");
+    else if (is_tagged(reason, am_bad_cast, 2)) buf_puts(b, "bad cast: ");
+    else return false;
+    if (is_tuple(reason)) inspect_to(b, elem(reason, 1));
+    return true;
+}
+
+/* --------------------------------------------------------------------------
+ * IV.3  Starting a server: GenServer.start_link and the new process's init
+ * --------------------------------------------------------------------------
+ * Starting is a handshake, as OTP's proc_lib does it.  The caller spawns
+ * the process (linked, for start_link), monitors it, and waits; the new
+ * process registers its name, runs init/1 and answers {:ack, tag, result}.
+ * The caller returns that result: {:ok, pid}, :ignore or {:error, reason}.
+ * The monitor is there for a process that dies before it can answer (its
+ * :DOWN carries the reason); a timeout: option kills an init that is too
+ * slow.  A failed start still makes the new process exit with the reason,
+ * link and all, as OTP 25 does: a linked caller that does not trap exits
+ * goes down with it (otp-reference 18).
+ */
 
 /* Start-up, in the new process.  arg is
  *     {module, init_arg, name or nil, starter, parent, tag}
@@ -4703,10 +4561,6 @@ static void gen_server_main(term arg) {
     process_send(starter, tuple(3, am_ack, tag, ack));
     exit_now(reason);
 }
-
-/* --------------------------------------------------------------------------
- * genservers.md — OTP's side of "The Client API": GenServer.start_link, call, cast
- * -------------------------------------------------------------------------- */
 
 static bool match_ack(term msg, const void *arg) {
     const term *refs = arg; /* {ack tag, monitor ref} */
@@ -4763,6 +4617,28 @@ API term gen_server_start(term module, term arg, term opts) {
     return gen_start(module, arg, opts, false);
 }
 
+/* --------------------------------------------------------------------------
+ * IV.4  The client: GenServer.call, cast, reply and stop
+ * --------------------------------------------------------------------------
+ * A call is a message and a wait.  The wait must end in one of three
+ * ways, and only those: the reply, the server's death, or the timeout.
+ * So the caller monitors the server first: a server that is gone, or dies
+ * while working on the request, sends a :DOWN, and the caller exits with
+ * the :DOWN's reason, wrapped as {reason, {GenServer, :call, [server,
+ * request, timeout]}} (which Exception.format_exit prints as "exited in:
+ * GenServer.call(...)").  The monitor doubles as a reply alias: the reply
+ * is sent to the alias, and demonitoring deactivates it, so a reply that
+ * comes after a timeout is dropped instead of landing, unexpected, in the
+ * caller's mailbox.
+ *
+ *     caller                                   server
+ *     mref = monitor(server), as an alias
+ *     --- {:"$gen_call", {self, [:alias | mref]}, req} --->
+ *                                              handle_call(req, from, s)
+ *     <---------- {[:alias | mref], reply} -----  GenServer.reply(from, r)
+ *     demonitor(mref): the alias is gone
+ */
+
 static bool match_reply(term msg, const void *mref) {
     term ref = mref;
     if (is_tagged(msg, am_DOWN, 5)) return term_eq(elem(msg, 1), ref);
@@ -4800,6 +4676,9 @@ static term gen_call(term server, term label, term request, term timeout, term m
     if (m) return elem(m, 1);
     exit_self(tuple(2, am_timeout, where));
 }
+
+#define GEN_SERVER_DEFAULT_TIMEOUT 5000 /* GenServer.call's, in milliseconds */
+#define DEFAULT_TIMEOUT integer(GEN_SERVER_DEFAULT_TIMEOUT)
 
 /* :infinity or an integer >= 0: the guard of GenServer.call/3 and friends */
 static bool is_timeout(term t) { return t == am_infinity || (is_integer(t) && int_value(t) >= 0); }
@@ -4858,14 +4737,352 @@ API term gen_server_stop(term server, term reason, term timeout) {
 }
 
 /* --------------------------------------------------------------------------
- * genservers.md — "GenServer callbacks": KV.Registry's callbacks
+ * IV.5  use GenServer, use Agent: child_spec/1
  * --------------------------------------------------------------------------
- * The registry maps bucket names to bucket processes.  Its state is a pair
- * of maps, {names, refs}: name => bucket pid, and monitor ref => name.  (The
- * guide's first version keeps only `names`; "The need for monitoring"
- * below adds `refs`.  This is the final version.)
+ * `use GenServer` and `use Agent` (and, later, `use Supervisor`) give the
+ * module a child_spec/1: a map saying how to start the module's process,
+ * which supervisors read (supervisor-and-application.md, "Our first
+ * supervisor").  In Elixir 1.14 the map holds only what is not a default;
+ * the seed edition of the guide, from an older Elixir, prints it with
+ * every key, and kv.c generates that full form (child_spec_as_1_14 in
+ * Part VII gives the newer one).
  */
 
+#define DEFAULT_SHUTDOWN 5000 /* ms a worker gets to stop after :shutdown */
+
+/* What `use GenServer` (type :worker) or `use Supervisor` (type
+ * :supervisor) generates for `module`, with a `use` option restart: (nil
+ * for the default, :permanent). */
+static term use_child_spec(term module, term arg, term restart, term type) {
+    term shutdown = type == am_supervisor ? am_infinity : integer(DEFAULT_SHUTDOWN);
+    return map(5, am_id, module, am_start, tuple(3, module, am_start_link, list(1, arg)), am_restart,
+               restart == am_nil ? am_permanent : restart, am_shutdown, shutdown, am_type, type);
+}
+
+//> agents
+/* ==========================================================================
+ * PART V — agents.md: "Simple state management with agents"
+ * ==========================================================================
+ */
+
+/* --------------------------------------------------------------------------
+ * agents.md — "The trouble with (mutable) state"
+ * --------------------------------------------------------------------------
+ * No Elixir value can change, so a value that many processes read and
+ * update must live inside one process, and the others ask it by message.
+ * That is all a process of Part III needs: a loop that receives a request,
+ * answers from its state and loops with the new state.  Elixir packs the
+ * usual shapes of that loop as Agent, GenServer and Task; the guide's
+ * key-value store starts with the simplest.
+ *
+ * An Agent is a process that holds a value, the state, and runs the
+ * functions you send it against that value.  In Elixir, Agent is a thin
+ * layer over GenServer: the agent process runs Agent.Server, a GenServer
+ * callback module whose callbacks apply the function from the request to
+ * the state.  kv.c does the same, so an agent crashes, stops and reports
+ * exactly as a GenServer does: the generic server is Part IV.
+ */
+
+/* --------------------------------------------------------------------------
+ * agents.md — "Agents 101": the Agent module
+ * -------------------------------------------------------------------------- */
+
+/* Part V's atoms (I.3 says how atoms are declared). */
+#define AGENT_ATOMS(X) X(update, "update") X(get_and_update, "get_and_update") \
+    X(Agent, "Elixir.Agent") X(worker, "worker") X(handle_call, "handle_call") \
+    X(handle_cast, "handle_cast")
+DECLARE_ATOMS(AGENT_ATOMS)
+
+/* Agent.Server's callbacks.  A request carries the function to run. */
+
+static term agent_init(term fun) { return tuple(2, am_ok, fun_call(fun, NULL)); }
+
+/* What a request asks the agent to run against its state: a fun,
+ * fun.(state); or, from the Agent.get/4 family, {module, function, args}:
+ * apply(module, function, [state | args]).  Agent checks nothing in the
+ * caller: a bad module, function or args fails here, in apply/3. */
+static term agent_run(term fun, term state) {
+    if (is_tuple(fun) && tuple_size(fun) == 3)
+        return erlang_apply(elem(fun, 0), elem(fun, 1), cons(state, elem(fun, 2)));
+    return fun_call(fun, state);
+}
+
+static term agent_handle_call(term request, term from, term state) {
+    (void)from;
+    term fun = is_tuple(request) && tuple_size(request) == 2 ? elem(request, 1) : NULL;
+    if (fun && elem(request, 0) == am_get)
+        return tuple(3, am_reply, agent_run(fun, state), state);
+    if (fun && elem(request, 0) == am_update)
+        return tuple(3, am_reply, am_ok, agent_run(fun, state));
+    if (fun && elem(request, 0) == am_get_and_update) {
+        term r = agent_run(fun, state); /* must be {reply, new_state} */
+        if (is_tuple(r) && tuple_size(r) == 2) return tuple(3, am_reply, elem(r, 0), elem(r, 1));
+        return tuple(3, am_stop, tuple(2, am_bad_return_value, r), state);
+    }
+    raise_error(function_clause_error(alias("Agent.Server"), am_handle_call, 3));
+}
+
+static term agent_handle_cast(term request, term state) {
+    if (!is_tagged(request, am_cast, 2))
+        raise_error(function_clause_error(alias("Agent.Server"), am_handle_cast, 2));
+    return tuple(2, am_noreply, agent_run(elem(request, 1), state));
+}
+
+/* Agent's functions only take funs of the right arity (a guard in Elixir):
+ * anything else is a FunctionClauseError in the caller. */
+static term agent_fun(term fun, int arity, const char *function, int function_arity) {
+    if (!is_function(fun) || fun->u.fun->arity != arity)
+        raise_error(function_clause_error(am_Agent, atom(function), function_arity));
+    return fun;
+}
+
+/* Agent.start_link/2 — {:ok, pid}; fun computes the initial state in the
+ * new process.  opts: [name: atom], [timeout: ms]. */
+API term agent_start_link(term fun, term opts) {
+    return gen_start(alias("Agent.Server"), agent_fun(fun, 0, "start_link", 2), opts, true);
+}
+
+/* Agent.start/2 — the same, unlinked */
+API term agent_start(term fun, term opts) {
+    return gen_start(alias("Agent.Server"), agent_fun(fun, 0, "start", 2), opts, false);
+}
+
+/* Agent.get/3 — fun.(state), computed in the agent */
+API term agent_get_timeout(term agent, term fun, term timeout) {
+    return gen_server_call_timeout(agent, tuple(2, am_get, agent_fun(fun, 1, "get", 3)), timeout);
+}
+
+/* Agent.get/2 */
+API term agent_get(term agent, term fun) {
+    return agent_get_timeout(agent, fun, DEFAULT_TIMEOUT);
+}
+
+/* Agent.update/2 — the state becomes fun.(state); returns :ok */
+API term agent_update(term agent, term fun) {
+    return gen_server_call_timeout(agent, tuple(2, am_update, agent_fun(fun, 1, "update", 3)),
+                                   DEFAULT_TIMEOUT);
+}
+
+/* Agent.get_and_update/2 — fun.(state) returns {reply, new_state} */
+API term agent_get_and_update(term agent, term fun) {
+    return gen_server_call_timeout(agent, tuple(2, am_get_and_update, agent_fun(fun, 1, "get_and_update", 3)),
+                                   DEFAULT_TIMEOUT);
+}
+
+/* Agent.cast/2 — like update, without waiting; always :ok */
+API term agent_cast(term agent, term fun) {
+    return gen_server_cast(agent, tuple(2, am_cast, agent_fun(fun, 1, "cast", 2)));
+}
+
+/* Agent.get/4 — apply(module, function, [state | args]), computed in the
+ * agent.  Unlike the fun forms, nothing is checked in the caller: a bad
+ * {module, function, args} crashes the agent (agent_run, apply/3). */
+API term agent_get_mfa(term agent, term module, term function, term args) {
+    return gen_server_call_timeout(agent, tuple(2, am_get, tuple(3, module, function, args)),
+                                   DEFAULT_TIMEOUT);
+}
+
+/* Agent.update/4 — the state becomes apply(module, function, [state | args]) */
+API term agent_update_mfa(term agent, term module, term function, term args) {
+    return gen_server_call_timeout(agent, tuple(2, am_update, tuple(3, module, function, args)),
+                                   DEFAULT_TIMEOUT);
+}
+
+/* Agent.get_and_update/4 — apply(...) returns {reply, new_state} */
+API term agent_get_and_update_mfa(term agent, term module, term function, term args) {
+    return gen_server_call_timeout(agent, tuple(2, am_get_and_update, tuple(3, module, function, args)),
+                                   DEFAULT_TIMEOUT);
+}
+
+/* Agent.cast/4 — like update/4, without waiting; always :ok */
+API term agent_cast_mfa(term agent, term module, term function, term args) {
+    return gen_server_cast(agent, tuple(2, am_cast, tuple(3, module, function, args)));
+}
+
+/* Agent.stop/3 — :ok once the agent has exited with `reason` */
+API term agent_stop(term agent, term reason, term timeout) {
+    return gen_server_stop(agent, reason, timeout);
+}
+
+/* Agent as a module children can name: {Agent, fun} starts an agent.
+ * (Its entry in the code server's table, and Agent.Server's, are with
+ * every module's, in Part IX.) */
+static term agent_start_link_1(term fun) { return agent_start_link(fun, NIL); }
+
+/* Agent.child_spec/1 (use GenServer, in Agent) */
+static term agent_child_spec(term arg) {
+    return map(2, am_id, am_Agent, am_start, tuple(3, am_Agent, am_start_link, list(1, arg)));
+}
+
+
+/* --------------------------------------------------------------------------
+ * agents.md — "Agents 101": KV.Bucket
+ * --------------------------------------------------------------------------
+ * The bucket is an agent whose state is a map.  Each operation is a small
+ * function sent to the agent: in Elixir, &Map.get(&1, key); here a C
+ * function plus the one term it captures (struct fun_def, I.3).
+ * `use Agent` gives KV.Bucket a child_spec/1 (IV.5), which the guide
+ * needs only in supervisor-and-application.md.
+ */
+
+static term bucket_new(term env, term unused) {
+    (void)env, (void)unused;
+    return empty_map();
+}
+static term bucket_get(term key, term state) { return map_get(state, key, am_nil); }
+static term bucket_put(term kv, term state) { return map_put(state, elem(kv, 0), elem(kv, 1)); }
+static term bucket_pop(term key, term state) { return map_pop(state, key); }
+
+static const struct fun_def bucket_new_fun = {"bucket_new", 0, "KV.Bucket.start_link/1", bucket_new};
+static const struct fun_def bucket_get_fun = {"bucket_get", 1, "KV.Bucket.get/2", bucket_get};
+static const struct fun_def bucket_put_fun = {"bucket_put", 1, "KV.Bucket.put/3", bucket_put};
+static const struct fun_def bucket_pop_fun = {"bucket_pop", 1, "KV.Bucket.delete/2", bucket_pop};
+
+/* KV.Bucket.start_link/1 — Agent.start_link(fn -> %{} end) */
+API term kv_bucket_start_link(term opts) {
+    (void)opts;
+    return agent_start_link(fun_term(&bucket_new_fun, NIL), NIL);
+}
+
+/* KV.Bucket.get/2 — Agent.get(bucket, &Map.get(&1, key)) */
+API term kv_bucket_get(term bucket, term key) { return agent_get(bucket, fun_term(&bucket_get_fun, key)); }
+
+/* KV.Bucket.put/3 — Agent.update(bucket, &Map.put(&1, key, value)) */
+API term kv_bucket_put(term bucket, term key, term value) {
+    return agent_update(bucket, fun_term(&bucket_put_fun, tuple(2, key, value)));
+}
+
+/* retired at dynamic-supervisor/temporary: buckets become temporary
+// KV.Bucket.child_spec/1 — what `use Agent` generates: a :permanent
+// worker, restarted whenever it stops, as any child is by default.
+API term kv_bucket_child_spec(term arg) { return use_child_spec(alias("KV.Bucket"), arg, am_nil, am_worker); }
+*/
+
+/* --------------------------------------------------------------------------
+ * agents.md — "Test setup with ExUnit callbacks"
+ * --------------------------------------------------------------------------
+ * The guide's KV.BucketTest, its setup and "stores values by key", are in
+ * kv_test.c, written as the guide writes them: the setup starts a bucket
+ * and hands it to the test in the context map.
+ */
+
+/* --------------------------------------------------------------------------
+ * agents.md — "Other agent actions"
+ * --------------------------------------------------------------------------
+ * Besides get and update, an agent can do both in one step: the function
+ * returns {value for the caller, new state}.  Map.pop/2 has that shape.
+ */
+
+/* KV.Bucket.delete/2 — Agent.get_and_update(bucket, &Map.pop(&1, key)):
+ * the value that was there, or nil */
+API term kv_bucket_delete(term bucket, term key) {
+    return agent_get_and_update(bucket, fun_term(&bucket_pop_fun, key));
+}
+
+/* --------------------------------------------------------------------------
+ * agents.md — "Client/server in agents"
+ * --------------------------------------------------------------------------
+ * Only the fun's code (bucket_get, bucket_put, bucket_pop above) runs in
+ * the agent process, the server; the rest of kv_bucket_get and friends
+ * runs in the calling process, the client.  Whatever the fun does, every
+ * other client of that bucket waits for: slow work belongs in the client.
+ */
+
+//> genservers
+/* ==========================================================================
+ * PART VI — genservers.md: "Client-server communication with GenServer"
+ * ==========================================================================
+ *
+ * Buckets need names ("shopping"), but naming them with atoms would turn
+ * user input into atoms, which are never freed (I.3).  So the guide writes
+ * a registry: a GenServer that maps bucket names to bucket pids, starts
+ * buckets on request and, once it monitors them, forgets the ones that
+ * stop.  The generic server it runs on is Part IV; what is written here is
+ * only what the guide writes: the callbacks and the client functions.
+ */
+
+/* Part VI's atoms: the registry's requests (I.3 says how atoms are declared). */
+#define REGISTRY_ATOMS(X) X(lookup, "lookup") X(create, "create")
+DECLARE_ATOMS(REGISTRY_ATOMS)
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "GenServer callbacks": KV.Registry's callbacks
+ * --------------------------------------------------------------------------
+ * The first version keeps one map, name => bucket pid, as its state.
+ * "The need for monitoring" replaces all three callbacks.  KV.Registry's
+ * entry in the code server's table, which names these callbacks, is in
+ * Part IX.
+ */
+
+/* retired at genservers/monitoring: the registry starts to monitor its buckets
+// init(:ok): the state is a map of names to bucket pids
+static term kv_registry_init(term arg) {
+    (void)arg;
+    return tuple(2, am_ok, empty_map());
+}
+
+// handle_call({:lookup, name}, _from, names): {:reply, Map.fetch(names, name), names}
+static term kv_registry_handle_call(term request, term from, term names) {
+    (void)from;
+    if (!is_tagged(request, am_lookup, 2))
+        raise_error(function_clause_error(alias("KV.Registry"), am_handle_call, 3));
+    return tuple(3, am_reply, map_fetch(names, elem(request, 1)), names);
+}
+
+// handle_cast({:create, name}, names): a new bucket, unless the name is taken
+static term kv_registry_handle_cast(term request, term names) {
+    if (!is_tagged(request, am_create, 2))
+        raise_error(function_clause_error(alias("KV.Registry"), am_handle_cast, 2));
+    term name = elem(request, 1);
+    if (map_has_key(names, name)) return tuple(2, am_noreply, names);
+    term bucket = ok_value(kv_bucket_start_link(NIL));
+    return tuple(2, am_noreply, map_put(names, name, bucket));
+}
+*/
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "The Client API": KV.Registry's
+ * -------------------------------------------------------------------------- */
+
+/* KV.Registry.start_link/1 — GenServer.start_link(__MODULE__, :ok, opts) */
+API term kv_registry_start_link(term opts) { return gen_server_start_link(alias("KV.Registry"), am_ok, opts); }
+
+/* KV.Registry.lookup/2 — {:ok, pid} if the bucket exists, :error otherwise */
+API term kv_registry_lookup(term server, term name) {
+    return gen_server_call(server, tuple(2, am_lookup, name));
+}
+
+/* KV.Registry.create/2 — ensures there is a bucket for name (a cast: :ok at once) */
+API term kv_registry_create(term server, term name) {
+    return gen_server_cast(server, tuple(2, am_create, name));
+}
+
+/* KV.Registry.child_spec/1 — what `use GenServer` generates (IV.5) */
+API term kv_registry_child_spec(term arg) { return use_child_spec(alias("KV.Registry"), arg, am_nil, am_worker); }
+
+/* --------------------------------------------------------------------------
+ * genservers.md — "Testing a GenServer"
+ * --------------------------------------------------------------------------
+ * The guide's test, "spawns buckets", is in kv_test.c (KV.RegistryTest),
+ * with start_supervised! as the guide writes it.
+ */
+
+//> genservers/monitoring
+/* --------------------------------------------------------------------------
+ * genservers.md — "The need for monitoring"
+ * --------------------------------------------------------------------------
+ * A stopped bucket's name stayed in the registry: the guide's test
+ * "removes buckets on exit" (in kv_test.c) fails against the callbacks
+ * above, and chapters/2-genservers' README shows it failing.  So the
+ * callbacks are written again: the state becomes a pair of maps, {names,
+ * refs}: name => bucket pid, and monitor ref => name; handle_cast monitors
+ * every bucket it starts.  When a monitored bucket goes down, the
+ * registry receives {:DOWN, ref, :process, pid, reason}, which is neither a
+ * call nor a cast, so handle_info/2 gets it, and the ref finds the name to
+ * forget.  The client API did not change at all.
+ */
+
+/* init(:ok): {names, refs}, both empty */
 static term kv_registry_init(term arg) {
     (void)arg;
     return tuple(2, am_ok, tuple(2, empty_map(), empty_map()));
@@ -4882,82 +5099,25 @@ static term kv_registry_handle_call(term request, term from, term state) {
     return tuple(3, am_reply, map_fetch(names, elem(request, 1)), state);
 }
 
-API term dynamic_supervisor_start_child(term sup, term child_spec); /* Part V */
-
-/* handle_cast({:create, name}, {names, refs}): start a bucket unless the
- * name is taken, monitor it, remember it under both maps.  (How the bucket
- * is started changes in the dynamic-supervisor chapter, and the monitor
- * arrives in "The need for monitoring": see the sections below.) */
+/* retired at dynamic-supervisor/bucket-supervisor: buckets start under KV.BucketSupervisor
+// handle_cast({:create, name}, {names, refs}): start a bucket unless the
+// name is taken, monitor it, remember it under both maps.  The bucket is
+// started with KV.Bucket.start_link: linked to the registry.
 static term kv_registry_handle_cast(term request, term state) {
     if (!is_tagged(request, am_create, 2))
         raise_error(function_clause_error(alias("KV.Registry"), am_handle_cast, 2));
     term name = elem(request, 1), names = elem(state, 0), refs = elem(state, 1);
     if (map_has_key(names, name)) return tuple(2, am_noreply, state);
-    term bucket = ok_value(dynamic_supervisor_start_child(alias("KV.BucketSupervisor"), alias("KV.Bucket")));
+    term bucket = ok_value(kv_bucket_start_link(NIL));
     term ref = process_monitor(bucket);
     refs = map_put(refs, ref, name);
     names = map_put(names, name, bucket);
     return tuple(2, am_noreply, tuple(2, names, refs));
 }
+*/
 
-/* --------------------------------------------------------------------------
- * genservers.md — "The Client API": KV.Registry's
- * -------------------------------------------------------------------------- */
-
-static const struct module kv_registry; /* below: the callbacks and exports */
-static term kv_registry_handle_info(term msg, term state); /* "The need for monitoring" */
-
-/* KV.Registry.start_link/1 — GenServer.start_link(__MODULE__, :ok, opts) */
-API term kv_registry_start_link(term opts) { return gen_server_start_link(alias("KV.Registry"), am_ok, opts); }
-
-/* KV.Registry.lookup/2 — {:ok, pid} if the bucket exists, :error otherwise */
-API term kv_registry_lookup(term server, term name) {
-    return gen_server_call(server, tuple(2, am_lookup, name));
-}
-
-/* KV.Registry.create/2 — ensures there is a bucket for name (a cast: :ok at once) */
-API term kv_registry_create(term server, term name) {
-    return gen_server_cast(server, tuple(2, am_create, name));
-}
-
-/* KV.Registry.child_spec/1 — what `use GenServer` generates (Part IV) */
-API term kv_registry_child_spec(term arg) { return use_child_spec(&kv_registry, arg, am_nil, am_worker); }
-
-static const struct export kv_registry_exports[] = {
-    {"start_link", 1, kv_registry_start_link},
-    {"child_spec", 1, kv_registry_child_spec},
-    {NULL, 0, NULL},
-};
-
-static const struct module kv_registry = {
-    .name = "KV.Registry",
-    .exports = kv_registry_exports,
-    .init = kv_registry_init,
-    .handle_call = kv_registry_handle_call,
-    .handle_cast = kv_registry_handle_cast,
-    .handle_info = kv_registry_handle_info,
-};
-
-/* --------------------------------------------------------------------------
- * genservers.md — "Testing a GenServer"
- * --------------------------------------------------------------------------
- * The guide's tests, "spawns buckets" and "removes buckets on exit", are in
- * kv_test.c (KV.RegistryTest), with start_supervised! as the guide writes
- * them.
- */
-
-/* --------------------------------------------------------------------------
- * genservers.md — "The need for monitoring"
- * --------------------------------------------------------------------------
- * A stopped bucket's name stayed in the registry (the guide's test
- * "removes buckets on exit", in kv_test.c, fails without this section).
- * So handle_cast above monitors every bucket it starts and keeps the
- * monitor's ref in `refs`.  When a monitored bucket goes down, the
- * registry receives {:DOWN, ref, :process, pid, reason}, which is neither
- * a call nor a cast, so handle_info/2 gets it, and the ref finds the name
- * to forget.  The client API did not change at all.
- */
-
+/* handle_info({:DOWN, ref, ...}, state): forget the bucket that stopped;
+ * any other message is logged and ignored (see the next section). */
 static term kv_registry_handle_info(term msg, term state) {
     if (is_tagged(msg, am_DOWN, 5)) {
         term popped = map_pop(elem(state, 1), elem(msg, 1)); /* {name, refs} */
@@ -4979,12 +5139,12 @@ static term kv_registry_handle_info(term msg, term state) {
  * GenServer.call arrives as {:"$gen_call", from, request} and goes to
  * handle_call; GenServer.cast as {:"$gen_cast", request}, to handle_cast;
  * anything else (send/2, a monitor's :DOWN, a timer) to handle_info (see
- * gen_server_handle, under OTP's side of "GenServer callbacks").  Only
- * handle_info can receive what nobody planned for, which is why the
- * registry's handle_info ends with a clause that logs and ignores the
- * message: a stray message must not crash it.  Calls and casts come only through
- * the registry's own client API, so an unknown one is a bug, and the
- * FunctionClauseError it raises is the right answer.
+ * gen_server_handle, IV.2).  Only handle_info can receive what nobody
+ * planned for, which is why the registry's handle_info ends with a clause
+ * that logs and ignores the message: a stray message must not crash it.
+ * Calls and casts come only through the registry's own client API, so an
+ * unknown one is a bug, and the FunctionClauseError it raises is the
+ * right answer.
  */
 
 /* --------------------------------------------------------------------------
@@ -4993,28 +5153,53 @@ static term kv_registry_handle_info(term msg, term state) {
  * In this chapter the registry starts each bucket with KV.Bucket.start_link/1,
  * which links the bucket to the registry *and* monitors it.  The guide
  * points out the flaw: a bucket's crash then takes the registry down too.
- * The dynamic-supervisor chapter ("The bucket supervisor", Part V) fixes
- * it by starting buckets under KV.BucketSupervisor, linked to that
- * supervisor, and only monitored by the registry; handle_cast above is
- * that final version.  (kv_test.c keeps the linked version, to show the
- * failure the guide shows.)
+ * dynamic-supervisor.md opens with a test that shows it, and fixes it by
+ * starting buckets under KV.BucketSupervisor (Part VIII), linked to that
+ * supervisor and only monitored by the registry.
  */
 
+//> supervisor-and-application
 /* ==========================================================================
- * PART IV — supervisor-and-application.md: "Supervision trees and applications"
+ * PART VII — supervisor-and-application.md: "Supervision trees and applications"
  * ==========================================================================
  *
  * A supervisor starts its children, restarts them when they crash, and
- * shuts them down.  In OTP a supervisor is itself a GenServer (the module
+ * shuts them down.  In OTP a supervisor is itself a gen_server (the module
  * `supervisor` implements gen_server's callbacks) that traps exits: a
  * child's death reaches it as an {:EXIT, pid, reason} message in
  * handle_info, and the supervisor decides what to do from the child's
  * specification and its own strategy.  kv.c builds it the same way, on
- * Part III's GenServer.
+ * Part IV's generic server.  The guide uses it through Elixir's
+ * Supervisor module and takes the engine for granted; OTP's side comes
+ * first here, then the guide's sections: KV.Supervisor, names, and the
+ * applications that start a supervision tree.
  */
 
+/* Part VII's atoms: the supervisor's and the applications' (I.3 says how atoms are declared). */
+#define SUPERVISOR_ATOMS(X) X(modules, "modules") X(transient, "transient") \
+    X(temporary, "temporary") X(brutal_kill, "brutal_kill") X(strategy, "strategy") \
+    X(one_for_one, "one_for_one") X(one_for_all, "one_for_all") X(rest_for_one, "rest_for_one") \
+    X(intensity, "intensity") X(period, "period") X(max_restarts, "max_restarts") \
+    X(max_seconds, "max_seconds") X(children, "children") X(pid, "pid") X(restarts, "restarts") \
+    X(restarting, "restarting") X(child, "child") X(running, "running") X(not_found, "not_found") \
+    X(already_present, "already_present") X(which_children, "which_children") \
+    X(count_children, "count_children") X(start_child, "start_child") \
+    X(terminate_child, "terminate_child") X(restart_child, "restart_child") \
+    X(delete_child, "delete_child") X(start_spec, "start_spec") \
+    X(supervisor_data, "supervisor_data") X(bad_start_spec, "bad_start_spec") \
+    X(duplicate_child_name, "duplicate_child_name") X(bad_return, "bad_return") \
+    X(child_spec, "child_spec") X(failed_to_start_child, "failed_to_start_child") \
+    X(active, "active") X(specs, "specs") X(supervisors, "supervisors") X(workers, "workers") \
+    X(dynamic, "dynamic") X(started, "started") X(kv, "kv") X(logger, "logger") \
+    X(try_again_restart, "try_again_restart") X(not_started, "not_started") \
+    X(missing_id, "missing_id") X(missing_start, "missing_start") \
+    X(invalid_strategy, "invalid_strategy") X(invalid_child_spec, "invalid_child_spec") \
+    X(app_started, "app_started") X(app_exited, "app_exited") \
+    X(application_controller, "application_controller") X(get_childspec, "get_childspec")
+DECLARE_ATOMS(SUPERVISOR_ATOMS)
+
 /* --------------------------------------------------------------------------
- * supervisor-and-application.md — "Our first supervisor": child specs
+ * supervisor-and-application.md — OTP's side of "Our first supervisor": child specs
  * --------------------------------------------------------------------------
  * A child specification is a map:
  *
@@ -5029,27 +5214,15 @@ static term kv_registry_handle_info(term msg, term state) {
  *       type: :worker}          or :supervisor
  *
  * `use GenServer` (and Agent, and Supervisor) defines child_spec/1 for the
- * module.  The guide's two editions print it differently: the seed chapter
- * shows the full map above, as the Elixir of its day generated it, and the
- * newer edition shows %{id: ..., start: ...}: newer Elixir (1.14 among
- * them) writes only id and start, plus type: :supervisor for a
+ * module (IV.5).  The guide's two editions print it differently: the seed
+ * chapter shows the full map above, as the Elixir of its day generated it,
+ * and the newer edition shows %{id: ..., start: ...}: newer Elixir (1.14
+ * among them) writes only id and start, plus type: :supervisor for a
  * supervisor, plus whatever options were given to `use` (Agent's
  * restart: :temporary for KV.Bucket), and lets the supervisor fill in the
  * rest.  kv.c generates the seed's full map; child_spec_as_1_14() gives
  * the newer form of the same spec.
  */
-
-#define DEFAULT_SHUTDOWN 5000 /* ms a worker gets to stop after :shutdown */
-
-/* KV.Registry.child_spec/1 and its kind: what `use GenServer` (type
- * :worker) or `use Supervisor` (type :supervisor) generated, with a
- * `use` option restart: (nil for the default, :permanent). */
-static term use_child_spec(const struct module *m, term arg, term restart, term type) {
-    term mod = module_atom(m);
-    term shutdown = type == am_supervisor ? am_infinity : integer(DEFAULT_SHUTDOWN);
-    return map(5, am_id, mod, am_start, tuple(3, mod, am_start_link, list(1, arg)), am_restart,
-                  restart == am_nil ? am_permanent : restart, am_shutdown, shutdown, am_type, type);
-}
 
 /* The same spec as Elixir 1.14's `use` writes it.  1.14 leaves out what
  * `use` was not given, except a supervisor's type; kv.c's modules give
@@ -5148,6 +5321,92 @@ static term child_check(term spec) {
                   am_modules, modules, am_pid, am_undefined);
 }
 
+/* ---- How a supervisor's exit reasons are worded ----------------------
+ * (Exception.format_exit's words for them; a first reading may skip this.)
+ * A supervisor's complaint about a child spec ({:start_spec, what}) or
+ * about its own flags ({:supervisor_data, what}): what = {tag, value}
+ * becomes before <> inspect(value) <> after. */
+struct exit_words {
+    const char *tag, *before, *after;
+};
+
+static const struct exit_words start_spec_words[] = {
+    {"invalid_child_spec", "invalid child specification: ", ""},
+    {"invalid_child_type", "invalid child type: ", ". Must be :worker or :supervisor."},
+    {"invalid_mfa", "invalid mfa: ", ""},
+    {"invalid_restart_type", "invalid restart type: ", ". Must be :permanent, :transient or :temporary."},
+    {"invalid_shutdown", "invalid shutdown: ", ". Must be an integer >= 0, :infinity or :brutal_kill."},
+    {"invalid_module", "invalid module: ", ". Must be an atom."},
+    {"invalid_modules", "invalid modules: ", ". Must be a list of atoms or :dynamic."},
+    {NULL, NULL, NULL},
+};
+
+static const struct exit_words supervisor_data_words[] = {
+    {"invalid_type", "invalid type: ", ""},
+    {"invalid_strategy", "invalid strategy: ", ""},
+    {"invalid_intensity", "invalid max_restarts (intensity): ", ""},
+    {"invalid_period", "invalid max_seconds (period): ", ""},
+    {"invalid_max_children", "invalid max_children: ", ""},
+    {"invalid_extra_arguments", "invalid extra_arguments: ", ""},
+    {NULL, NULL, NULL},
+};
+
+static void exit_words_to(struct buf *b, const struct exit_words *w, term what) {
+    for (; w->tag; w++) {
+        if (!is_tagged(what, atom(w->tag), 2)) continue;
+        buf_puts(b, w->before);
+        inspect_to(b, elem(what, 1));
+        buf_puts(b, w->after);
+        return;
+    }
+    buf_puts(b, "got: "); /* anything else, e.g. :missing_id */
+    inspect_to(b, what);
+}
+
+/* {:start_spec, what}: two ids alike get a whole paragraph of advice. */
+static void start_spec_text(struct buf *b, term what) {
+    buf_puts(b, "bad child specification, ");
+    if (!is_tagged(what, am_duplicate_child_name, 2)) {
+        exit_words_to(b, start_spec_words, what);
+        return;
+    }
+    buf_puts(b, "more than one child specification has the id: ");
+    inspect_to(b, elem(what, 1));
+    buf_puts(b, ".\nIf using maps as child specifications, make sure the :id keys are unique.\n"
+                "If using a module or {module, arg} as child, use Supervisor.child_spec/2 to change "
+                "the :id, for example:\n\n    children = [\n"
+                "      Supervisor.child_spec({MyWorker, arg}, id: :my_worker_1),\n"
+                "      Supervisor.child_spec({MyWorker, arg}, id: :my_worker_2)\n    ]\n");
+}
+
+/* The supervisor's exit reasons, as Exception.format_exit words them. */
+static bool supervisor_exit_wording(struct buf *b, term reason, const char *joiner) {
+    term what = is_tuple(reason) && tuple_size(reason) == 2 ? elem(reason, 1) : NULL;
+    if (is_tagged(reason, am_shutdown, 2) && is_tagged(what, am_failed_to_start_child, 3)) {
+        term why = elem(what, 2); /* {:shutdown, {:failed_to_start_child, id, why}} */
+        if (is_tagged(why, am_EXIT, 2)) why = elem(why, 1);
+        buf_puts(b, "shutdown: failed to start child: ");
+        inspect_to(b, elem(what, 1));
+        format_exit_nested(b, why, joiner);
+    } else if (is_tagged(reason, am_bad_return, 2) && is_tuple(what) && tuple_size(what) == 3 &&
+               is_atom(elem(what, 0)) && elem(what, 1) == am_init) {
+        mfa_text(b, elem(what, 0), am_init, 1); /* {:bad_return, {Sup, :init, value}} */
+        buf_puts(b, " returned a bad value: ");
+        inspect_to(b, elem(what, 2));
+    } else if (is_tagged(reason, am_bad_start_spec, 2)) {
+        buf_puts(b, "bad child specification, invalid children: ");
+        inspect_to(b, what);
+    } else if (is_tagged(reason, am_start_spec, 2)) {
+        start_spec_text(b, what);
+    } else if (is_tagged(reason, am_supervisor_data, 2)) {
+        buf_puts(b, "bad supervisor configuration, ");
+        exit_words_to(b, supervisor_data_words, what);
+    } else {
+        return false;
+    }
+    return true;
+}
+
 /* OTP's internal child record, as start_child errors show it:
  * {:child, :undefined, id, mfa, restart, significant, shutdown, type, modules} */
 static term child_record(term child) {
@@ -5158,8 +5417,37 @@ static term child_record(term child) {
 }
 
 /* --------------------------------------------------------------------------
- * supervisor-and-application.md — "Our first supervisor": the supervisor
+ * supervisor-and-application.md — OTP's side of "Our first supervisor": the supervisor
  * --------------------------------------------------------------------------
+ * What OTP's supervisor does, in the order it does it:
+ *
+ *   1. init: trap exits; call the module's init/1 for the flags and the
+ *      child specs; check them all; start the children one at a time, in
+ *      list order, each one's start function returning before the next
+ *      starts.  A child that fails to start stops the start: the ones
+ *      already running are shut down again, newest first, and the
+ *      supervisor's start fails with {:shutdown, {:failed_to_start_child,
+ *      id, reason}}.
+ *   2. run: a child's death arrives as {:EXIT, pid, reason}.  Whether it
+ *      is restarted depends on its restart type and its exit reason:
+ *
+ *          restart       :normal, :shutdown,           any other reason
+ *                        {:shutdown, _}
+ *          :permanent    restarted                     restarted
+ *          :transient    kept, not running             restarted
+ *          :temporary    forgotten                     forgotten
+ *
+ *      and which other children go with it depends on the strategy
+ *      (sup_restart_group, below): none (:one_for_one), the ones started
+ *      after it (:rest_for_one), or all (:one_for_all).
+ *   3. give up: each restart is noted with its time; more than
+ *      `intensity` restarts within `period` seconds, and the supervisor
+ *      shuts every child down and exits with :shutdown, so that its own
+ *      supervisor can decide (restart intensity, otp-reference 56).
+ *   4. stop: children are shut down one at a time, newest first, each as
+ *      its spec says: :shutdown then :kill after `shutdown` ms, or :kill
+ *      at once (:brutal_kill), or :shutdown and wait (:infinity).
+ *
  * The supervisor's state is a map:
  *
  *     %{module: KV.Supervisor, strategy: :one_for_one, intensity: 3,
@@ -5169,6 +5457,12 @@ static term child_record(term child) {
  * current pid (or :undefined when it is not running, :restarting while a
  * restart is being retried).
  */
+
+/* {:ok, x} or {:ok, x, info}: what a start function returns on success */
+static bool is_ok_tuple(term t) { return is_tagged(t, am_ok, 2) || is_tagged(t, am_ok, 3); }
+
+/* ...with a pid for x: a started process */
+static bool is_started(term t) { return is_ok_tuple(t) && is_pid(elem(t, 1)); }
 
 static term child_get(term child, term key) { return map_get(child, key, am_nil); }
 static term sup_get(term st, term key) { return map_get(st, key, am_nil); }
@@ -5290,7 +5584,9 @@ static bool add_restart(term *st) {
  * not, and the failed child's id is returned (its reason in *failure).
  * NULL: all started. */
 static term children_start(term children, term *out, term *failure) {
-    term started = NIL, failed_id = NULL;
+    term failed_id = NULL;
+    struct list_builder started;
+    list_builder_init(&started);
     for (term l = children; l->kind == K_CONS; l = tl(l)) {
         term c = hd(l);
         if (!failed_id && !is_pid(child_get(c, am_pid))) {
@@ -5303,59 +5599,67 @@ static term children_start(term children, term *out, term *failure) {
                 if (failure) *failure = elem(r, 1);
             }
         }
-        started = list_append(started, c);
+        list_builder_add(&started, c);
     }
-    *out = started;
+    *out = list_builder_done(&started, NIL);
     return failed_id;
 }
 
-/* A child died (or must be restarted again): restart it as the strategy
- * says, updating *state.  Returns false when the restart intensity is
- * exceeded and the supervisor must shut down. */
+/* Which children a restart takes with it, by strategy.  The children, in
+ * start order, are cut in three: `before` and `after` go on running, and
+ * `group` is stopped and started again.  With c the one that died:
+ *
+ *     children, in start order:   a   b   c   d
+ *
+ *     :one_for_one     before [a, b]   group [c]             after [d]
+ *     :rest_for_one    before [a, b]   group [c, d]          after []
+ *     :one_for_all     before []       group [a, b, c, d]    after []
+ *
+ * sup_restart then stops the group's running members newest first (d, b,
+ * a; c is dead already), and starts the group again oldest first (a, b,
+ * c, d), so the order children depend on each other in is kept; a
+ * :temporary member that was stopped on the way is not started again
+ * (otp-reference 53). */
+static void sup_restart_group(term children, term strategy, term id, term *before, term *group, term *after) {
+    struct list_builder b, g, a;
+    list_builder_init(&b), list_builder_init(&g), list_builder_init(&a);
+    bool seen = false;
+    for (term l = children; l->kind == K_CONS; l = tl(l)) {
+        bool it = term_eq(child_get(hd(l), am_id), id);
+        seen = seen || it;
+        if (it || strategy == am_one_for_all || (strategy == am_rest_for_one && seen)) list_builder_add(&g, hd(l));
+        else list_builder_add(seen ? &a : &b, hd(l));
+    }
+    *before = list_builder_done(&b, NIL);
+    *group = list_builder_done(&g, NIL);
+    *after = list_builder_done(&a, NIL);
+}
+
+/* A child died (or its restart failed and is tried again): restart it, and
+ * the rest of its group, updating *state.  Returns false when the restart
+ * intensity is exceeded and the supervisor must shut down.  A start that
+ * fails leaves that child :restarting and asks for another try with a
+ * cast to itself, as OTP does: every attempt counts towards the
+ * intensity (otp-reference 59), and other messages are handled in
+ * between. */
 static bool sup_restart(term *state, term child) {
     term st = *state;
     if (add_restart(&st)) {
         *state = st;
         return false;
     }
-    term children = sup_get(st, am_children), strategy = sup_get(st, am_strategy);
-    term id = child_get(child, am_id);
-    if (strategy == am_one_for_all || strategy == am_rest_for_one) {
-        /* Stop the others (one_for_all) or those started after it
-         * (rest_for_one), newest first; then start them all again. */
-        term before = NIL, after = NIL;
-        bool seen = false;
-        for (term l = children; l->kind == K_CONS; l = tl(l)) {
-            if (term_eq(child_get(hd(l), am_id), id)) { seen = true; continue; }
-            if (strategy == am_rest_for_one && !seen) before = list_append(before, hd(l));
-            else after = list_append(after, hd(l));
-        }
-        after = children_shutdown(after);
-        term restart_set = cons(map_put(child, am_pid, am_undefined), after);
-        if (strategy == am_one_for_all) { /* back to start order */
-            restart_set = NIL;
-            for (term l = children; l->kind == K_CONS; l = tl(l)) {
-                term c = term_eq(child_get(hd(l), am_id), id) ? child : child_by(after, am_id, child_get(hd(l), am_id));
-                if (c) restart_set = list_append(restart_set, map_put(c, am_pid, am_undefined));
-            }
-        }
-        term restarted;
-        term failed = children_start(restart_set, &restarted, NULL);
-        children = before;
-        for (term l = restarted; l->kind == K_CONS; l = tl(l)) children = list_append(children, hd(l));
-        st = map_put(st, am_children, children);
-        if (failed) { /* retry later; every attempt counts */
-            st = map_put(st, am_children, children_replace(children, failed,
-                                                           map_put(child_by(children, am_id, failed), am_pid, am_restarting)));
-            gen_server_cast(self(), tuple(2, am_try_again_restart, failed));
-        }
-        *state = st;
-        return true;
+    term before, group, after, restarted;
+    sup_restart_group(sup_get(st, am_children), sup_get(st, am_strategy), child_get(child, am_id), &before, &group,
+                      &after);
+    group = children_shutdown(group);
+    term failed = children_start(group, &restarted, NULL);
+    term children = list_concat(before, list_concat(restarted, after));
+    if (failed) {
+        term c = map_put(child_by(children, am_id, failed), am_pid, am_restarting);
+        children = children_replace(children, failed, c);
+        gen_server_cast(self(), tuple(2, am_try_again_restart, failed));
     }
-    term r = child_start(child); /* :one_for_one */
-    term pid = is_ok_tuple(r) ? elem(r, 1) : am_restarting;
-    if (pid == am_restarting) gen_server_cast(self(), tuple(2, am_try_again_restart, id));
-    *state = map_put(st, am_children, children_replace(children, id, map_put(child, am_pid, pid)));
+    *state = map_put(st, am_children, children);
     return true;
 }
 
@@ -5378,10 +5682,6 @@ static bool sup_child_exited(term *st, term child, term reason) {
     return sup_restart(st, child);
 }
 
-/* The supervisor's init: trap exits, ask the module for its flags and
- * children, check them, and start the children one by one, in order.  A
- * child that fails to start stops everything: the ones already started
- * are shut down again. */
 /* The flags a supervisor's init/1 returned, in either form OTP takes: a
  * map, whose missing keys get :supervisor's own defaults (:one_for_one,
  * intensity 1, period 5; Supervisor.init/2 fills in Elixir's 3 and 5),
@@ -5406,6 +5706,10 @@ static term sup_flags(term flags, term *strategy, term *intensity, term *period)
     return NULL;
 }
 
+/* The supervisor's init (step 1 above): trap exits, ask the module for its
+ * flags and children, check them, and start the children one by one, in
+ * order.  A child that fails to start stops everything: the ones already
+ * started are shut down again. */
 static term sup_init(term arg) {
     process_flag_trap_exit(true);
     term module = elem(arg, 0);
@@ -5419,15 +5723,16 @@ static term sup_init(term arg) {
     term bad = sup_flags(flags, &strategy, &intensity, &period);
     if (bad) return tuple(2, am_stop, tuple(2, am_supervisor_data, bad));
     if (!is_proper_list(specs)) return tuple(2, am_stop, tuple(2, am_bad_start_spec, specs));
-    term children = NIL;
+    struct list_builder checked;
+    list_builder_init(&checked);
     for (term l = specs; l->kind == K_CONS; l = tl(l)) {
         term c = child_check(hd(l));
         if (is_tagged(c, am_error, 2)) return tuple(2, am_stop, tuple(2, am_start_spec, elem(c, 1)));
-        if (child_by(children, am_id, child_get(c, am_id)))
-            return tuple(2, am_stop, tuple(2, am_start_spec,
-                                                 tuple(2, am_duplicate_child_name, child_get(c, am_id))));
-        children = list_append(children, c);
+        if (child_by(checked.head, am_id, child_get(c, am_id))) /* the list so far */
+            return tuple(2, am_stop, tuple(2, am_start_spec, tuple(2, am_duplicate_child_name, child_get(c, am_id))));
+        list_builder_add(&checked, c);
     }
+    term children = list_builder_done(&checked, NIL);
     term reason = NULL, started;
     term failed = children_start(children, &started, &reason);
     if (failed) {
@@ -5546,15 +5851,6 @@ static void sup_terminate(term reason, term st) {
     if (is_map(st)) children_shutdown(sup_get(st, am_children));
 }
 
-static const struct module supervisor_engine = {
-    .name = "supervisor", /* OTP's module, which Elixir's Supervisor calls */
-    .init = sup_init,
-    .handle_call = sup_handle_call,
-    .handle_cast = sup_handle_cast,
-    .handle_info = sup_handle_info,
-    .terminate = sup_terminate,
-};
-
 /* Supervisor.init/2: {:ok, {flags, child specs}} for a supervisor's init/1.
  * opts: strategy: (required), max_restarts: (3), max_seconds: (5). */
 API term supervisor_init(term children, term opts) {
@@ -5576,9 +5872,10 @@ API term supervisor_start_link(term module, term arg, term opts) {
 }
 
 /* Supervisor.start_link/2 with a list of children: its module is
- * Supervisor.Default, whose init/1 returns what Supervisor.init/2 made. */
+ * Supervisor.Default, whose init/1 returns what Supervisor.init/2 made.
+ * (Its entry in the code server's table, and OTP's supervisor's, are in
+ * Part IX.) */
 static term default_init(term spec) { return spec; }
-static const struct module supervisor_default = {.name = "Supervisor.Default", .init = default_init};
 
 /* Supervisor.start_link/2 — children and options: [strategy: ...] */
 API term supervisor_start_link_children(term children, term opts) {
@@ -5632,41 +5929,26 @@ API term supervisor_stop(term sup, term reason, term timeout) { return gen_serve
  * supervisor-and-application.md — "Our first supervisor": KV.Supervisor
  * --------------------------------------------------------------------------
  * The guide's first KV.Supervisor has one child, KV.Registry, under
- * :one_for_one; "Naming processes" (next) names it.  The dynamic-supervisor
- * chapter then adds the bucket supervisor in front of it and switches to
- * :one_for_all ("Supervision trees", Part V): what you see here is that
- * final version.
+ * :one_for_one.  "Naming processes" (next) gives the registry a name, and
+ * dynamic-supervisor.md adds the bucket supervisor and changes the
+ * strategy (Part VIII); each stands under the section that makes it.
  */
-
-static const struct module kv_supervisor;
-static term kv_bucket_supervisor_spec(void); /* Part V */
 
 /* KV.Supervisor.start_link/1 — Supervisor.start_link(__MODULE__, :ok, opts) */
 API term kv_supervisor_start_link(term opts) { return supervisor_start_link(alias("KV.Supervisor"), am_ok, opts); }
 
-/* KV.Supervisor.init/1 */
+/* retired at supervisor-and-application/naming: the registry gets a name
+// KV.Supervisor.init/1: children [KV.Registry], :one_for_one
 static term kv_supervisor_init(term arg) {
     (void)arg;
-    term children = list(2, kv_bucket_supervisor_spec(),
-                            tuple(2, alias("KV.Registry"), list(1, tuple(2, am_name, alias("KV.Registry")))));
-    return supervisor_init(children, list(1, tuple(2, am_strategy, am_one_for_all)));
+    return supervisor_init(list(1, alias("KV.Registry")), list(1, tuple(2, am_strategy, am_one_for_one)));
 }
+*/
 
 /* KV.Supervisor.child_spec/1 (use Supervisor) */
-static term kv_supervisor_child_spec(term arg) { return use_child_spec(&kv_supervisor, arg, am_nil, am_supervisor); }
+static term kv_supervisor_child_spec(term arg) { return use_child_spec(alias("KV.Supervisor"), arg, am_nil, am_supervisor); }
 
-static const struct export kv_supervisor_exports[] = {
-    {"start_link", 1, kv_supervisor_start_link},
-    {"child_spec", 1, kv_supervisor_child_spec},
-    {NULL, 0, NULL},
-};
-
-static const struct module kv_supervisor = {
-    .name = "KV.Supervisor",
-    .exports = kv_supervisor_exports,
-    .init = kv_supervisor_init,
-};
-
+//> supervisor-and-application/naming
 /* --------------------------------------------------------------------------
  * supervisor-and-application.md — "Naming processes"
  * --------------------------------------------------------------------------
@@ -5675,10 +5957,19 @@ static const struct module kv_supervisor = {
  * {KV.Registry, name: KV.Registry}: its child spec's start becomes
  * KV.Registry.start_link([name: KV.Registry]), which passes the option on
  * to GenServer.start_link, which registers the new process under that
- * atom (process_register, I.11) before init runs.  Every process can then
+ * atom (process_register, III.7) before init runs.  Every process can then
  * write KV.Registry where it needed the pid, and after a restart the name
  * points at the new registry.
  */
+
+/* retired at dynamic-supervisor/bucket-supervisor: the bucket supervisor joins the tree
+// KV.Supervisor.init/1: children [{KV.Registry, name: KV.Registry}], :one_for_one
+static term kv_supervisor_init(term arg) {
+    (void)arg;
+    term registry = tuple(2, alias("KV.Registry"), list(1, tuple(2, am_name, alias("KV.Registry"))));
+    return supervisor_init(list(1, registry), list(1, tuple(2, am_strategy, am_one_for_one)));
+}
+*/
 
 /* --------------------------------------------------------------------------
  * supervisor-and-application.md — "Understanding applications"
@@ -5687,27 +5978,48 @@ static const struct module kv_supervisor = {
  * pretty printer (~p): the application's name, description, version,
  * modules, the applications it depends on, and, once the guide adds the
  * application callback, `mod`.  kv.c keeps the same facts in C and prints
- * the term the same way.
+ * the term the same way.  As Mix does, it lists the modules that were
+ * compiled, here the ones loaded whose names start with KV, and it writes
+ * `mod` only once the callback module defines start/2: the file grows
+ * with the guide, chapter by chapter, as Mix's does.
  */
 
 struct app_spec {
     const char *name, *description, *vsn;
     const char *applications[5]; /* what must be started first */
-    const char *modules[5];
-    const struct module *mod;    /* the application callback module */
+    const char *prefix;          /* its modules: this one and those under it */
+    const char *mod;             /* the application callback module, once it has start/2 */
 };
-
-static const struct module kv_application; /* below: "The application callback" */
 
 static const struct app_spec app_specs[] = {
-    {"kernel", "ERTS  CXC 138 10", "8.5.3", {NULL}, {NULL}, NULL},
-    {"stdlib", "ERTS  CXC 138 10", "4.2", {"kernel", NULL}, {NULL}, NULL},
-    {"elixir", "elixir", "1.14.0", {"kernel", "stdlib", NULL}, {NULL}, NULL},
-    {"logger", "logger", "1.14.0", {"kernel", "stdlib", "elixir", NULL}, {NULL}, NULL},
-    {"kv", "kv", "0.1.0", {"kernel", "stdlib", "elixir", "logger", NULL},
-     {"KV", "KV.Bucket", "KV.Registry", "KV.Supervisor", NULL}, &kv_application},
-    {NULL, NULL, NULL, {NULL}, {NULL}, NULL},
+    {"kernel", "ERTS  CXC 138 10", "8.5.3", {NULL}, NULL, NULL},
+    {"stdlib", "ERTS  CXC 138 10", "4.2", {"kernel", NULL}, NULL, NULL},
+    {"elixir", "elixir", "1.14.0", {"kernel", "stdlib", NULL}, NULL, NULL},
+    {"logger", "logger", "1.14.0", {"kernel", "stdlib", "elixir", NULL}, NULL, NULL},
+    {"kv", "kv", "0.1.0", {"kernel", "stdlib", "elixir", "logger", NULL}, "KV", "KV"},
+    {NULL, NULL, NULL, {NULL}, NULL, NULL},
 };
+
+/* The application's callback module, if it is loaded and defines start/2. */
+static const struct module *app_callback(const struct app_spec *a) {
+    const struct module *m = a->mod ? code_find(alias(a->mod)) : NULL;
+    return m && m->start ? m : NULL;
+}
+
+/* The loaded modules that belong to the application, sorted as Mix lists
+ * them: KV, KV.Bucket, KV.Registry, ... */
+static term app_modules(const struct app_spec *a) {
+    term mods = empty_map(); /* a map's keys are kept sorted: used as a set */
+    size_t n = a->prefix ? strlen(a->prefix) : 0;
+    for (size_t i = 0; n && i < code.n; i++) {
+        const char *name = code.mods[i]->name;
+        if (strncmp(name, a->prefix, n) == 0 && (name[n] == '\0' || name[n] == '.'))
+            mods = map_put(mods, alias(name), am_true);
+    }
+    term l = NIL;
+    for (size_t i = mods->n; i-- > 0;) l = cons(map_key(mods, i), l);
+    return l;
+}
 
 static const struct app_spec *app_spec_of(term app) {
     for (const struct app_spec *a = app_specs; a->name; a++)
@@ -5722,11 +6034,11 @@ static term charlist(const char *s) {
     return l;
 }
 
-static term atom_list(const char *const *names, bool aliases) {
+static term atom_list(const char *const *names) {
     term l = NIL;
     size_t n = 0;
     while (names[n]) n++;
-    while (n--) l = cons(aliases ? alias(names[n]) : atom(names[n]), l);
+    while (n--) l = cons(atom(names[n]), l);
     return l;
 }
 
@@ -5734,12 +6046,12 @@ static term atom_list(const char *const *names, bool aliases) {
 API term application_resource(term app) {
     const struct app_spec *a = app_spec_of(app);
     if (!a) return am_nil;
-    term keys = list(5, tuple(2, atom("applications"), atom_list(a->applications, false)),
-                        tuple(2, atom("description"), charlist(a->description)),
-                        tuple(2, am_modules, atom_list(a->modules, true)),
-                        tuple(2, atom("registered"), NIL), tuple(2, atom("vsn"), charlist(a->vsn)));
-    if (a->mod)
-        keys = list_append(keys, tuple(2, atom("mod"), tuple(2, module_atom(a->mod), NIL)));
+    term keys = list(5, tuple(2, atom("applications"), atom_list(a->applications)),
+                     tuple(2, atom("description"), charlist(a->description)),
+                     tuple(2, am_modules, app_modules(a)),
+                     tuple(2, atom("registered"), NIL), tuple(2, atom("vsn"), charlist(a->vsn)));
+    if (app_callback(a))
+        keys = list_append(keys, tuple(2, atom("mod"), tuple(2, alias(a->mod), NIL)));
     return tuple(3, atom("application"), app, keys);
 }
 
@@ -5879,26 +6191,27 @@ API void application_resource_file(struct buf *b, term app) {
  */
 
 static term app_start_mfa(const struct app_spec *a) {
-    return tuple(3, module_atom(a->mod), am_start, list(2, am_normal, NIL));
+    return tuple(3, alias(a->mod), am_start, list(2, am_normal, NIL));
 }
 
 struct app_run {
-    const struct app_spec *spec;
+    const struct module *mod;
     term result;
 };
 
 static void app_call_start(void *arg) {
     struct app_run *r = arg;
-    r->result = r->spec->mod->start(am_normal, NIL);
+    r->result = r->mod->start(am_normal, NIL);
 }
 
 /* The application master: start the callback, then watch the tree.
  * arg is {app, controller}. */
 static void app_master(term arg) {
     const struct app_spec *a = app_spec_of(elem(arg, 0));
+    const struct module *mod = app_callback(a);
     term controller = elem(arg, 1);
     process_flag_trap_exit(true);
-    struct app_run r = {a, NULL};
+    struct app_run r = {mod, NULL};
     term caught, result;
     enum caught kind = try_catch(app_call_start, &r, &caught);
     term mfa = app_start_mfa(a);
@@ -5918,17 +6231,17 @@ static void app_master(term arg) {
     for (;;) {
         term m = receive_forever(NULL, NULL);
         if (is_tagged(m, am_EXIT, 3) && term_eq(elem(m, 1), sup)) { /* the tree died */
-            if (a->mod->prep_stop) state = a->mod->prep_stop(state);
-            if (a->mod->stop) a->mod->stop(state);
+            if (mod->prep_stop) state = mod->prep_stop(state);
+            if (mod->stop) mod->stop(state);
             process_send(controller, tuple(3, am_app_exited, elem(arg, 0), elem(m, 2)));
             return;
         }
         if (m == am_stop) { /* Application.stop: prep_stop, the tree, stop */
-            if (a->mod->prep_stop) state = a->mod->prep_stop(state);
+            if (mod->prep_stop) state = mod->prep_stop(state);
             term ref = process_monitor(sup);
             process_exit(sup, am_shutdown);
             receive_forever(match_down_of, ref);
-            if (a->mod->stop) a->mod->stop(state);
+            if (mod->stop) mod->stop(state);
             return;
         }
     }
@@ -5994,7 +6307,7 @@ static term ctl_start(term app, term st) {
         if (!started_find(st, atom(a->applications[i])))
             return reply(tuple(2, am_error, tuple(2, am_not_started, atom(a->applications[i]))), st);
     term master = am_nil;
-    if (a->mod) {
+    if (app_callback(a)) {
         master = spawn_link(app_master, tuple(2, app, self()));
         term m = receive_forever(match_app_started, master);
         term result = elem(m, 2);
@@ -6053,12 +6366,6 @@ static term ctl_handle_info(term msg, term st) {
     return tuple(2, am_noreply, st);
 }
 
-static const struct module application_controller = {
-    .name = "application_controller",
-    .init = ctl_init,
-    .handle_call = ctl_handle_call,
-    .handle_info = ctl_handle_info,
-};
 
 
 /* Boot what `iex -S mix` boots: the application controller with kernel,
@@ -6123,19 +6430,20 @@ API term application_ensure_all_started(term app) {
     return is_tagged(r, am_error, 2) ? r : tuple(2, am_ok, r);
 }
 
+//> supervisor-and-application/callback
 /* --------------------------------------------------------------------------
  * supervisor-and-application.md — "The application callback": KV
  * --------------------------------------------------------------------------
- * mod: {KV, []} in the application spec names KV as the callback module;
- * starting :kv calls KV.start(:normal, []), which starts the tree. */
+ * `use Application` and start/2 make KV the application callback module;
+ * mix.exs's mod: {KV, []} names it, and kv.app now says so (app_callback,
+ * above).  Starting :kv calls KV.start(:normal, []), which starts the
+ * tree.  KV.hello, and its test, go: the guide says to remove them. */
 
 /* KV.start/2 — KV.Supervisor.start_link(name: KV.Supervisor) */
 static term kv_start(term type, term args) {
     (void)type, (void)args;
     return kv_supervisor_start_link(list(1, tuple(2, am_name, alias("KV.Supervisor"))));
 }
-
-static const struct module kv_application = {.name = "KV", .start = kv_start};
 
 /* --------------------------------------------------------------------------
  * supervisor-and-application.md — "Projects or applications?"
@@ -6145,27 +6453,58 @@ static const struct module kv_application = {.name = "KV", .start = kv_start};
  * :kv: its spec in app_specs and its callback module, KV, above.
  */
 
+
+//> dynamic-supervisor
 /* ==========================================================================
- * PART V — dynamic-supervisor.md: "Supervising dynamic children"
+ * PART VIII — dynamic-supervisor.md: "Supervising dynamic children"
  * ==========================================================================
- *
- * A DynamicSupervisor starts with no children and is given them one at a
- * time, with start_child.  Its children are not known by id but by pid, so
- * it keeps them in a map, pid => {start, restart, shutdown, type, modules},
- * and it has a single strategy, :one_for_one.  Like Supervisor, it is a
- * GenServer that traps exits.
  *
  * The chapter opens with a failing test, "removes bucket on crash" (in
  * kv_test.c): a bucket that stops with :shutdown takes the registry down
- * with it, because the registry started the bucket with start_link.  The
- * cure is to start buckets under a supervisor of their own.
+ * with it, because the registry started the bucket with start_link and so
+ * is linked to it.  (chapters/3-supervisor-and-application shows the test
+ * failing.)  The cure is to start buckets under a supervisor of their
+ * own, which restarts nothing it should not and only the registry
+ * monitors.
  */
 
+//> dynamic-supervisor/bucket-supervisor
 /* --------------------------------------------------------------------------
- * dynamic-supervisor.md — "The bucket supervisor": DynamicSupervisor
- * -------------------------------------------------------------------------- */
+ * dynamic-supervisor.md — OTP's side of "The bucket supervisor": DynamicSupervisor
+ * --------------------------------------------------------------------------
+ * A Supervisor knows its children before it starts (its init/1 lists
+ * them) and names each by an id.  A DynamicSupervisor starts with none and
+ * is handed them one at a time, with start_child; there may be thousands,
+ * all alike (a bucket per name), so it knows them only by pid.  Elixir's
+ * DynamicSupervisor (a GenServer, like :supervisor) keeps:
+ *
+ *     %{strategy: :one_for_one, intensity: 3, period: 5, restarts: [...],
+ *       max_children: :infinity, extra_arguments: [],
+ *       children: %{pid => {start, restart, shutdown, type, modules}}}
+ *
+ * and differs from Supervisor in four ways the guide's bucket supervisor
+ * relies on:
+ *
+ *   - one strategy only, :one_for_one: children are independent;
+ *   - start_child(sup, spec) checks the spec, prepends extra_arguments to
+ *     its start arguments, refuses past max_children, and answers
+ *     {:ok, pid}; the id is ignored (two children may share one);
+ *   - a crashed child is restarted (or not, by its restart type) under a
+ *     new pid; a restart that fails is retried, the child kept meanwhile
+ *     under its old pid as {:restarting, child};
+ *   - shutdown tells every child at once, then waits for them all,
+ *     killing those that outlive their shutdown time: with many buckets,
+ *     stopping them one by one, as Supervisor does, would take their sum
+ *     (otp-reference 65).
+ *
+ * Restart intensity is counted exactly as Supervisor counts it
+ * (add_restart, Part VII).
+ */
 
-static const struct module dynamic_supervisor;
+/* Part VIII's atoms (I.3 says how atoms are declared). */
+#define DYNAMIC_SUPERVISOR_ATOMS(X) X(max_children, "max_children") \
+    X(extra_arguments, "extra_arguments")
+DECLARE_ATOMS(DYNAMIC_SUPERVISOR_ATOMS)
 
 /* The child as DynamicSupervisor keeps it: {mfa, restart, shutdown, type, modules}. */
 static term dyn_child_of(term spec) {
@@ -6415,12 +6754,200 @@ API term dynamic_supervisor_count_children(term sup) {
     return gen_server_call_timeout(sup, am_count_children, am_infinity);
 }
 
+/* --------------------------------------------------------------------------
+ * dynamic-supervisor.md — "The bucket supervisor": KV.BucketSupervisor
+ * --------------------------------------------------------------------------
+ * The bucket supervisor needs no module of its own: it is a
+ * DynamicSupervisor started with a name and a strategy, as a child of
+ * KV.Supervisor.  In this section the guide adds it after the registry
+ * and keeps :one_for_one; "Supervision trees" then changes both.
+ */
+
+/* {DynamicSupervisor, name: KV.BucketSupervisor, strategy: :one_for_one} */
+static term kv_bucket_supervisor_spec(void) {
+    return tuple(2, alias("DynamicSupervisor"),
+                 list(2, tuple(2, am_name, alias("KV.BucketSupervisor")), tuple(2, am_strategy, am_one_for_one)));
+}
+
+/* retired at dynamic-supervisor/supervision-trees: the bucket supervisor goes first, and :one_for_all
+// KV.Supervisor.init/1: the registry, then the bucket supervisor, :one_for_one
+static term kv_supervisor_init(term arg) {
+    (void)arg;
+    term registry = tuple(2, alias("KV.Registry"), list(1, tuple(2, am_name, alias("KV.Registry"))));
+    return supervisor_init(list(2, registry, kv_bucket_supervisor_spec()),
+                           list(1, tuple(2, am_strategy, am_one_for_one)));
+}
+*/
+
+/* The registry now starts each bucket under the bucket supervisor: linked
+ * to it, and only monitored by the registry.  A bucket that crashes no
+ * longer takes the registry down ("removes bucket on crash" passes). */
+static term kv_registry_handle_cast(term request, term state) {
+    if (!is_tagged(request, am_create, 2))
+        raise_error(function_clause_error(alias("KV.Registry"), am_handle_cast, 2));
+    term name = elem(request, 1), names = elem(state, 0), refs = elem(state, 1);
+    if (map_has_key(names, name)) return tuple(2, am_noreply, state);
+    term bucket = ok_value(dynamic_supervisor_start_child(alias("KV.BucketSupervisor"), alias("KV.Bucket")));
+    term ref = process_monitor(bucket);
+    refs = map_put(refs, ref, name);
+    names = map_put(names, name, bucket);
+    return tuple(2, am_noreply, tuple(2, names, refs));
+}
+
+//> dynamic-supervisor/temporary
+/* Still, a crashed bucket would be restarted by the bucket supervisor,
+ * under a new pid the registry never hears of: an empty bucket nobody can
+ * reach, a leak (chapters/4-dynamic-supervisor's README shows it with
+ * count_children).  Buckets are made temporary: never restarted. */
+
+/* KV.Bucket.child_spec/1 — `use Agent, restart: :temporary` */
+API term kv_bucket_child_spec(term arg) { return use_child_spec(alias("KV.Bucket"), arg, am_temporary, am_worker); }
+
+//> dynamic-supervisor/supervision-trees
+/* --------------------------------------------------------------------------
+ * dynamic-supervisor.md — "Supervision trees"
+ * --------------------------------------------------------------------------
+ * KV.Supervisor's children, final form: the bucket supervisor first,
+ * because the registry calls it; then the registry; and :one_for_all,
+ * because buckets without the registry are orphans (nobody can find them)
+ * and the registry without its buckets is wrong.  With :one_for_one, a
+ * registry that crashes would be restarted empty while its old buckets
+ * lived on: chapters/4-dynamic-supervisor's README shows that too.
+ */
+
+/* KV.Supervisor.init/1 — the tree, final form */
+static term kv_supervisor_init(term arg) {
+    (void)arg;
+    term registry = tuple(2, alias("KV.Registry"), list(1, tuple(2, am_name, alias("KV.Registry"))));
+    return supervisor_init(list(2, kv_bucket_supervisor_spec(), registry), list(1, tuple(2, am_strategy, am_one_for_all)));
+}
+
+/* --------------------------------------------------------------------------
+ * dynamic-supervisor.md — "Shared state in tests"
+ * --------------------------------------------------------------------------
+ * The guide's tests share KV.BucketSupervisor; kv_test.c boots a fresh :kv
+ * application for each test that needs one, so no test sees another's
+ * buckets.
+ */
+
+/* --------------------------------------------------------------------------
+ * dynamic-supervisor.md — "Observer"
+ * --------------------------------------------------------------------------
+ * Observer's view of the tree is what which_children shows; ./kv prints it
+ * in this chapter's sessions.
+ */
+
+/* ==========================================================================
+ * PART IX — ./kv: THE PROGRAM
+ * ==========================================================================
+ * Everything above defines; this Part starts it.  First, for the self-test
+ * too (kv_test.c includes this file), what any program built on kv.c must
+ * do once: start every Part, and load every module into the code server's
+ * table.  Then ./kv itself: each chapter's iex sessions, replayed.
+ */
+
+//> agents
+/* --------------------------------------------------------------------------
+ * IX.1  Loading the code
+ * --------------------------------------------------------------------------
+ * BEAM loads a module from its .beam file into the code server's table;
+ * apply/3 and the behaviours find it there by name (III.10).  kv.c's
+ * modules are C, so their table entries are written out here, in one
+ * place, after every function they name: each lists the functions apply/3
+ * may call (exports) and the callbacks its behaviour calls.  A chapter
+ * that changes a module's function (the registry's handle_cast in
+ * dynamic-supervisor.md, say) changes what the entry points at, not the
+ * entry.
+ */
+
+/* Agent: Agent.start_link/1 and Agent.child_spec/1, for {Agent, fun} children */
+static const struct export agent_exports[] = {
+    {"start_link", 1, agent_start_link_1},
+    {"child_spec", 1, agent_child_spec},
+    {NULL, 0, NULL},
+};
+static const struct module agent_module = {.name = "Agent", .exports = agent_exports};
+
+/* Agent.Server: the gen_server callbacks an agent runs (Part V) */
+static const struct module agent_server = {
+    .name = "Agent.Server",
+    .init = agent_init,
+    .handle_call = agent_handle_call,
+    .handle_cast = agent_handle_cast,
+};
+
+/* KV: KV.hello/0 is called from C only (apply/3 never needs it); from
+ * "The application callback" on, KV is the application callback module. */
+static const struct module kv_module = {
+    .name = "KV",
+    .start = kv_start, //> supervisor-and-application/callback
+};
+
+/* KV.Bucket */
+static const struct export kv_bucket_exports[] = {
+    {"start_link", 1, kv_bucket_start_link},
+    {"child_spec", 1, kv_bucket_child_spec},
+    {NULL, 0, NULL},
+};
+static const struct module kv_bucket = {.name = "KV.Bucket", .exports = kv_bucket_exports};
+
+//> genservers
+/* KV.Registry */
+static const struct export kv_registry_exports[] = {
+    {"start_link", 1, kv_registry_start_link},
+    {"child_spec", 1, kv_registry_child_spec},
+    {NULL, 0, NULL},
+};
+static const struct module kv_registry = {
+    .name = "KV.Registry",
+    .exports = kv_registry_exports,
+    .init = kv_registry_init,
+    .handle_call = kv_registry_handle_call,
+    .handle_cast = kv_registry_handle_cast,
+    .handle_info = kv_registry_handle_info, //> genservers/monitoring
+};
+
+//> supervisor-and-application
+/* OTP's supervisor, which Elixir's Supervisor calls */
+static const struct module supervisor_engine = {
+    .name = "supervisor",
+    .init = sup_init,
+    .handle_call = sup_handle_call,
+    .handle_cast = sup_handle_cast,
+    .handle_info = sup_handle_info,
+    .terminate = sup_terminate,
+};
+
+/* Supervisor.Default: the module of Supervisor.start_link(children, opts) */
+static const struct module supervisor_default = {.name = "Supervisor.Default", .init = default_init};
+
+/* KV.Supervisor */
+static const struct export kv_supervisor_exports[] = {
+    {"start_link", 1, kv_supervisor_start_link},
+    {"child_spec", 1, kv_supervisor_child_spec},
+    {NULL, 0, NULL},
+};
+static const struct module kv_supervisor = {
+    .name = "KV.Supervisor",
+    .exports = kv_supervisor_exports,
+    .init = kv_supervisor_init,
+};
+
+/* OTP's application controller (supervisor-and-application.md, "Starting applications") */
+static const struct module application_controller = {
+    .name = "application_controller",
+    .init = ctl_init,
+    .handle_call = ctl_handle_call,
+    .handle_info = ctl_handle_info,
+};
+
+//> dynamic-supervisor/bucket-supervisor
+/* DynamicSupervisor */
 static const struct export dynamic_supervisor_exports[] = {
     {"start_link", 1, dynamic_supervisor_start_link},
     {"child_spec", 1, dynamic_supervisor_child_spec},
     {NULL, 0, NULL},
 };
-
 static const struct module dynamic_supervisor = {
     .name = "DynamicSupervisor",
     .exports = dynamic_supervisor_exports,
@@ -6431,54 +6958,286 @@ static const struct module dynamic_supervisor = {
     .terminate = dyn_terminate,
 };
 
-/* --------------------------------------------------------------------------
- * dynamic-supervisor.md — "Supervision trees"
- * --------------------------------------------------------------------------
- * KV.Supervisor's children, final form (its init/1 is in Part IV): the
- * bucket supervisor first, because the registry calls it; then the
- * registry; and :one_for_all, because buckets without the registry are
- * orphans and the registry without its buckets is wrong.
- */
-
-/* {DynamicSupervisor, name: KV.BucketSupervisor, strategy: :one_for_one} */
-static term kv_bucket_supervisor_spec(void) {
-    return tuple(2, alias("DynamicSupervisor"),
-                    list(2, tuple(2, am_name, alias("KV.BucketSupervisor")),
-                            tuple(2, am_strategy, am_one_for_one)));
-}
-
-/* --------------------------------------------------------------------------
- * dynamic-supervisor.md — "Shared state in tests", "Observer"
- * --------------------------------------------------------------------------
- * The guide's tests share KV.BucketSupervisor; kv_test.c boots a fresh :kv
- * application for each test that needs one, so no test sees another's
- * buckets.  Observer's view of the tree is what which_children shows, and
- * ./kv prints it at the end of its sessions.
- */
-
+//> agents
 /* Every module kv.c defines, loaded for apply/3 and the behaviours. */
 static void kv_load_modules(void) {
     code_load(&agent_server);
     code_load(&agent_module);
+    code_load(&kv_module);
     code_load(&kv_bucket);
-    code_load(&kv_registry);
-    code_load(&supervisor_engine);
-    code_load(&supervisor_default);
-    code_load(&kv_supervisor);
-    code_load(&application_controller);
-    code_load(&kv_application);
-    code_load(&dynamic_supervisor);
+    code_load(&kv_registry);            //> genservers
+    code_load(&supervisor_engine);      //> supervisor-and-application
+    code_load(&supervisor_default);     //> supervisor-and-application
+    code_load(&kv_supervisor);          //> supervisor-and-application
+    code_load(&application_controller); //> supervisor-and-application
+    code_load(&dynamic_supervisor);     //> dynamic-supervisor/bucket-supervisor
+}
+
+//> introduction-to-mix
+/* Start every Part, in order: its atoms, and, from Part III on, the VM,
+ * the exit reasons each Part words, and the modules.  The clock is the
+ * virtual one for the sessions and the self-test, the real one otherwise
+ * (III.4). */
+static void kv_init(bool virtual_clock) {
+    (void)virtual_clock;
+    terms_init();
+    vm_init(virtual_clock);                            //> agents
+    INIT_ATOMS(GEN_SERVER_ATOMS);                      //> agents
+    exit_wording_add(gen_server_exit_wording);         //> agents
+    INIT_ATOMS(AGENT_ATOMS);                           //> agents
+    INIT_ATOMS(REGISTRY_ATOMS);                        //> genservers
+    INIT_ATOMS(SUPERVISOR_ATOMS);                      //> supervisor-and-application
+    exit_wording_add(supervisor_exit_wording);         //> supervisor-and-application
+    INIT_ATOMS(DYNAMIC_SUPERVISOR_ATOMS);              //> dynamic-supervisor/bucket-supervisor
+    kv_load_modules();                                 //> agents
 }
 
 #ifndef KV_NO_MAIN /* the self-test, kv_test.c, has a main of its own */
 
-/* ==========================================================================
- * PART VI — ./kv: the program
- * ==========================================================================
- * `./kv` replays the guide's iex sessions (make run); `./kv --no-start`
- * does so after coming up without starting :kv, as the seed chapter's
- * `iex -S mix run --no-start`.  `./kv bench` measures the runtime (make
- * bench).  Each figure is one line,
+/* --------------------------------------------------------------------------
+ * IX.2  ./kv: the chapter's iex sessions, replayed
+ * --------------------------------------------------------------------------
+ * Each session of the chapter runs here, in order, on kv.c's own code as
+ * this chapter leaves it: the `iex>` line says what the guide typed, the
+ * line below is what came back, printed as iex prints it (pretty, 80
+ * columns).  Pids and references are kv.c's own.  The clock is the
+ * virtual one, so nothing waits.  Every chapter's ./kv replays only that
+ * chapter (make run plays them all, each with its own stage's binary):
+ * the earlier chapters' sessions are kept below, retired, where they ran.
+ */
+
+static void iex_prompt(const char *code) {
+    printf("iex> %s\n", code);
+    fflush(stdout);
+}
+
+static void iex_result(term result) {
+    struct buf b = {0};
+    inspect_pretty_to(&b, result, 80);
+    printf("%s\n", buf_str(&b));
+    buf_free(&b);
+}
+
+/* iex> code, then its result.  A macro so that the prompt is printed
+ * before `expr` runs: whatever expr logs comes after it, as in iex. */
+#define iex(code, expr)        \
+    do {                       \
+        iex_prompt(code);      \
+        iex_result(expr);      \
+    } while (0)
+
+static void banner(const char *chapter, const char *section) {
+    printf("\n# %s, \"%s\"\n\n", chapter, section);
+}
+
+static void say(const char *text) { printf("# %s\n", text); }
+
+/* retired at agents: from agents.md on, the sessions run in a process
+// introduction-to-mix.md: the doctest `mix new` writes for KV.hello
+static void tour_chapter(void) {
+    banner("introduction-to-mix.md", "Running tests");
+    say("The doctest in KV's documentation, run:");
+    iex("KV.hello()", kv_hello());
+}
+
+static int tour_main(void) {
+    kv_init(true);
+    printf("kv.c replays the iex sessions of Elixir's Mix and OTP guide, chapter by chapter.\n"
+           "(Everything printed as a result is computed here, not copied.)\n");
+    tour_chapter();
+    terms_shutdown();
+    return 0;
+}
+*/
+
+//> agents
+/* The Logger writes among the sessions, as in iex. */
+static void print_out(const char *text, size_t len) {
+    fwrite(text, 1, len, stdout);
+    fflush(stdout);
+}
+
+/* retired at genservers/monitoring: each chapter's ./kv replays its own sessions
+// agents.md's sessions; the funs the guide types in them
+static term fn_empty(term env, term x) { (void)env, (void)x; return NIL; }
+static term fn_eggs(term env, term l) { (void)env; return cons(string("eggs"), l); }
+static term fn_same(term env, term x) { (void)env; return x; }
+static term fn_123(term env, term x) { (void)env, (void)x; return integer(123); }
+static term fn_wrap(term env, term x) { (void)env; return map(1, atom("a"), x); }
+static term fn_12(term env, term x) { (void)env; return cons(integer(12), list(1, x)); }
+static term fn_nop(term env, term l) { (void)env; return cons(atom("nop"), l); }
+static const struct fun_def tour_funs[] = {
+    {"fn_empty", 0, "the tour", fn_empty}, {"fn_eggs", 1, "the tour", fn_eggs},
+    {"fn_same", 1, "the tour", fn_same},   {"fn_123", 1, "the tour", fn_123},
+    {"fn_wrap", 1, "the tour", fn_wrap},   {"fn_12", 1, "the tour", fn_12},
+    {"fn_nop", 1, "the tour", fn_nop},
+};
+#define TOUR_FUN(i) fun_term(&tour_funs[i], NIL)
+
+static void tour_chapter(void) {
+    banner("agents.md", "Agents 101");
+    term agent;
+    iex("{:ok, agent} = Agent.start_link(fn -> [] end)", tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
+    iex("Agent.update(agent, fn list -> [\"eggs\" | list] end)", agent_update(agent, TOUR_FUN(1)));
+    iex("Agent.get(agent, fn list -> list end)", agent_get(agent, TOUR_FUN(2)));
+    iex("Agent.stop(agent)", agent_stop(agent, am_normal, am_infinity));
+    printf("\n");
+    iex("{:ok, agent} = Agent.start_link(fn -> [] end)", tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
+    iex("Agent.update(agent, fn _list -> 123 end)", agent_update(agent, TOUR_FUN(3)));
+    iex("Agent.update(agent, fn content -> %{a: content} end)", agent_update(agent, TOUR_FUN(4)));
+    iex("Agent.update(agent, fn content -> [12 | [content]] end)", agent_update(agent, TOUR_FUN(5)));
+    iex("Agent.update(agent, fn list -> [:nop | list] end)", agent_update(agent, TOUR_FUN(6)));
+    iex("Agent.get(agent, fn content -> content end)", agent_get(agent, TOUR_FUN(2)));
+}
+*/
+
+//> genservers/monitoring
+/* retired at supervisor-and-application/callback: each chapter's ./kv replays its own sessions
+// genservers.md's sessions
+static void tour_chapter(void) {
+    banner("genservers.md", "Client-server communication with GenServer");
+    term shopping = list(1, tuple(2, am_name, atom("shopping")));
+    iex("Agent.start_link(fn -> %{} end, name: :shopping)", agent_start_link(fun_term(&bucket_new_fun, NIL), shopping));
+    iex("KV.Bucket.put(:shopping, \"milk\", 1)", kv_bucket_put(atom("shopping"), string("milk"), integer(1)));
+    iex("KV.Bucket.get(:shopping, \"milk\")", kv_bucket_get(atom("shopping"), string("milk")));
+
+    banner("genservers.md", "GenServer callbacks");
+    term registry;
+    iex("{:ok, registry} = GenServer.start_link(KV.Registry, :ok)",
+        tuple(2, am_ok, registry = ok_value(gen_server_start_link(alias("KV.Registry"), am_ok, NIL))));
+    iex("GenServer.cast(registry, {:create, \"shopping\"})", gen_server_cast(registry, tuple(2, am_create, string("shopping"))));
+    iex("{:ok, bk} = GenServer.call(registry, {:lookup, \"shopping\"})",
+        gen_server_call(registry, tuple(2, am_lookup, string("shopping"))));
+
+    banner("genservers.md", "The need for monitoring");
+    term pid;
+    iex("{:ok, pid} = KV.Bucket.start_link([])", tuple(2, am_ok, pid = ok_value(kv_bucket_start_link(NIL))));
+    iex("Process.monitor(pid)", process_monitor(pid));
+    iex("Agent.stop(pid)", agent_stop(pid, am_normal, am_infinity));
+    iex_prompt("flush()");
+    for (term m; (m = receive_now(NULL, NULL));) iex_result(m);
+    iex_result(am_ok);
+}
+*/
+
+//> supervisor-and-application/callback
+/* retired at dynamic-supervisor/supervision-trees: each chapter's ./kv replays its own sessions
+// supervisor-and-application.md's sessions.  Until "Starting applications"
+// the guide's :kv has no callback, so iex starts no tree; kv.c's does, so
+// the VM comes up without :kv (iex -S mix run --no-start) until then.
+
+// iex> code, where code exits: iex prints the exit and carries on.
+static void iex_exit(const char *code, void (*fn)(void *), void *arg) {
+    iex_prompt(code);
+    term reason;
+    if (try_catch(fn, arg, &reason) == CAUGHT_NOTHING) return;
+    struct buf b = {0};
+    format_exit_banner(&b, reason);
+    printf("%s\n", buf_str(&b));
+    buf_free(&b);
+}
+
+static void call_bad_input(void *registry) { gen_server_call((term)registry, atom("bad_input")); }
+
+static void tour_chapter(void) {
+    ok_value(application_boot(true));
+    banner("supervisor-and-application.md", "Our first supervisor");
+    term spec = kv_registry_child_spec(NIL);
+    say("The seed edition of the chapter (its Elixir spelled out the defaults):");
+    iex("KV.Registry.child_spec([])", spec);
+    say("The newer edition (newer Elixir writes only id and start here):");
+    iex("KV.Registry.child_spec([])", child_spec_as_1_14(spec));
+    term sup, children;
+    iex("{:ok, sup} = KV.Supervisor.start_link([])", tuple(2, am_ok, sup = ok_value(kv_supervisor_start_link(NIL))));
+    iex("Supervisor.which_children(sup)", supervisor_which_children(sup));
+    iex("[{_, registry, _, _}] = Supervisor.which_children(sup)", children = supervisor_which_children(sup));
+    iex_exit("GenServer.call(registry, :bad_input)", call_bad_input, (void *)elem(hd(children), 1));
+    iex("Supervisor.which_children(sup)", supervisor_which_children(sup));
+
+    banner("supervisor-and-application.md", "Naming processes");
+    say("A new iex session: the supervisor from above goes first.");
+    iex("Supervisor.stop(sup)", supervisor_stop(sup, am_normal, am_infinity));
+    iex("KV.Supervisor.start_link([])", sup = kv_supervisor_start_link(NIL));
+    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(alias("KV.Registry"), string("shopping")));
+    iex("KV.Registry.lookup(KV.Registry, \"shopping\")", kv_registry_lookup(alias("KV.Registry"), string("shopping")));
+    supervisor_stop(elem(sup, 1), am_normal, am_infinity);
+
+    banner("supervisor-and-application.md", "Understanding applications");
+    struct buf b = {0};
+    application_resource_file(&b, am_kv);
+    say("The file as this chapter ends: \"The application callback\", below, adds its mod: entry");
+    say("(and the seed edition also lists {extra_applications,[logger]}).");
+    printf("$ cat _build/dev/lib/kv/ebin/kv.app\n%s", buf_str(&b));
+    buf_free(&b);
+
+    banner("supervisor-and-application.md", "Starting applications");
+    say("The seed edition starts iex with `iex -S mix run --no-start`, as this VM came up:");
+    iex("Application.start(:kv)", application_start(am_kv));
+    say("The newer edition starts iex with `iex -S mix`, which has started :kv already:");
+    iex("Application.start(:kv)", application_start(am_kv));
+    iex("Application.stop(:kv)", application_stop(am_kv));
+    iex("Application.stop(:logger)", application_stop(am_logger));
+    iex("Application.start(:kv)", application_start(am_kv));
+    iex("Application.ensure_all_started(:kv)", application_ensure_all_started(am_kv));
+
+    banner("supervisor-and-application.md", "The application callback");
+    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(alias("KV.Registry"), string("shopping")));
+    iex("KV.Registry.lookup(KV.Registry, \"shopping\")", kv_registry_lookup(alias("KV.Registry"), string("shopping")));
+    say("The tree the callback started, with its one child:");
+    iex("Supervisor.which_children(KV.Supervisor)", supervisor_which_children(alias("KV.Supervisor")));
+}
+*/
+
+//> dynamic-supervisor/supervision-trees
+/* dynamic-supervisor.md's sessions, on the :kv application as `iex -S mix`
+ * starts it. */
+static void tour_chapter(void) {
+    ok_value(application_boot(false));
+    banner("dynamic-supervisor.md", "The bucket supervisor");
+    term r;
+    iex("{:ok, bucket} = DynamicSupervisor.start_child(KV.BucketSupervisor, KV.Bucket)",
+        r = dynamic_supervisor_start_child(alias("KV.BucketSupervisor"), alias("KV.Bucket")));
+    term bucket = ok_value(r);
+    iex("KV.Bucket.put(bucket, \"eggs\", 3)", kv_bucket_put(bucket, string("eggs"), integer(3)));
+    iex("KV.Bucket.get(bucket, \"eggs\")", kv_bucket_get(bucket, string("eggs")));
+
+    banner("dynamic-supervisor.md", "Supervision trees");
+    say("The tree as the chapter leaves it, newest child first:");
+    iex("Supervisor.which_children(KV.Supervisor)", supervisor_which_children(alias("KV.Supervisor")));
+    iex("Supervisor.count_children(KV.Supervisor)", supervisor_count_children(alias("KV.Supervisor")));
+
+    banner("dynamic-supervisor.md", "Observer");
+    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(alias("KV.Registry"), string("shopping")));
+    say("What Observer's tree shows, asked for with which_children:");
+    iex("DynamicSupervisor.which_children(KV.BucketSupervisor)",
+        dynamic_supervisor_which_children(alias("KV.BucketSupervisor")));
+}
+
+//> agents
+/* The tour: the sessions run in a process of their own, as iex's do. */
+static void tour(term arg) {
+    (void)arg;
+    tour_chapter();
+    exit_self(am_shutdown);
+}
+
+static int tour_main(void) {
+    kv_init(true);
+    vm.out = print_out;
+    printf("kv.c replays the iex sessions of Elixir's Mix and OTP guide, chapter by chapter.\n"
+           "(Pids and references are kv.c's; everything else is computed here, not copied.)\n");
+    uint64_t pid = vm_spawn(tour, NIL, "the tour");
+    heap_free(&outside_heap);
+    enum vm_result r = vm_run(pid);
+    vm_shutdown(); /* whatever the sessions left running goes too */
+    return r == VM_DEADLOCK ? 1 : 0;
+}
+
+//> dynamic-supervisor/supervision-trees
+/* --------------------------------------------------------------------------
+ * IX.3  ./kv bench: the runtime's figures
+ * --------------------------------------------------------------------------
+ * `./kv bench` (make bench) measures the runtime.  Each figure is one line,
  *     RESULT <tab> bench <tab> metric <tab> value <tab> unit
  * so scripts can compare runs, and BEAM's figures beside them.  The
  * benchmarks run on the real clock, the sessions on the virtual one.
@@ -6599,8 +7358,7 @@ static void run_bench(void (*fn)(term), term arg) {
 }
 
 static int bench_main(void) {
-    vm_init(false);
-    kv_load_modules();
+    kv_init(false);
     bench_switch();
     run_bench(ring_main, tuple(2, integer(1000), integer(10000000)));
     run_bench(ring_main, tuple(2, integer(100000), integer(10000000)));
@@ -6611,224 +7369,13 @@ static int bench_main(void) {
     return 0;
 }
 
-/* ---- ./kv: the guide's iex sessions, replayed -----------------------------
- * Each session of the guide runs here, in order, on kv.c's processes: the
- * `iex>` line says what the guide typed, the line below is what came back,
- * printed as iex prints it (pretty, 80 columns).  Pids and references are
- * kv.c's own.  The clock is the virtual one, so nothing waits. */
-
-static void iex_prompt(const char *code) {
-    printf("iex> %s\n", code);
-    fflush(stdout);
-}
-
-static void iex_result(term result) {
-    struct buf b = {0};
-    inspect_pretty_to(&b, result, 80);
-    printf("%s\n", buf_str(&b));
-    buf_free(&b);
-}
-
-/* iex> code, then its result.  A macro so that the prompt is printed
- * before `expr` runs: whatever expr logs comes after it, as in iex. */
-#define iex(code, expr)        \
-    do {                       \
-        iex_prompt(code);      \
-        iex_result(expr);      \
-    } while (0)
-
-static void banner(const char *chapter, const char *section) {
-    printf("\n# %s, \"%s\"\n\n", chapter, section);
-}
-
-/* iex> code, where code exits: iex prints the exit and carries on. */
-static void iex_exit(const char *code, void (*fn)(void *), void *arg) {
-    printf("iex> %s\n", code);
-    fflush(stdout);
-    term reason;
-    if (try_catch(fn, arg, &reason) == CAUGHT_NOTHING) return;
-    struct buf b = {0};
-    format_exit_banner(&b, reason);
-    printf("%s\n", buf_str(&b));
-    buf_free(&b);
-}
-
-static void print_out(const char *text, size_t len) {
-    fwrite(text, 1, len, stdout);
-    fflush(stdout);
-}
-
-static term fn_empty(term env, term x) { (void)env, (void)x; return NIL; }
-static term fn_eggs(term env, term l) { (void)env; return cons(string("eggs"), l); }
-static term fn_same(term env, term x) { (void)env; return x; }
-static term fn_123(term env, term x) { (void)env, (void)x; return integer(123); }
-static term fn_wrap(term env, term x) { (void)env; return map(1, atom("a"), x); }
-static term fn_12(term env, term x) { (void)env; return cons(integer(12), list(1, x)); }
-static term fn_nop(term env, term l) { (void)env; return cons(atom("nop"), l); }
-
-static const struct fun_def tour_funs[] = {
-    {"fn_empty", 0, "the tour", fn_empty}, {"fn_eggs", 1, "the tour", fn_eggs},
-    {"fn_same", 1, "the tour", fn_same},   {"fn_123", 1, "the tour", fn_123},
-    {"fn_wrap", 1, "the tour", fn_wrap},   {"fn_12", 1, "the tour", fn_12},
-    {"fn_nop", 1, "the tour", fn_nop},
-};
-#define TOUR_FUN(i) fun_term(&tour_funs[i], NIL)
-
-static void tour_agents(void) {
-    banner("agents.md", "Agents 101");
-    term agent;
-    iex("{:ok, agent} = Agent.start_link(fn -> [] end)", tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
-    iex("Agent.update(agent, fn list -> [\"eggs\" | list] end)", agent_update(agent, TOUR_FUN(1)));
-    iex("Agent.get(agent, fn list -> list end)", agent_get(agent, TOUR_FUN(2)));
-    iex("Agent.stop(agent)", agent_stop(agent, am_normal, am_infinity));
-    printf("\n");
-    iex("{:ok, agent} = Agent.start_link(fn -> [] end)", tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
-    iex("Agent.update(agent, fn _list -> 123 end)", agent_update(agent, TOUR_FUN(3)));
-    iex("Agent.update(agent, fn content -> %{a: content} end)", agent_update(agent, TOUR_FUN(4)));
-    iex("Agent.update(agent, fn content -> [12 | [content]] end)", agent_update(agent, TOUR_FUN(5)));
-    iex("Agent.update(agent, fn list -> [:nop | list] end)", agent_update(agent, TOUR_FUN(6)));
-    iex("Agent.get(agent, fn content -> content end)", agent_get(agent, TOUR_FUN(2)));
-}
-
-static void tour_genservers(void) {
-    banner("genservers.md", "Client-server communication with GenServer");
-    term shopping = list(1, tuple(2, am_name, atom("shopping")));
-    iex("Agent.start_link(fn -> %{} end, name: :shopping)", agent_start_link(fun_term(&bucket_new_fun, NIL), shopping));
-    iex("KV.Bucket.put(:shopping, \"milk\", 1)", kv_bucket_put(atom("shopping"), string("milk"), integer(1)));
-    iex("KV.Bucket.get(:shopping, \"milk\")", kv_bucket_get(atom("shopping"), string("milk")));
-
-    banner("genservers.md", "GenServer callbacks");
-    term registry;
-    iex("{:ok, registry} = GenServer.start_link(KV.Registry, :ok)",
-        tuple(2, am_ok, registry = ok_value(gen_server_start_link(alias("KV.Registry"), am_ok, NIL))));
-    iex("GenServer.cast(registry, {:create, \"shopping\"})",
-        gen_server_cast(registry, tuple(2, am_create, string("shopping"))));
-    iex("{:ok, bk} = GenServer.call(registry, {:lookup, \"shopping\"})",
-        gen_server_call(registry, tuple(2, am_lookup, string("shopping"))));
-
-    banner("genservers.md", "The need for monitoring");
-    term pid;
-    iex("{:ok, pid} = KV.Bucket.start_link([])", tuple(2, am_ok, pid = ok_value(kv_bucket_start_link(NIL))));
-    iex("Process.monitor(pid)", process_monitor(pid));
-    iex("Agent.stop(pid)", agent_stop(pid, am_normal, am_infinity));
-    printf("iex> flush()\n");
-    for (term m; (m = receive_now(NULL, NULL));) {
-        struct buf b = {0};
-        inspect_pretty_to(&b, m, 80);
-        printf("%s\n", buf_str(&b));
-        buf_free(&b);
-    }
-    printf(":ok\n");
-}
-
-static void call_bad_input(void *registry) { gen_server_call((term)registry, atom("bad_input")); }
-
-static void tour_supervisors(void) {
-    banner("supervisor-and-application.md", "Our first supervisor");
-    term spec = kv_registry_child_spec(NIL);
-    printf("# The seed edition of the chapter (its Elixir spelled out the defaults):\n");
-    iex("KV.Registry.child_spec([])", spec);
-    printf("# The newer edition (newer Elixir writes only id and start here):\n");
-    iex("KV.Registry.child_spec([])", child_spec_as_1_14(spec));
-    printf("# The chapter's first KV.Supervisor has one child, KV.Registry, :one_for_one;\n"
-           "# kv.c's KV.Supervisor is the final one, so the same tree is built directly:\n");
-    term sup, children;
-    iex("{:ok, sup} = Supervisor.start_link([KV.Registry], strategy: :one_for_one)",
-        tuple(2, am_ok, sup = ok_value(supervisor_start_link_children(list(1, alias("KV.Registry")),
-                                                                         list(1, tuple(2, am_strategy, am_one_for_one))))));
-    iex("Supervisor.which_children(sup)", supervisor_which_children(sup));
-    iex("[{_, registry, _, _}] = Supervisor.which_children(sup)", children = supervisor_which_children(sup));
-    iex_exit("GenServer.call(registry, :bad_input)", call_bad_input, (void *)elem(hd(children), 1));
-    iex("Supervisor.which_children(sup)", supervisor_which_children(sup));
-
-    banner("supervisor-and-application.md", "Naming processes");
-    printf("# The chapter starts KV.Supervisor by hand here, with KV.Supervisor.start_link([]).\n"
-           "# In kv.c the application's callback has started it already, under its name,\n"
-           "# and a second one could not take the names KV.Registry and KV.BucketSupervisor:\n");
-    iex("Process.whereis(KV.Supervisor)", process_whereis(alias("KV.Supervisor")));
-    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(alias("KV.Registry"), string("shopping")));
-    iex("KV.Registry.lookup(KV.Registry, \"shopping\")", kv_registry_lookup(alias("KV.Registry"), string("shopping")));
-
-    banner("supervisor-and-application.md", "Understanding applications");
-    struct buf b = {0};
-    application_resource_file(&b, am_kv);
-    printf("# kv.c's kv.app is the final one: its mod: entry is added in \"The application\n"
-           "# callback\" below (the seed edition also lists {extra_applications,[logger]}).\n");
-    printf("$ cat _build/dev/lib/kv/ebin/kv.app\n%s", buf_str(&b));
-    buf_free(&b);
-
-    banner("supervisor-and-application.md", "Starting applications");
-    iex("Application.start(:kv)", application_start(am_kv));
-    printf("# The chapter now restarts iex with `iex -S mix run --no-start`, so that :kv is\n"
-           "# not running (`./kv --no-start` starts kv.c that way).  Here :kv is stopped\n"
-           "# instead, which leaves the VM in the same state:\n");
-    iex("Application.stop(:kv)", application_stop(am_kv));
-    iex("Application.start(:kv)", application_start(am_kv));
-    iex("Application.stop(:kv)", application_stop(am_kv));
-    iex("Application.stop(:logger)", application_stop(am_logger));
-    iex("Application.start(:kv)", application_start(am_kv));
-    iex("Application.ensure_all_started(:kv)", application_ensure_all_started(am_kv));
-
-    banner("supervisor-and-application.md", "The application callback");
-    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(alias("KV.Registry"), string("shopping")));
-    iex("KV.Registry.lookup(KV.Registry, \"shopping\")", kv_registry_lookup(alias("KV.Registry"), string("shopping")));
-}
-
-static void tour_dynamic(void) {
-    banner("dynamic-supervisor.md", "The bucket supervisor");
-    term r;
-    iex("{:ok, bucket} = DynamicSupervisor.start_child(KV.BucketSupervisor, KV.Bucket)",
-        r = dynamic_supervisor_start_child(alias("KV.BucketSupervisor"), alias("KV.Bucket")));
-    term bucket = ok_value(r);
-    iex("KV.Bucket.put(bucket, \"eggs\", 3)", kv_bucket_put(bucket, string("eggs"), integer(3)));
-    iex("KV.Bucket.get(bucket, \"eggs\")", kv_bucket_get(bucket, string("eggs")));
-
-    banner("dynamic-supervisor.md", "Observer");
-    iex("KV.Registry.create(KV.Registry, \"shopping\")", kv_registry_create(alias("KV.Registry"), string("shopping")));
-    printf("# What Observer's tree shows, asked for with which_children:\n");
-    iex("Supervisor.which_children(KV.Supervisor)", supervisor_which_children(alias("KV.Supervisor")));
-    iex("DynamicSupervisor.which_children(KV.BucketSupervisor)",
-        dynamic_supervisor_which_children(alias("KV.BucketSupervisor")));
-}
-
-static void tour(term arg) {
-    bool no_start = arg == am_true;
-    term booted = application_boot(no_start);
-    if (!is_tagged(booted, am_ok, 2)) {
-        iex("Application.start(:kv)", booted);
-        exit_self(am_shutdown);
-    }
-    if (no_start) { /* the seed edition's iex -S mix run --no-start */
-        printf("# Started with --no-start (iex -S mix run --no-start, in the seed edition):\n");
-        iex("Process.whereis(KV.Registry)", process_whereis(alias("KV.Registry")));
-        iex("Application.start(:kv)", application_start(am_kv));
-        iex("Process.whereis(KV.Registry)", process_whereis(alias("KV.Registry")));
-    }
-    tour_agents();
-    tour_genservers();
-    tour_supervisors();
-    tour_dynamic();
-    exit_self(am_shutdown);
-}
-
-static int tour_main(bool no_start) {
-    vm_init(true);
-    kv_load_modules();
-    vm.out = print_out;
-    printf("kv.c replays the iex sessions of Elixir's Mix and OTP guide on its own processes.\n"
-           "(Pids and references are kv.c's; everything else is computed here, not copied.)\n");
-    uint64_t pid = vm_spawn(tour, boolean(no_start), "the tour");
-    heap_free(&outside_heap);
-    enum vm_result r = vm_run(pid);
-    vm_shutdown(); /* the application's tree is still up: it goes too */
-    return r == VM_DEADLOCK ? 1 : 0;
-}
-
+//> introduction-to-mix
+/* ./kv: this chapter's sessions; ./kv bench: the figures. */
 int main(int argc, char **argv) {
-    if (argc == 2 && strcmp(argv[1], "bench") == 0) return bench_main();
-    if (argc == 1) return tour_main(false);
-    if (argc == 2 && strcmp(argv[1], "--no-start") == 0) return tour_main(true);
-    fprintf(stderr, "usage: %s [--no-start | bench]\n", argv[0]);
+    if (argc == 2 && strcmp(argv[1], "bench") == 0) return bench_main(); //> dynamic-supervisor/supervision-trees
+    if (argc == 1) return tour_main();
+    fprintf(stderr, "usage: %s           replay this chapter's iex sessions\n", argv[0]);
+    fprintf(stderr, "       %s bench     the runtime's figures\n", argv[0]); //> dynamic-supervisor/supervision-trees
     return 2;
 }
 #endif

@@ -3325,8 +3325,7 @@ static const struct test tests[] = {
 
 int main(int argc, char **argv) {
     buf_reserve(&H.log, (size_t)2 << 20);
-    vm_init(true);
-    kv_load_modules();
+    kv_init(true);
     load_test_modules();
     const char *chapter = "", *module = "";
     for (const struct test *t = tests; t->name; t++) {
