@@ -197,12 +197,14 @@ static void *mem_alloc(size_t size) {
     return p;
 }
 
+//> agents
 static void *mem_realloc(void *old, size_t old_size, size_t size) {
     void *p = realloc(old, size ? size : 1);
     if (!p) out_of_memory(size);
     mem_in_use = mem_in_use - old_size + size;
     return p;
 }
+//> introduction-to-mix
 
 static void mem_free(void *p, size_t size) {
     if (!p) return;
@@ -1615,8 +1617,9 @@ static void inspect_pretty_to(struct buf *b, term t, long width) {
 }
 
 /* inspect/1 — the one-line form of t, appended to b. */
-static void inspect_to(struct buf *b, term t) { inspect_pretty_to(b, t, LONG_MAX); }
+API void inspect_to(struct buf *b, term t) { inspect_pretty_to(b, t, LONG_MAX); }
 
+//> agents
 /* Append fmt to b, each %T replaced by the next term argument, inspected:
  * Elixir's "... #{inspect(t)} ..." in C. */
 static void buf_terms(struct buf *b, const char *fmt, va_list ap) {
@@ -1629,6 +1632,7 @@ static void buf_terms(struct buf *b, const char *fmt, va_list ap) {
         }
     }
 }
+//> introduction-to-mix
 
 /* ==========================================================================
  * PART II — introduction-to-mix.md: "Introduction to Mix"
@@ -1964,6 +1968,33 @@ static struct vm {
     void (*on_finish)(uint64_t pid, term reason);
 } vm;
 
+/* ---- Declared ahead ------------------------------------------------------
+ * The runtime's sections call one another both ways: a process's first
+ * frame (III.3) handles exit signals (III.6), sending (III.5) raises
+ * exceptions (III.9), finishing a process (III.6) forgets its names (III.7).
+ * The functions used before the section that defines them are declared
+ * here, once, each with its section. */
+struct module;
+enum signal_outcome { SIGNAL_KEPT_AS_MESSAGE, SIGNAL_TAKEN };
+static NORETURN void proc_main(struct proc *p);                         /* III.3 */
+static void handle_signals(struct proc *p);                             /* III.6 */
+static enum signal_outcome handle_exit_signal(struct proc *p, struct msg **at);
+static void exit_later(struct proc *p, term reason);
+static void proc_finish(struct proc *p);
+static void finish_exited(void);
+static void apply_exits(void);
+static struct proc *whereis_proc(term name);                            /* III.7 */
+static void names_remove(struct proc *p);
+static NORETURN void raise_error(term exception);                       /* III.8 */
+static term exception_new(term module, size_t nfields, ...);            /* III.9 */
+static term erlang_error(term original);
+API term function_clause_error(term module, term function, int arity);
+static NORETURN void raise_argument_error(const char *message, ...);
+static void log_raised(term exception);
+static const struct module *code_find(term name);                       /* III.10 */
+static void code_purge(void);
+static term undefined_function_error(term module, term function, int arity);
+
 static void out_stderr(const char *text, size_t len) {
     fwrite(text, 1, len, stderr);
     fflush(stderr);
@@ -2119,7 +2150,6 @@ void __sanitizer_finish_switch_fiber(void *fake_stack_save, const void **bottom_
 #define NO_ASAN
 #endif
 
-
 #define STAGE_GAP (64 * 1024) /* between main()'s frame and the stage */
 #define STAGE_SLACK 128       /* extra room stage_enter leaves below */
 
@@ -2130,8 +2160,6 @@ static NOINLINE NO_ASAN uintptr_t stack_address(void) {
     uintptr_t a = (uintptr_t)&here;
     return a;
 }
-
-static NORETURN void proc_main(struct proc *p);
 
 /* Contract: called by the running process p, on the stage, just after
  * _setjmp(p->ctx).  Copies [its stack pointer, stage_top) to p->stack.
@@ -2240,9 +2268,6 @@ static NORETURN void exit_now(term reason) {
 }
 
 /* A process's first frame.  Returning from its function means :normal. */
-static void handle_signals(struct proc *p);
-static void apply_exits(void);
-
 static NORETURN void proc_main(struct proc *p) {
     handle_signals(p); /* a signal may have come before its first turn */
     apply_exits();
@@ -2473,8 +2498,6 @@ static bool poll_input(int timeout_ms) {
 
 static void report(const char *text) { vm.out(text, strlen(text)); }
 
-static void inspect_to(struct buf *b, term t);
-
 /* Every process waits and nothing can wake one: say who waits for what. */
 static void report_deadlock(void) {
     struct buf b = {0};
@@ -2531,9 +2554,6 @@ static bool sched_idle(bool may_wait) {
     timers_fire(now_ms());
     return true;
 }
-
-static void finish_exited(void);
-static void proc_finish(struct proc *p);
 
 /* Enter p and come back when control returns to the scheduler.
  * Contract: _setjmp saves this frame, which lies above the stage, in
@@ -2616,9 +2636,6 @@ static void vm_init(bool virtual_clock) {
 
 /* erl +P: the most processes that may be alive at once. */
 API void vm_set_process_limit(size_t limit) { vm.limit = limit; }
-
-static void exit_later(struct proc *p, term reason);
-static void code_purge(void);
 
 /* System.stop/0 (:init.stop), its last step: every process still alive
  * is finished as if killed, then the VM gives back its own memory (the
@@ -2777,7 +2794,6 @@ static term term_copy(struct heap *h, term t) {
     return c;
 }
 
-
 /* Copy t into a new message, in one chunk sized exactly.
  *
  * Why a chunk of its own?  The message then owns every byte it points
@@ -2838,18 +2854,11 @@ static void mailbox_free(struct proc *p) {
     p->mbox_len = 0;
 }
 
-static NORETURN void raise_error(term exception);
-static term argument_error(const char *message);
-static term erlang_error(term original);
-API term function_clause_error(term module, term function, int arity);
-static NORETURN void raise_argument_error(const char *message, ...);
-
 /* What a BIF raises for an argument of the wrong kind, e.g.
  * raise_badarg("1st argument: not a pid"), in Erlang's words. */
 #define BADARG_HEAD "errors were found at the given arguments:\n\n"
 #define BADARG(what) BADARG_HEAD "  * " what "\n"
 #define raise_badarg(what) raise_argument_error(BADARG(what))
-static struct proc *whereis_proc(term name);
 
 /* Process.send/3 (Kernel.send/2): dest is a pid or a registered name.  A
  * dead pid swallows the message silently; an unknown name is an error. */
@@ -2866,11 +2875,6 @@ API term process_send(term dest, term msg) {
     if (p) deliver(p, msg);
     return msg;
 }
-
-enum signal_outcome { SIGNAL_KEPT_AS_MESSAGE, SIGNAL_TAKEN };
-static enum signal_outcome handle_exit_signal(struct proc *p, struct msg **at);
-static void handle_signals(struct proc *p);
-static void apply_exits(void);
 
 typedef bool (*match_fn)(term msg, const void *arg);
 
@@ -2954,10 +2958,12 @@ API term receive(match_fn match, const void *arg, term timeout) {
     return receive_full(match, arg, after_ms(timeout), "a message", NULL);
 }
 
+//> supervisor-and-application
 /* receive with no `after`, for the VM's own waits */
 static term receive_forever(match_fn match, const void *arg) {
     return receive_full(match, arg, NO_TIMEOUT, "a message", NULL);
 }
+//> agents
 
 /* receive ... after 0: a message already there, or NULL at once */
 static term receive_now(match_fn match, const void *arg) {
@@ -3245,8 +3251,6 @@ static void handle_signals_from(struct proc *p, uint64_t from) {
 
 static void handle_signals(struct proc *p) { handle_signals_from(p, 0); }
 
-static void names_remove(struct proc *p);
-
 /* Finish a dead process: tell its links and monitors, free everything.
  * Never called for the running process (see finish_exited and vm_run).  The name
  * goes first, as on BEAM, so that a process that hears of the death can
@@ -3311,9 +3315,6 @@ static void apply_exits(void) {
  * The functions processes call.  Each one runs inside the calling process;
  * `vm.current` is the caller. */
 
-static term erlang_error(term original);
-static term exception_new(term module, size_t nfields, ...);
-
 /* self/0 */
 static term self(void) { return pid_term(vm.current->pid); }
 
@@ -3335,11 +3336,13 @@ static term heap_compact(struct heap *h, term root) {
  * returns root, copied into the running process's fresh heap (I.4). */
 API term garbage_collect(term root) { return heap_compact(&vm.current->heap, root); }
 
+//> dynamic-supervisor/bucket-supervisor
 /* Raw memory for the running process, from its own heap: gone when the
  * heap is (the process dies, or compacts its heap).  For a table that C
  * code must keep across a receive, where the process may be killed: a
  * malloc'd one would leak then. */
 static void *proc_scratch(size_t size) { return heap_alloc(&vm.current->heap, size ? size : 1); }
+//> agents
 
 /* make_ref/0 */
 API term make_ref(void) { return ref_term(vm.next_ref++); }
@@ -3634,8 +3637,6 @@ API enum caught try_catch(void (*fn)(void *), void *arg, term *reason) {
     return p->caught;
 }
 
-static void log_raised(term exception);
-
 /* Kernel.exit/1 */
 API NORETURN void exit_self(term reason) {
     if (vm.current->catcher) throw_to_catcher(CAUGHT_EXIT, reason);
@@ -3710,8 +3711,6 @@ API term runtime_error(const char *message) {
 static term argument_error(const char *message) {
     return exception_new(am_ArgumentError, 1, am_message, string(message));
 }
-
-static void buf_terms(struct buf *b, const char *fmt, va_list ap);
 
 /* raise ArgumentError, message, where each %T in the message is the next
  * argument, a term, inspected: raise_argument_error("got: %T", t). */
@@ -3793,11 +3792,13 @@ static term map_get(term m, term key, term dflt) {
     return map_lookup(m, key, dflt);
 }
 
+//> genservers
 /* Map.has_key?/2 */
 static bool map_has_key(term m, term key) {
     map_check(m);
     return map_find(m, key) >= 0;
 }
+//> agents
 
 /* Map.fetch/2 — {:ok, value} or :error */
 API term map_fetch(term m, term key) {
@@ -3812,11 +3813,13 @@ static term map_put(term m, term key, term value) {
     return map_insert(m, key, value);
 }
 
+//> genservers/monitoring
 /* Map.delete/2 */
 static term map_delete(term m, term key) {
     map_check(m);
     return map_remove(m, key);
 }
+//> agents
 
 /* Map.pop/2 — {value or nil, map without key} */
 API term map_pop(term m, term key) {
@@ -3842,9 +3845,6 @@ static void mfa_text(struct buf *b, term module, term function, int64_t arity) {
     inspect_to(b, module);
     buf_printf(b, ".%s/%" PRId64, BYTES(function), arity);
 }
-
-struct module;
-static const struct module *code_find(term name);
 
 /* Exception.message/1 */
 static void exception_message(struct buf *b, term e) {
@@ -4095,8 +4095,6 @@ static const char *module_label(term module) {
     const char *s = BYTES(module);
     return module->n > 7 && memcmp(s, "Elixir.", 7) == 0 ? s + 7 : s;
 }
-
-static term undefined_function_error(term module, term function, int arity);
 
 /* A behaviour calls module.init(arg) as apply/3 would: a module that is
  * not an atom is an ArgumentError, one that was never loaded (or has no
@@ -4913,7 +4911,6 @@ static term agent_start_link_1(term fun) { return agent_start_link(fun, NIL); }
 static term agent_child_spec(term arg) {
     return map(2, am_id, am_Agent, am_start, tuple(3, am_Agent, am_start_link, list(1, arg)));
 }
-
 
 /* --------------------------------------------------------------------------
  * agents.md — "Agents 101": KV.Bucket
@@ -6366,8 +6363,6 @@ static term ctl_handle_info(term msg, term st) {
     return tuple(2, am_noreply, st);
 }
 
-
-
 /* Boot what `iex -S mix` boots: the application controller with kernel,
  * stdlib, elixir and logger running, then :kv itself unless `no_start`
  * (iex -S mix run --no-start). */
@@ -6452,7 +6447,6 @@ static term kv_start(term type, term args) {
  * its Makefile.  The application, what OTP starts and stops as a whole, is
  * :kv: its spec in app_specs and its callback module, KV, above.
  */
-
 
 //> dynamic-supervisor
 /* ==========================================================================
@@ -6933,6 +6927,7 @@ static const struct module kv_supervisor = {
     .init = kv_supervisor_init,
 };
 
+//> supervisor-and-application/naming
 /* OTP's application controller (supervisor-and-application.md, "Starting applications") */
 static const struct module application_controller = {
     .name = "application_controller",
@@ -6969,7 +6964,7 @@ static void kv_load_modules(void) {
     code_load(&supervisor_engine);      //> supervisor-and-application
     code_load(&supervisor_default);     //> supervisor-and-application
     code_load(&kv_supervisor);          //> supervisor-and-application
-    code_load(&application_controller); //> supervisor-and-application
+    code_load(&application_controller); //> supervisor-and-application/naming
     code_load(&dynamic_supervisor);     //> dynamic-supervisor/bucket-supervisor
 }
 
@@ -7082,6 +7077,7 @@ static void tour_chapter(void) {
     iex("Agent.get(agent, fn list -> list end)", agent_get(agent, TOUR_FUN(2)));
     iex("Agent.stop(agent)", agent_stop(agent, am_normal, am_infinity));
     printf("\n");
+    say("Agent.update/3 takes any function of the state:");
     iex("{:ok, agent} = Agent.start_link(fn -> [] end)", tuple(2, am_ok, agent = ok_value(agent_start_link(TOUR_FUN(0), NIL))));
     iex("Agent.update(agent, fn _list -> 123 end)", agent_update(agent, TOUR_FUN(3)));
     iex("Agent.update(agent, fn content -> %{a: content} end)", agent_update(agent, TOUR_FUN(4)));
@@ -7114,6 +7110,7 @@ static void tour_chapter(void) {
     iex("{:ok, pid} = KV.Bucket.start_link([])", tuple(2, am_ok, pid = ok_value(kv_bucket_start_link(NIL))));
     iex("Process.monitor(pid)", process_monitor(pid));
     iex("Agent.stop(pid)", agent_stop(pid, am_normal, am_infinity));
+    say("The monitor's message, with the reference monitor returned:");
     iex_prompt("flush()");
     for (term m; (m = receive_now(NULL, NULL));) iex_result(m);
     iex_result(am_ok);

@@ -9,47 +9,235 @@
  * It includes kv.c whole, so tests can reach every function, and then
  * provides what ExUnit provides: tests grouped by module, setup callbacks
  * that return a context, assertions that print the failing code with its
- * left and right values, and one line at the end: "N passed, M failed".
+ * left and right values, and at the end, as `mix test` does, the time it
+ * took and "N tests, M failures".  A failure is printed as ExUnit prints
+ * it, and the exit status is not 0.
  *
- * Every test runs in a process of its own, like ExUnit's, on a virtual
- * clock: a 5-second timeout takes no time at all.  After each test the
- * harness checks that no process survived it and that every byte the VM
- * handed out came back (see check_clean).
+ * Each test names, in the table at the end, the step of the guide that
+ * introduces it and, where a later step supersedes it, the last one it
+ * holds in (tools/steps); chapters/ cuts this file with kv.c.  After each
+ * test the harness checks that every byte the VM handed out came back,
+ * and that no process survived it.
  */
 #define KV_NO_MAIN
 #include "kv.c"
 
-#include <sys/wait.h>
+#include <sys/wait.h> //> agents
 
 /* ==========================================================================
  * The harness: ExUnit in miniature
  * ========================================================================== */
 
 struct test {
-    const char *chapter;    /* the guide chapter it belongs to, or "runtime" */
+    const char *since;      /* the step that introduces it: "agents", "genservers/monitoring" */
+    const char *last;       /* the last step it holds in, or NULL */
     const char *module;     /* "KV.BucketTest" */
     const char *name;       /* "stores values by key" */
     term (*setup)(void);    /* ExUnit's setup: returns the context map */
-    void (*body)(term ctx); /* the test, run in a process */
-    void (*main_body)(void);/* or: a test of the scheduler itself, run from main */
+    void (*body)(term ctx); /* the test, run in a process of its own */
+    void (*main_body)(void);/* or: run from main (the first chapter has no processes) */
+    int line;               /* where it is defined in kv_test.c */
 };
+
+/* TEST(t_x) { ... } defines a test that runs in a process and gets the
+ * setup's context as ctx; MAIN_TEST(main_x) { ... } one that runs from
+ * main.  Both remember their line, for the failure report; the rows of the
+ * table name them with IN_PROCESS(t_x) and FROM_MAIN(main_x). */
+#define TEST(fn)                      \
+    enum { fn##_line = __LINE__ };    \
+    static void fn(term ctx)
+#define MAIN_TEST(fn)                 \
+    enum { fn##_line = __LINE__ };    \
+    static void fn(void)
+#define IN_PROCESS(fn) fn, NULL, fn##_line
+#define FROM_MAIN(fn) NULL, fn, fn##_line
 
 static struct {
     const struct test *test;
     struct buf log;       /* what the Logger and the VM wrote during the test */
-    struct buf failure;   /* why it failed, as ExUnit would print it */
+    struct buf failure;   /* why it failed, as ExUnit prints it */
+    const char *code;     /* the assertion being evaluated, for a test that exits inside it */
+    int code_line;
+    bool failed;
+    jmp_buf main_fail;    /* where a failed assertion in a main-level test goes */
+    /* In a test process, a failed assertion raises instead (see below). */
+    void (*raise_failure)(const char *message, term left, term right, const char *code);
     uint64_t test_pid;
     uint64_t test_sup;    /* the test's supervisor, for start_supervised! */
     bool finished;        /* the test process reached the end of its body */
-    bool failed;
-    jmp_buf main_fail;    /* where a failed assertion in a main-level test goes */
     int passed, nfailed;
 } H;
 
-/* The VM writes here during a test instead of to stderr. */
+/* ---- Assertions ----------------------------------------------------------
+ * A failed assertion ends the test.  From main it jumps back to the
+ * harness; in a test process (from agents.md on) it raises
+ * %ExUnit.AssertionError{}, as ExUnit's assertions do.  Each assertion
+ * macro first notes its own code and line, so that a test that exits in
+ * the middle of one (a GenServer.call that exits, say) is reported with
+ * that code, as ExUnit reports it. */
+
+static NORETURN void fail_with(int line, const char *message, const char *code, term left, term right) {
+    struct buf b = {0};
+    buf_printf(&b, "%s\ncode:  %s", message, code);
+    if (left) { buf_puts(&b, "\nleft:  "); inspect_to(&b, left); }
+    if (right) { buf_puts(&b, "\nright: "); inspect_to(&b, right); }
+    buf_printf(&b, "\nstacktrace:\n  kv_test.c:%d: (test)", line);
+    if (H.raise_failure) H.raise_failure(buf_str(&b), left, right, code); /* does not return */
+    buf_add(&H.failure, buf_str(&b), b.len);
+    buf_free(&b);
+    H.failed = true;
+    longjmp(H.main_fail, 1);
+}
+
+/* An assertion is done: no code is being evaluated any more. */
+static void assertion_done(void) { H.code = NULL; }
+
+static void assert_equal_at(int line, const char *code, term left, term right) {
+    assertion_done();
+    /* NULL is "no term" (a receive that timed out, an exit not caught). */
+    if (left == right || (left && right && term_eq(left, right))) return;
+    if (!left) left = atom("(no term)");
+    if (!right) right = atom("(no term)");
+    fail_with(line, "Assertion with == failed", code, left, right);
+}
+
+static void assert_true_at(int line, const char *code, bool ok) {
+    assertion_done();
+    if (!ok) fail_with(line, "Expected truthy, got false", code, NULL, NULL);
+}
+
+/* inspect(t) must print exactly `expected` (width: 0 = inspect/1, else iex). */
+static void assert_inspect_at(int line, const char *code, term t, long width, const char *expected) {
+    assertion_done();
+    struct buf b = {0};
+    if (width) inspect_pretty_to(&b, t, width); else inspect_to(&b, t);
+    bool ok = strcmp(buf_str(&b), expected) == 0;
+    if (!ok) {
+        term l = string(buf_str(&b)), r = string(expected);
+        buf_free(&b);
+        fail_with(line, "Assertion with == failed", code, l, r);
+    }
+    buf_free(&b);
+}
+
+//> agents
+static void assert_contains_at(int line, const char *code, const char *text, const char *needle) {
+    assertion_done();
+    if (!strstr(text, needle)) fail_with(line, "Assertion with String.contains? failed", code, string(text), string(needle));
+}
+//> introduction-to-mix
+
+/* Note the assertion's code and line, then evaluate it. */
+#define ASSERTING(code_text, call) (H.code = (code_text), H.code_line = __LINE__, call)
+#define assert_eq(left, right) \
+    ASSERTING("assert " #left " == " #right, assert_equal_at(__LINE__, "assert " #left " == " #right, (left), (right)))
+#define assert_true(expr) ASSERTING("assert " #expr, assert_true_at(__LINE__, "assert " #expr, (expr)))
+#define refute(expr) ASSERTING("refute " #expr, assert_true_at(__LINE__, "refute " #expr, !(expr)))
+#define assert_inspect(t, expected) \
+    ASSERTING("assert inspect(" #t ") == ...", assert_inspect_at(__LINE__, "assert inspect(" #t ") == ...", (t), 0, (expected)))
+#define assert_pretty(t, expected) \
+    ASSERTING("assert inspect(" #t ", pretty: true) == ...", \
+              assert_inspect_at(__LINE__, "assert inspect(" #t ", pretty: true) == ...", (t), 80, (expected)))
+#define assert_contains(text, needle) \
+    ASSERTING("assert String.contains?(" #text ", ...)", \
+              assert_contains_at(__LINE__, "assert String.contains?(" #text ", ...)", (text), (needle)))
+
+/* Short names for the literals tests use most. */
+static term S(const char *s) { return string(s); }
+static term A(const char *s) { return atom(s); }
+static term I(int64_t i) { return integer(i); }
+
+/* ---- Running the tests ---- */
+
+static void print_indented(const char *text, const char *indent) {
+    for (const char *line = text; *line;) {
+        const char *end = strchr(line, '\n');
+        size_t n = end ? (size_t)(end - line) : strlen(line);
+        printf("%s%.*s\n", indent, (int)n, line);
+        line += n + (end ? 1 : 0);
+    }
+}
+
+static double seconds_since(const struct timespec *t0) {
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (double)(t1.tv_sec - t0->tv_sec) + (double)(t1.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+static void run_in_process(const struct test *t); //> agents
+static void after_process_test(void);              //> agents
+static void start_of_test(void);                   //> agents
+
+/* Run one test, check that it left nothing behind, and print it as
+ * `mix test --trace` does; a failure as ExUnit's numbered block. */
+static void run_test(const struct test *t) {
+    H.test = t;
+    H.failed = false;
+    H.code = NULL;
+    H.failure.len = 0;
+    H.log.len = 0;
+    if (H.log.s) H.log.s[0] = '\0';
+    start_of_test(); //> agents
+    size_t before = vm_memory(), system_before = vm_memory_system();
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (t->main_body) {
+        if (setjmp(H.main_fail) == 0) t->main_body();
+    } else {
+        run_in_process(t); //> agents
+    }
+    after_process_test(); //> agents
+    heap_free(&outside_heap);
+    double ms = seconds_since(&t0) * 1000;
+    size_t after = vm_memory(), system_after = vm_memory_system();
+    (void)system_before, (void)system_after; /* the VM's tables may grow; see the supervisor tests */
+    if (!H.failed && after != before) {
+        H.failed = true;
+        buf_printf(&H.failure, "the test leaked %ld bytes: the VM held %zu before and %zu after",
+                   (long)after - (long)before, before, after);
+    }
+    if (H.failed) {
+        H.nfailed++;
+        printf("  * test %s (%.1fms) [L#%d]\n", t->name, ms, t->line);
+        printf("\n  %d) test %s (%s)\n     kv_test.c:%d\n", H.nfailed, t->name, t->module, t->line);
+        print_indented(buf_str(&H.failure), "     ");
+        if (H.log.len) {
+            printf("     The following output was logged:\n");
+            print_indented(buf_str(&H.log), "     | ");
+        }
+        printf("\n");
+    } else {
+        H.passed++;
+        printf("  * test %s (%.1fms) [L#%d]\n", t->name, ms, t->line);
+    }
+    fflush(stdout);
+}
+
+/* ./kv_test [NAME | MODULE | CHAPTER]...: the tests to run (all, if none) */
+static bool selected(const struct test *t, int argc, char **argv) {
+    if (argc < 2) return true;
+    size_t n = strcspn(t->since, "/");
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], t->name) == 0 || strcmp(argv[i], t->module) == 0 ||
+            (strlen(argv[i]) == n && strncmp(argv[i], t->since, n) == 0) || strcmp(argv[i], t->since) == 0)
+            return true;
+    return false;
+}
+
+/* A doctest is named as ExUnit names it: "doctest KV.hello/0 (1)". */
+static bool is_doctest(const struct test *t) { return strncmp(t->name, "doctest ", 8) == 0; }
+
+//> agents
+/* ---- Tests in processes ------------------------------------------------
+ * From agents.md on, a test runs in a process of its own, as ExUnit's do,
+ * on a virtual clock: a 5-second timeout takes no time at all.  What the
+ * Logger and the VM print during a test is kept, and shown only if the
+ * test fails, as ExUnit's capture_log would. */
+
+/* The VM writes here during a test instead of to stderr.  The buffer is
+ * reserved once, in main, and never grows, so a test that counts the
+ * VM's own bytes (vm_memory_system) does not see it move. */
 static void capture(const char *text, size_t len) {
-    /* The buffer is reserved once, in main, and never grows: a test that
-     * counts malloc's bytes (malloc_in_use) must not see it move. */
     if (H.log.len + len + 1 < H.log.cap) buf_add(&H.log, text, len);
 }
 
@@ -63,81 +251,86 @@ static void on_finish(uint64_t pid, term reason) {
     format_exit_banner(&H.failure, reason);
 }
 
-/* ---- Assertions ----------------------------------------------------------
- * A failed assertion raises %ExUnit.AssertionError{} in the test process,
- * which ends the test; the harness prints it as ExUnit does. */
+/* A failed assertion, in a test process: raise %ExUnit.AssertionError{},
+ * whose message is the report; test_main prints it. */
+static NORETURN void raise_assertion(const char *message, term left, term right, const char *code) {
+    raise_error(exception_new(alias("ExUnit.AssertionError"), 4, atom("message"), string(message), atom("left"),
+                              left ? left : am_nil, atom("right"), right ? right : am_nil, atom("expr"), string(code)));
+}
 
-static NORETURN void fail_with(const char *file, int line, const char *message, const char *code,
-                               term left, term right) {
-    struct buf b = {0};
-    buf_printf(&b, "%s:%d\n%s\ncode:  %s", file, line, message, code);
-    if (left) { buf_puts(&b, "\nleft:  "); inspect_to(&b, left); }
-    if (right) { buf_puts(&b, "\nright: "); inspect_to(&b, right); }
-    if (!vm.current) { /* a main-level test */
-        buf_add(&H.failure, buf_str(&b), b.len);
-        buf_free(&b);
+static void test_body(void *arg) {
+    const struct test *t = arg;
+    term ctx = t->setup ? t->setup() : empty_map();
+    t->body(ctx);
+}
+
+/* After "** (exit) ..." or "** (RuntimeError) ...": the assertion it
+ * happened in, if any, and where, as ExUnit's report goes on. */
+static void report_where(void) {
+    if (H.code) buf_printf(&H.failure, "\ncode: %s\nstacktrace:\n  kv_test.c:%d: (test)", H.code, H.code_line);
+}
+
+/* The test process: setup, body, then exit(:shutdown) as ExUnit's does,
+ * which takes down every process the test linked to itself. */
+static void test_main(term arg) {
+    (void)arg;
+    term reason;
+    enum caught kind = try_catch(test_body, (void *)H.test, &reason);
+    H.finished = true;
+    if (kind == CAUGHT_ERROR && is_map(reason) && map_get(reason, am_struct_, am_nil) == alias("ExUnit.AssertionError")) {
         H.failed = true;
-        longjmp(H.main_fail, 1);
+        term m = map_get(reason, am_message, S(""));
+        buf_add(&H.failure, BYTES(m), m->n);
+    } else if (kind == CAUGHT_ERROR) {
+        H.failed = true;
+        exception_banner(&H.failure, reason);
+        report_where();
+    } else if (kind != CAUGHT_NOTHING) {
+        H.failed = true;
+        format_exit_banner(&H.failure, reason);
+        report_where();
     }
-    term e = exception_new(alias("ExUnit.AssertionError"), 4, atom("message"),
-                           string(buf_str(&b)), atom("left"), left ? left : am_nil,
-                           atom("right"), right ? right : am_nil, atom("expr"), string(code));
-    buf_free(&b);
-    raise_error(e);
+    exit_self(am_shutdown);
 }
 
-static void assert_equal_at(const char *file, int line, const char *l, const char *r, term left,
-                            term right) {
-    /* NULL is "no term" (a receive that timed out, an exit not caught). */
-    if (left == right || (left && right && term_eq(left, right))) return;
-    if (!left) left = atom("(no term)");
-    if (!right) right = atom("(no term)");
-    char code[512];
-    snprintf(code, sizeof code, "assert %s == %s", l, r);
-    fail_with(file, line, "Assertion with == failed", code, left, right);
+/* Kill whatever a test left running, from outside. */
+static void kill_everyone(void) {
+    for (size_t i = 0; i < vm.table_cap; i++)
+        if (vm.table[i]) exit_later(vm.table[i], am_killed);
+    finish_exited();
+    vm_run(0);
 }
 
-static void assert_true_at(const char *file, int line, const char *expr, bool ok) {
-    if (ok) return;
-    char code[512];
-    snprintf(code, sizeof code, "assert %s", expr);
-    fail_with(file, line, "Expected truthy, got false", code, NULL, NULL);
+static void start_of_test(void) {
+    H.test_sup = 0;
+    H.finished = false;
+    logger_started = true;
+    vm.out = capture;
+    vm.on_finish = on_finish;
 }
 
-/* inspect(t) must print exactly `expected` (width: 0 = inspect/1, else iex). */
-static void assert_inspect_at(const char *file, int line, const char *expr, term t, long width,
-                              const char *expected) {
-    struct buf b = {0};
-    if (width) inspect_pretty_to(&b, t, width); else inspect_to(&b, t);
-    bool ok = strcmp(buf_str(&b), expected) == 0;
-    if (!ok) {
-        char code[512];
-        snprintf(code, sizeof code, "assert inspect(%s) == ...", expr);
-        struct heap scratch = {0};
-        term l, r;
-        WITH_HEAP(vm.current ? alloc_heap : &scratch, l = string(buf_str(&b)); r = string(expected));
-        buf_free(&b);
-        fail_with(file, line, "Assertion with == failed", code, l, r);
+static void run_in_process(const struct test *t) {
+    H.raise_failure = raise_assertion;
+    H.test_pid = vm_spawn(test_main, NIL, t->name);
+    if (vm_run(H.test_pid) == VM_DEADLOCK) {
+        H.failed = true;
+        buf_puts(&H.failure, "the test deadlocked (the report is in the output below)");
     }
-    buf_free(&b);
+    H.raise_failure = NULL;
 }
 
-static void assert_contains_at(const char *file, int line, const char *expr, const char *text,
-                               const char *needle) {
-    if (strstr(text, needle)) return;
-    char code[512];
-    snprintf(code, sizeof code, "assert String.contains?(%s, ...)", expr);
-    fail_with(file, line, "Assertion with String.contains? failed", code, string(text),
-              string(needle));
+/* Whatever the test started is gone before the next one starts. */
+static void after_process_test(void) {
+    kill_everyone();
+    vm.on_finish = NULL;
+    vm.out = out_stderr;
+    if (!H.failed && vm.count != 0) {
+        H.failed = true;
+        buf_printf(&H.failure, "%zu processes were still alive after the test", vm.count);
+    }
 }
 
-#define assert_eq(left, right) assert_equal_at(__FILE__, __LINE__, #left, #right, (left), (right))
-#define assert_true(expr) assert_true_at(__FILE__, __LINE__, #expr, (expr))
-#define refute(expr) assert_true_at(__FILE__, __LINE__, "!(" #expr ")", !(expr))
-#define assert_inspect(t, expected) assert_inspect_at(__FILE__, __LINE__, #t, (t), 0, (expected))
-#define assert_pretty(t, expected) assert_inspect_at(__FILE__, __LINE__, #t, (t), 80, (expected))
-#define assert_contains(text, needle) assert_contains_at(__FILE__, __LINE__, #text, (text), (needle))
-
+//> supervisor-and-application
 /* "** (exit) ..." for reason, as a string term: what iex would print. */
 static term exit_text(term reason) {
     struct buf b = {0};
@@ -146,11 +339,7 @@ static term exit_text(term reason) {
     buf_free(&b);
     return s;
 }
-
-/* Short names for the literals tests use most. */
-static term S(const char *s) { return string(s); }
-static term A(const char *s) { return atom(s); }
-static term I(int64_t i) { return integer(i); }
+//> agents
 
 /* catch_exit(expr): run fn(arg) in this process; the exit reason it exited
  * with (Kernel.exit/1, or the raise, as {exception, []}), or NULL. */
@@ -168,42 +357,26 @@ static term catch_error(void (*fn)(void *), void *arg) {
     return try_catch(fn, arg, &reason) == CAUGHT_ERROR ? reason : NULL;
 }
 
-/* ExUnit.Callbacks.start_supervised!/1: start a child under the test's own
- * supervisor, which the test process starts on first use.  When the test
- * process ends (exit :shutdown), its supervisor, linked to it, shuts the
- * children down before the next test starts. */
-static term start_supervised(term child_spec) {
-    if (!H.test_sup || !proc_of_pid(H.test_sup)) {
-        term opts = list(3, tuple(2, am_strategy, am_one_for_one), tuple(2, am_max_restarts, integer(1000000)),
-                            tuple(2, am_max_seconds, integer(1)));
-        H.test_sup = ok_value(supervisor_start_link_children(NIL, opts))->u.id;
+/* THUNK(name, body): a function for catch_error/catch_exit to run, its
+ * argument an array of terms a[0], a[1], ... */
+#define THUNK(name, body)                 \
+    static void name(void *arg_) {        \
+        const term *a = arg_;             \
+        (void)a;                          \
+        body;                             \
     }
-    term r = supervisor_start_child(pid_term(H.test_sup), child_spec);
-    if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3)) return elem(r, 1);
-    struct buf b = {0};
-    buf_puts(&b, "failed to start child with the spec ");
-    inspect_to(&b, child_spec);
-    buf_puts(&b, ".\nReason: ");
-    inspect_to(&b, r);
-    term e = runtime_error(buf_str(&b));
-    buf_free(&b);
-    raise_error(e);
-}
-
-/* The :kv application running, as `mix test` leaves it for the tests. */
-static void boot_kv(void) { ok_value(application_boot(false)); }
 
 /* receive any message, with an `after` (:infinity or milliseconds) */
 static term receive_any(term timeout) { return receive(NULL, NULL, timeout); }
 
-/* assert_receive: a message must come within `timeout` ms */
-static term assert_receive_at(const char *file, int line, long timeout) {
+/* assert_receive: a message must come within `timeout` ms (-1: no limit) */
+static term assert_receive_at(int line, long timeout) {
+    assertion_done();
     term m = receive_any(timeout < 0 ? am_infinity : I(timeout));
-    if (!m) fail_with(file, line, "Assertion failed, no matching message after timeout",
-                      "assert_receive _", NULL, NULL);
+    if (!m) fail_with(line, "Assertion failed, no matching message after timeout", "assert_receive _", NULL, NULL);
     return m;
 }
-#define assert_receive(timeout) assert_receive_at(__FILE__, __LINE__, (timeout))
+#define assert_receive(timeout) assert_receive_at(__LINE__, (timeout))
 
 /* iex's flush/0: every message in the mailbox, oldest first, as a list. */
 static term iex_flush(void) {
@@ -214,122 +387,101 @@ static term iex_flush(void) {
     return list_of(n, items);
 }
 
-/* ---- Running one test ---- */
+//> genservers
+/* ---- start_supervised! ---------------------------------------------------
+ * ExUnit.Callbacks.start_supervised!/1 starts a child under a supervisor of
+ * the test's own (ExUnit's test supervisor), so that it is not linked to
+ * the test and is shut down before the next test starts.  genservers.md
+ * uses it before this file has any Supervisor, so the harness's test
+ * supervisor is a small process of its own: it starts each child with the
+ * child spec's start function, traps exits, and when the test process
+ * ends (it is linked to it) stops its children, newest first.  Children
+ * that crash are not restarted; no test here relies on it. */
 
-static void test_body(void *arg) {
-    const struct test *t = arg;
-    term ctx = t->setup ? t->setup() : empty_map();
-    t->body(ctx);
+struct start_run {
+    term mfa, result;
+};
+
+static void apply_start(void *arg) {
+    struct start_run *r = arg;
+    r->result = erlang_apply(elem(r->mfa, 0), elem(r->mfa, 1), elem(r->mfa, 2));
 }
 
-/* The test process: setup, body, then exit(:shutdown) as ExUnit's does,
- * which takes down every process the test linked to itself. */
-static void test_main(term arg) {
+static bool is_down_of(term msg, const void *ref) { return is_tagged(msg, am_DOWN, 5) && term_eq(elem(msg, 1), ref); }
+
+static void test_supervisor(term arg) {
     (void)arg;
-    term reason;
-    enum caught kind = try_catch(test_body, (void *)H.test, &reason);
-    H.finished = true;
-    if (kind == CAUGHT_ERROR && is_map(reason) &&
-        map_get(reason, am_struct_, am_nil) == alias("ExUnit.AssertionError")) {
-        H.failed = true;
-        term m = map_get(reason, am_message, S(""));
-        buf_add(&H.failure, BYTES(m), m->n);
-    } else if (kind == CAUGHT_ERROR) {
-        H.failed = true;
-        exception_banner(&H.failure, reason);
-    } else if (kind != CAUGHT_NOTHING) {
-        H.failed = true;
-        format_exit_banner(&H.failure, reason);
-    }
-    exit_self(am_shutdown);
-}
-
-/* Kill whatever a test left running, from outside. */
-static void kill_everyone(void) {
-    for (size_t i = 0; i < vm.table_cap; i++)
-        if (vm.table[i]) exit_later(vm.table[i], am_killed);
-    finish_exited();
-    vm_run(0);
-}
-
-static bool selected(const struct test *t, int argc, char **argv) {
-    if (argc < 2) return true;
-    for (int i = 1; i < argc; i++)
-        if (strcmp(argv[i], t->name) == 0 || strcmp(argv[i], t->module) == 0 || strcmp(argv[i], t->chapter) == 0)
-            return true;
-    return false;
-}
-
-static void print_indented(const char *text, const char *indent) {
-    for (const char *line = text; *line;) {
-        const char *end = strchr(line, '\n');
-        size_t n = end ? (size_t)(end - line) : strlen(line);
-        printf("%s%.*s\n", indent, (int)n, line);
-        line += n + (end ? 1 : 0);
-    }
-}
-
-static void run_test(const struct test *t) {
-    H.test = t;
-    H.test_sup = 0;
-    logger_started = true;
-    H.finished = H.failed = false;
-    H.log.len = 0;
-    H.failure.len = 0;
-    if (H.log.s) H.log.s[0] = '\0';
-    size_t before = vm_memory();
-    vm.out = capture;
-    vm.on_finish = on_finish;
-    if (t->main_body) {
-        if (setjmp(H.main_fail) == 0) t->main_body();
-        kill_everyone();
-    } else {
-        H.test_pid = vm_spawn(test_main, NIL, t->name);
-        if (vm_run(H.test_pid) == VM_DEADLOCK) {
-            H.failed = true;
-            buf_puts(&H.failure, "the test deadlocked (the report is in the output below)");
+    process_flag_trap_exit(true);
+    term children = NIL; /* newest first */
+    for (;;) {
+        term m = receive(NULL, NULL, am_infinity);
+        if (is_tagged(m, A("start"), 3)) { /* {:start, test, child spec} */
+            struct start_run run = {map_get(elem(m, 2), am_start, NIL), NULL};
+            term caught;
+            enum caught kind = try_catch(apply_start, &run, &caught);
+            term r = kind == CAUGHT_NOTHING ? run.result
+                                            : tuple(2, am_error, kind == CAUGHT_ERROR ? tuple(2, caught, NIL) : caught);
+            if (is_tagged(r, am_ok, 2) && is_pid(elem(r, 1))) children = cons(elem(r, 1), children);
+            process_send(elem(m, 1), tuple(2, A("started"), r));
+        } else if (is_tagged(m, am_EXIT, 3) && elem(m, 1)->u.id == H.test_pid) {
+            for (term l = children; l->kind == K_CONS; l = tl(l)) {
+                term ref = process_monitor(hd(l));
+                process_unlink(hd(l));
+                process_exit(hd(l), am_shutdown);
+                if (!receive(is_down_of, ref, I(5000))) process_exit(hd(l), am_kill);
+            }
+            return;
         }
-        kill_everyone();
     }
-    heap_free(&outside_heap);
-    vm.on_finish = NULL;
-    vm.out = out_stderr;
-    size_t after = vm_memory();
-    if (!H.failed && vm.count != 0) {
-        H.failed = true;
-        buf_printf(&H.failure, "%zu processes were still alive after the test", vm.count);
-    }
-    if (!H.failed && after != before) {
-        H.failed = true;
-        buf_printf(&H.failure, "the test leaked %ld bytes: the VM held %zu before and %zu after",
-                   (long)after - (long)before, before, after);
-    }
-    if (H.failed) {
-        H.nfailed++;
-        printf("  * test %s: FAILED\n", t->name);
-        printf("\n  %d) test %s (%s)\n", H.nfailed, t->name, t->module);
-        print_indented(buf_str(&H.failure), "     ");
-        if (H.log.len) {
-            printf("     The following output was logged:\n");
-            print_indented(buf_str(&H.log), "     | ");
-        }
-        printf("\n");
-    } else {
-        H.passed++;
-        printf("  * test %s\n", t->name);
-    }
-    fflush(stdout);
 }
 
+static bool is_started_reply(term msg, const void *arg) {
+    (void)arg;
+    return is_tagged(msg, A("started"), 2);
+}
+
+/* start_supervised!(child): its pid; raises if it does not start */
+static term start_supervised(term child) {
+    if (!H.test_sup || !proc_of_pid(H.test_sup)) H.test_sup = spawn_link(test_supervisor, NIL)->u.id;
+    term spec = is_atom(child) ? erlang_apply(child, A("child_spec"), list(1, NIL))
+                               : erlang_apply(elem(child, 0), A("child_spec"), list(1, elem(child, 1)));
+    process_send(pid_term(H.test_sup), tuple(3, A("start"), self(), spec));
+    term r = elem(receive(is_started_reply, NULL, am_infinity), 1);
+    if (is_tagged(r, am_ok, 2) || is_tagged(r, am_ok, 3)) return elem(r, 1);
+    struct buf b = {0};
+    buf_puts(&b, "failed to start child with the spec ");
+    inspect_to(&b, child);
+    buf_puts(&b, ".\nReason: ");
+    inspect_to(&b, r);
+    term e = runtime_error(buf_str(&b));
+    buf_free(&b);
+    raise_error(e);
+}
+
+//> supervisor-and-application/naming
+/* The :kv application running, as `mix test` leaves it for the tests. */
+static void boot_kv(void) { ok_value(application_boot(false)); }
+
+//> introduction-to-mix
 /* ==========================================================================
- * Part I: terms and inspect
+ * introduction-to-mix.md — "Running tests": KVTest
  * ========================================================================== */
 
-static void wait_for_never(term arg);
+/* retired at supervisor-and-application/callback: the guide removes KV.hello and its test
+// test "greets the world" do assert KV.hello() == :world end
+MAIN_TEST(main_greets_the_world) { assert_eq(kv_hello(), A("world")); }
 
-static void t_inspect_basic(term ctx) {
-    (void)ctx;
-    assert_inspect(tuple(2, am_ok, pid_term(72)), "{:ok, #PID<0.72.0>}");
+// doctest KV: the example in KV.hello's documentation, `iex> KV.hello()`,
+// which prints :world.
+MAIN_TEST(main_doctest_kv_hello) { assert_inspect(kv_hello(), ":world"); }
+*/
+
+/* ==========================================================================
+ * Terms and inspect (Part I of kv.c): Runtime.InspectTest
+ * ========================================================================== */
+
+MAIN_TEST(main_inspect_basic) {
+    assert_inspect(tuple(2, A("ok"), pid_term(72)), "{:ok, #PID<0.72.0>}");
     assert_inspect(list(3, A("nop"), I(12), map(1, A("a"), I(123))), "[:nop, 12, %{a: 123}]");
     assert_inspect(map(1, S("milk"), I(3)), "%{\"milk\" => 3}");
     assert_inspect(am_nil, "nil");
@@ -356,9 +508,6 @@ static void t_inspect_basic(term ctx) {
     assert_inspect(list(5, am_true, am_false, am_nil, A("Elixir.kv"), A("Elixir.KV.Bucket!")),
                    "[true, false, nil, :\"Elixir.kv\", :\"Elixir.KV.Bucket!\"]");
     assert_inspect(map(3, tuple(1, A("a")), I(1), I(1), I(2), A("b"), I(3)), "%{1 => 2, :b => 3, {:a} => 1}");
-    assert_inspect(runtime_error("boom"), "%RuntimeError{message: \"boom\"}");
-    assert_inspect(function_clause_error(alias("KV.Registry"), A("handle_call"), 3),
-                   "%FunctionClauseError{module: KV.Registry, function: :handle_call, arity: 3, kind: nil, args: nil, clauses: nil}");
     assert_inspect(map(2, am_struct_, alias("Foo"), A("a"), I(1)), "%{__struct__: Foo, a: 1}");
 }
 
@@ -368,8 +517,7 @@ static term seq(int from, int to) {
     return l;
 }
 
-static void t_inspect_limit(term ctx) {
-    (void)ctx;
+MAIN_TEST(main_inspect_limit) {
     assert_inspect(seq(1, 60), "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, "
                                "23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, "
                                "43, 44, 45, 46, 47, 48, 49, 50, ...]");
@@ -379,8 +527,7 @@ static void t_inspect_limit(term ctx) {
                    "43, 44, 45, 46, 47, 48, 49, ...]}");
 }
 
-static void t_inspect_pretty(term ctx) {
-    (void)ctx;
+MAIN_TEST(main_inspect_pretty) {
     term spec = map(5, A("id"), alias("KV.Registry"), A("restart"), A("permanent"), A("shutdown"), I(5000),
                        A("start"), tuple(3, alias("KV.Registry"), A("start_link"), list(1, NIL)),
                        A("type"), A("worker"));
@@ -391,7 +538,7 @@ static void t_inspect_pretty(term ctx) {
     assert_pretty(seq(1, 60), "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,\n"
                               " 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42,\n"
                               " 43, 44, 45, 46, 47, 48, 49, 50, ...]");
-    assert_pretty(tuple(2, am_ok, tuple(2, map(3, A("intensity"), I(3), A("period"), I(5), A("strategy"),
+    assert_pretty(tuple(2, A("ok"), tuple(2, map(3, A("intensity"), I(3), A("period"), I(5), A("strategy"),
                                                         A("one_for_one")),
                                               list(1, map(2, A("id"), alias("KV.Registry"), A("start"),
                                                                 tuple(3, alias("KV.Registry"), A("start_link"),
@@ -416,14 +563,18 @@ static void t_inspect_pretty(term ctx) {
                   "   215, 216, 217, 218, 219, 220, 221, 222, 223, 224, 225, 226, 227, 228, 229>>}");
 }
 
-static void t_term_order(term ctx) {
-    (void)ctx;
+MAIN_TEST(main_term_order) {
     /* number < atom < reference < fun < pid < tuple < map < [] < list < binary */
     term ordered[] = {I(-1), I(7), A("a"), A("b"), ref_term(1), pid_term(1), tuple(1, I(9)),
                       tuple(2, I(1), I(1)), empty_map(), NIL, list(1, I(1)), S("a"), S("ab")};
     size_t n = sizeof ordered / sizeof *ordered;
     for (size_t i = 0; i + 1 < n; i++) assert_true(term_cmp(ordered[i], ordered[i + 1]) < 0);
     assert_eq(list(2, I(1), S("x")), list(2, I(1), S("x")));
+}
+
+//> agents
+/* Map.get, Map.fetch and Map.pop, which the bucket is made of. */
+MAIN_TEST(main_map_api) {
     term m = map(2, S("milk"), I(3), S("eggs"), I(1));
     assert_eq(map_get(m, S("milk"), am_nil), I(3));
     assert_eq(map_fetch(m, S("bread")), am_error);
@@ -431,8 +582,16 @@ static void t_term_order(term ctx) {
     assert_eq(map_pop(empty_map(), S("milk")), tuple(2, am_nil, empty_map()));
 }
 
+/* Exceptions are structs, and print as Elixir prints them (from agents.md
+ * on, where the first one can be raised). */
+MAIN_TEST(main_inspect_exceptions) {
+    assert_inspect(runtime_error("boom"), "%RuntimeError{message: \"boom\"}");
+    assert_inspect(function_clause_error(alias("KV.Registry"), A("handle_call"), 3),
+                   "%FunctionClauseError{module: KV.Registry, function: :handle_call, arity: 3, kind: nil, args: nil, clauses: nil}");
+}
+
 /* ==========================================================================
- * Part I: processes, messages, links, monitors, names
+ * Processes (Part III of kv.c): messages, links, monitors, names
  * ========================================================================== */
 
 static void echo_once(term parent) {
@@ -440,7 +599,7 @@ static void echo_once(term parent) {
     process_send(parent, tuple(2, self(), m));
 }
 
-static void t_spawn_and_send(term ctx) {
+TEST(t_spawn_and_send) {
     (void)ctx;
     term pid = spawn(echo_once, self());
     assert_true(is_pid(pid));
@@ -459,7 +618,7 @@ static void sender_of_five(term parent) {
     for (int i = 1; i <= 5; i++) process_send(parent, I(i));
 }
 
-static void t_send_order(term ctx) {
+TEST(t_send_order) {
     (void)ctx;
     spawn(sender_of_five, self());
     for (int i = 1; i <= 5; i++) assert_eq(assert_receive(100), I(i));
@@ -467,7 +626,7 @@ static void t_send_order(term ctx) {
 
 static bool match_tag(term msg, const void *tag) { return is_tuple(msg) && elem(msg, 0) == (term)tag; }
 
-static void t_selective_receive(term ctx) {
+TEST(t_selective_receive) {
     (void)ctx;
     term me = self();
     process_send(me, tuple(2, A("a"), I(1)));
@@ -485,7 +644,7 @@ static void send_later(term arg) { /* {dest, delay, msg} */
     process_send(elem(arg, 0), elem(arg, 2));
 }
 
-static void t_receive_after(term ctx) {
+TEST(t_receive_after) {
     (void)ctx;
     struct timespec w0, w1;
     clock_gettime(CLOCK_MONOTONIC, &w0);
@@ -519,7 +678,7 @@ static term down_reason(term pid) {
     return elem(m, 4);
 }
 
-static void t_link_abnormal(term ctx) {
+TEST(t_link_abnormal) {
     (void)ctx;
     term pid = spawn(linker, tuple(1, A("boom")));
     assert_eq(down_reason(pid), A("boom"));
@@ -529,7 +688,7 @@ static void t_link_abnormal(term ctx) {
     process_exit(pid, am_kill);
 }
 
-static void t_trap_exit(term ctx) {
+TEST(t_trap_exit) {
     (void)ctx;
     assert_eq(boolean(process_flag_trap_exit(true)), am_false);
     assert_eq(boolean(process_flag_trap_exit(true)), am_true);
@@ -558,7 +717,7 @@ static void exit_self_normal(term arg) {
     exit_self(A("not_reached"));
 }
 
-static void t_exit_normal(term ctx) {
+TEST(t_exit_normal) {
     (void)ctx;
     term pid = spawn(wait_forever, NIL);
     assert_eq(process_exit(pid, am_normal), am_true);
@@ -573,7 +732,7 @@ static void linked_to(term peer) {
     receive_any(am_infinity);
 }
 
-static void t_kill(term ctx) {
+TEST(t_kill) {
     (void)ctx;
     term trapper = spawn(trap_and_wait, NIL);
     term neighbour = spawn(linked_to, trapper);
@@ -590,7 +749,7 @@ static void t_kill(term ctx) {
 
 static void link_dead(void *pid) { process_link((term)pid); }
 
-static void t_link_dead(term ctx) {
+TEST(t_link_dead) {
     (void)ctx;
     term dead = spawn(exit_with, am_normal);
     process_sleep(I(1));
@@ -613,7 +772,7 @@ static void parent_of(term arg) { /* {test, unlink?} */
     exit_self(A("parent_crash"));
 }
 
-static void t_links_bidirectional(term ctx) {
+TEST(t_links_bidirectional) {
     (void)ctx;
     term parent = spawn(parent_of, tuple(2, self(), am_false));
     term child = assert_receive(100);
@@ -633,7 +792,7 @@ static void send_unregistered(void *arg) {
     process_send(A("unregistered"), A("hi"));
 }
 
-static void t_send_to_dead(term ctx) {
+TEST(t_send_to_dead) {
     (void)ctx;
     term dead = spawn(exit_with, am_normal);
     process_sleep(I(1));
@@ -645,7 +804,7 @@ static void t_send_to_dead(term ctx) {
                                 "  * 1st argument: invalid destination\n"));
 }
 
-static void t_monitors(term ctx) {
+TEST(t_monitors) {
     (void)ctx;
     term pid = spawn(wait_forever, NIL);
     term r1 = process_monitor(pid), r2 = process_monitor(pid);
@@ -685,11 +844,10 @@ static void bad_demonitor(void *a) { process_demonitor((term)a, false); }
 static void bad_whereis(void *a) { process_whereis((term)a); }
 static void bad_apply(void *a) { erlang_apply((term)a, (term)a, cons(I(1), I(2))); }
 static void bad_reply(void *a) { gen_server_reply((term)a, am_ok); }
-static void bad_app_start(void *a) { application_start((term)a); }
 
 /* A term of the wrong kind where a pid, reference, atom or list belongs
  * raises ArgumentError in Erlang's words (checked against Elixir 1.14). */
-static void t_badargs(term ctx) {
+TEST(t_badargs) {
     (void)ctx;
     term one = I(1);
     assert_eq(catch_error(bad_monitor, (void *)one), argument_error(BADARG("2nd argument: not a pid")));
@@ -702,10 +860,9 @@ static void t_badargs(term ctx) {
               argument_error("errors were found at the given arguments:\n\n  * 1st argument: not an atom\n"
                              "  * 2nd argument: not an atom\n  * 3rd argument: not a proper list\n"));
     assert_eq(catch_error(bad_reply, (void *)one), function_clause_error(A("gen"), A("reply"), 2));
-    assert_eq(catch_error(bad_app_start, (void *)one), function_clause_error(alias("Application"), am_start, 2));
 }
 
-static void t_names(term ctx) {
+TEST(t_names) {
     (void)ctx;
     term pid = spawn(register_self_as, A("foo"));
     process_sleep(I(1));
@@ -733,7 +890,8 @@ static void t_names(term ctx) {
 }
 
 /* ==========================================================================
- * Part I: exits from any depth, memory, deadlock, overflow, scale
+ * Processes (Part III of kv.c): exits from any depth, memory, deadlock,
+ * overflow, scale
  * ========================================================================== */
 
 static int64_t deep_then_exit(int depth, term reason) {
@@ -767,7 +925,7 @@ static int64_t others_memory(void) {
     return (int64_t)(vm_memory() - me->heap.bytes - me->stack_cap - sizeof(struct proc));
 }
 
-static void t_exit_from_depth(term ctx) {
+TEST(t_exit_from_depth) {
     (void)ctx;
     int64_t before = others_memory();
     term pid = spawn(hoarder, tuple(1, A("deep")));
@@ -783,7 +941,7 @@ static void t_exit_from_depth(term ctx) {
 static void deep_exit(void *depth) { deep_then_exit(*(int *)depth, A("deep")); }
 static void deep_return(void *depth) { deep_then_exit(*(int *)depth, NULL); }
 
-static void t_exit_caught(term ctx) {
+TEST(t_exit_caught) {
     (void)ctx;
     int depth = 500;
     assert_eq(catch_exit(deep_exit, &depth), A("deep"));
@@ -792,7 +950,7 @@ static void t_exit_caught(term ctx) {
     assert_true(process_alive(self()));
 }
 
-static void t_kill_releases_memory(term ctx) {
+TEST(t_kill_releases_memory) {
     (void)ctx;
     int64_t before = others_memory();
     term pid = spawn(hoarder, tuple(1, A("wait")));
@@ -809,7 +967,7 @@ static void raiser(term arg) {
     raise_error(runtime_error("boom"));
 }
 
-static void t_raise_logs(term ctx) {
+TEST(t_raise_logs) {
     (void)ctx;
     term pid = spawn(raiser, NIL);
     assert_eq(down_reason(pid), tuple(2, runtime_error("boom"), NIL));
@@ -831,7 +989,7 @@ static void wait_for_never(term arg) {
     receive(match_tag, A("never"), am_infinity);
 }
 
-static void main_deadlock(void) {
+MAIN_TEST(main_deadlock) {
     uint64_t a = vm_spawn(wait_for_never, NIL, "first");
     struct proc *pa = proc_of_pid(a);
     term args;
@@ -865,7 +1023,7 @@ static void overflower(term arg) {
 /* A process that overflows the C stack is named, and the VM stops; the
  * other processes' stacks were never on the C stack, so nothing else was
  * touched.  Run in a child Unix process, since the VM does stop. */
-static void main_overflow(void) {
+MAIN_TEST(main_overflow) {
     int fds[2];
     assert_true(pipe(fds) == 0);
     pid_t child = fork();
@@ -905,7 +1063,7 @@ static void spawn_until_limit(void *count) {
 
 /* BEAM's default limit is 262,144 processes.  Reach it, all alive at once,
  * and see the next spawn refused with a SystemLimitError. */
-static void t_process_limit(term ctx) {
+TEST(t_process_limit) {
     (void)ctx;
     size_t spawned = 0;
     term e = catch_error(spawn_until_limit, &spawned);
@@ -940,7 +1098,7 @@ static void yield_then_return(term arg) {
 
 /* An exit signal reaches a process that waits for input, or that only
  * yields: it takes effect when the process next gets the CPU. */
-static void t_signals_outside_receive(term ctx) {
+TEST(t_signals_outside_receive) {
     (void)ctx;
     int fds[2];
     assert_true(pipe(fds) == 0);
@@ -968,7 +1126,7 @@ static void t_signals_outside_receive(term ctx) {
     assert_eq(assert_receive(100), tuple(3, am_EXIT, busy, A("boom")));
 }
 
-static void main_wait_input(void) {
+MAIN_TEST(main_wait_input) {
     int fds[2];
     assert_true(pipe(fds) == 0);
     uint64_t reader;
@@ -982,24 +1140,16 @@ static void main_wait_input(void) {
 }
 
 /* ==========================================================================
- * Part I: faults and bad input.  Each test here once failed: the VM read
- * freed memory, aborted, hung or crashed where OTP lets one process fail.
+ * Processes (Part III of kv.c): faults and bad input.  Each test here once
+ * failed: the VM read freed memory, aborted, hung or crashed where OTP lets
+ * one process fail.
  * ========================================================================== */
-
-/* THUNK(name, body): a function for catch_error/catch_exit to run, its
- * argument an array of terms a[0], a[1], ... */
-#define THUNK(name, body)                 \
-    static void name(void *arg_) {        \
-        const term *a = arg_;             \
-        (void)a;                          \
-        body;                             \
-    }
 
 THUNK(alive_of_42, process_alive(I(42)))
 
 /* Process.alive? handles the caller's own exit signals first, and the
  * process they kill is freed on the spot: the answer must be read before. */
-static void t_alive_after_exit_signal(term ctx) {
+TEST(t_alive_after_exit_signal) {
     (void)ctx;
     term p = spawn(idle_child, NIL);
     erlang_yield(); /* p now waits in receive */
@@ -1020,30 +1170,31 @@ static bool match_that_raises(term msg, const void *arg) {
 
 THUNK(receive_with_raising_match, receive(match_that_raises, NULL, I(50)))
 
-static void send_late_to(term arg) {
-    process_sleep(I(100));
-    process_send(arg, A("late"));
+static void send_after_ms(term arg) { /* {dest, ms, msg} */
+    process_sleep(elem(arg, 1));
+    process_send(elem(arg, 0), elem(arg, 2));
 }
 
 static void die_in_match(term arg) {
     (void)arg;
-    process_send(self(), A("bait"));
-    receive(match_that_raises, NULL, I(50));
+    receive(match_that_raises, NULL, I(50)); /* waits; the bait arrives at 10 ms */
 }
 
-/* The match function of a receive with an `after` raises.  The receive
- * is over, and so is its timer: a later receive must not be cut short by
- * it, and a process that dies of the raise leaves no timer pointing at it. */
-static void t_raise_in_receive_match(term ctx) {
+/* The match function of a receive with an `after` raises, when a message
+ * comes while the receive waits (its timer armed).  The receive is over,
+ * and so is its timer: a later receive must not be cut short by it, and
+ * a process that dies of the raise leaves no timer pointing at it. */
+TEST(t_raise_in_receive_match) {
     (void)ctx;
-    process_send(self(), A("bait"));
+    spawn(send_after_ms, tuple(3, self(), I(10), A("bait")));
     assert_eq(catch_error(receive_with_raising_match, NULL), runtime_error("match boom"));
     assert_eq(I((int64_t)vm.ntimers), I(0));
-    assert_eq(receive_any(I(0)), A("bait"));
-    spawn(send_late_to, self());
-    assert_eq(receive_any(am_infinity), A("late")); /* the old timer would end this at 50 ms */
+    assert_eq(receive_any(I(0)), A("bait")); /* still there: the match never took it */
+    spawn(send_after_ms, tuple(3, self(), I(100), A("late")));
+    assert_eq(receive_any(am_infinity), A("late")); /* a stale timer would end this at 50 ms */
     term pid = spawn(die_in_match, NIL);
     term ref = process_monitor(pid);
+    spawn(send_after_ms, tuple(3, pid, I(10), A("bait")));
     term down = assert_receive(100);
     assert_eq(elem(down, 1), ref);
     assert_eq(I((int64_t)vm.ntimers), I(0));
@@ -1072,7 +1223,7 @@ static void exit_with_arg(term arg) { exit_self(arg); }
 /* A term nested a million levels deep is sent, compared, and carried as an
  * exit reason, as on BEAM: the walks over terms use no C stack per level.
  * inspect stops at INSPECT_DEPTH levels, with "...", instead of failing. */
-static void t_deeply_nested_terms(term ctx) {
+TEST(t_deeply_nested_terms) {
     (void)ctx;
     term deep = nested_list(1000000);
     process_send(self(), deep);
@@ -1098,7 +1249,7 @@ static void t_deeply_nested_terms(term ctx) {
  * a pointer takes 4: [{:ok}, {:ok}, ...], lists of 3-tuples.  A message is
  * measured, then copied into a chunk of exactly that size; the two must
  * agree (msg_new aborts if they do not).  Run under -m32 by make check. */
-static void t_term_sizes_agree_with_copies(term ctx) {
+TEST(t_term_sizes_agree_with_copies) {
     (void)ctx;
     term oks = NIL, triples = NIL;
     for (int i = 0; i < 200; i++) {
@@ -1123,17 +1274,21 @@ static void t_term_sizes_agree_with_copies(term ctx) {
 THUNK(map_get_of, map_get(a[0], A("k"), am_nil))
 THUNK(map_put_of, map_put(a[0], A("k"), I(1)))
 THUNK(map_pop_of, map_pop(a[0], A("k")))
-THUNK(map_delete_of, map_delete(a[0], A("k")))
+THUNK(map_delete_of, map_delete(a[0], A("k")))   //> genservers/monitoring
 THUNK(map_fetch_of, map_fetch(a[0], A("k")))
-THUNK(map_has_key_of, map_has_key(a[0], A("k")))
+THUNK(map_has_key_of, map_has_key(a[0], A("k"))) //> genservers
 THUNK(length_of, list_length(a[0]))
 THUNK(keyword_get_of, keyword_get(a[0], a[1], am_nil))
 
 /* Map's functions raise BadMapError on anything but a map, a keyword list
  * included; length/1 and Keyword.get/3 check theirs as Elixir 1.14 does. */
-static void t_library_functions_check_arguments(term ctx) {
+TEST(t_library_functions_check_arguments) {
     (void)ctx;
-    void (*const map_fns[])(void *) = {map_get_of, map_put_of, map_pop_of, map_delete_of, map_fetch_of, map_has_key_of};
+    void (*const map_fns[])(void *) = {
+        map_get_of, map_put_of, map_pop_of, map_fetch_of,
+        map_has_key_of, //> genservers
+        map_delete_of,  //> genservers/monitoring
+    };
     term not_maps[] = {I(123), S("s"), tuple(1, I(1)), list(1, tuple(2, A("a"), I(1)))};
     for (size_t f = 0; f < sizeof map_fns / sizeof map_fns[0]; f++) {
         for (size_t i = 0; i < sizeof not_maps / sizeof not_maps[0]; i++) {
@@ -1160,7 +1315,7 @@ static void t_library_functions_check_arguments(term ctx) {
 THUNK(register_as, process_register(self(), a[0]))
 THUNK(unregister_name, process_unregister(a[0]))
 
-static void t_register_checks_the_name(term ctx) {
+TEST(t_register_checks_the_name) {
     (void)ctx;
     term names[] = {I(42), am_nil, am_true, am_false, am_undefined};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
@@ -1193,7 +1348,7 @@ static void yield_until(term arg) {
  * play ping-pong and a third yields in a loop: the scheduler looks at the
  * clock every 64 hand-offs, busy or not.  (They give up by themselves
  * after 2 s, so a scheduler that only looks when idle fails, not hangs.) */
-static void t_timers_fire_while_others_run(term ctx) {
+TEST(t_timers_fire_while_others_run) {
     (void)ctx;
     vm.virtual_clock = false;
     int64_t give_up = now_ms() + 2000;
@@ -1223,7 +1378,7 @@ THUNK(wait_on_fd, process_wait_input((int)int_value(a[0])))
 /* A descriptor that is not open is refused at once, in the caller: before,
  * the waiter was counted, and the VM slept in poll(2) on no descriptor at
  * all when everyone else waited, instead of reporting the deadlock. */
-static void t_wait_input_refuses_a_closed_fd(term ctx) {
+TEST(t_wait_input_refuses_a_closed_fd) {
     (void)ctx;
     term e = argument_error(BADARG("1st argument: not an open file descriptor"));
     term fd = I(-1);
@@ -1280,7 +1435,7 @@ static void overflow_in_child(bool unlimited, void (*fn)(term), const char *labe
     assert_true(WIFSIGNALED(status));
 }
 
-static void main_overflow_unlimited_or_giant(void) {
+MAIN_TEST(main_overflow_unlimited_or_giant) {
     char out[1024];
     overflow_in_child(true, overflower, "overflower", out, sizeof out);
     assert_contains(out, "overflower overflowed the C stack");
@@ -1314,7 +1469,7 @@ FUN(fn_pop_milk, 1); FUN(fn_not_a_pair, 1); FUN(fn_raise0, 0);
 #define F_ENV(name, env) fun_term(&name##_def, (env))
 
 /* The two iex sessions of "Agents 101". */
-static void t_agents_101(term ctx) {
+TEST(t_agents_101) {
     (void)ctx;
     term agent = ok_value(agent_start_link(F(fn_empty_list), NIL));
     assert_eq(agent_update(agent, F(fn_eggs)), am_ok);
@@ -1335,7 +1490,7 @@ static void update_on(void *agent) { agent_update((term)agent, F(fn_identity)); 
 static void stop_agent(void *agent) { agent_stop((term)agent, am_normal, am_infinity); }
 
 /* What Agent calls exit with once the agent is gone. */
-static void t_agent_after_stop(term ctx) {
+TEST(t_agent_after_stop) {
     (void)ctx;
     term agent = ok_value(agent_start(F(fn_one), NIL));
     term ref = process_monitor(agent);
@@ -1362,7 +1517,7 @@ static void t_agent_after_stop(term ctx) {
     buf_free(&want);
 }
 
-static void t_agent_get_and_update(term ctx) {
+TEST(t_agent_get_and_update) {
     (void)ctx;
     term bucket = ok_value(kv_bucket_start_link(NIL));
     kv_bucket_put(bucket, S("milk"), I(3));
@@ -1376,7 +1531,7 @@ static void get_and_update_badly(void *agent) { agent_get_and_update((term)agent
 static void get_boom(void *agent) { agent_get((term)agent, F_ENV(fn_raise, S("agent boom"))); }
 
 /* A fun that raises kills the agent, with a GenServer crash report. */
-static void t_agent_fun_raises(term ctx) {
+TEST(t_agent_fun_raises) {
     (void)ctx;
     term agent = ok_value(agent_start(F(fn_one), NIL));
     term reason = catch_exit(get_boom, (void *)agent);
@@ -1401,7 +1556,7 @@ static void t_agent_fun_raises(term ctx) {
 
 static void slow_get(void *agent) { agent_get_timeout((term)agent, F_ENV(fn_sleep, I(100)), I(50)); }
 
-static void t_agent_timeouts_and_init(term ctx) {
+TEST(t_agent_timeouts_and_init) {
     (void)ctx;
     term agent = ok_value(agent_start(F(fn_one), NIL));
     term reason = catch_exit(slow_get, (void *)agent);
@@ -1431,7 +1586,7 @@ static void get_with_atom(void *agent) { agent_get((term)agent, A("notafun")); }
 static void get_with_fn0(void *agent) { agent_get((term)agent, F(fn_one)); }
 
 /* Agent's guards: a fun of the right arity, or FunctionClauseError. */
-static void t_agent_guards(term ctx) {
+TEST(t_agent_guards) {
     (void)ctx;
     term agent = ok_value(agent_start(F(fn_one), NIL));
     term e = function_clause_error(am_Agent, am_get, 3);
@@ -1443,7 +1598,7 @@ static void t_agent_guards(term ctx) {
     assert_inspect(elem(r, 0), "{%BadArityError{function: #Function<fn_one/0 in AgentTest>, args: [1]}, []}");
 }
 
-static void t_agent_stop_by_linker(term ctx) {
+TEST(t_agent_stop_by_linker) {
     (void)ctx;
     term caller = spawn(stop_own_agent, self());
     term ref = process_monitor(caller);
@@ -1478,7 +1633,7 @@ static void get_nope(void *agent) { agent_get_mfa((term)agent, alias("Test.Stack
 static void get_bad_args(void *agent) { agent_get_mfa((term)agent, alias("Test.Stack"), S("count"), A("x")); }
 
 /* Agent.get(agent, Enum, :count, []) and the rest of the MFA family. */
-static void t_agent_mfa(term ctx) {
+TEST(t_agent_mfa) {
     (void)ctx;
     term stack = alias("Test.Stack");
     term agent = ok_value(agent_start(F(fn_empty_list), NIL));
@@ -1519,7 +1674,7 @@ THUNK(bucket_get_milk, kv_bucket_get(a[0], S("milk")))
  * raises BadMapError in the agent, which crashes alone (logged as any
  * GenServer crash) while the caller exits with the reason, as on BEAM.
  * A keyword list is no map either. */
-static void t_bucket_with_a_state_that_is_no_map(term ctx) {
+TEST(t_bucket_with_a_state_that_is_no_map) {
     (void)ctx;
     term agents[] = {ok_value(agent_start(F(fn_123_state), NIL)), ok_value(agent_start(F(fn_list_state), NIL))};
     term states[] = {I(123), list(1, tuple(2, A("a"), I(1)))};
@@ -1535,13 +1690,16 @@ static void t_bucket_with_a_state_that_is_no_map(term ctx) {
     assert_eq(kv_bucket_get(bystander, S("milk")), I(1));
 }
 
+/* retired at genservers: the guide recommends start_supervised! for the bucket too
+// setup do {:ok, bucket} = KV.Bucket.start_link([]); %{bucket: bucket} end
 static term bucket_setup(void) {
     term bucket = ok_value(kv_bucket_start_link(NIL));
     return map(1, A("bucket"), bucket);
 }
+*/
 
 /* test "stores values by key", %{bucket: bucket} */
-static void t_stores_values_by_key(term ctx) {
+TEST(t_stores_values_by_key) {
     term bucket = map_get(ctx, A("bucket"), am_nil);
     assert_eq(kv_bucket_get(bucket, S("milk")), am_nil);
 
@@ -1550,12 +1708,20 @@ static void t_stores_values_by_key(term ctx) {
 }
 
 /* "Now it is your turn to write a test" for KV.Bucket.delete/2: */
-static void t_deletes_values_by_key(term ctx) {
+TEST(t_deletes_values_by_key) {
     term bucket = map_get(ctx, A("bucket"), am_nil);
     kv_bucket_put(bucket, S("milk"), I(3));
     assert_eq(kv_bucket_delete(bucket, S("milk")), I(3));
     assert_eq(kv_bucket_get(bucket, S("milk")), am_nil);
     assert_eq(kv_bucket_delete(bucket, S("milk")), am_nil);
+}
+
+//> genservers
+/* agents.md's bucket tests, set up as genservers.md recommends: with
+ * start_supervised!, so that the bucket is not linked to the test. */
+static term bucket_setup(void) {
+    term bucket = start_supervised(alias("KV.Bucket"));
+    return map(1, A("bucket"), bucket);
 }
 
 /* ==========================================================================
@@ -1641,7 +1807,7 @@ static const struct module no_info = {.name = "NoInfo", .init = no_info_init};
 static term start_ts(term arg) { return gen_server_start(module_atom(&test_server), arg, NIL); }
 static term server(term arg) { return ok_value(start_ts(arg)); }
 
-static void t_init_results(term ctx) {
+TEST(t_init_results) {
     (void)ctx;
     term r = start_ts(A("ok"));
     assert_true(is_tagged(r, am_ok, 2) && is_pid(elem(r, 1)));
@@ -1664,7 +1830,7 @@ static void start_link_failing(term test) {
     receive_any(am_infinity); /* ...and is then killed by the link */
 }
 
-static void t_start_link_failure(term ctx) {
+TEST(t_start_link_failure) {
     (void)ctx;
     term caller = spawn(start_link_failing, self());
     term ref = process_monitor(caller);
@@ -1688,7 +1854,7 @@ static void start_with_string_name(void *arg) {
     gen_server_start(module_atom(&test_server), A("ok"), list(1, tuple(2, am_name, S("str"))));
 }
 
-static void t_names_option(term ctx) {
+TEST(t_names_option) {
     (void)ctx;
     term opts = list(1, tuple(2, am_name, A("srv")));
     term pid = ok_value(gen_server_start(module_atom(&test_server), A("ok"), opts));
@@ -1713,7 +1879,7 @@ static term call_exit(term server, term request, term timeout) {
     return catch_exit(call_it, args);
 }
 
-static void t_call_noproc(term ctx) {
+TEST(t_call_noproc) {
     (void)ctx;
     term pid = server(A("ok"));
     gen_server_stop(pid, am_normal, am_infinity);
@@ -1732,7 +1898,7 @@ static void t_call_noproc(term ctx) {
               tuple(2, am_noproc, tuple(3, am_GenServer, am_call, list(3, A("nobody"), A("ping"), I(5000)))));
 }
 
-static void t_call_timeout(term ctx) {
+TEST(t_call_timeout) {
     (void)ctx;
     term pid = server(A("ok"));
     term reason = call_exit(pid, tuple(2, A("sleep"), I(300)), I(100));
@@ -1755,7 +1921,7 @@ static void call_self(term test) {
     process_send(test, r);
 }
 
-static void t_call_self(term ctx) {
+TEST(t_call_self) {
     (void)ctx;
     term pid = spawn(call_self, self());
     term r = assert_receive(100);
@@ -1766,7 +1932,7 @@ static void t_call_self(term ctx) {
     buf_free(&b);
 }
 
-static void t_call_crash(term ctx) {
+TEST(t_call_crash) {
     (void)ctx;
     term pid = server(map(1, A("a"), I(1)));
     term reason = call_exit(pid, A("crash"), NULL);
@@ -1794,7 +1960,7 @@ static void crash_linked(term test) {
     gen_server_call(pid, tuple(2, am_EXIT, A("upd_exit")));
 }
 
-static void t_call_crash_linked(term ctx) {
+TEST(t_call_crash_linked) {
     (void)ctx;
     term caller = spawn(crash_linked, self());
     term ref = process_monitor(caller);
@@ -1811,7 +1977,7 @@ static int occurrences(const char *text, const char *needle) {
 
 /* A value thrown in a callback is its result; {:stop, r, reply, s} runs
  * terminate/2 first and replies after; a server cannot stop itself. */
-static void t_throw_and_stop_order(term ctx) {
+TEST(t_throw_and_stop_order) {
     (void)ctx;
     term pid = server(A("ok"));
     assert_eq(gen_server_call(pid, A("throw")), A("thrown"));
@@ -1824,7 +1990,7 @@ static void t_throw_and_stop_order(term ctx) {
                                                                     list(3, pid, am_normal, am_infinity))));
 }
 
-static void t_stop_from_call(term ctx) {
+TEST(t_stop_from_call) {
     (void)ctx;
     term witness_name = A("witness");
     process_register(self(), witness_name);
@@ -1857,7 +2023,7 @@ static void answer_later(term pid) {
     gen_server_cast(pid, A("answer"));
 }
 
-static void t_deferred_reply(term ctx) {
+TEST(t_deferred_reply) {
     (void)ctx;
     term pid = server(A("ok"));
     spawn(answer_later, pid);
@@ -1866,7 +2032,7 @@ static void t_deferred_reply(term ctx) {
     assert_eq(gen_server_call(pid, A("state")), A("answered"));
 }
 
-static void t_cast_and_info(term ctx) {
+TEST(t_cast_and_info) {
     (void)ctx;
     term pid = server(A("ok"));
     assert_eq(gen_server_cast(pid, A("hello")), am_ok);
@@ -1878,7 +2044,7 @@ static void t_cast_and_info(term ctx) {
     assert_eq(gen_server_cast(A("unregistered"), A("hello")), am_ok); /* no such name */
 }
 
-static void t_default_callbacks(term ctx) {
+TEST(t_default_callbacks) {
     (void)ctx;
     term pid = ok_value(gen_server_start(module_atom(&no_info), I(1), list(1, tuple(2, am_name, A("no_info")))));
     process_send(pid, tuple(2, A("hello"), I(1)));
@@ -1902,7 +2068,7 @@ static void t_default_callbacks(term ctx) {
 
 static void stop_it(void *pid) { gen_server_stop((term)pid, am_normal, am_infinity); }
 
-static void t_gen_server_stop(term ctx) {
+TEST(t_gen_server_stop) {
     (void)ctx;
     process_register(self(), A("witness"));
     term pid = server(A("one"));
@@ -1934,7 +2100,7 @@ static void parent_then_exit(term arg) { /* {test, how the parent goes} */
 
 /* terminate/2 runs when a trapping server's parent sends an exit signal,
  * even :normal; never after :kill. */
-static void t_terminate_on_parent_exit(term ctx) {
+TEST(t_terminate_on_parent_exit) {
     (void)ctx;
     process_register(self(), A("witness"));
     term parent = spawn(parent_then_exit, tuple(2, self(), A("boom")));
@@ -1958,7 +2124,7 @@ static void t_terminate_on_parent_exit(term ctx) {
     assert_eq(receive_any(I(10)), NULL);
 }
 
-static void t_callback_timeouts(term ctx) {
+TEST(t_callback_timeouts) {
     (void)ctx;
     term pid = server(tuple(2, am_timeout, I(50)));
     process_sleep(I(100));
@@ -1972,7 +2138,7 @@ static void t_callback_timeouts(term ctx) {
 
 /* Between callbacks a server keeps only its state: its heap stays small
  * however many requests it has handled. */
-static void t_heap_compaction(term ctx) {
+TEST(t_heap_compaction) {
     (void)ctx;
     term bucket = ok_value(kv_bucket_start_link(NIL));
     for (int i = 0; i < 20000; i++) {
@@ -1995,7 +2161,7 @@ THUNK(agent_get_with_timeout, agent_get_timeout(a[0], F(fn_identity), a[1]))
  * them: Process.sleep's and GenServer.call's guards (FunctionClauseError),
  * receive's `after` (ErlangError :timeout_value, also above 4294967295),
  * GenServer.stop's :sys.terminate (an exit).  Nothing is read as "forever". */
-static void t_bad_timeouts_raise(term ctx) {
+TEST(t_bad_timeouts_raise) {
     (void)ctx;
     term fce_sleep = function_clause_error(alias("Process"), A("sleep"), 1);
     term timeout_value = erlang_error(A("timeout_value"));
@@ -2035,7 +2201,7 @@ static void t_bad_timeouts_raise(term ctx) {
  * bad value: the server stops, as OTP's does.  An integer above what
  * receive takes passes gen_server's check and then stops the server's own
  * loop with {:timeout_value, []}, quietly (the caller got its reply). */
-static void t_bad_callback_timeouts(term ctx) {
+TEST(t_bad_callback_timeouts) {
     (void)ctx;
     process_flag_trap_exit(true);
     term server = ok_value(gen_server_start(module_atom(&test_server), A("s"), NIL));
@@ -2065,10 +2231,10 @@ static void t_bad_callback_timeouts(term ctx) {
 THUNK(start_module, gen_server_start(a[0], am_ok, NIL))
 
 /* A server whose callback module was never loaded: init/1 is undefined,
- * and the start fails with UndefinedFunctionError, as on BEAM, for
- * GenServer, Supervisor and DynamicSupervisor alike.  A module that is no
- * atom at all is refused by GenServer.start's guard. */
-static void t_unloaded_module_fails_to_start(term ctx) {
+ * and the start fails with UndefinedFunctionError, as on BEAM.  A module
+ * that is no atom at all is refused by GenServer.start's guard.  (The
+ * supervisors' side is with their tests.) */
+TEST(t_unloaded_module_fails_to_start) {
     (void)ctx;
     process_flag_trap_exit(true);
     term nope = alias("Nope");
@@ -2076,13 +2242,6 @@ static void t_unloaded_module_fails_to_start(term ctx) {
     assert_eq(gen_server_start(nope, am_ok, NIL), tuple(2, am_error, undef));
     assert_eq(gen_server_start_link(nope, am_ok, NIL), tuple(2, am_error, undef));
     assert_eq(elem(assert_receive(100), 2), undef);
-    assert_eq(supervisor_start_link(nope, am_ok, NIL), tuple(2, am_error, undef));
-    assert_eq(elem(assert_receive(100), 2), undef);
-    assert_eq(dynamic_supervisor_start_link_module(nope, am_ok, NIL), tuple(2, am_error, undef));
-    assert_eq(elem(assert_receive(100), 2), undef);
-    term r = supervisor_start_link(I(42), NIL, NIL);
-    assert_eq(r, tuple(2, am_error, tuple(2, argument_error(BADARG("1st argument: not an atom")), NIL)));
-    assert_receive(100);
     struct buf b = {0};
     format_exit_to(&b, undef, "\n    ");
     assert_eq(S(buf_str(&b)), S("an exception was raised:\n    ** (UndefinedFunctionError) function Nope.init/1 is "
@@ -2098,7 +2257,7 @@ THUNK(stop_of, gen_server_stop(a[0], am_normal, am_infinity))
 
 /* GenServer's client functions refuse a server that is neither a pid nor
  * a name, with the FunctionClauseError Elixir 1.14 raises. */
-static void t_gen_server_clients_check_the_server(term ctx) {
+TEST(t_gen_server_clients_check_the_server) {
     (void)ctx;
     term bad = I(42);
     assert_eq(catch_error(cast_to, &bad), function_clause_error(am_GenServer, am_cast, 2));
@@ -2112,35 +2271,26 @@ static void t_gen_server_clients_check_the_server(term ctx) {
  * ========================================================================== */
 
 /* "GenServer callbacks": the session that starts a registry by hand. */
-static void t_registry_session(term ctx) {
+TEST(t_registry_session) {
     (void)ctx;
-    boot_kv();
-    term registry = ok_value(gen_server_start_link(module_atom(&kv_registry), am_ok, NIL));
+    boot_kv(); //> dynamic-supervisor/bucket-supervisor
+    term registry = ok_value(gen_server_start_link(alias("KV.Registry"), am_ok, NIL));
     assert_eq(gen_server_cast(registry, tuple(2, am_create, S("shopping"))), am_ok);
     term r = gen_server_call(registry, tuple(2, am_lookup, S("shopping")));
     assert_true(is_tagged(r, am_ok, 2) && is_pid(elem(r, 1)));
 }
 
-/* "The need for monitoring": a monitor's DOWN message, flushed. */
-static void t_monitor_session(term ctx) {
-    (void)ctx;
-    term pid = ok_value(kv_bucket_start_link(NIL));
-    term ref = process_monitor(pid);
-    assert_true(is_reference(ref));
-    assert_eq(agent_stop(pid, am_normal, am_infinity), am_ok);
-    assert_eq(iex_flush(), list(1, tuple(5, am_DOWN, ref, am_process, pid, am_normal)));
-}
-
 /* setup do registry = start_supervised!(KV.Registry); %{registry: registry} end
- * (with :kv running, as under mix test: buckets go to KV.BucketSupervisor) */
+ * (from dynamic-supervisor.md on, with :kv running, as under mix test:
+ * buckets go to KV.BucketSupervisor) */
 static term registry_setup(void) {
-    boot_kv();
+    boot_kv(); //> dynamic-supervisor/bucket-supervisor
     term registry = start_supervised(alias("KV.Registry"));
     return map(1, A("registry"), registry);
 }
 
 /* test "spawns buckets", %{registry: registry} */
-static void t_spawns_buckets(term ctx) {
+TEST(t_spawns_buckets) {
     term registry = map_get(ctx, A("registry"), am_nil);
     assert_eq(kv_registry_lookup(registry, S("shopping")), am_error);
 
@@ -2153,8 +2303,26 @@ static void t_spawns_buckets(term ctx) {
     assert_eq(kv_bucket_get(bucket, S("milk")), I(1));
 }
 
+//> genservers/monitoring
+/* ==========================================================================
+ * genservers.md — "The need for monitoring": KV.RegistryTest
+ * ==========================================================================
+ * "removes buckets on exit" is the test the guide writes first and sees
+ * fail; chapters/2-genservers' README runs it against the registry that
+ * did not monitor yet. */
+
+/* "The need for monitoring": a monitor's DOWN message, flushed. */
+TEST(t_monitor_session) {
+    (void)ctx;
+    term pid = ok_value(kv_bucket_start_link(NIL));
+    term ref = process_monitor(pid);
+    assert_true(is_reference(ref));
+    assert_eq(agent_stop(pid, am_normal, am_infinity), am_ok);
+    assert_eq(iex_flush(), list(1, tuple(5, am_DOWN, ref, am_process, pid, am_normal)));
+}
+
 /* test "removes buckets on exit", %{registry: registry} */
-static void t_removes_buckets_on_exit(term ctx) {
+TEST(t_removes_buckets_on_exit) {
     term registry = map_get(ctx, A("registry"), am_nil);
     kv_registry_create(registry, S("shopping"));
     term bucket = ok_value(kv_registry_lookup(registry, S("shopping")));
@@ -2163,7 +2331,7 @@ static void t_removes_buckets_on_exit(term ctx) {
 }
 
 /* The catch-all handle_info clause logs at debug level and carries on. */
-static void t_registry_unexpected_message(term ctx) {
+TEST(t_registry_unexpected_message) {
     term registry = map_get(ctx, A("registry"), am_nil);
     process_send(registry, tuple(2, A("hello"), I(1)));
     assert_eq(kv_registry_lookup(registry, S("shopping")), am_error);
@@ -2173,9 +2341,9 @@ static void t_registry_unexpected_message(term ctx) {
 static void bad_input(void *registry) { gen_server_call((term)registry, A("bad_input")); }
 
 /* A request no clause matches crashes the registry, with a report. */
-static void t_registry_bad_input(term ctx) {
+TEST(t_registry_bad_input) {
     (void)ctx;
-    term registry = ok_value(gen_server_start(module_atom(&kv_registry), am_ok, list(1, tuple(2, am_name, alias("KV.Registry")))));
+    term registry = ok_value(gen_server_start(alias("KV.Registry"), am_ok, list(1, tuple(2, am_name, alias("KV.Registry")))));
     /* (No application here: this registry is the only KV.Registry.) */
     term reason = catch_exit(bad_input, (void *)registry);
     assert_eq(elem(reason, 0),
@@ -2191,8 +2359,9 @@ static void t_registry_bad_input(term ctx) {
     buf_free(&want);
 }
 
+//> supervisor-and-application
 /* ==========================================================================
- * supervisor-and-application.md and dynamic-supervisor.md
+ * supervisor-and-application.md — "Our first supervisor": SupervisorTest
  * ========================================================================== */
 
 /* Test.Worker: a GenServer child that tells the witness (the test process,
@@ -2252,12 +2421,6 @@ static const struct module test_worker = {
 static term tsup_init(term arg) { return arg; }
 static const struct module test_sup = {.name = "Test.Sup", .init = tsup_init};
 
-/* The guide's first KV.Supervisor: children [KV.Registry], :one_for_one. */
-static term first_kv_supervisor_init(term arg) {
-    (void)arg;
-    return supervisor_init(list(1, alias("KV.Registry")), list(1, tuple(2, am_strategy, am_one_for_one)));
-}
-static const struct module first_kv_supervisor = {.name = "KV.FirstSupervisor", .init = first_kv_supervisor_init};
 
 /* A Test.Worker child spec: %{id: name, start: ..., restart: ..., shutdown: ...} */
 static term worker_opts(const char *name, term restart, term shutdown, term opts) {
@@ -2301,24 +2464,21 @@ static void crash(term sup, const char *id, term reason) {
 
 /* supervisor-and-application.md "Our first supervisor": the child spec
  * session, in both editions, and Supervisor.child_spec/2. */
-static void t_child_specs(term ctx) {
+TEST(t_child_specs) {
     (void)ctx;
     term spec = kv_registry_child_spec(NIL);
     assert_pretty(spec, "%{\n  id: KV.Registry,\n  restart: :permanent,\n  shutdown: 5000,\n"
                         "  start: {KV.Registry, :start_link, [[]]},\n  type: :worker\n}"); /* the seed */
     assert_inspect(child_spec_as_1_14(spec), "%{id: KV.Registry, start: {KV.Registry, :start_link, [[]]}}");
-    assert_inspect(child_spec_as_1_14(kv_bucket_child_spec(NIL)),
-                   "%{id: KV.Bucket, restart: :temporary, start: {KV.Bucket, :start_link, [[]]}}");
+/* retired at dynamic-supervisor/temporary: buckets become temporary
+    assert_inspect(child_spec_as_1_14(kv_bucket_child_spec(NIL)), "%{id: KV.Bucket, start: {KV.Bucket, :start_link, [[]]}}");
+*/
     assert_inspect(child_spec_as_1_14(kv_supervisor_child_spec(NIL)),
                    "%{id: KV.Supervisor, start: {KV.Supervisor, :start_link, [[]]}, type: :supervisor}");
     term over = list(3, tuple(2, am_id, A("r2")), tuple(2, am_restart, am_temporary),
                         tuple(2, am_shutdown, am_brutal_kill));
     assert_inspect(child_spec_as_1_14(supervisor_child_spec(tuple(2, alias("KV.Registry"), NIL), over)),
                    "%{id: :r2, restart: :temporary, shutdown: :brutal_kill, start: {KV.Registry, :start_link, [[]]}}");
-    term kw = list(2, tuple(2, am_name, alias("KV.BucketSupervisor")), tuple(2, am_strategy, am_one_for_one));
-    assert_inspect(dynamic_supervisor_child_spec(kw),
-                   "%{id: KV.BucketSupervisor, start: {DynamicSupervisor, :start_link, "
-                   "[[name: KV.BucketSupervisor, strategy: :one_for_one]]}, type: :supervisor}");
 }
 
 static void bogus_override(void *arg) {
@@ -2328,7 +2488,7 @@ static void bogus_override(void *arg) {
 static void unknown_child(void *arg) { (void)arg; supervisor_child_spec(alias("NoSuchModule"), NIL); }
 static void init_without_strategy(void *arg) { (void)arg; supervisor_init(NIL, NIL); }
 
-static void t_child_spec_errors(term ctx) {
+TEST(t_child_spec_errors) {
     (void)ctx;
     assert_eq(catch_error(bogus_override, NULL), argument_error("unknown key :bogus in child specification override"));
     assert_eq(catch_error(unknown_child, NULL),
@@ -2340,12 +2500,14 @@ static void t_child_spec_errors(term ctx) {
                      "      type: :worker\n    }\n  ]}}");
 }
 
+/* retired at dynamic-supervisor/bucket-supervisor: the tree gains the bucket supervisor
 static void bad_input_to(void *pid) { gen_server_call((term)pid, A("bad_input")); }
 
-/* "Our first supervisor": start it, list its child, crash the registry. */
-static void t_first_supervisor(term ctx) {
-    (void)ctx;
-    term sup = ok_value(supervisor_start_link(module_atom(&first_kv_supervisor), am_ok, NIL));
+// Start KV.Supervisor, find its one child, crash the registry with
+// :bad_input: the Logger reports the crash, naming the registry by `name`
+// (by its pid when name is NULL), and the supervisor starts a new one.
+static void crash_the_registry(const char *name) {
+    term sup = ok_value(kv_supervisor_start_link(NIL));
     term children = supervisor_which_children(sup);
     assert_eq(I((int64_t)list_length(children)), I(1));
     term first = hd(children), registry = elem(first, 1);
@@ -2353,15 +2515,35 @@ static void t_first_supervisor(term ctx) {
     catch_exit(bad_input_to, (void *)registry);
     struct buf want = {0};
     buf_puts(&want, "[error] GenServer ");
-    inspect_to(&want, registry);
+    inspect_to(&want, name ? alias(name) : registry);
     buf_puts(&want, " terminating\n** (FunctionClauseError) no function clause matching in KV.Registry.handle_call/3\n");
     assert_contains(captured_log(), buf_str(&want));
     buf_free(&want);
     term again = hd(supervisor_which_children(sup));
-    assert_true(is_pid(elem(again, 1)) && !term_eq(elem(again, 1), registry)); /* a new registry */
+    assert_true(is_pid(elem(again, 1)) && !term_eq(elem(again, 1), registry)); // a new registry
 }
+*/
 
-static void t_start_order(term ctx) {
+/* retired at supervisor-and-application/naming: the registry gets a name, which the Logger prints
+// "Our first supervisor": the registry has no name; the log shows its pid.
+TEST(t_first_supervisor) {
+    (void)ctx;
+    crash_the_registry(NULL);
+}
+*/
+
+//> supervisor-and-application/naming
+/* retired at dynamic-supervisor/bucket-supervisor: the tree gains the bucket supervisor
+// "Naming processes": the registry is started as KV.Registry, so the log
+// names it.
+TEST(t_named_registry_is_restarted) {
+    (void)ctx;
+    crash_the_registry("KV.Registry");
+}
+*/
+//> supervisor-and-application
+
+TEST(t_start_order) {
     (void)ctx;
     term sup = start_sup(list(3, worker("a"), worker("b"), worker("c")), strategy(am_one_for_one));
     assert_eq(events(3), list(3, started("a"), started("b"), started("c")));
@@ -2374,7 +2556,7 @@ static void t_start_order(term ctx) {
     assert_eq(events(3), list(3, terminated("c", am_shutdown), terminated("b", am_shutdown), terminated("a", am_shutdown)));
 }
 
-static void t_strategies(term ctx) {
+TEST(t_strategies) {
     (void)ctx;
     term three = list(3, worker("a"), worker("b"), worker("c"));
     term sup = start_sup(three, strategy(am_one_for_one));
@@ -2404,7 +2586,7 @@ static void t_strategies(term ctx) {
 }
 
 /* A temporary bystander of a :one_for_all restart is not restarted. */
-static void t_temporary_bystander(term ctx) {
+TEST(t_temporary_bystander) {
     (void)ctx;
     term sup = start_sup(list(2, worker("a"), worker_opts("t", am_temporary, NULL, NIL)), strategy(am_one_for_all));
     events(2);
@@ -2414,7 +2596,7 @@ static void t_temporary_bystander(term ctx) {
 }
 
 /* Which exit reasons restart which children. */
-static void t_restart_types(term ctx) {
+TEST(t_restart_types) {
     (void)ctx;
     term reasons[] = {am_normal, am_shutdown, tuple(2, am_shutdown, A("x")), A("boom"), am_killed};
     term types[] = {am_permanent, am_transient, am_temporary};
@@ -2450,7 +2632,7 @@ static term wait_exit_from(term pid) {
 
 /* Restart intensity: 3 restarts in 5 seconds are fine; the 4th shuts the
  * supervisor down, children first, and it exits with :shutdown. */
-static void t_intensity(term ctx) {
+TEST(t_intensity) {
     (void)ctx;
     process_flag_trap_exit(true);
     term sup = start_sup(list(2, worker("a"), worker("b")), strategy(am_one_for_one));
@@ -2488,7 +2670,7 @@ static void t_intensity(term ctx) {
 }
 
 /* A restart that fails is retried, and every attempt counts. */
-static void t_failed_restarts(term ctx) {
+TEST(t_failed_restarts) {
     (void)ctx;
     process_flag_trap_exit(true);
     tw_fail_after_first = 0;
@@ -2502,7 +2684,7 @@ static void t_failed_restarts(term ctx) {
     assert_eq(wait_exit_from(sup), am_shutdown);
 }
 
-static void t_shutdown_modes(term ctx) {
+TEST(t_shutdown_modes) {
     (void)ctx;
     term slow = list(1, tuple(2, A("slow"), I(1000)));
     term sup = start_sup(list(5, worker_opts("five", NULL, I(5000), NIL), worker_opts("hundred", NULL, I(100), slow),
@@ -2534,7 +2716,7 @@ static void t_shutdown_modes(term ctx) {
     assert_eq(supervisor_terminate_child(sup, child_pid(sup, "brutal")), tuple(2, am_error, am_not_found));
 }
 
-static void t_child_management(term ctx) {
+TEST(t_child_management) {
     (void)ctx;
     term sup = start_sup(list(1, worker("a")), strategy(am_one_for_one));
     events(1);
@@ -2590,7 +2772,7 @@ static void t_child_management(term ctx) {
     assert_eq(supervisor_start_child(sup, map(1, am_id, A("x"))), tuple(2, am_error, A("missing_start")));
 }
 
-static void t_supervisor_start_failures(term ctx) {
+TEST(t_supervisor_start_failures) {
     (void)ctx;
     process_flag_trap_exit(true);
     process_register(self(), A("witness"));
@@ -2639,161 +2821,18 @@ static void t_supervisor_start_failures(term ctx) {
 }
 
 /* dynamic-supervisor.md: "The bucket supervisor" session. */
-static void t_bucket_supervisor_session(term ctx) {
-    (void)ctx;
-    boot_kv();
-    term r = dynamic_supervisor_start_child(alias("KV.BucketSupervisor"), alias("KV.Bucket"));
-    assert_true(is_tagged(r, am_ok, 2));
-    term bucket = elem(r, 1);
-    assert_eq(kv_bucket_put(bucket, S("eggs"), I(3)), am_ok);
-    assert_eq(kv_bucket_get(bucket, S("eggs")), I(3));
-    term children = dynamic_supervisor_which_children(alias("KV.BucketSupervisor"));
-    assert_eq(children, list(1, tuple(4, am_undefined, bucket, am_worker, list(1, alias("KV.Bucket")))));
-    assert_inspect(dynamic_supervisor_count_children(alias("KV.BucketSupervisor")),
-                   "%{active: 1, specs: 1, supervisors: 0, workers: 1}");
-}
-
-static term start_dyn(term opts) { return ok_value(dynamic_supervisor_start_link(opts)); }
-
-static void t_dynamic_supervisor(term ctx) {
-    (void)ctx;
-    process_register(self(), A("witness"));
-    term sup = start_dyn(list(1, tuple(2, am_strategy, am_one_for_one)));
-    term a = ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", am_temporary, NULL, NIL)));
-    events(1);
-    assert_eq(dynamic_supervisor_terminate_child(sup, a), am_ok);
-    events(1);
-    assert_eq(dynamic_supervisor_terminate_child(sup, a), tuple(2, am_error, am_not_found));
-    /* A crashed temporary child is dropped; a permanent one restarted. */
-    a = ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", am_temporary, NULL, NIL)));
-    term p = ok_value(dynamic_supervisor_start_child(sup, worker_opts("p", NULL, NULL, NIL)));
-    events(2);
-    gen_server_cast(a, tuple(2, am_EXIT, A("boom")));
-    gen_server_cast(p, tuple(2, am_EXIT, A("boom")));
-    assert_eq(events(3), list(3, terminated("a", A("boom")), terminated("p", A("boom")), started("p")));
-    term children = dynamic_supervisor_which_children(sup);
-    assert_eq(I((int64_t)list_length(children)), I(1));
-    assert_true(!term_eq(elem(hd(children), 1), p));
-    /* start_child's answers, without child records; ids mean nothing. */
-    term ig = worker_opts("ig", NULL, NULL, list(1, tuple(2, A("init"), am_ignore)));
-    assert_eq(dynamic_supervisor_start_child(sup, ig), am_ignore);
-    term st = worker_opts("st", NULL, NULL, list(1, tuple(2, A("init"), A("fail"))));
-    assert_eq(dynamic_supervisor_start_child(sup, st), tuple(2, am_error, A("cannot")));
-    term junk = worker_opts("j", NULL, NULL, list(1, tuple(2, A("init"), A("junk"))));
-    assert_eq(dynamic_supervisor_start_child(sup, junk), tuple(2, am_error, tuple(2, am_bad_return_value, A("weird"))));
-    events(3);
-    term raise = map(2, am_id, A("x"), am_start, tuple(3, alias("Test.Worker"), A("start_raise"), list(1, NIL)));
-    assert_eq(dynamic_supervisor_start_child(sup, raise), tuple(2, am_error, tuple(2, runtime_error("start raised"), NIL)));
-    term bad = map_put(worker("x"), am_restart, A("maybe"));
-    assert_eq(dynamic_supervisor_start_child(sup, bad), tuple(2, am_error, tuple(2, A("invalid_restart_type"), A("maybe"))));
-    term nostart = map(1, am_id, I(1));
-    assert_eq(dynamic_supervisor_start_child(sup, nostart), tuple(2, am_error, tuple(2, A("invalid_child_spec"), nostart)));
-    term w = worker("same");
-    ok_value(dynamic_supervisor_start_child(sup, w));
-    ok_value(dynamic_supervisor_start_child(sup, w)); /* the same spec twice: two children */
-    events(2);
-    assert_inspect(dynamic_supervisor_count_children(sup), "%{active: 3, specs: 3, supervisors: 0, workers: 3}");
-}
-
-static void start_child_of_nobody(void *arg) {
-    (void)arg;
-    dynamic_supervisor_start_child(A("no_sup"), tuple(2, am_Agent, F(fn_one)));
-}
-
-static void t_dynamic_supervisor_options(term ctx) {
-    (void)ctx;
-    process_flag_trap_exit(true);
-    process_register(self(), A("witness"));
-    term sup = start_dyn(list(1, tuple(2, am_max_children, I(2))));
-    ok_value(dynamic_supervisor_start_child(sup, worker("a")));
-    ok_value(dynamic_supervisor_start_child(sup, worker("b")));
-    assert_eq(dynamic_supervisor_start_child(sup, worker("c")), tuple(2, am_error, am_max_children));
-    events(2);
-    /* extra_arguments come first: start_extra(:extra, arg) */
-    sup = start_dyn(list(1, tuple(2, am_extra_arguments, list(1, A("extra")))));
-    term spec = map(2, am_id, A("x"), am_start, tuple(3, alias("Test.Worker"), A("start_extra"), list(1, A("arg"))));
-    term pid = ok_value(dynamic_supervisor_start_child(sup, spec));
-    assert_eq(proc_of(pid)->arg, list(2, A("extra"), A("arg")));
-    assert_eq(dynamic_supervisor_start_link(list(1, tuple(2, am_strategy, am_one_for_all))),
-              tuple(2, am_error, tuple(2, am_supervisor_data, tuple(2, A("invalid_strategy"), am_one_for_all))));
-    assert_receive(0);
-    assert_inspect(dynamic_supervisor_init(list(1, tuple(2, am_strategy, am_one_for_one))),
-                   "{:ok, %{extra_arguments: [], intensity: 3, max_children: :infinity, period: 5, strategy: :one_for_one}}");
-    /* The 4th crash in 5 seconds: the others get :shutdown, it exits. */
-    sup = start_dyn(NIL);
-    term a = ok_value(dynamic_supervisor_start_child(sup, worker("a")));
-    ok_value(dynamic_supervisor_start_child(sup, worker("other")));
-    events(2);
-    (void)a;
-    for (int i = 0; i < 4; i++) {
-        term children = dynamic_supervisor_which_children(sup);
-        term target = NULL;
-        for (term l = children; l->kind == K_CONS; l = tl(l))
-            if (term_eq(sys_get_state(elem(hd(l), 1)), tuple(2, A("a"), NIL))) target = elem(hd(l), 1);
-        gen_server_cast(target, tuple(2, am_EXIT, A("boom")));
-        events(i < 3 ? 2 : 1);
-    }
-    assert_eq(events(1), list(1, terminated("other", am_shutdown)));
-    assert_eq(wait_exit_from(sup), am_shutdown);
-    term reason = catch_exit(start_child_of_nobody, NULL);
-    assert_inspect(reason, "{:noproc, {GenServer, :call, [:no_sup, {:start_child, {{Agent, :start_link, "
-                           "[#Function<fn_one/0 in AgentTest>]}, :permanent, 5000, :worker, [Agent]}}, :infinity]}}");
-}
-
-/* A child whose restart keeps failing can still be terminated, and stray
- * messages are logged. */
-static void t_dynamic_restarting_child(term ctx) {
-    (void)ctx;
-    process_register(self(), A("witness"));
-    tw_fail_after_first = 0;
-    term sup = start_dyn(list(1, tuple(2, am_max_restarts, I(100))));
-    term f = ok_value(dynamic_supervisor_start_child(sup, worker_opts("f", NULL, NULL,
-                                                                      list(1, tuple(2, A("init"), A("fail_later"))))));
-    events(1);
-    gen_server_cast(f, tuple(2, am_EXIT, A("boom")));
-    events(2); /* terminated, then a failed start */
-    term children = dynamic_supervisor_which_children(sup);
-    assert_eq(elem(hd(children), 1), am_restarting);
-    assert_eq(dynamic_supervisor_terminate_child(sup, f), am_ok);
-    assert_eq(dynamic_supervisor_which_children(sup), NIL);
-    process_send(sup, A("hello"));
-    process_sleep(I(1));
-    assert_contains(captured_log(), "[error] DynamicSupervisor received unexpected message: :hello\n");
-}
-
-/* A DynamicSupervisor stops its children all at once: both slow children
- * are told together, so the whole shutdown takes one timeout, not two. */
-static void t_dynamic_shutdown_concurrent(term ctx) {
-    (void)ctx;
-    process_register(self(), A("witness"));
-    term sup = start_dyn(NIL);
-    term slow = list(1, tuple(2, A("slow"), I(1000)));
-    ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", NULL, I(100), slow)));
-    ok_value(dynamic_supervisor_start_child(sup, worker_opts("b", NULL, I(100), slow)));
-    events(2);
-    int64_t t0 = now_ms();
-    process_unlink(sup);
-    gen_server_stop(sup, am_shutdown, am_infinity);
-    assert_eq(I(now_ms() - t0), I(100));
-    assert_eq(I((int64_t)list_length(events(2))), I(2));
-}
 
 /* ---- faults and bad input ---- */
 
 /* In a process of its own (so that its heap goes with it): start a
  * supervisor with a slow child, tell it to stop, as its parent, and kill
- * it while it waits for that child.  arg: true for a DynamicSupervisor. */
-static void kill_during_shutdown(term arg) {
+ * it while it waits for that child. */
+static void kill_sup_during_shutdown(term arg) {
+    (void)arg;
     process_flag_trap_exit(true);
     process_register(self(), A("witness"));
     term slow = list(1, tuple(2, A("slow"), I(1000)));
-    term sup;
-    if (arg == am_true) {
-        sup = ok_value(dynamic_supervisor_start_link(NIL));
-        for (int i = 0; i < 3; i++) ok_value(dynamic_supervisor_start_child(sup, worker_opts("w", NULL, I(5000), slow)));
-    } else {
-        sup = start_sup(list(3, worker("a"), worker_opts("b", NULL, I(5000), slow), worker("c")), strategy(am_one_for_one));
-    }
+    term sup = start_sup(list(3, worker("a"), worker_opts("b", NULL, I(5000), slow), worker("c")), strategy(am_one_for_one));
     process_exit(sup, am_shutdown); /* from its parent: it shuts its children down */
     process_sleep(I(10));            /* ...and now waits for a slow one */
     process_exit(sup, am_kill);
@@ -2804,7 +2843,7 @@ static void kill_during_shutdown(term arg) {
 static void run_and_wait(void (*fn)(term), term arg) {
     term pid = spawn(fn, arg);
     term ref = process_monitor(pid);
-    term down = receive(match_down_of, ref, I(60000));
+    term down = receive(is_down_of, ref, I(60000));
     assert_eq(elem(down, 4), am_normal);
 }
 
@@ -2814,26 +2853,21 @@ static void run_and_wait(void (*fn)(term), term arg) {
  * counts the VM's own bytes too (where a malloc'd buffer used to leak).
  * The scenario runs twice first, so that the VM's tables have grown to
  * it; after the third run, neither count may have moved. */
-static void no_bytes_left_by(term dynamic) {
-    run_and_wait(kill_during_shutdown, dynamic);
-    run_and_wait(kill_during_shutdown, dynamic);
+static void no_bytes_left_by(void (*scenario)(term)) {
+    run_and_wait(scenario, NIL);
+    run_and_wait(scenario, NIL);
     garbage_collect(NIL); /* the test process's own heap, emptied */
     size_t before = vm_memory(), system_before = vm_memory_system();
-    run_and_wait(kill_during_shutdown, dynamic);
+    run_and_wait(scenario, NIL);
     garbage_collect(NIL);
     size_t after = vm_memory(), system_after = vm_memory_system(); /* before any term is built */
     assert_eq(I((int64_t)after), I((int64_t)before));
     assert_eq(I((int64_t)system_after), I((int64_t)system_before));
 }
 
-static void t_supervisor_killed_while_shutting_down(term ctx) {
+TEST(t_supervisor_killed_while_shutting_down) {
     (void)ctx;
-    no_bytes_left_by(am_false);
-}
-
-static void t_dynamic_supervisor_killed_while_shutting_down(term ctx) {
-    (void)ctx;
-    no_bytes_left_by(am_true);
+    no_bytes_left_by(kill_sup_during_shutdown);
 }
 
 THUNK(call_sup, gen_server_call(a[0], a[1]))
@@ -2842,7 +2876,7 @@ THUNK(call_sup, gen_server_call(a[0], a[1]))
  * is logged and ignored; a cast or a call it has no clause for crashes
  * it with a FunctionClauseError (OTP 25's supervisor has no catch-all);
  * a {:try_again_restart, id} for no such child is ignored. */
-static void t_supervisor_unexpected_requests(term ctx) {
+TEST(t_supervisor_unexpected_requests) {
     (void)ctx;
     process_flag_trap_exit(true);
     term sup = start_sup(NIL, strategy(am_one_for_one));
@@ -2869,7 +2903,7 @@ static void t_supervisor_unexpected_requests(term ctx) {
 /* A supervisor module's init/1 may give its flags as OTP's :supervisor
  * behaviour does, {strategy, intensity, period}, or as a map; anything
  * else is refused as {:supervisor_data, {:invalid_type, flags}}. */
-static void t_supervisor_flags_in_either_form(term ctx) {
+TEST(t_supervisor_flags_in_either_form) {
     (void)ctx;
     process_flag_trap_exit(true);
     process_register(self(), A("witness"));
@@ -2906,7 +2940,7 @@ THUNK(start_child_of, supervisor_start_child(a[0], a[1]))
 /* Erlang's 6-tuple child specs are taken as they are, checked field by
  * field as OTP checks them, and :supervisor.get_childspec/2 shows a
  * child's spec with every default filled in. */
-static void t_erlang_tuple_child_specs(term ctx) {
+TEST(t_erlang_tuple_child_specs) {
     (void)ctx;
     process_flag_trap_exit(true);
     process_register(self(), A("witness"));
@@ -2954,12 +2988,330 @@ static void t_erlang_tuple_child_specs(term ctx) {
     assert_contains(BYTES(map_get(e, am_message, S(""))), "old tuple-based child specification {:t, {Test.Worker, :start_link, ");
 }
 
+
+/* A supervisor whose module was never loaded fails to start, as a
+ * GenServer's does; one whose module is no atom at all fails in apply/3,
+ * as OTP's does (Supervisor.start_link(42, []) passes 42 on). */
+TEST(t_supervisor_of_an_unloaded_module) {
+    (void)ctx;
+    process_flag_trap_exit(true);
+    term nope = alias("Nope");
+    term undef = tuple(2, undefined_function_error(nope, am_init, 1), NIL);
+    assert_eq(supervisor_start_link(nope, am_ok, NIL), tuple(2, am_error, undef));
+    assert_eq(elem(assert_receive(100), 2), undef);
+    term r = supervisor_start_link(I(42), NIL, NIL);
+    assert_eq(r, tuple(2, am_error, tuple(2, argument_error(BADARG("1st argument: not an atom")), NIL)));
+    assert_receive(100);
+}
+//> supervisor-and-application/naming
+/* ==========================================================================
+ * supervisor-and-application.md — "Understanding applications",
+ * "Starting applications": ApplicationTest
+ * ========================================================================== */
+
+THUNK(app_start_of, application_start(a[0]))
+THUNK(app_stop_of, application_stop(a[0]))
+THUNK(spec_of_app, application_spec(a[0]))
+
+/* Application's functions take an atom, by their guards, and an
+ * application nobody knows has no spec. */
+TEST(t_application_functions_check_arguments) {
+    (void)ctx;
+    boot_kv();
+    term bad = I(42);
+    assert_eq(catch_error(app_stop_of, &bad), function_clause_error(alias("Application"), am_stop, 1));
+    assert_eq(catch_error(app_start_of, &bad), function_clause_error(alias("Application"), am_start, 2));
+    assert_eq(catch_error(spec_of_app, &bad), function_clause_error(alias("Application"), A("spec"), 1));
+    assert_eq(application_spec(A("nope")), am_nil);
+    assert_eq(keyword_get(application_spec(A("kv")), A("vsn"), am_nil), charlist("0.1.0"));
+}
+
+//> supervisor-and-application/callback
+/* ==========================================================================
+ * supervisor-and-application.md — "The application callback": ApplicationTest
+ * ========================================================================== */
+
+TEST(t_app_file) {
+    (void)ctx;
+    struct buf b = {0};
+    application_resource_file(&b, A("kv"));
+    assert_eq(S(buf_str(&b)), S("{application,kv,\n"
+                                "             [{applications,[kernel,stdlib,elixir,logger]},\n"
+                                "              {description,\"kv\"},\n"
+                                "              {modules,['Elixir.KV','Elixir.KV.Bucket','Elixir.KV.Registry',\n"
+                                "                        'Elixir.KV.Supervisor']},\n"
+                                "              {registered,[]},\n"
+                                "              {vsn,\"0.1.0\"},\n"
+                                "              {mod,{'Elixir.KV',[]}}]}.\n"));
+    buf_free(&b);
+}
+
+/* "Starting applications": the session, with :kv started as by iex -S mix. */
+TEST(t_starting_applications) {
+    (void)ctx;
+    boot_kv();
+    assert_eq(application_start(A("kv")), tuple(2, am_error, tuple(2, am_already_started, A("kv"))));
+    assert_true(term_eq(hd(application_started_applications()), tuple(3, A("kv"), charlist("kv"), charlist("0.1.0"))));
+    assert_inspect(hd(application_started_applications()), "{:kv, 'kv', '0.1.0'}");
+    assert_eq(application_stop(A("kv")), am_ok);
+    assert_contains(captured_log(), "[notice] Application kv exited: :stopped\n");
+    assert_eq(process_whereis(alias("KV.Registry")), am_nil); /* the tree is gone */
+    assert_eq(application_stop(A("kv")), tuple(2, am_error, tuple(2, A("not_started"), A("kv"))));
+    assert_eq(application_stop(A("logger")), am_ok);
+    assert_eq(application_start(A("kv")), tuple(2, am_error, tuple(2, A("not_started"), A("logger"))));
+    assert_eq(application_ensure_all_started(A("kv")), tuple(2, am_ok, list(2, A("logger"), A("kv"))));
+    assert_eq(application_ensure_all_started(A("kv")), tuple(2, am_ok, NIL));
+    assert_true(is_pid(process_whereis(alias("KV.Registry"))));
+    assert_eq(application_start(A("nope")),
+              tuple(2, am_error, tuple(2, charlist("no such file or directory"), charlist("nope.app"))));
+    assert_eq(application_ensure_all_started(A("nope")),
+              tuple(2, am_error, tuple(2, A("nope"), tuple(2, charlist("no such file or directory"),
+                                                                    charlist("nope.app")))));
+}
+
+/* The seed's `iex -S mix run --no-start`. */
+TEST(t_no_start) {
+    (void)ctx;
+    ok_value(application_boot(true));
+    assert_eq(process_whereis(alias("KV.Registry")), am_nil);
+    assert_eq(application_start(A("kv")), am_ok);
+    assert_true(is_pid(process_whereis(alias("KV.Registry"))));
+}
+
+/* retired at dynamic-supervisor/bucket-supervisor: the tree gains the bucket supervisor
+// "The application callback": with :kv running, the registry is there by
+// name, the one child of the tree the callback started.
+TEST(t_application_callback) {
+    (void)ctx;
+    boot_kv();
+    assert_eq(kv_registry_create(alias("KV.Registry"), S("shopping")), am_ok);
+    term r = kv_registry_lookup(alias("KV.Registry"), S("shopping"));
+    assert_true(is_tagged(r, am_ok, 2) && is_pid(elem(r, 1)));
+    term registry = process_whereis(alias("KV.Registry"));
+    assert_eq(supervisor_which_children(alias("KV.Supervisor")),
+              list(1, tuple(4, alias("KV.Registry"), registry, am_worker, list(1, alias("KV.Registry")))));
+}
+*/
+
+/* The registered process `name`, once its supervisor has (re)started it. */
+static term registered(term name) {
+    term pid;
+    while ((pid = process_whereis(name)) == am_nil) process_sleep(I(1));
+    return pid;
+}
+
+static void crash_registry_times(int n) {
+    for (int i = 0; i < n; i++) {
+        term reg = registered(alias("KV.Registry"));
+        term ref = process_monitor(reg);
+        process_exit(reg, A("boom"));
+        receive(match_down_of, ref, am_infinity);
+    }
+}
+
+/* Four registry crashes in a row: KV.Supervisor gives up (:shutdown), the
+ * application exits and says so; the VM keeps running. */
+TEST(t_app_exits_with_its_tree) {
+    (void)ctx;
+    boot_kv();
+    term top = process_whereis(alias("KV.Supervisor"));
+    term ref = process_monitor(top);
+    crash_registry_times(4);
+    assert_eq(elem(receive(match_down_of, ref, am_infinity), 4), am_shutdown);
+    process_sleep(I(1));
+    assert_contains(captured_log(), "[notice] Application kv exited: shutdown\n");
+    assert_eq(process_whereis(alias("KV.Supervisor")), am_nil);
+    assert_true(!term_eq(hd(application_started_applications()), tuple(3, A("kv"), charlist("kv"), charlist("0.1.0"))));
+    assert_eq(application_start(A("kv")), am_ok); /* and it can start again */
+    process_exit(process_whereis(alias("KV.Supervisor")), am_kill);
+    process_sleep(I(1));
+    assert_contains(captured_log(), "[notice] Application kv exited: killed\n");
+}
+
+//> dynamic-supervisor
+/* ==========================================================================
+ * dynamic-supervisor.md — the chapter's first test: KV.RegistryTest
+ * ==========================================================================
+ * It fails against the registry of supervisor-and-application.md, which
+ * links its buckets (chapters/3-supervisor-and-application's README shows
+ * the failure, as the guide does), and passes from "The bucket
+ * supervisor" on. */
+
+/* test "removes bucket on crash", %{registry: registry} */
+TEST(t_removes_bucket_on_crash) {
+    term registry = map_get(ctx, A("registry"), am_nil);
+    kv_registry_create(registry, S("shopping"));
+    term bucket = ok_value(kv_registry_lookup(registry, S("shopping")));
+
+    /* Stop the bucket with non-normal reason */
+    agent_stop(bucket, am_shutdown, am_infinity);
+    assert_eq(kv_registry_lookup(registry, S("shopping")), am_error);
+}
+
+//> dynamic-supervisor/bucket-supervisor
+/* ==========================================================================
+ * dynamic-supervisor.md — "The bucket supervisor": DynamicSupervisorTest
+ * ========================================================================== */
+
+TEST(t_bucket_supervisor_session) {
+    (void)ctx;
+    boot_kv();
+    term r = dynamic_supervisor_start_child(alias("KV.BucketSupervisor"), alias("KV.Bucket"));
+    assert_true(is_tagged(r, am_ok, 2));
+    term bucket = elem(r, 1);
+    assert_eq(kv_bucket_put(bucket, S("eggs"), I(3)), am_ok);
+    assert_eq(kv_bucket_get(bucket, S("eggs")), I(3));
+    term children = dynamic_supervisor_which_children(alias("KV.BucketSupervisor"));
+    assert_eq(children, list(1, tuple(4, am_undefined, bucket, am_worker, list(1, alias("KV.Bucket")))));
+    assert_inspect(dynamic_supervisor_count_children(alias("KV.BucketSupervisor")),
+                   "%{active: 1, specs: 1, supervisors: 0, workers: 1}");
+}
+
+/* The child spec of the bucket supervisor, as the tree of
+ * "The bucket supervisor" lists it. */
+TEST(t_dynamic_supervisor_child_spec) {
+    (void)ctx;
+    term kw = list(2, tuple(2, am_name, alias("KV.BucketSupervisor")), tuple(2, am_strategy, am_one_for_one));
+    assert_inspect(dynamic_supervisor_child_spec(kw),
+                   "%{id: KV.BucketSupervisor, start: {DynamicSupervisor, :start_link, "
+                   "[[name: KV.BucketSupervisor, strategy: :one_for_one]]}, type: :supervisor}");
+}
+
+static term start_dyn(term opts) { return ok_value(dynamic_supervisor_start_link(opts)); }
+
+TEST(t_dynamic_supervisor) {
+    (void)ctx;
+    process_register(self(), A("witness"));
+    term sup = start_dyn(list(1, tuple(2, am_strategy, am_one_for_one)));
+    term a = ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", am_temporary, NULL, NIL)));
+    events(1);
+    assert_eq(dynamic_supervisor_terminate_child(sup, a), am_ok);
+    events(1);
+    assert_eq(dynamic_supervisor_terminate_child(sup, a), tuple(2, am_error, am_not_found));
+    /* A crashed temporary child is dropped; a permanent one restarted. */
+    a = ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", am_temporary, NULL, NIL)));
+    term p = ok_value(dynamic_supervisor_start_child(sup, worker_opts("p", NULL, NULL, NIL)));
+    events(2);
+    gen_server_cast(a, tuple(2, am_EXIT, A("boom")));
+    gen_server_cast(p, tuple(2, am_EXIT, A("boom")));
+    assert_eq(events(3), list(3, terminated("a", A("boom")), terminated("p", A("boom")), started("p")));
+    term children = dynamic_supervisor_which_children(sup);
+    assert_eq(I((int64_t)list_length(children)), I(1));
+    assert_true(!term_eq(elem(hd(children), 1), p));
+    /* start_child's answers, without child records; ids mean nothing. */
+    term ig = worker_opts("ig", NULL, NULL, list(1, tuple(2, A("init"), am_ignore)));
+    assert_eq(dynamic_supervisor_start_child(sup, ig), am_ignore);
+    term st = worker_opts("st", NULL, NULL, list(1, tuple(2, A("init"), A("fail"))));
+    assert_eq(dynamic_supervisor_start_child(sup, st), tuple(2, am_error, A("cannot")));
+    term junk = worker_opts("j", NULL, NULL, list(1, tuple(2, A("init"), A("junk"))));
+    assert_eq(dynamic_supervisor_start_child(sup, junk), tuple(2, am_error, tuple(2, am_bad_return_value, A("weird"))));
+    events(3);
+    term raise = map(2, am_id, A("x"), am_start, tuple(3, alias("Test.Worker"), A("start_raise"), list(1, NIL)));
+    assert_eq(dynamic_supervisor_start_child(sup, raise), tuple(2, am_error, tuple(2, runtime_error("start raised"), NIL)));
+    term bad = map_put(worker("x"), am_restart, A("maybe"));
+    assert_eq(dynamic_supervisor_start_child(sup, bad), tuple(2, am_error, tuple(2, A("invalid_restart_type"), A("maybe"))));
+    term nostart = map(1, am_id, I(1));
+    assert_eq(dynamic_supervisor_start_child(sup, nostart), tuple(2, am_error, tuple(2, A("invalid_child_spec"), nostart)));
+    term w = worker("same");
+    ok_value(dynamic_supervisor_start_child(sup, w));
+    ok_value(dynamic_supervisor_start_child(sup, w)); /* the same spec twice: two children */
+    events(2);
+    assert_inspect(dynamic_supervisor_count_children(sup), "%{active: 3, specs: 3, supervisors: 0, workers: 3}");
+}
+
+static void start_child_of_nobody(void *arg) {
+    (void)arg;
+    dynamic_supervisor_start_child(A("no_sup"), tuple(2, am_Agent, F(fn_one)));
+}
+
+TEST(t_dynamic_supervisor_options) {
+    (void)ctx;
+    process_flag_trap_exit(true);
+    process_register(self(), A("witness"));
+    term sup = start_dyn(list(1, tuple(2, am_max_children, I(2))));
+    ok_value(dynamic_supervisor_start_child(sup, worker("a")));
+    ok_value(dynamic_supervisor_start_child(sup, worker("b")));
+    assert_eq(dynamic_supervisor_start_child(sup, worker("c")), tuple(2, am_error, am_max_children));
+    events(2);
+    /* extra_arguments come first: start_extra(:extra, arg) */
+    sup = start_dyn(list(1, tuple(2, am_extra_arguments, list(1, A("extra")))));
+    term spec = map(2, am_id, A("x"), am_start, tuple(3, alias("Test.Worker"), A("start_extra"), list(1, A("arg"))));
+    term pid = ok_value(dynamic_supervisor_start_child(sup, spec));
+    assert_eq(proc_of(pid)->arg, list(2, A("extra"), A("arg")));
+    assert_eq(dynamic_supervisor_start_link(list(1, tuple(2, am_strategy, am_one_for_all))),
+              tuple(2, am_error, tuple(2, am_supervisor_data, tuple(2, A("invalid_strategy"), am_one_for_all))));
+    assert_receive(0);
+    assert_inspect(dynamic_supervisor_init(list(1, tuple(2, am_strategy, am_one_for_one))),
+                   "{:ok, %{extra_arguments: [], intensity: 3, max_children: :infinity, period: 5, strategy: :one_for_one}}");
+    /* The 4th crash in 5 seconds: the others get :shutdown, it exits. */
+    sup = start_dyn(NIL);
+    term a = ok_value(dynamic_supervisor_start_child(sup, worker("a")));
+    ok_value(dynamic_supervisor_start_child(sup, worker("other")));
+    events(2);
+    (void)a;
+    for (int i = 0; i < 4; i++) {
+        term children = dynamic_supervisor_which_children(sup);
+        term target = NULL;
+        for (term l = children; l->kind == K_CONS; l = tl(l))
+            if (term_eq(sys_get_state(elem(hd(l), 1)), tuple(2, A("a"), NIL))) target = elem(hd(l), 1);
+        gen_server_cast(target, tuple(2, am_EXIT, A("boom")));
+        events(i < 3 ? 2 : 1);
+    }
+    assert_eq(events(1), list(1, terminated("other", am_shutdown)));
+    assert_eq(wait_exit_from(sup), am_shutdown);
+    term reason = catch_exit(start_child_of_nobody, NULL);
+    assert_inspect(reason, "{:noproc, {GenServer, :call, [:no_sup, {:start_child, {{Agent, :start_link, "
+                           "[#Function<fn_one/0 in AgentTest>]}, :permanent, 5000, :worker, [Agent]}}, :infinity]}}");
+}
+
+/* A child whose restart keeps failing can still be terminated, and stray
+ * messages are logged. */
+TEST(t_dynamic_restarting_child) {
+    (void)ctx;
+    process_register(self(), A("witness"));
+    tw_fail_after_first = 0;
+    term sup = start_dyn(list(1, tuple(2, am_max_restarts, I(100))));
+    term f = ok_value(dynamic_supervisor_start_child(sup, worker_opts("f", NULL, NULL,
+                                                                      list(1, tuple(2, A("init"), A("fail_later"))))));
+    events(1);
+    gen_server_cast(f, tuple(2, am_EXIT, A("boom")));
+    events(2); /* terminated, then a failed start */
+    term children = dynamic_supervisor_which_children(sup);
+    assert_eq(elem(hd(children), 1), am_restarting);
+    assert_eq(dynamic_supervisor_terminate_child(sup, f), am_ok);
+    assert_eq(dynamic_supervisor_which_children(sup), NIL);
+    process_send(sup, A("hello"));
+    process_sleep(I(1));
+    assert_contains(captured_log(), "[error] DynamicSupervisor received unexpected message: :hello\n");
+}
+
+/* A DynamicSupervisor stops its children all at once: both slow children
+ * are told together, so the whole shutdown takes one timeout, not two. */
+TEST(t_dynamic_shutdown_concurrent) {
+    (void)ctx;
+    process_register(self(), A("witness"));
+    term sup = start_dyn(NIL);
+    term slow = list(1, tuple(2, A("slow"), I(1000)));
+    ok_value(dynamic_supervisor_start_child(sup, worker_opts("a", NULL, I(100), slow)));
+    ok_value(dynamic_supervisor_start_child(sup, worker_opts("b", NULL, I(100), slow)));
+    events(2);
+    int64_t t0 = now_ms();
+    process_unlink(sup);
+    gen_server_stop(sup, am_shutdown, am_infinity);
+    assert_eq(I(now_ms() - t0), I(100));
+    assert_eq(I((int64_t)list_length(events(2))), I(2));
+}
+
+
+
+/* ---- faults and bad input ---- */
+
 THUNK(call_dyn, gen_server_call(a[0], a[1]))
 THUNK(dyn_start_child_of, dynamic_supervisor_start_child(a[0], a[1]))
 
 /* DynamicSupervisor answers stray requests as Elixir's does: casts are
  * ignored, plain messages logged, unknown calls crash it. */
-static void t_dynamic_supervisor_unexpected_requests(term ctx) {
+TEST(t_dynamic_supervisor_unexpected_requests) {
     (void)ctx;
     process_flag_trap_exit(true);
     term sup = ok_value(dynamic_supervisor_start_link(NIL));
@@ -2979,7 +3331,7 @@ static void t_dynamic_supervisor_unexpected_requests(term ctx) {
  * order, each a {:supervisor_data, ...}; DynamicSupervisor.init/1 itself
  * checks nothing.  An improper extra_arguments list passes the check (it
  * is a list) and crashes the supervisor at the first start_child. */
-static void t_dynamic_supervisor_options_checked(term ctx) {
+TEST(t_dynamic_supervisor_options_checked) {
     (void)ctx;
     process_flag_trap_exit(true);
     struct { term opt, reason; } cases[] = {
@@ -3005,126 +3357,91 @@ static void t_dynamic_supervisor_options_checked(term ctx) {
     assert_eq(wait_exit_from(sup), tuple(2, argument_error("argument error"), NIL));
 }
 
+
+/* The same as kill_sup_during_shutdown, with a DynamicSupervisor. */
+static void kill_dyn_during_shutdown(term arg) {
+    (void)arg;
+    process_flag_trap_exit(true);
+    process_register(self(), A("witness"));
+    term slow = list(1, tuple(2, A("slow"), I(1000)));
+    term sup = ok_value(dynamic_supervisor_start_link(NIL));
+    for (int i = 0; i < 3; i++) ok_value(dynamic_supervisor_start_child(sup, worker_opts("w", NULL, I(5000), slow)));
+    process_exit(sup, am_shutdown);
+    process_sleep(I(10));
+    process_exit(sup, am_kill);
+    if (wait_exit_from(sup) != am_killed) exit_self(A("not_killed"));
+    process_sleep(I(2000));
+}
+
+TEST(t_dynamic_supervisor_killed_while_shutting_down) {
+    (void)ctx;
+    no_bytes_left_by(kill_dyn_during_shutdown);
+}
+
+/* A DynamicSupervisor whose module was never loaded fails to start. */
+TEST(t_dynamic_supervisor_of_an_unloaded_module) {
+    (void)ctx;
+    process_flag_trap_exit(true);
+    term nope = alias("Nope");
+    term undef = tuple(2, undefined_function_error(nope, am_init, 1), NIL);
+    assert_eq(dynamic_supervisor_start_link_module(nope, am_ok, NIL), tuple(2, am_error, undef));
+    assert_eq(elem(assert_receive(100), 2), undef);
+}
+//> dynamic-supervisor/temporary
+/* ==========================================================================
+ * dynamic-supervisor.md — "The bucket supervisor": temporary buckets
+ * ========================================================================== */
+
 /* test "are temporary workers" */
-static void t_are_temporary_workers(term ctx) {
+TEST(t_are_temporary_workers) {
     (void)ctx;
     assert_eq(map_get(supervisor_child_spec(alias("KV.Bucket"), NIL), am_restart, NULL), am_temporary);
+    assert_inspect(child_spec_as_1_14(kv_bucket_child_spec(NIL)),
+                   "%{id: KV.Bucket, restart: :temporary, start: {KV.Bucket, :start_link, [[]]}}");
 }
 
-/* test "removes bucket on crash", %{registry: registry} */
-static void t_removes_bucket_on_crash(term ctx) {
-    term registry = map_get(ctx, A("registry"), am_nil);
-    kv_registry_create(registry, S("shopping"));
-    term bucket = ok_value(kv_registry_lookup(registry, S("shopping")));
-
-    /* Stop the bucket with non-normal reason */
-    agent_stop(bucket, am_shutdown, am_infinity);
-    assert_eq(kv_registry_lookup(registry, S("shopping")), am_error);
-}
-
-/* dynamic-supervisor.md opens with the registry as genservers.md left it:
- * it started buckets with KV.Bucket.start_link/1, linking each to itself.
- * Stopping a bucket with :shutdown then takes the registry down with it,
- * and the test fails the way the guide shows.  This is that registry. */
-static term linked_registry_handle_cast(term request, term state) {
-    term name = elem(request, 1), names = elem(state, 0), refs = elem(state, 1);
-    if (map_has_key(names, name)) return tuple(2, am_noreply, state);
-    term bucket = ok_value(kv_bucket_start_link(NIL)); /* linked */
-    term ref = process_monitor(bucket);
-    return tuple(2, am_noreply, tuple(2, map_put(names, name, bucket), map_put(refs, ref, name)));
-}
-
-static const struct module linked_registry = {
-    .name = "KV.LinkedRegistry", .init = kv_registry_init, .handle_call = kv_registry_handle_call,
-    .handle_cast = linked_registry_handle_cast, .handle_info = kv_registry_handle_info,
-};
-
-static void lookup_shopping(void *registry) { kv_registry_lookup((term)registry, S("shopping")); }
-
-static void t_registry_linked_to_buckets(term ctx) {
-    (void)ctx;
-    term registry = ok_value(gen_server_start(module_atom(&linked_registry), am_ok, NIL));
-    kv_registry_create(registry, S("shopping"));
-    term bucket = ok_value(kv_registry_lookup(registry, S("shopping")));
-    agent_stop(bucket, am_shutdown, am_infinity);
-    term reason = catch_exit(lookup_shopping, (void *)registry);
-    struct buf b = {0}, want = {0};
-    format_exit_banner(&b, reason);
-    buf_puts(&want, "** (exit) exited in: GenServer.call(");
-    inspect_to(&want, registry);
-    buf_puts(&want, ", {:lookup, \"shopping\"}, 5000)\n    ** (EXIT) no process: the process is not alive or there's "
-                    "no process currently associated with the given name, possibly because its application isn't started");
-    assert_eq(S(buf_str(&b)), S(buf_str(&want)));
-    buf_free(&b);
-    buf_free(&want);
-}
-
-/* ---- Applications ---- */
-
-static void t_app_file(term ctx) {
-    (void)ctx;
-    struct buf b = {0};
-    application_resource_file(&b, A("kv"));
-    assert_eq(S(buf_str(&b)), S("{application,kv,\n"
-                                "             [{applications,[kernel,stdlib,elixir,logger]},\n"
-                                "              {description,\"kv\"},\n"
-                                "              {modules,['Elixir.KV','Elixir.KV.Bucket','Elixir.KV.Registry',\n"
-                                "                        'Elixir.KV.Supervisor']},\n"
-                                "              {registered,[]},\n"
-                                "              {vsn,\"0.1.0\"},\n"
-                                "              {mod,{'Elixir.KV',[]}}]}.\n"));
-    buf_free(&b);
-}
-
-THUNK(app_stop_of, application_stop(a[0]))
-THUNK(spec_of_app, application_spec(a[0]))
-
-/* Application's functions take an atom, by their guards, and an
- * application nobody knows has no spec. */
-static void t_application_functions_check_arguments(term ctx) {
+/* The leak the guide points out: a bucket that crashes must not come
+ * back under a pid no registry knows.  Once the registry has forgotten
+ * the bucket, the bucket supervisor must have no child left.  (Against
+ * the permanent buckets of the step before, count_children shows one:
+ * chapters/4-dynamic-supervisor's README runs it so.) */
+TEST(t_crashed_bucket_leaves_nothing_behind) {
     (void)ctx;
     boot_kv();
-    term bad = I(42);
-    assert_eq(catch_error(app_stop_of, &bad), function_clause_error(alias("Application"), am_stop, 1));
-    assert_eq(catch_error(spec_of_app, &bad), function_clause_error(alias("Application"), A("spec"), 1));
-    assert_eq(application_spec(A("nope")), am_nil);
-    assert_eq(keyword_get(application_spec(A("kv")), A("vsn"), am_nil), charlist("0.1.0"));
+    kv_registry_create(alias("KV.Registry"), S("shopping"));
+    term bucket = ok_value(kv_registry_lookup(alias("KV.Registry"), S("shopping")));
+    process_exit(bucket, A("boom"));
+    while (kv_registry_lookup(alias("KV.Registry"), S("shopping")) != am_error) process_sleep(I(1));
+    assert_eq(dynamic_supervisor_count_children(alias("KV.BucketSupervisor")),
+              map(4, am_active, I(0), am_specs, I(0), am_supervisors, I(0), am_workers, I(0)));
 }
 
-/* "Starting applications": the session, with :kv started as by iex -S mix. */
-static void t_starting_applications(term ctx) {
+//> dynamic-supervisor/supervision-trees
+/* ==========================================================================
+ * dynamic-supervisor.md — "Supervision trees"
+ * ========================================================================== */
+
+/* A registry that dies takes its buckets with it (:one_for_all): no
+ * bucket may outlive the only process that knew its name.  (Under the
+ * :one_for_one of the step before, the old bucket lives on, an orphan:
+ * chapters/4-dynamic-supervisor's README shows it.) */
+TEST(t_killing_the_registry_takes_its_buckets) {
     (void)ctx;
     boot_kv();
-    assert_eq(application_start(A("kv")), tuple(2, am_error, tuple(2, am_already_started, A("kv"))));
-    assert_true(term_eq(hd(application_started_applications()), tuple(3, A("kv"), charlist("kv"), charlist("0.1.0"))));
-    assert_inspect(hd(application_started_applications()), "{:kv, 'kv', '0.1.0'}");
-    assert_eq(application_stop(A("kv")), am_ok);
-    assert_contains(captured_log(), "[notice] Application kv exited: :stopped\n");
-    assert_eq(process_whereis(alias("KV.Registry")), am_nil); /* the tree is gone */
-    assert_eq(application_stop(A("kv")), tuple(2, am_error, tuple(2, A("not_started"), A("kv"))));
-    assert_eq(application_stop(A("logger")), am_ok);
-    assert_eq(application_start(A("kv")), tuple(2, am_error, tuple(2, A("not_started"), A("logger"))));
-    assert_eq(application_ensure_all_started(A("kv")), tuple(2, am_ok, list(2, A("logger"), A("kv"))));
-    assert_eq(application_ensure_all_started(A("kv")), tuple(2, am_ok, NIL));
-    assert_true(is_pid(process_whereis(alias("KV.Registry"))));
-    assert_eq(application_start(A("nope")),
-              tuple(2, am_error, tuple(2, charlist("no such file or directory"), charlist("nope.app"))));
-    assert_eq(application_ensure_all_started(A("nope")),
-              tuple(2, am_error, tuple(2, A("nope"), tuple(2, charlist("no such file or directory"),
-                                                                    charlist("nope.app")))));
+    kv_registry_create(alias("KV.Registry"), S("shopping"));
+    term bucket = ok_value(kv_registry_lookup(alias("KV.Registry"), S("shopping")));
+    term registry = process_whereis(alias("KV.Registry"));
+    process_exit(registry, am_kill);
+    term again;
+    while ((again = process_whereis(alias("KV.Registry"))) == am_nil || term_eq(again, registry)) process_sleep(I(1));
+    refute(process_alive(bucket));
+    assert_eq(dynamic_supervisor_count_children(alias("KV.BucketSupervisor")),
+              map(4, am_active, I(0), am_specs, I(0), am_supervisors, I(0), am_workers, I(0)));
 }
 
-/* The seed's `iex -S mix run --no-start`. */
-static void t_no_start(term ctx) {
-    (void)ctx;
-    ok_value(application_boot(true));
-    assert_eq(process_whereis(alias("KV.Registry")), am_nil);
-    assert_eq(application_start(A("kv")), am_ok);
-    assert_true(is_pid(process_whereis(alias("KV.Registry"))));
-}
-
-/* "The application callback": with :kv running, the registry is there by name. */
-static void t_application_callback(term ctx) {
+/* The tree as dynamic-supervisor.md leaves it: the bucket supervisor first,
+ * the registry after it (which_children lists the newest first). */
+TEST(t_application_callback_final_tree) {
     (void)ctx;
     boot_kv();
     assert_eq(kv_registry_create(alias("KV.Registry"), S("shopping")), am_ok);
@@ -3138,7 +3455,7 @@ static void t_application_callback(term ctx) {
 
 /* Stopping :kv shuts the tree down newest first: the registry, then the
  * bucket supervisor (with its buckets), then KV.Supervisor. */
-static void t_app_stop_order(term ctx) {
+TEST(t_app_stop_order) {
     (void)ctx;
     boot_kv();
     kv_registry_create(alias("KV.Registry"), S("shopping"));
@@ -3152,198 +3469,184 @@ static void t_app_stop_order(term ctx) {
     assert_eq(order, list(4, reg, bucket, bsup, top));
 }
 
-/* The registered process `name`, once its supervisor has (re)started it. */
-static term registered(term name) {
-    term pid;
-    while ((pid = process_whereis(name)) == am_nil) process_sleep(I(1));
-    return pid;
-}
-
-static void crash_registry_times(int n) {
-    for (int i = 0; i < n; i++) {
-        term reg = registered(alias("KV.Registry"));
-        term ref = process_monitor(reg);
-        process_exit(reg, A("boom"));
-        receive(match_down_of, ref, am_infinity);
-    }
-}
-
-/* Four registry crashes in a row: KV.Supervisor gives up (:shutdown), the
- * application exits and says so; the VM keeps running. */
-static void t_app_exits_with_its_tree(term ctx) {
-    (void)ctx;
-    boot_kv();
-    term top = process_whereis(alias("KV.Supervisor"));
-    term ref = process_monitor(top);
-    crash_registry_times(4);
-    assert_eq(elem(receive(match_down_of, ref, am_infinity), 4), am_shutdown);
-    process_sleep(I(1));
-    assert_contains(captured_log(), "[notice] Application kv exited: shutdown\n");
-    assert_eq(process_whereis(alias("KV.Supervisor")), am_nil);
-    assert_true(!term_eq(hd(application_started_applications()), tuple(3, A("kv"), charlist("kv"), charlist("0.1.0"))));
-    assert_eq(application_start(A("kv")), am_ok); /* and it can start again */
-    process_exit(process_whereis(alias("KV.Supervisor")), am_kill);
-    process_sleep(I(1));
-    assert_contains(captured_log(), "[notice] Application kv exited: killed\n");
-}
-
-/* The test modules, loaded as kv.c loads its own (kv_load_modules). */
-static void load_test_modules(void) {
-    code_load(&test_server);
-    code_load(&no_info);
-    code_load(&test_worker);
-    code_load(&test_sup);
-    code_load(&first_kv_supervisor);
-    code_load(&linked_registry);
-    code_load(&test_stack);
-}
-
+//> introduction-to-mix
 /* ==========================================================================
- * The tests, in the guide's order
+ * The tests, in the guide's order: since (the step that introduces each),
+ * last (the last step it holds in, or NULL), module, name, setup, body
  * ========================================================================== */
 
 static const struct test tests[] = {
-    /* ---- the runtime: what the guide takes for granted ---- */
-    {"runtime", "Runtime.InspectTest", "prints terms as inspect/1 does", NULL, t_inspect_basic, NULL},
-    {"runtime", "Runtime.InspectTest", "limits collections to 50 items", NULL, t_inspect_limit, NULL},
-    {"runtime", "Runtime.InspectTest", "pretty-prints at 80 columns as iex does", NULL, t_inspect_pretty, NULL},
-    {"runtime", "Runtime.InspectTest", "orders terms as Erlang does", NULL, t_term_order, NULL},
-    {"runtime", "Runtime.ProcessTest", "spawn runs a function in a new process and send copies", NULL, t_spawn_and_send, NULL},
-    {"runtime", "Runtime.ProcessTest", "messages from one sender arrive in send order", NULL, t_send_order, NULL},
-    {"runtime", "Runtime.ProcessTest", "selective receive keeps unmatched messages in order", NULL, t_selective_receive, NULL},
-    {"runtime", "Runtime.ProcessTest", "receive after times out on a virtual clock", NULL, t_receive_after, NULL},
-    {"runtime", "Runtime.ProcessTest", "a linked process's abnormal exit kills a non-trapping linker", NULL, t_link_abnormal, NULL},
-    {"runtime", "Runtime.ProcessTest", "trap_exit turns exit signals into EXIT messages", NULL, t_trap_exit, NULL},
-    {"runtime", "Runtime.ProcessTest", "Process.exit with :normal is ignored, except on self", NULL, t_exit_normal, NULL},
-    {"runtime", "Runtime.ProcessTest", ":kill is untrappable and spreads as :killed", NULL, t_kill, NULL},
-    {"runtime", "Runtime.ProcessTest", "linking to a dead process", NULL, t_link_dead, NULL},
-    {"runtime", "Runtime.ProcessTest", "links are bidirectional and unlink undoes them", NULL, t_links_bidirectional, NULL},
-    {"runtime", "Runtime.ProcessTest", "sending to the dead is silent, to an unknown name an error", NULL, t_send_to_dead, NULL},
-    {"runtime", "Runtime.ProcessTest", "monitors deliver DOWN messages", NULL, t_monitors, NULL},
-    {"runtime", "Runtime.ProcessTest", "registered names", NULL, t_names, NULL},
-    {"runtime", "Runtime.ProcessTest", "arguments of the wrong kind raise ArgumentError", NULL, t_badargs, NULL},
-    {"runtime", "Runtime.ProcessTest", "a process exits from deep inside nested calls", NULL, t_exit_from_depth, NULL},
-    {"runtime", "Runtime.ProcessTest", "an exit from deep inside can be caught", NULL, t_exit_caught, NULL},
-    {"runtime", "Runtime.ProcessTest", "a killed process releases every byte", NULL, t_kill_releases_memory, NULL},
-    {"runtime", "Runtime.ProcessTest", "raise in a plain process logs the exception", NULL, t_raise_logs, NULL},
-    {"runtime", "Runtime.SchedulerTest", "a deadlock is reported with who waits for what", NULL, NULL, main_deadlock},
-    {"runtime", "Runtime.SchedulerTest", "a stack overflow is named and stops the VM", NULL, NULL, main_overflow},
-    {"runtime", "Runtime.SchedulerTest", "262,144 processes live at once, as on BEAM", NULL, t_process_limit, NULL},
-    {"runtime", "Runtime.SchedulerTest", "a process can wait for input", NULL, NULL, main_wait_input},
-    {"runtime", "Runtime.SchedulerTest", "exit signals reach processes outside receive", NULL, t_signals_outside_receive, NULL},
-    /* ---- agents.md: "Simple state management with agents" ---- */
-    {"runtime", "Runtime.FaultTest", "Process.alive? is false once the caller's exit signal has killed", NULL, t_alive_after_exit_signal, NULL},
-    {"runtime", "Runtime.FaultTest", "a raise in receive's match function takes its timer with it", NULL, t_raise_in_receive_match, NULL},
-    {"runtime", "Runtime.FaultTest", "terms nested a million deep are sent, compared and carried as exit reasons", NULL, t_deeply_nested_terms, NULL},
-    {"runtime", "Runtime.FaultTest", "a term's measured size is the size of its copy", NULL, t_term_sizes_agree_with_copies, NULL},
-    {"runtime", "Runtime.FaultTest", "Map, Keyword and length/1 check their arguments as Elixir does", NULL, t_library_functions_check_arguments, NULL},
-    {"runtime", "Runtime.FaultTest", "Process.register's guard, and unregister's error", NULL, t_register_checks_the_name, NULL},
-    {"runtime", "Runtime.FaultTest", "timers and input fire on time on the real clock while others run", NULL, t_timers_fire_while_others_run, NULL},
-    {"runtime", "Runtime.FaultTest", "waiting for input on a descriptor that is not open raises", NULL, t_wait_input_refuses_a_closed_fd, NULL},
-    {"runtime", "Runtime.FaultTest", "an overflow is named under an unlimited stack and in one giant frame", NULL, NULL, main_overflow_unlimited_or_giant},
-    {"agents", "AgentTest", "the sessions of Agents 101", NULL, t_agents_101, NULL},
-    {"agents", "AgentTest", "after stop, calls exit with :noproc", NULL, t_agent_after_stop, NULL},
-    {"agents", "AgentTest", "get_and_update pops with Map.pop", NULL, t_agent_get_and_update, NULL},
-    {"agents", "AgentTest", "a fun that raises takes the agent down", NULL, t_agent_fun_raises, NULL},
-    {"agents", "AgentTest", "per-call timeouts, and an init fun that raises", NULL, t_agent_timeouts_and_init, NULL},
-    {"agents", "AgentTest", "Agent.stop with :shutdown takes down the linked caller first", NULL, t_agent_stop_by_linker, NULL},
-    {"agents", "AgentTest", "Agent's functions take funs of the right arity", NULL, t_agent_guards, NULL},
-    {"agents", "AgentTest", "the {module, function, args} forms", NULL, t_agent_mfa, NULL},
-    {"agents", "AgentTest", "an agent whose state is no map crashes alone, with BadMapError", NULL, t_bucket_with_a_state_that_is_no_map, NULL},
-    {"agents", "KV.BucketTest", "stores values by key", bucket_setup, t_stores_values_by_key, NULL},
-    {"agents", "KV.BucketTest", "deletes values by key", bucket_setup, t_deletes_values_by_key, NULL},
-    /* ---- genservers.md: "Client-server communication with GenServer" ---- */
-    {"genservers", "GenServerTest", "init results, as OTP reports them", NULL, t_init_results, NULL},
-    {"genservers", "GenServerTest", "a failed start_link returns its error, then takes the caller down", NULL, t_start_link_failure, NULL},
-    {"genservers", "GenServerTest", "the name option", NULL, t_names_option, NULL},
-    {"genservers", "GenServerTest", "call to a dead pid or an unknown name exits with :noproc", NULL, t_call_noproc, NULL},
-    {"genservers", "GenServerTest", "a call that times out exits, and the late reply never arrives", NULL, t_call_timeout, NULL},
-    {"genservers", "GenServerTest", "calling yourself exits with :calling_self", NULL, t_call_self, NULL},
-    {"genservers", "GenServerTest", "a crash in handle_call exits the caller and is logged", NULL, t_call_crash, NULL},
-    {"genservers", "GenServerTest", "a linked caller goes down with the bare reason", NULL, t_call_crash_linked, NULL},
-    {"genservers", "GenServerTest", "stop and bad returns from handle_call", NULL, t_stop_from_call, NULL},
-    {"genservers", "GenServerTest", "throw, terminate before the last reply, and stopping oneself", NULL, t_throw_and_stop_order, NULL},
-    {"genservers", "GenServerTest", "GenServer.reply answers a deferred call", NULL, t_deferred_reply, NULL},
-    {"genservers", "GenServerTest", "cast is always :ok and plain messages go to handle_info", NULL, t_cast_and_info, NULL},
-    {"genservers", "GenServerTest", "use GenServer's default callbacks", NULL, t_default_callbacks, NULL},
-    {"genservers", "GenServerTest", "GenServer.stop runs terminate and logs abnormal reasons", NULL, t_gen_server_stop, NULL},
-    {"genservers", "GenServerTest", "terminate runs on the parent's exit signal, never after :kill", NULL, t_terminate_on_parent_exit, NULL},
-    {"genservers", "GenServerTest", "timeouts in callback results", NULL, t_callback_timeouts, NULL},
-    {"genservers", "GenServerTest", "the heap is compacted between callbacks", NULL, t_heap_compaction, NULL},
-    {"genservers", "GenServerTest", "bad timeouts raise as OTP's do; none is read as forever", NULL, t_bad_timeouts_raise, NULL},
-    {"genservers", "GenServerTest", "a callback with a bad timeout returned a bad value", NULL, t_bad_callback_timeouts, NULL},
-    {"genservers", "GenServerTest", "a module that was never loaded fails to start with UndefinedFunctionError", NULL, t_unloaded_module_fails_to_start, NULL},
-    {"genservers", "GenServerTest", "the client functions check the server argument", NULL, t_gen_server_clients_check_the_server, NULL},
-    {"genservers", "KV.RegistryTest", "the session that starts a registry by hand", NULL, t_registry_session, NULL},
-    {"genservers", "KV.RegistryTest", "a monitor tells when a bucket stops", NULL, t_monitor_session, NULL},
-    {"genservers", "KV.RegistryTest", "spawns buckets", registry_setup, t_spawns_buckets, NULL},
-    {"genservers", "KV.RegistryTest", "removes buckets on exit", registry_setup, t_removes_buckets_on_exit, NULL},
-    {"genservers", "KV.RegistryTest", "logs and ignores unexpected messages", registry_setup, t_registry_unexpected_message, NULL},
-    {"genservers", "KV.RegistryTest", "a bad request crashes it, with a report", NULL, t_registry_bad_input, NULL},
-    /* ---- supervisor-and-application.md: "Supervision trees and applications" ---- */
-    {"supervisor-and-application", "SupervisorTest", "child specs, as both editions of the guide print them", NULL, t_child_specs, NULL},
-    {"supervisor-and-application", "SupervisorTest", "child spec errors and Supervisor.init/2", NULL, t_child_spec_errors, NULL},
-    {"supervisor-and-application", "SupervisorTest", "the first KV.Supervisor restarts a crashed registry", NULL, t_first_supervisor, NULL},
-    {"supervisor-and-application", "SupervisorTest", "children start in order and stop in reverse order", NULL, t_start_order, NULL},
-    {"supervisor-and-application", "SupervisorTest", ":one_for_one, :one_for_all and :rest_for_one", NULL, t_strategies, NULL},
-    {"supervisor-and-application", "SupervisorTest", "a temporary bystander is not restarted", NULL, t_temporary_bystander, NULL},
-    {"supervisor-and-application", "SupervisorTest", "which exits restart which children", NULL, t_restart_types, NULL},
-    {"supervisor-and-application", "SupervisorTest", "restart intensity", NULL, t_intensity, NULL},
-    {"supervisor-and-application", "SupervisorTest", "a failed restart is retried and counts", NULL, t_failed_restarts, NULL},
-    {"supervisor-and-application", "SupervisorTest", "shutdown: a timeout, :brutal_kill, :infinity", NULL, t_shutdown_modes, NULL},
-    {"supervisor-and-application", "SupervisorTest", "start_child, terminate_child, restart_child, delete_child", NULL, t_child_management, NULL},
-    {"supervisor-and-application", "SupervisorTest", "a child that cannot start stops the supervisor's start", NULL, t_supervisor_start_failures, NULL},
-    {"supervisor-and-application", "SupervisorTest", "unexpected requests are answered as OTP's supervisor answers them", NULL, t_supervisor_unexpected_requests, NULL},
-    {"supervisor-and-application", "SupervisorTest", "flags as a map or as {strategy, intensity, period}", NULL, t_supervisor_flags_in_either_form, NULL},
-    {"supervisor-and-application", "SupervisorTest", "Erlang's 6-tuple child specs, and get_childspec", NULL, t_erlang_tuple_child_specs, NULL},
-    {"supervisor-and-application", "SupervisorTest", "a supervisor killed while shutting down frees every byte", NULL, t_supervisor_killed_while_shutting_down, NULL},
-    {"supervisor-and-application", "ApplicationTest", "kv.app, as Mix writes it", NULL, t_app_file, NULL},
-    {"supervisor-and-application", "ApplicationTest", "Application's functions check their arguments", NULL, t_application_functions_check_arguments, NULL},
-    {"supervisor-and-application", "ApplicationTest", "starting and stopping applications", NULL, t_starting_applications, NULL},
-    {"supervisor-and-application", "ApplicationTest", "with --no-start, :kv is not running", NULL, t_no_start, NULL},
-    {"supervisor-and-application", "ApplicationTest", "the application callback starts the tree", NULL, t_application_callback, NULL},
-    {"supervisor-and-application", "ApplicationTest", "stopping :kv shuts the tree down, newest first", NULL, t_app_stop_order, NULL},
-    {"supervisor-and-application", "ApplicationTest", "the application exits when its tree dies", NULL, t_app_exits_with_its_tree, NULL},
-    /* ---- dynamic-supervisor.md: "Supervising dynamic children" ---- */
-    {"dynamic-supervisor", "DynamicSupervisorTest", "the bucket supervisor session", NULL, t_bucket_supervisor_session, NULL},
-    {"dynamic-supervisor", "DynamicSupervisorTest", "start_child, terminate_child and restarts", NULL, t_dynamic_supervisor, NULL},
-    {"dynamic-supervisor", "DynamicSupervisorTest", "max_children, extra_arguments, strategy and intensity", NULL, t_dynamic_supervisor_options, NULL},
-    {"dynamic-supervisor", "DynamicSupervisorTest", "children are shut down all at once", NULL, t_dynamic_shutdown_concurrent, NULL},
-    {"dynamic-supervisor", "DynamicSupervisorTest", "a child being restarted can be terminated", NULL, t_dynamic_restarting_child, NULL},
-    {"dynamic-supervisor", "DynamicSupervisorTest", "unexpected requests are answered as Elixir's are", NULL, t_dynamic_supervisor_unexpected_requests, NULL},
-    {"dynamic-supervisor", "DynamicSupervisorTest", "its options are checked when it starts", NULL, t_dynamic_supervisor_options_checked, NULL},
-    {"dynamic-supervisor", "DynamicSupervisorTest", "killed while shutting its children down, it frees every byte", NULL, t_dynamic_supervisor_killed_while_shutting_down, NULL},
-    {"dynamic-supervisor", "KV.BucketTest", "are temporary workers", NULL, t_are_temporary_workers, NULL},
-    {"dynamic-supervisor", "KV.RegistryTest", "removes bucket on crash", registry_setup, t_removes_bucket_on_crash, NULL},
-    {"dynamic-supervisor", "KV.RegistryTest", "before the bucket supervisor, a bucket crash took the registry down", NULL, t_registry_linked_to_buckets, NULL},
-    {NULL, NULL, NULL, NULL, NULL, NULL},
+    /* retired at supervisor-and-application/callback: superseded
+    {"introduction-to-mix", "supervisor-and-application/naming", "KVTest", "doctest KV.hello/0 (1)", NULL, FROM_MAIN(main_doctest_kv_hello)},
+    */
+    /* retired at supervisor-and-application/callback: superseded
+    {"introduction-to-mix", "supervisor-and-application/naming", "KVTest", "greets the world", NULL, FROM_MAIN(main_greets_the_world)},
+    */
+    {"introduction-to-mix", NULL, "Runtime.InspectTest", "prints terms as inspect/1 does", NULL, FROM_MAIN(main_inspect_basic)},
+    {"introduction-to-mix", NULL, "Runtime.InspectTest", "limits collections to 50 items", NULL, FROM_MAIN(main_inspect_limit)},
+    {"introduction-to-mix", NULL, "Runtime.InspectTest", "pretty-prints at 80 columns as iex does", NULL, FROM_MAIN(main_inspect_pretty)},
+    {"introduction-to-mix", NULL, "Runtime.InspectTest", "orders terms as Erlang does", NULL, FROM_MAIN(main_term_order)},
+    {"agents", NULL, "Runtime.InspectTest", "prints exceptions as Elixir does", NULL, FROM_MAIN(main_inspect_exceptions)},
+    {"agents", NULL, "Runtime.MapTest", "Map.get, fetch and pop", NULL, FROM_MAIN(main_map_api)},
+    {"agents", NULL, "Runtime.ProcessTest", "spawn runs a function in a new process and send copies", NULL, IN_PROCESS(t_spawn_and_send)},
+    {"agents", NULL, "Runtime.ProcessTest", "messages from one sender arrive in send order", NULL, IN_PROCESS(t_send_order)},
+    {"agents", NULL, "Runtime.ProcessTest", "selective receive keeps unmatched messages in order", NULL, IN_PROCESS(t_selective_receive)},
+    {"agents", NULL, "Runtime.ProcessTest", "receive after times out on a virtual clock", NULL, IN_PROCESS(t_receive_after)},
+    {"agents", NULL, "Runtime.ProcessTest", "a linked process's abnormal exit kills a non-trapping linker", NULL, IN_PROCESS(t_link_abnormal)},
+    {"agents", NULL, "Runtime.ProcessTest", "trap_exit turns exit signals into EXIT messages", NULL, IN_PROCESS(t_trap_exit)},
+    {"agents", NULL, "Runtime.ProcessTest", "Process.exit with :normal is ignored, except on self", NULL, IN_PROCESS(t_exit_normal)},
+    {"agents", NULL, "Runtime.ProcessTest", ":kill is untrappable and spreads as :killed", NULL, IN_PROCESS(t_kill)},
+    {"agents", NULL, "Runtime.ProcessTest", "linking to a dead process", NULL, IN_PROCESS(t_link_dead)},
+    {"agents", NULL, "Runtime.ProcessTest", "links are bidirectional and unlink undoes them", NULL, IN_PROCESS(t_links_bidirectional)},
+    {"agents", NULL, "Runtime.ProcessTest", "sending to the dead is silent, to an unknown name an error", NULL, IN_PROCESS(t_send_to_dead)},
+    {"agents", NULL, "Runtime.ProcessTest", "monitors deliver DOWN messages", NULL, IN_PROCESS(t_monitors)},
+    {"agents", NULL, "Runtime.ProcessTest", "registered names", NULL, IN_PROCESS(t_names)},
+    {"agents", NULL, "Runtime.ProcessTest", "arguments of the wrong kind raise ArgumentError", NULL, IN_PROCESS(t_badargs)},
+    {"agents", NULL, "Runtime.ProcessTest", "a process exits from deep inside nested calls", NULL, IN_PROCESS(t_exit_from_depth)},
+    {"agents", NULL, "Runtime.ProcessTest", "an exit from deep inside can be caught", NULL, IN_PROCESS(t_exit_caught)},
+    {"agents", NULL, "Runtime.ProcessTest", "a killed process releases every byte", NULL, IN_PROCESS(t_kill_releases_memory)},
+    {"agents", NULL, "Runtime.ProcessTest", "raise in a plain process logs the exception", NULL, IN_PROCESS(t_raise_logs)},
+    {"agents", NULL, "Runtime.SchedulerTest", "a deadlock is reported with who waits for what", NULL, FROM_MAIN(main_deadlock)},
+    {"agents", NULL, "Runtime.SchedulerTest", "a stack overflow is named and stops the VM", NULL, FROM_MAIN(main_overflow)},
+    {"agents", NULL, "Runtime.SchedulerTest", "262,144 processes live at once, as on BEAM", NULL, IN_PROCESS(t_process_limit)},
+    {"agents", NULL, "Runtime.SchedulerTest", "a process can wait for input", NULL, FROM_MAIN(main_wait_input)},
+    {"agents", NULL, "Runtime.SchedulerTest", "exit signals reach processes outside receive", NULL, IN_PROCESS(t_signals_outside_receive)},
+    {"agents", NULL, "Runtime.FaultTest", "Process.alive? is false once the caller's exit signal has killed", NULL, IN_PROCESS(t_alive_after_exit_signal)},
+    {"agents", NULL, "Runtime.FaultTest", "a raise in receive's match function takes its timer with it", NULL, IN_PROCESS(t_raise_in_receive_match)},
+    {"agents", NULL, "Runtime.FaultTest", "terms nested a million deep are sent, compared and carried as exit reasons", NULL, IN_PROCESS(t_deeply_nested_terms)},
+    {"agents", NULL, "Runtime.FaultTest", "a term's measured size is the size of its copy", NULL, IN_PROCESS(t_term_sizes_agree_with_copies)},
+    {"agents", NULL, "Runtime.FaultTest", "Map, Keyword and length/1 check their arguments as Elixir does", NULL, IN_PROCESS(t_library_functions_check_arguments)},
+    {"agents", NULL, "Runtime.FaultTest", "Process.register's guard, and unregister's error", NULL, IN_PROCESS(t_register_checks_the_name)},
+    {"agents", NULL, "Runtime.FaultTest", "timers and input fire on time on the real clock while others run", NULL, IN_PROCESS(t_timers_fire_while_others_run)},
+    {"agents", NULL, "Runtime.FaultTest", "waiting for input on a descriptor that is not open raises", NULL, IN_PROCESS(t_wait_input_refuses_a_closed_fd)},
+    {"agents", NULL, "Runtime.FaultTest", "an overflow is named under an unlimited stack and in one giant frame", NULL, FROM_MAIN(main_overflow_unlimited_or_giant)},
+    {"agents", NULL, "AgentTest", "the sessions of Agents 101", NULL, IN_PROCESS(t_agents_101)},
+    {"agents", NULL, "AgentTest", "after stop, calls exit with :noproc", NULL, IN_PROCESS(t_agent_after_stop)},
+    {"agents", NULL, "AgentTest", "get_and_update pops with Map.pop", NULL, IN_PROCESS(t_agent_get_and_update)},
+    {"agents", NULL, "AgentTest", "a fun that raises takes the agent down", NULL, IN_PROCESS(t_agent_fun_raises)},
+    {"agents", NULL, "AgentTest", "per-call timeouts, and an init fun that raises", NULL, IN_PROCESS(t_agent_timeouts_and_init)},
+    {"agents", NULL, "AgentTest", "Agent.stop with :shutdown takes down the linked caller first", NULL, IN_PROCESS(t_agent_stop_by_linker)},
+    {"agents", NULL, "AgentTest", "Agent's functions take funs of the right arity", NULL, IN_PROCESS(t_agent_guards)},
+    {"agents", NULL, "AgentTest", "the {module, function, args} forms", NULL, IN_PROCESS(t_agent_mfa)},
+    {"agents", NULL, "AgentTest", "an agent whose state is no map crashes alone, with BadMapError", NULL, IN_PROCESS(t_bucket_with_a_state_that_is_no_map)},
+    {"agents", NULL, "KV.BucketTest", "stores values by key", bucket_setup, IN_PROCESS(t_stores_values_by_key)},
+    {"agents", NULL, "KV.BucketTest", "deletes values by key", bucket_setup, IN_PROCESS(t_deletes_values_by_key)},
+    {"genservers", NULL, "GenServerTest", "init results, as OTP reports them", NULL, IN_PROCESS(t_init_results)},
+    {"genservers", NULL, "GenServerTest", "a failed start_link returns its error, then takes the caller down", NULL, IN_PROCESS(t_start_link_failure)},
+    {"genservers", NULL, "GenServerTest", "the name option", NULL, IN_PROCESS(t_names_option)},
+    {"genservers", NULL, "GenServerTest", "call to a dead pid or an unknown name exits with :noproc", NULL, IN_PROCESS(t_call_noproc)},
+    {"genservers", NULL, "GenServerTest", "a call that times out exits, and the late reply never arrives", NULL, IN_PROCESS(t_call_timeout)},
+    {"genservers", NULL, "GenServerTest", "calling yourself exits with :calling_self", NULL, IN_PROCESS(t_call_self)},
+    {"genservers", NULL, "GenServerTest", "a crash in handle_call exits the caller and is logged", NULL, IN_PROCESS(t_call_crash)},
+    {"genservers", NULL, "GenServerTest", "a linked caller goes down with the bare reason", NULL, IN_PROCESS(t_call_crash_linked)},
+    {"genservers", NULL, "GenServerTest", "stop and bad returns from handle_call", NULL, IN_PROCESS(t_stop_from_call)},
+    {"genservers", NULL, "GenServerTest", "throw, terminate before the last reply, and stopping oneself", NULL, IN_PROCESS(t_throw_and_stop_order)},
+    {"genservers", NULL, "GenServerTest", "GenServer.reply answers a deferred call", NULL, IN_PROCESS(t_deferred_reply)},
+    {"genservers", NULL, "GenServerTest", "cast is always :ok and plain messages go to handle_info", NULL, IN_PROCESS(t_cast_and_info)},
+    {"genservers", NULL, "GenServerTest", "use GenServer's default callbacks", NULL, IN_PROCESS(t_default_callbacks)},
+    {"genservers", NULL, "GenServerTest", "GenServer.stop runs terminate and logs abnormal reasons", NULL, IN_PROCESS(t_gen_server_stop)},
+    {"genservers", NULL, "GenServerTest", "terminate runs on the parent's exit signal, never after :kill", NULL, IN_PROCESS(t_terminate_on_parent_exit)},
+    {"genservers", NULL, "GenServerTest", "timeouts in callback results", NULL, IN_PROCESS(t_callback_timeouts)},
+    {"genservers", NULL, "GenServerTest", "the heap is compacted between callbacks", NULL, IN_PROCESS(t_heap_compaction)},
+    {"genservers", NULL, "GenServerTest", "bad timeouts raise as OTP's do; none is read as forever", NULL, IN_PROCESS(t_bad_timeouts_raise)},
+    {"genservers", NULL, "GenServerTest", "a callback with a bad timeout returned a bad value", NULL, IN_PROCESS(t_bad_callback_timeouts)},
+    {"genservers", NULL, "GenServerTest", "a module that was never loaded fails to start with UndefinedFunctionError", NULL, IN_PROCESS(t_unloaded_module_fails_to_start)},
+    {"genservers", NULL, "GenServerTest", "the client functions check the server argument", NULL, IN_PROCESS(t_gen_server_clients_check_the_server)},
+    {"genservers", NULL, "KV.RegistryTest", "the session that starts a registry by hand", NULL, IN_PROCESS(t_registry_session)},
+    {"genservers", NULL, "KV.RegistryTest", "spawns buckets", registry_setup, IN_PROCESS(t_spawns_buckets)},
+    {"genservers/monitoring", NULL, "KV.RegistryTest", "a monitor tells when a bucket stops", NULL, IN_PROCESS(t_monitor_session)},
+    {"genservers/monitoring", NULL, "KV.RegistryTest", "removes buckets on exit", registry_setup, IN_PROCESS(t_removes_buckets_on_exit)},
+    {"genservers/monitoring", NULL, "KV.RegistryTest", "logs and ignores unexpected messages", registry_setup, IN_PROCESS(t_registry_unexpected_message)},
+    {"genservers/monitoring", NULL, "KV.RegistryTest", "a bad request crashes it, with a report", NULL, IN_PROCESS(t_registry_bad_input)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "child specs, as both editions of the guide print them", NULL, IN_PROCESS(t_child_specs)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "child spec errors and Supervisor.init/2", NULL, IN_PROCESS(t_child_spec_errors)},
+    /* retired at supervisor-and-application/naming: superseded
+    {"supervisor-and-application", "supervisor-and-application", "SupervisorTest", "the first KV.Supervisor restarts a crashed registry", NULL, IN_PROCESS(t_first_supervisor)},
+    */
+    /* retired at dynamic-supervisor/bucket-supervisor: superseded
+    {"supervisor-and-application/naming", "dynamic-supervisor", "SupervisorTest", "KV.Supervisor restarts the registry it named", NULL, IN_PROCESS(t_named_registry_is_restarted)},
+    */
+    {"supervisor-and-application", NULL, "SupervisorTest", "children start in order and stop in reverse order", NULL, IN_PROCESS(t_start_order)},
+    {"supervisor-and-application", NULL, "SupervisorTest", ":one_for_one, :one_for_all and :rest_for_one", NULL, IN_PROCESS(t_strategies)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "a temporary bystander is not restarted", NULL, IN_PROCESS(t_temporary_bystander)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "which exits restart which children", NULL, IN_PROCESS(t_restart_types)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "restart intensity", NULL, IN_PROCESS(t_intensity)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "a failed restart is retried and counts", NULL, IN_PROCESS(t_failed_restarts)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "shutdown: a timeout, :brutal_kill, :infinity", NULL, IN_PROCESS(t_shutdown_modes)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "start_child, terminate_child, restart_child, delete_child", NULL, IN_PROCESS(t_child_management)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "a child that cannot start stops the supervisor's start", NULL, IN_PROCESS(t_supervisor_start_failures)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "unexpected requests are answered as OTP's supervisor answers them", NULL, IN_PROCESS(t_supervisor_unexpected_requests)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "flags as a map or as {strategy, intensity, period}", NULL, IN_PROCESS(t_supervisor_flags_in_either_form)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "Erlang's 6-tuple child specs, and get_childspec", NULL, IN_PROCESS(t_erlang_tuple_child_specs)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "a supervisor killed while shutting down frees every byte", NULL, IN_PROCESS(t_supervisor_killed_while_shutting_down)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "a supervisor whose module was never loaded fails to start", NULL, IN_PROCESS(t_supervisor_of_an_unloaded_module)},
+    {"supervisor-and-application/naming", NULL, "ApplicationTest", "Application's functions check their arguments", NULL, IN_PROCESS(t_application_functions_check_arguments)},
+    {"supervisor-and-application/callback", NULL, "ApplicationTest", "kv.app, as Mix writes it", NULL, IN_PROCESS(t_app_file)},
+    {"supervisor-and-application/callback", NULL, "ApplicationTest", "starting and stopping applications", NULL, IN_PROCESS(t_starting_applications)},
+    {"supervisor-and-application/callback", NULL, "ApplicationTest", "with --no-start, :kv is not running", NULL, IN_PROCESS(t_no_start)},
+    /* retired at dynamic-supervisor/bucket-supervisor: superseded
+    {"supervisor-and-application/callback", "dynamic-supervisor", "ApplicationTest", "the application callback starts the tree", NULL, IN_PROCESS(t_application_callback)},
+    */
+    {"supervisor-and-application/callback", NULL, "ApplicationTest", "the application exits when its tree dies", NULL, IN_PROCESS(t_app_exits_with_its_tree)},
+    {"dynamic-supervisor", NULL, "KV.RegistryTest", "removes bucket on crash", registry_setup, IN_PROCESS(t_removes_bucket_on_crash)},
+    {"dynamic-supervisor/bucket-supervisor", NULL, "DynamicSupervisorTest", "the bucket supervisor session", NULL, IN_PROCESS(t_bucket_supervisor_session)},
+    {"dynamic-supervisor/bucket-supervisor", NULL, "DynamicSupervisorTest", "child_spec/1 of the bucket supervisor", NULL, IN_PROCESS(t_dynamic_supervisor_child_spec)},
+    {"dynamic-supervisor/bucket-supervisor", NULL, "DynamicSupervisorTest", "start_child, terminate_child and restarts", NULL, IN_PROCESS(t_dynamic_supervisor)},
+    {"dynamic-supervisor/bucket-supervisor", NULL, "DynamicSupervisorTest", "max_children, extra_arguments, strategy and intensity", NULL, IN_PROCESS(t_dynamic_supervisor_options)},
+    {"dynamic-supervisor/bucket-supervisor", NULL, "DynamicSupervisorTest", "children are shut down all at once", NULL, IN_PROCESS(t_dynamic_shutdown_concurrent)},
+    {"dynamic-supervisor/bucket-supervisor", NULL, "DynamicSupervisorTest", "a child being restarted can be terminated", NULL, IN_PROCESS(t_dynamic_restarting_child)},
+    {"dynamic-supervisor/bucket-supervisor", NULL, "DynamicSupervisorTest", "unexpected requests are answered as Elixir's are", NULL, IN_PROCESS(t_dynamic_supervisor_unexpected_requests)},
+    {"dynamic-supervisor/bucket-supervisor", NULL, "DynamicSupervisorTest", "its options are checked when it starts", NULL, IN_PROCESS(t_dynamic_supervisor_options_checked)},
+    {"dynamic-supervisor/bucket-supervisor", NULL, "DynamicSupervisorTest", "killed while shutting its children down, it frees every byte", NULL, IN_PROCESS(t_dynamic_supervisor_killed_while_shutting_down)},
+    {"dynamic-supervisor/bucket-supervisor", NULL, "DynamicSupervisorTest", "a DynamicSupervisor whose module was never loaded fails to start", NULL, IN_PROCESS(t_dynamic_supervisor_of_an_unloaded_module)},
+    {"dynamic-supervisor/temporary", NULL, "KV.BucketTest", "are temporary workers", NULL, IN_PROCESS(t_are_temporary_workers)},
+    {"dynamic-supervisor/temporary", NULL, "KV.BucketTest", "a crashed bucket leaves nothing behind", NULL, IN_PROCESS(t_crashed_bucket_leaves_nothing_behind)},
+    {"dynamic-supervisor/supervision-trees", NULL, "ApplicationTest", "stopping :kv shuts the tree down, newest first", NULL, IN_PROCESS(t_app_stop_order)},
+    {"dynamic-supervisor/supervision-trees", NULL, "ApplicationTest", "the application callback starts the final tree", NULL, IN_PROCESS(t_application_callback_final_tree)},
+    {"dynamic-supervisor/supervision-trees", NULL, "KV.RegistryTest", "killing the registry takes its buckets with it", NULL, IN_PROCESS(t_killing_the_registry_takes_its_buckets)},
+    {NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0},
 };
+//> agents
+/* The test modules, loaded as kv.c loads its own (kv_load_modules). */
+static void load_test_modules(void) {
+    code_load(&test_stack);
+    code_load(&test_server); //> genservers
+    code_load(&no_info);     //> genservers
+    code_load(&test_worker); //> supervisor-and-application
+    code_load(&test_sup);    //> supervisor-and-application
+}
 
+//> introduction-to-mix
 /* ==========================================================================
- * main: run the tests, in the table's order
+ * main: run the tests, in the table's order, and sum up as mix test does
  * ========================================================================== */
 
 int main(int argc, char **argv) {
     buf_reserve(&H.log, (size_t)2 << 20);
     kv_init(true);
-    load_test_modules();
-    const char *chapter = "", *module = "";
+    load_test_modules(); //> agents
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    const char *module = "";
+    int doctests = 0, tests_run = 0;
     for (const struct test *t = tests; t->name; t++) {
         if (!selected(t, argc, argv)) continue;
-        if (strcmp(chapter, t->chapter) != 0) {
-            chapter = t->chapter;
-            module = "";
-            printf("\n== %s\n", chapter);
-        }
         if (strcmp(module, t->module) != 0) {
             module = t->module;
-            printf("\n%s\n", module);
+            printf("\n%s [kv_test.c]\n", module);
         }
         run_test(t);
+        if (is_doctest(t)) doctests++;
+        else tests_run++;
     }
-    printf("\n%d passed, %d failed\n", H.passed, H.nfailed);
+    printf("\nFinished in %.2f seconds\n", seconds_since(&t0));
+    if (doctests) printf("%d doctest%s, ", doctests, doctests == 1 ? "" : "s");
+    printf("%d test%s, %d failure%s\n", tests_run, tests_run == 1 ? "" : "s", H.nfailed, H.nfailed == 1 ? "" : "s");
     buf_free(&H.log);
     buf_free(&H.failure);
-    vm_shutdown();
+    /* retired at agents: from agents.md on, the VM has more to give back
+    terms_shutdown();
+    */
+    vm_shutdown(); //> agents
     return H.nfailed ? 1 : 0;
 }

@@ -46,6 +46,13 @@ BEGIN {
     blank = 1
 }
 
+# The table of tests: every entry must be a well-formed row.
+/^static const struct test tests\[\] = \{/ { in_table = 1 }
+in_table && /^\};/ { in_table = 0 }
+in_table && /^[ \t]*\{/ && !/^[ \t]*\{NULL, / && !/^[ \t]*\{"[a-z][a-z0-9\/-]*", (NULL|"[a-z][a-z0-9\/-]*"), "/ {
+    die("a test with no step (since, last): " $0)
+}
+
 # A section marker.
 /^\/\/> / {
     if (retired >= 0) die("a section marker inside a retired block")
@@ -70,8 +77,7 @@ retired >= 0 && /^[ \t]*\*\/[ \t]*$/ { retired = -1; next }
 retired >= 0 {
     if ($0 ~ /\/\*|\*\//) die("a retired block may hold // comments only")
     if ($0 ~ /\/\/> [a-z]/) die("a marker inside a retired block")
-    if (keep(section) && cut < retired) emit($0)
-    next
+    if (cut >= retired) next
 }
 
 {
@@ -88,13 +94,19 @@ retired >= 0 {
         line = substr(line, 1, RSTART - 1)
     }
     # A row of the tests table: {"STEP", "LAST" or NULL, ...
-    if (match(line, /^[ \t]*\{"[a-z][a-z0-9\/-]*", (NULL|"[a-z][a-z0-9\/-]*"), "/)) {
+    if (in_table && match(line, /^[ \t]*\{"[a-z][a-z0-9\/-]*", (NULL|"[a-z][a-z0-9\/-]*"), "/)) {
         row = substr(line, RSTART, RLENGTH)
         split(row, q, /"/)
         since = step_of(q[2])
         if (since < s) die("test row for " q[2] " stands in a later section")
-        if (row ~ /, NULL, "$/) last = n
-        else { last = step_of(q[4]); if (last < since) die("a test that holds until before it arrives") }
+        if (row ~ /, NULL, "$/) {
+            last = n
+            if (retired >= 0) die("a retired test row must name the last step it holds in")
+        } else {
+            last = step_of(q[4])
+            if (last < since) die("a test that holds until before it arrives")
+            if (retired != last + 1) die("a test that holds until " q[4] " must stand in a block retired at the step after it")
+        }
         if (!(keep(since) && (cut <= last))) next
         if (!keep(s)) next
         emit(line)
