@@ -3792,13 +3792,11 @@ static term map_get(term m, term key, term dflt) {
     return map_lookup(m, key, dflt);
 }
 
-//> genservers
 /* Map.has_key?/2 */
-static bool map_has_key(term m, term key) {
+API bool map_has_key(term m, term key) {
     map_check(m);
     return map_find(m, key) >= 0;
 }
-//> agents
 
 /* Map.fetch/2 — {:ok, value} or :error */
 API term map_fetch(term m, term key) {
@@ -3813,13 +3811,11 @@ static term map_put(term m, term key, term value) {
     return map_insert(m, key, value);
 }
 
-//> genservers/monitoring
 /* Map.delete/2 */
-static term map_delete(term m, term key) {
+API term map_delete(term m, term key) {
     map_check(m);
     return map_remove(m, key);
 }
-//> agents
 
 /* Map.pop/2 — {value or nil, map without key} */
 API term map_pop(term m, term key) {
@@ -6518,7 +6514,6 @@ API term dynamic_supervisor_init(term opts) {
                                     am_extra_arguments, keyword_get(opts, am_extra_arguments, NIL)));
 }
 
-/* arg: {module, init_arg}; module.init(init_arg) gives the flags. */
 /* DynamicSupervisor.init/1 checks nothing; its process's init does, in
  * this order, each failure a {:supervisor_data, {what, value}}. */
 static term dyn_flags_check(term flags) {
@@ -6534,6 +6529,8 @@ static term dyn_flags_check(term flags) {
     return NULL;
 }
 
+/* The DynamicSupervisor's init: arg is {module, init_arg}, and
+ * module.init(init_arg) gives the flags. */
 static term dyn_init(term arg) {
     process_flag_trap_exit(true);
     term module = elem(arg, 0);
@@ -6831,19 +6828,25 @@ static term kv_supervisor_init(term arg) {
  * in this chapter's sessions.
  */
 
+//> introduction-to-mix
 /* ==========================================================================
  * PART IX — ./kv: THE PROGRAM
  * ==========================================================================
  * Everything above defines; this Part starts it.  First, for the self-test
  * too (kv_test.c includes this file), what any program built on kv.c must
- * do once: start every Part, and load every module into the code server's
- * table.  Then ./kv itself: each chapter's iex sessions, replayed.
+ * do once: start every Part (IX.1).  Then ./kv itself: the chapter's iex
+ * sessions, replayed (IX.2).
+ * And ./kv bench, the runtime's figures beside BEAM's (IX.3).    //> dynamic-supervisor/supervision-trees
+ */
+
+/* --------------------------------------------------------------------------
+ * IX.1  Starting the VM, and loading the code
+ * --------------------------------------------------------------------------
+ * kv_init, at the end of this section, starts the Parts in order.
  */
 
 //> agents
-/* --------------------------------------------------------------------------
- * IX.1  Loading the code
- * --------------------------------------------------------------------------
+/* ---- The modules ---------------------------------------------------------
  * BEAM loads a module from its .beam file into the code server's table;
  * apply/3 and the behaviours find it there by name (III.10).  kv.c's
  * modules are C, so their table entries are written out here, in one
@@ -7148,6 +7151,8 @@ static void tour_chapter(void) {
     iex("{:ok, sup} = KV.Supervisor.start_link([])", tuple(2, am_ok, sup = ok_value(kv_supervisor_start_link(NIL))));
     iex("Supervisor.which_children(sup)", supervisor_which_children(sup));
     iex("[{_, registry, _, _}] = Supervisor.which_children(sup)", children = supervisor_which_children(sup));
+    say("This stage's KV.Supervisor names its registry (\"Naming processes\", below), so the");
+    say("Logger prints KV.Registry where the guide, before the name, prints the pid:");
     iex_exit("GenServer.call(registry, :bad_input)", call_bad_input, (void *)elem(hd(children), 1));
     iex("Supervisor.which_children(sup)", supervisor_which_children(sup));
 
