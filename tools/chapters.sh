@@ -260,6 +260,7 @@ run_flaw() { # NAME
     cut_into "$dir" "$code" "$test"
     (cd "$dir" && $CC -std=c99 $CFLAGS -o kv_test kv_test.c) || die "$dir does not build"
     echo "flaw $name: \"$tname\" ($test) against the code of $code"
+    echo "(cut into $dir: the kv_test.c lines below are that file's)"
     set +e
     (cd "$dir" && ./kv_test "$tname") >"$dir/out" 2>&1
     rc=$?

@@ -32,19 +32,20 @@
  * "process" is one of ours (a coroutine), never an operating-system process;
  * the program itself is "the VM".
  *
- * The chapters.  This file is the guide's last stage; chapters/ holds the
- * file as it stood at the end of each earlier chapter, cut from this one by
- * tools/cut.awk (make chapters), each with its own tests.  The cut follows
- * light markers, which name the step of the guide (tools/steps) where code
- * arrives:
+ * The chapters.  The top-level kv.c is the guide's last stage, and
+ * chapters/ holds this file as it stood at the end of each chapter, each
+ * stage with its own tests, so that a chapter can be compiled and read on
+ * its own.  The stages are cut from the top-level file by tools/cut.awk
+ * (make chapters), which follows light markers there naming the step of
+ * the guide (tools/steps) where code arrives; a stage leaves them out:
  *
  *     //> genservers          on a line of its own, above a banner or a
  *                             function: what follows arrives in genservers.md
  *     code;  //> genservers   at the end of a line: that line does
  *     a comment that opens    code that a later section of the guide
  *     with "retired at STEP:" replaced, kept where the guide first wrote it:
- *                             commented out here, live in the chapters
- *                             before STEP
+ *                             commented out in the top-level file, live in
+ *                             the stages before STEP
  *
  * Everything before the first marker arrives with the first chapter.
  */
@@ -133,14 +134,12 @@
 /* --------------------------------------------------------------------------
  * I.2  Memory: every byte counted
  * --------------------------------------------------------------------------
- * Everything a process owns (its struct proc, heap chunks, messages, saved
- * stack, links and monitors) comes from mem_alloc and goes back through
- * mem_free with its size, so vm_memory() says exactly how many bytes the
- * processes hold.  The self-test uses it to prove that a dead process
- * leaves nothing behind.
+ * Two allocators count every byte.  What the program's terms live in
+ * (heap chunks) comes from mem_alloc and goes back through mem_free with
+ * its size, so vm_memory() says exactly how many bytes they hold.
  *
- * Everything else, the VM's own (the process table, the timer heap, names,
- * atoms, pooled chunks, text being printed, a walk's stack), comes from
+ * Everything else, the VM's own (atoms, pooled chunks, text being printed,
+ * a walk's stack; later the process table, the timer heap, names), comes from
  * vm_alloc, vm_realloc and vm_free, which count it too: each block carries
  * its size in a small header, so vm_memory_system() knows the total.  No
  * allocation in kv.c escapes both counts, so the self-test can show that
@@ -324,7 +323,7 @@ static const struct term nil_term = {.kind = K_NIL};
  *
  * So a term stays where it was built until the whole heap goes, when the
  * process dies (heap_free) or when it is compacted around the one term it
- * still needs (heap_compact, III.7: GenServer does this between callbacks).
+ * still needs (heap_compact).
  * Nothing ever points from one process's heap into another's, because
  * every term that crosses is copied. */
 
@@ -458,10 +457,11 @@ static struct heap outside_heap; /* terms built when no process runs */
     } while (0)
 
 /* The bytes a term with `items` items takes in a heap, rounded up as
- * heap_alloc rounds every request.  term_size (III.5) counts with this same
- * function, so a copy always fits the chunk measured for it, on 32-bit
- * machines too (where a pointer is 4 bytes and an odd item count would
- * otherwise leave the two sums 4 bytes apart). */
+ * heap_alloc rounds every request.  term_size, which measures a term
+ * before it is copied, counts with this same function, so a copy always
+ * fits the chunk measured for it, on 32-bit machines too (where a pointer
+ * is 4 bytes and an odd item count would otherwise leave the two sums 4
+ * bytes apart). */
 static size_t term_bytes(size_t items) { return ALIGN8(sizeof(struct term) + items * sizeof(term)); }
 
 static struct term *term_alloc(enum kind kind, uint32_t n, size_t items) {
@@ -716,8 +716,8 @@ static void terms_shutdown(void) {
  * Terms can nest as deep as anyone likes: [[[[...]]]] a million levels
  * down is a fine message on BEAM, whose processes' stacks grow on the
  * heap.  A C function that recursed once per level would run off the C
- * stack long before that.  So the walks over whole terms (term_cmp here;
- * term_size and term_copy, which messages use, in III.5) keep the work
+ * stack long before that.  So the walks over whole terms (term_cmp here,
+ * and, from Part III on, the copies that messages make) keep the work
  * still to do on a stack of their own, in vm_alloc'd memory, and loop: a list's spine, the
  * usual long direction, is followed in the loop itself, and only the
  * other branches (a head, a tuple's elements) are pushed.  No process
@@ -853,9 +853,9 @@ static long map_find(term m, term key) {
 
 static struct term *map_alloc(size_t n) { return term_alloc(K_MAP, (uint32_t)n, 2 * n); }
 
-/* The value under key, or dflt.  (Map.get/3 is this with a check that m
- * is a map at all; see "Map, Keyword and length/1" in III.9.  Inside the VM, where m
- * is known to be a map, the unchecked forms are used.) */
+/* The value under key, or dflt.  Inside the VM, where m is known to be a
+ * map, these unchecked forms are used.
+ */
 static term map_lookup(term m, term key, term dflt) {
     long i = map_find(m, key);
     return i >= 0 ? map_value(m, (size_t)i) : dflt;
@@ -967,8 +967,8 @@ API term list_append(term l, term x) { return list_concat(l, list(1, x)); }
  * groups (runs of breaks decided together), then lays the document out for
  * a given width: that is Inspect.Algebra, after Lindig's "Strictly Pretty".
  * inspect/1 lays out with infinite width, so everything stays on one line;
- * iex lays out results at 80 columns, which is why a long child spec comes
- * back one key per line.  kv.c builds the same documents and lays them out
+ * iex lays out results at 80 columns, which is why a long map comes back
+ * one key per line.  kv.c builds the same documents and lays them out
  * with the same rules, so both kinds of output match Elixir 1.14's.
  *
  * An example.  The document for %{a: 1, b: [2, 3]} is, roughly,
@@ -1599,14 +1599,15 @@ API void inspect_to(struct buf *b, term t) { inspect_pretty_to(b, t, LONG_MAX); 
  * ==========================================================================
  *
  * `mix new kv --module KV` makes a project with one module, KV, whose one
- * function answers :world, a test for it, and a doctest.  kv.c's twin of
- * that project is this file's first stage, chapters/0-introduction-to-mix:
- * the terms above, this module, and kv_test.c with its first test.
+ * function answers :world, a test for it, and a doctest.  The first stage,
+ * chapters/0-introduction-to-mix, is that project's twin: the terms above,
+ * this module, and kv_test.c with its first tests.
  */
 
 /* --------------------------------------------------------------------------
  * introduction-to-mix.md — "Our first project", "Project compilation"
- * -------------------------------------------------------------------------- */
+ * --------------------------------------------------------------------------
+ */
 
 // KV.hello/0 — what `mix new` writes: :world
 API term kv_hello(void) { return atom("world"); }
@@ -1614,11 +1615,13 @@ API term kv_hello(void) { return atom("world"); }
 /* --------------------------------------------------------------------------
  * introduction-to-mix.md — "Running tests"
  * --------------------------------------------------------------------------
- * The generated test, "greets the world", and the doctest of KV.hello are
- * in kv_test.c, as are the harness that runs them and prints what
- * `mix test` prints.  (Mix's own environments, formatter and tasks have no
- * twin here: the project is this file and its Makefile.)
+ * The harness that runs the tests, and prints what `mix test` prints, is
+ * in kv_test.c.  (Mix's own environments, formatter and tasks have no twin
+ * here: the project is this file and its Makefile.)
  */
+
+// The generated test, "greets the world", and the doctest of KV.hello are
+// in kv_test.c too.
 
 /* ==========================================================================
  * PART IX — ./kv: THE PROGRAM
@@ -1630,17 +1633,17 @@ API term kv_hello(void) { return atom("world"); }
  */
 
 /* --------------------------------------------------------------------------
- * IX.1  Starting the VM, and loading the code
+ * IX.1  Starting every Part
  * --------------------------------------------------------------------------
- * kv_init, at the end of this section, starts the Parts in order.
+ * kv_init, at the end of this section, starts the Parts in order; from
+ * agents.md on, it loads the modules first listed here.
  */
 
 /* Start every Part, in order: its atoms, and, from Part III on, the VM,
- * the exit reasons each Part words, and the modules.  The clock is the
- * virtual one for the sessions and the self-test, the real one otherwise
- * (III.4). */
+ * the exit reasons each Part words, and the modules.
+ */
 static void kv_init(bool virtual_clock) {
-    (void)virtual_clock;
+    (void)virtual_clock; // no clock yet
     terms_init();
 }
 
@@ -1654,8 +1657,9 @@ static void kv_init(bool virtual_clock) {
  * line below is what came back, printed as iex prints it (pretty, 80
  * columns).  Pids and references are kv.c's own.  The clock is the
  * virtual one, so nothing waits.  Every chapter's ./kv replays only that
- * chapter (make run plays them all, each with its own stage's binary):
- * the earlier chapters' sessions are kept below, retired, where they ran.
+ * chapter (make run plays them all, each with its own stage's binary);
+ * the top-level kv.c keeps the earlier chapters' sessions, retired, where
+ * they ran.
  */
 
 static void iex_prompt(const char *code) {
@@ -1689,18 +1693,21 @@ static void tour_chapter(void) {
     banner("introduction-to-mix.md", "Running tests");
     say("The doctest in KV's documentation, run:");
     iex("KV.hello()", kv_hello());
+    say("(The chapter's other session, recompile() in \"Project compilation\", rebuilds the");
+    say("project from its sources: for kv.c, that is make.)");
 }
 
 static int tour_main(void) {
     kv_init(true);
-    printf("kv.c replays the iex sessions of Elixir's Mix and OTP guide, chapter by chapter.\n"
+    printf("kv.c replays the iex sessions of this chapter of Elixir's Mix and OTP guide.\n"
            "(Everything printed as a result is computed here, not copied.)\n");
     tour_chapter();
     terms_shutdown();
     return 0;
 }
 
-/* ./kv: this chapter's sessions; ./kv bench: the figures. */
+/* ./kv: this chapter's sessions.
+ */
 int main(int argc, char **argv) {
     if (argc == 1) return tour_main();
     fprintf(stderr, "usage: %s           replay this chapter's iex sessions\n", argv[0]);

@@ -36,19 +36,20 @@
  * "process" is one of ours (a coroutine), never an operating-system process;
  * the program itself is "the VM".
  *
- * The chapters.  This file is the guide's last stage; chapters/ holds the
- * file as it stood at the end of each earlier chapter, cut from this one by
- * tools/cut.awk (make chapters), each with its own tests.  The cut follows
- * light markers, which name the step of the guide (tools/steps) where code
- * arrives:
+ * The chapters.  The top-level kv.c is the guide's last stage, and
+ * chapters/ holds this file as it stood at the end of each chapter, each
+ * stage with its own tests, so that a chapter can be compiled and read on
+ * its own.  The stages are cut from the top-level file by tools/cut.awk
+ * (make chapters), which follows light markers there naming the step of
+ * the guide (tools/steps) where code arrives; a stage leaves them out:
  *
  *     //> genservers          on a line of its own, above a banner or a
  *                             function: what follows arrives in genservers.md
  *     code;  //> genservers   at the end of a line: that line does
  *     a comment that opens    code that a later section of the guide
  *     with "retired at STEP:" replaced, kept where the guide first wrote it:
- *                             commented out here, live in the chapters
- *                             before STEP
+ *                             commented out in the top-level file, live in
+ *                             the stages before STEP
  *
  * Everything before the first marker arrives with the first chapter.
  */
@@ -137,14 +138,16 @@
 /* --------------------------------------------------------------------------
  * I.2  Memory: every byte counted
  * --------------------------------------------------------------------------
- * Everything a process owns (its struct proc, heap chunks, messages, saved
- * stack, links and monitors) comes from mem_alloc and goes back through
- * mem_free with its size, so vm_memory() says exactly how many bytes the
- * processes hold.  The self-test uses it to prove that a dead process
- * leaves nothing behind.
+ * Two allocators count every byte.  What the program's terms live in
+ * (heap chunks) comes from mem_alloc and goes back through mem_free with
+ * its size, so vm_memory() says exactly how many bytes they hold.
+ * From Part III on, everything a process owns (its struct proc, heap
+ * chunks, messages, saved stack, links and monitors) is counted so, and
+ * the self-test uses it to prove that a dead process leaves nothing
+ * behind.
  *
- * Everything else, the VM's own (the process table, the timer heap, names,
- * atoms, pooled chunks, text being printed, a walk's stack), comes from
+ * Everything else, the VM's own (atoms, pooled chunks, text being printed,
+ * a walk's stack; later the process table, the timer heap, names), comes from
  * vm_alloc, vm_realloc and vm_free, which count it too: each block carries
  * its size in a small header, so vm_memory_system() knows the total.  No
  * allocation in kv.c escapes both counts, so the self-test can show that
@@ -335,7 +338,8 @@ static const struct term nil_term = {.kind = K_NIL};
  *
  * So a term stays where it was built until the whole heap goes, when the
  * process dies (heap_free) or when it is compacted around the one term it
- * still needs (heap_compact, III.7: GenServer does this between callbacks).
+ * still needs (heap_compact).
+ * (III.7 compacts; GenServer does it between callbacks.)
  * Nothing ever points from one process's heap into another's, because
  * every term that crosses is copied. */
 
@@ -469,10 +473,11 @@ static struct heap outside_heap; /* terms built when no process runs */
     } while (0)
 
 /* The bytes a term with `items` items takes in a heap, rounded up as
- * heap_alloc rounds every request.  term_size (III.5) counts with this same
- * function, so a copy always fits the chunk measured for it, on 32-bit
- * machines too (where a pointer is 4 bytes and an odd item count would
- * otherwise leave the two sums 4 bytes apart). */
+ * heap_alloc rounds every request.  term_size, which measures a term
+ * before it is copied, counts with this same function, so a copy always
+ * fits the chunk measured for it, on 32-bit machines too (where a pointer
+ * is 4 bytes and an odd item count would otherwise leave the two sums 4
+ * bytes apart). */
 static size_t term_bytes(size_t items) { return ALIGN8(sizeof(struct term) + items * sizeof(term)); }
 
 static struct term *term_alloc(enum kind kind, uint32_t n, size_t items) {
@@ -727,8 +732,8 @@ static void terms_shutdown(void) {
  * Terms can nest as deep as anyone likes: [[[[...]]]] a million levels
  * down is a fine message on BEAM, whose processes' stacks grow on the
  * heap.  A C function that recursed once per level would run off the C
- * stack long before that.  So the walks over whole terms (term_cmp here;
- * term_size and term_copy, which messages use, in III.5) keep the work
+ * stack long before that.  So the walks over whole terms (term_cmp here,
+ * and, from Part III on, the copies that messages make) keep the work
  * still to do on a stack of their own, in vm_alloc'd memory, and loop: a list's spine, the
  * usual long direction, is followed in the loop itself, and only the
  * other branches (a head, a tuple's elements) are pushed.  No process
@@ -864,9 +869,10 @@ static long map_find(term m, term key) {
 
 static struct term *map_alloc(size_t n) { return term_alloc(K_MAP, (uint32_t)n, 2 * n); }
 
-/* The value under key, or dflt.  (Map.get/3 is this with a check that m
- * is a map at all; see "Map, Keyword and length/1" in III.9.  Inside the VM, where m
- * is known to be a map, the unchecked forms are used.) */
+/* The value under key, or dflt.  Inside the VM, where m is known to be a
+ * map, these unchecked forms are used.
+ * Map.get/3 and the rest of the Map module check m first (III.9).
+ */
 static term map_lookup(term m, term key, term dflt) {
     long i = map_find(m, key);
     return i >= 0 ? map_value(m, (size_t)i) : dflt;
@@ -978,8 +984,8 @@ API term list_append(term l, term x) { return list_concat(l, list(1, x)); }
  * groups (runs of breaks decided together), then lays the document out for
  * a given width: that is Inspect.Algebra, after Lindig's "Strictly Pretty".
  * inspect/1 lays out with infinite width, so everything stays on one line;
- * iex lays out results at 80 columns, which is why a long child spec comes
- * back one key per line.  kv.c builds the same documents and lays them out
+ * iex lays out results at 80 columns, which is why a long map comes back
+ * one key per line.  kv.c builds the same documents and lays them out
  * with the same rules, so both kinds of output match Elixir 1.14's.
  *
  * An example.  The document for %{a: 1, b: [2, 3]} is, roughly,
@@ -1634,14 +1640,15 @@ static void buf_terms(struct buf *b, const char *fmt, va_list ap) {
  * ==========================================================================
  *
  * `mix new kv --module KV` makes a project with one module, KV, whose one
- * function answers :world, a test for it, and a doctest.  kv.c's twin of
- * that project is this file's first stage, chapters/0-introduction-to-mix:
- * the terms above, this module, and kv_test.c with its first test.
+ * function answers :world, a test for it, and a doctest.  The first stage,
+ * chapters/0-introduction-to-mix, is that project's twin: the terms above,
+ * this module, and kv_test.c with its first tests.
  */
 
 /* --------------------------------------------------------------------------
  * introduction-to-mix.md — "Our first project", "Project compilation"
- * -------------------------------------------------------------------------- */
+ * --------------------------------------------------------------------------
+ */
 
 // KV.hello/0 — what `mix new` writes: :world
 API term kv_hello(void) { return atom("world"); }
@@ -1649,11 +1656,13 @@ API term kv_hello(void) { return atom("world"); }
 /* --------------------------------------------------------------------------
  * introduction-to-mix.md — "Running tests"
  * --------------------------------------------------------------------------
- * The generated test, "greets the world", and the doctest of KV.hello are
- * in kv_test.c, as are the harness that runs them and prints what
- * `mix test` prints.  (Mix's own environments, formatter and tasks have no
- * twin here: the project is this file and its Makefile.)
+ * The harness that runs the tests, and prints what `mix test` prints, is
+ * in kv_test.c.  (Mix's own environments, formatter and tasks have no twin
+ * here: the project is this file and its Makefile.)
  */
+
+// The generated test, "greets the world", and the doctest of KV.hello are
+// in kv_test.c too.
 
 /* ==========================================================================
  * PART III — PROCESSES: THE RUNTIME THE GUIDE TAKES FOR GRANTED
@@ -1719,7 +1728,8 @@ API term kv_hello(void) { return atom("world"); }
  * processes (a guard page per stack costs two kernel mappings, and Linux
  * allows 65,530), and no assembly is needed anywhere: entering the stage
  * is an ordinary call, leaving it is _longjmp.  The price is the copy: a
- * switch moves a few hundred bytes each way (see `./kv bench`).  A
+ * switch moves a few hundred bytes each way (the last stage's ./kv bench
+ * measures it).  A
  * process that overflows the C stack cannot trample another process
  * either, because no other process's stack is on the C stack: the
  * kernel's guard page stops it and the VM names the culprit (section III.3).
@@ -3027,10 +3037,32 @@ API void process_wait_input(int fd) {
  * one that repeats the same way every run.  Two things act at once
  * instead: an untrappable :kill, and a signal a process sends itself.
  *
- * A process that must exit now is marked (exit_later) and queued; finish_exited() then
- * finishes the queued processes.  The running process cannot be finished
- * while its code runs: it is marked, and apply_exits() sends it to the
- * scheduler as soon as the runtime call that killed it is done.
+ * The exit path: who calls what.  However a process ends, proc_finish
+ * ends it: it removes its names, sends its exit signals and :DOWN
+ * messages, and frees it.  The running process cannot be freed while its
+ * own code runs on the stage, so it leaves first, for the scheduler to
+ * finish it:
+ *
+ *   its own end                       a signal from elsewhere
+ *   -----------                       -----------------------
+ *   its function returns (proc_main)  exit_signal(p, from, reason):
+ *   Kernel.exit, uncaught (exit_self) queued in p's mailbox, acted on
+ *   a raise, uncaught (raise_error)   when p's receive walks past it
+ *          |                          (handle_signals -> handle_exit_signal)
+ *          |                          or at once for :kill
+ *       exit_now                                 |
+ *          |                          exit_later(p, reason): p marked
+ *          |                          P_EXITING, queued on vm.dying
+ *          |                                     |
+ *          |                          apply_exits(), after each runtime
+ *          |                          call that may have killed:
+ *          |                            finish_exited() -> proc_finish
+ *          |                              for each queued p but the
+ *          |                              running one; then, if the
+ *          |                              running one is marked:
+ *          v                                     v
+ *        leave_for_good(p): vm.exiting = p, _longjmp to the scheduler,
+ *          which calls proc_finish(p)
  *
  * The data.  A link is two `struct link_end`s, one in each process's list,
  * each pointing at the other (its twin); a monitor is one `struct monitor`
@@ -3963,7 +3995,9 @@ API void format_exit_banner(struct buf *b, term reason) {
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_NOTICE, LOG_WARNING, LOG_ERROR, LOG_NONE };
 static enum log_level logger_level = LOG_DEBUG; /* Logger's default */
 
-static bool logger_started = true; /* Application.stop(:logger) silences it (Part IV) */
+/* The :logger application is running: Application.stop(:logger), from
+ * supervisor-and-application.md on (Part VII), silences it. */
+static bool logger_started = true;
 
 static void logger_log(enum log_level level, const char *message) {
     static const char *const names[] = {"debug", "info", "notice", "warning", "error"};
@@ -3992,9 +4026,9 @@ static void log_raised(term exception) {
 /* --------------------------------------------------------------------------
  * III.10  Modules, and apply/3
  * --------------------------------------------------------------------------
- * A child specification names its start function as data, {KV.Registry,
- * :start_link, [[]]}, and a supervisor calls it with apply/3.  BEAM finds
- * the function in its export table, by module and name.  kv.c keeps a
+ * Code can name a function as data, {module, function, args}, for apply/3
+ * to call: Agent's {module, function, args} forms do.
+ * BEAM finds the function in its export table, by module and name.  kv.c keeps a
  * table too: every module it defines is a struct module, loaded into the
  * table at start-up (code_load), with the functions apply/3 may call, and,
  * for a module that `use`s a behaviour, the callbacks that behaviour calls.
@@ -4021,11 +4055,6 @@ struct module {
     term (*handle_cast)(term request, term state);
     term (*handle_info)(term msg, term state);
     void (*terminate)(term reason, term state);
-    /* use Application: start(type, args) gives {:ok, pid} of the top
-     * supervisor; prep_stop(state) and stop(state) run when it stops. */
-    term (*start)(term type, term args);
-    term (*prep_stop)(term state);
-    void (*stop)(term state);
 };
 
 static struct {
@@ -4146,11 +4175,10 @@ API term fun_call(term f, term arg) {
  * keep the state the function returns, and wait again.  OTP writes that
  * loop once, in gen_server, and everything else in the guide stands on it:
  * an Agent is a gen_server whose callbacks run the funs it is sent
- * (Part V), KV.Registry is a gen_server with callbacks of its own (Part
- * VI), and so are Supervisor and DynamicSupervisor (Parts VII, VIII) and
- * the application controller.  genservers.md writes only callbacks and
- * clients; this Part is the other half, OTP's, which the guide takes for
- * granted.
+ * (Part V).
+ * KV.Registry is a gen_server with callbacks of its own (Part VI).
+ * The guide writes only callbacks and clients; this Part is the other
+ * half, OTP's, which the guide takes for granted.
  *
  * A server's life:
  *
@@ -4212,7 +4240,7 @@ API term fun_call(term f, term arg) {
     X(noreply, "noreply") X(ignore, "ignore") X(bad_return_value, "bad_return_value") \
     X(already_started, "already_started") X(ack, "ack") X(name, "name") \
     X(GenServer, "Elixir.GenServer") X(cast, "cast") X(sys, "sys") X(id, "id") X(start, "start") \
-    X(restart, "restart") X(type, "type") X(permanent, "permanent") X(supervisor, "supervisor") \
+    X(restart, "restart") X(type, "type") X(permanent, "permanent") X(worker, "worker") \
     X(bad_call, "bad_call") X(bad_cast, "bad_cast") X(start_link, "start_link")
 DECLARE_ATOMS(GEN_SERVER_ATOMS)
 
@@ -4485,7 +4513,7 @@ static bool gen_server_exit_wording(struct buf *b, term reason, const char *join
  * :DOWN carries the reason); a timeout: option kills an init that is too
  * slow.  A failed start still makes the new process exit with the reason,
  * link and all, as OTP 25 does: a linked caller that does not trap exits
- * goes down with it (otp-reference 18).
+ * goes down with it.
  */
 
 /* Start-up, in the new process.  arg is
@@ -4711,20 +4739,17 @@ API term gen_server_stop(term server, term reason, term timeout) {
  * --------------------------------------------------------------------------
  * `use GenServer` and `use Agent` (and, later, `use Supervisor`) give the
  * module a child_spec/1: a map saying how to start the module's process,
- * which supervisors read (supervisor-and-application.md, "Our first
- * supervisor").  In Elixir 1.14 the map holds only what is not a default;
- * the seed edition of the guide, from an older Elixir, prints it with
- * every key, and kv.c generates that full form (child_spec_as_1_14 in
- * Part VII gives the newer one).
+ * which supervisors read.  kv.c generates it with every key, as older
+ * Elixir printed it.  Elixir 1.14 prints only what is not a default.
  */
 
 #define DEFAULT_SHUTDOWN 5000 /* ms a worker gets to stop after :shutdown */
 
-/* What `use GenServer` (type :worker) or `use Supervisor` (type
- * :supervisor) generates for `module`, with a `use` option restart: (nil
- * for the default, :permanent). */
+/* What `use GenServer` (type :worker) or, later, `use Supervisor` (type
+ * :supervisor, whose shutdown is :infinity) generates for `module`, with
+ * a `use` option restart: (nil for the default, :permanent). */
 static term use_child_spec(term module, term arg, term restart, term type) {
-    term shutdown = type == am_supervisor ? am_infinity : integer(DEFAULT_SHUTDOWN);
+    term shutdown = type == am_worker ? integer(DEFAULT_SHUTDOWN) : am_infinity;
     return map(5, am_id, module, am_start, tuple(3, module, am_start_link, list(1, arg)), am_restart,
                restart == am_nil ? am_permanent : restart, am_shutdown, shutdown, am_type, type);
 }
@@ -4758,7 +4783,7 @@ static term use_child_spec(term module, term arg, term restart, term type) {
 
 /* Part V's atoms (I.3 says how atoms are declared). */
 #define AGENT_ATOMS(X) X(update, "update") X(get_and_update, "get_and_update") \
-    X(Agent, "Elixir.Agent") X(worker, "worker") X(handle_call, "handle_call") \
+    X(Agent, "Elixir.Agent") X(handle_call, "handle_call") \
     X(handle_cast, "handle_cast")
 DECLARE_ATOMS(AGENT_ATOMS)
 
@@ -4889,8 +4914,8 @@ static term agent_child_spec(term arg) {
  * The bucket is an agent whose state is a map.  Each operation is a small
  * function sent to the agent: in Elixir, &Map.get(&1, key); here a C
  * function plus the one term it captures (struct fun_def, I.3).
- * `use Agent` gives KV.Bucket a child_spec/1 (IV.5), which the guide
- * needs only in supervisor-and-application.md.
+ * `use Agent` gives KV.Bucket a child_spec/1 (IV.5): how to start it
+ * under a supervisor, which is what start_supervised! reads.
  */
 
 static term bucket_new(term env, term unused) {
@@ -4973,10 +4998,10 @@ DECLARE_ATOMS(REGISTRY_ATOMS)
 /* --------------------------------------------------------------------------
  * genservers.md — "GenServer callbacks": KV.Registry's callbacks
  * --------------------------------------------------------------------------
- * The first version keeps one map, name => bucket pid, as its state.
- * "The need for monitoring" replaces all three callbacks.  KV.Registry's
- * entry in the code server's table, which names these callbacks, is in
- * Part IX.
+ * The registry's three callbacks: init/1, handle_call/3 for lookups and
+ * handle_cast/2 for creates.  KV.Registry's entry in the code server's
+ * table, which names them, is in Part IX.
+ * "The need for monitoring", below, writes all three again.
  */
 
 /* --------------------------------------------------------------------------
@@ -5010,9 +5035,9 @@ API term kv_registry_child_spec(term arg) { return use_child_spec(alias("KV.Regi
  * genservers.md — "The need for monitoring"
  * --------------------------------------------------------------------------
  * A stopped bucket's name stayed in the registry: the guide's test
- * "removes buckets on exit" (in kv_test.c) fails against the callbacks
- * above, and chapters/2-genservers' README shows it failing.  So the
- * callbacks are written again: the state becomes a pair of maps, {names,
+ * "removes buckets on exit" (in kv_test.c) fails against the first
+ * callbacks (`make flaw-unmonitored` in chapters/2-genservers shows it
+ * failing).  So the callbacks are written again: the state becomes a pair of maps, {names,
  * refs}: name => bucket pid, and monitor ref => name; handle_cast monitors
  * every bucket it starts.  When a monitored bucket goes down, the
  * registry receives {:DOWN, ref, :process, pid, reason}, which is neither a
@@ -5028,7 +5053,8 @@ static term kv_registry_init(term arg) {
 
 /* handle_call({:lookup, name}, _from, state): {:reply, Map.fetch(names, name), state}.
  * Any other request matches no clause: FunctionClauseError, and the
- * registry crashes (the guide's GenServer.call(registry, :bad_input)). */
+ * registry crashes (supervisor-and-application.md sends it :bad_input to
+ * crash it on purpose). */
 static term kv_registry_handle_call(term request, term from, term state) {
     (void)from;
     if (!is_tagged(request, am_lookup, 2))
@@ -5089,9 +5115,7 @@ static term kv_registry_handle_info(term msg, term state) {
  * In this chapter the registry starts each bucket with KV.Bucket.start_link/1,
  * which links the bucket to the registry *and* monitors it.  The guide
  * points out the flaw: a bucket's crash then takes the registry down too.
- * dynamic-supervisor.md opens with a test that shows it, and fixes it by
- * starting buckets under KV.BucketSupervisor (Part VIII), linked to that
- * supervisor and only monitored by the registry.
+ * It comes back to it in dynamic-supervisor.md.
  */
 
 /* ==========================================================================
@@ -5104,9 +5128,10 @@ static term kv_registry_handle_info(term msg, term state) {
  */
 
 /* --------------------------------------------------------------------------
- * IX.1  Starting the VM, and loading the code
+ * IX.1  Starting every Part
  * --------------------------------------------------------------------------
- * kv_init, at the end of this section, starts the Parts in order.
+ * kv_init, at the end of this section, starts the Parts in order; from
+ * agents.md on, it loads the modules first listed here.
  */
 
 /* ---- The modules ---------------------------------------------------------
@@ -5114,10 +5139,9 @@ static term kv_registry_handle_info(term msg, term state) {
  * apply/3 and the behaviours find it there by name (III.10).  kv.c's
  * modules are C, so their table entries are written out here, in one
  * place, after every function they name: each lists the functions apply/3
- * may call (exports) and the callbacks its behaviour calls.  A chapter
- * that changes a module's function (the registry's handle_cast in
- * dynamic-supervisor.md, say) changes what the entry points at, not the
- * entry.
+ * may call (exports) and the callbacks its behaviour calls.  When a later
+ * section of the guide rewrites a callback, the function the entry names
+ * changes, not the entry.
  */
 
 /* Agent: Agent.start_link/1 and Agent.child_spec/1, for {Agent, fun} children */
@@ -5136,8 +5160,8 @@ static const struct module agent_server = {
     .handle_cast = agent_handle_cast,
 };
 
-/* KV: KV.hello/0 is called from C only (apply/3 never needs it); from
- * "The application callback" on, KV is the application callback module. */
+/* KV.  Nothing calls it by name through apply/3.
+ */
 static const struct module kv_module = {
     .name = "KV",
 };
@@ -5175,11 +5199,11 @@ static void kv_load_modules(void) {
 }
 
 /* Start every Part, in order: its atoms, and, from Part III on, the VM,
- * the exit reasons each Part words, and the modules.  The clock is the
- * virtual one for the sessions and the self-test, the real one otherwise
- * (III.4). */
+ * the exit reasons each Part words, and the modules.
+ * The clock is the virtual one for the sessions and the self-test, the
+ * real one otherwise (III.4).
+ */
 static void kv_init(bool virtual_clock) {
-    (void)virtual_clock;
     terms_init();
     vm_init(virtual_clock);
     INIT_ATOMS(GEN_SERVER_ATOMS);
@@ -5199,8 +5223,9 @@ static void kv_init(bool virtual_clock) {
  * line below is what came back, printed as iex prints it (pretty, 80
  * columns).  Pids and references are kv.c's own.  The clock is the
  * virtual one, so nothing waits.  Every chapter's ./kv replays only that
- * chapter (make run plays them all, each with its own stage's binary):
- * the earlier chapters' sessions are kept below, retired, where they ran.
+ * chapter (make run plays them all, each with its own stage's binary);
+ * the top-level kv.c keeps the earlier chapters' sessions, retired, where
+ * they ran.
  */
 
 static void iex_prompt(const char *code) {
@@ -5272,7 +5297,7 @@ static void tour(term arg) {
 static int tour_main(void) {
     kv_init(true);
     vm.out = print_out;
-    printf("kv.c replays the iex sessions of Elixir's Mix and OTP guide, chapter by chapter.\n"
+    printf("kv.c replays the iex sessions of this chapter of Elixir's Mix and OTP guide.\n"
            "(Pids and references are kv.c's; everything else is computed here, not copied.)\n");
     uint64_t pid = vm_spawn(tour, NIL, "the tour");
     heap_free(&outside_heap);
@@ -5281,7 +5306,8 @@ static int tour_main(void) {
     return r == VM_DEADLOCK ? 1 : 0;
 }
 
-/* ./kv: this chapter's sessions; ./kv bench: the figures. */
+/* ./kv: this chapter's sessions.
+ */
 int main(int argc, char **argv) {
     if (argc == 1) return tour_main();
     fprintf(stderr, "usage: %s           replay this chapter's iex sessions\n", argv[0]);

@@ -37,19 +37,20 @@
  * "process" is one of ours (a coroutine), never an operating-system process;
  * the program itself is "the VM".
  *
- * The chapters.  This file is the guide's last stage; chapters/ holds the
- * file as it stood at the end of each earlier chapter, cut from this one by
- * tools/cut.awk (make chapters), each with its own tests.  The cut follows
- * light markers, which name the step of the guide (tools/steps) where code
- * arrives:
+ * The chapters.  The top-level kv.c is the guide's last stage, and
+ * chapters/ holds this file as it stood at the end of each chapter, each
+ * stage with its own tests, so that a chapter can be compiled and read on
+ * its own.  The stages are cut from the top-level file by tools/cut.awk
+ * (make chapters), which follows light markers there naming the step of
+ * the guide (tools/steps) where code arrives; a stage leaves them out:
  *
  *     //> genservers          on a line of its own, above a banner or a
  *                             function: what follows arrives in genservers.md
  *     code;  //> genservers   at the end of a line: that line does
  *     a comment that opens    code that a later section of the guide
  *     with "retired at STEP:" replaced, kept where the guide first wrote it:
- *                             commented out here, live in the chapters
- *                             before STEP
+ *                             commented out in the top-level file, live in
+ *                             the stages before STEP
  *
  * Everything before the first marker arrives with the first chapter.
  */
@@ -138,14 +139,16 @@
 /* --------------------------------------------------------------------------
  * I.2  Memory: every byte counted
  * --------------------------------------------------------------------------
- * Everything a process owns (its struct proc, heap chunks, messages, saved
- * stack, links and monitors) comes from mem_alloc and goes back through
- * mem_free with its size, so vm_memory() says exactly how many bytes the
- * processes hold.  The self-test uses it to prove that a dead process
- * leaves nothing behind.
+ * Two allocators count every byte.  What the program's terms live in
+ * (heap chunks) comes from mem_alloc and goes back through mem_free with
+ * its size, so vm_memory() says exactly how many bytes they hold.
+ * From Part III on, everything a process owns (its struct proc, heap
+ * chunks, messages, saved stack, links and monitors) is counted so, and
+ * the self-test uses it to prove that a dead process leaves nothing
+ * behind.
  *
- * Everything else, the VM's own (the process table, the timer heap, names,
- * atoms, pooled chunks, text being printed, a walk's stack), comes from
+ * Everything else, the VM's own (atoms, pooled chunks, text being printed,
+ * a walk's stack; later the process table, the timer heap, names), comes from
  * vm_alloc, vm_realloc and vm_free, which count it too: each block carries
  * its size in a small header, so vm_memory_system() knows the total.  No
  * allocation in kv.c escapes both counts, so the self-test can show that
@@ -336,7 +339,8 @@ static const struct term nil_term = {.kind = K_NIL};
  *
  * So a term stays where it was built until the whole heap goes, when the
  * process dies (heap_free) or when it is compacted around the one term it
- * still needs (heap_compact, III.7: GenServer does this between callbacks).
+ * still needs (heap_compact).
+ * (III.7 compacts; GenServer does it between callbacks.)
  * Nothing ever points from one process's heap into another's, because
  * every term that crosses is copied. */
 
@@ -470,10 +474,11 @@ static struct heap outside_heap; /* terms built when no process runs */
     } while (0)
 
 /* The bytes a term with `items` items takes in a heap, rounded up as
- * heap_alloc rounds every request.  term_size (III.5) counts with this same
- * function, so a copy always fits the chunk measured for it, on 32-bit
- * machines too (where a pointer is 4 bytes and an odd item count would
- * otherwise leave the two sums 4 bytes apart). */
+ * heap_alloc rounds every request.  term_size, which measures a term
+ * before it is copied, counts with this same function, so a copy always
+ * fits the chunk measured for it, on 32-bit machines too (where a pointer
+ * is 4 bytes and an odd item count would otherwise leave the two sums 4
+ * bytes apart). */
 static size_t term_bytes(size_t items) { return ALIGN8(sizeof(struct term) + items * sizeof(term)); }
 
 static struct term *term_alloc(enum kind kind, uint32_t n, size_t items) {
@@ -728,8 +733,8 @@ static void terms_shutdown(void) {
  * Terms can nest as deep as anyone likes: [[[[...]]]] a million levels
  * down is a fine message on BEAM, whose processes' stacks grow on the
  * heap.  A C function that recursed once per level would run off the C
- * stack long before that.  So the walks over whole terms (term_cmp here;
- * term_size and term_copy, which messages use, in III.5) keep the work
+ * stack long before that.  So the walks over whole terms (term_cmp here,
+ * and, from Part III on, the copies that messages make) keep the work
  * still to do on a stack of their own, in vm_alloc'd memory, and loop: a list's spine, the
  * usual long direction, is followed in the loop itself, and only the
  * other branches (a head, a tuple's elements) are pushed.  No process
@@ -865,9 +870,10 @@ static long map_find(term m, term key) {
 
 static struct term *map_alloc(size_t n) { return term_alloc(K_MAP, (uint32_t)n, 2 * n); }
 
-/* The value under key, or dflt.  (Map.get/3 is this with a check that m
- * is a map at all; see "Map, Keyword and length/1" in III.9.  Inside the VM, where m
- * is known to be a map, the unchecked forms are used.) */
+/* The value under key, or dflt.  Inside the VM, where m is known to be a
+ * map, these unchecked forms are used.
+ * Map.get/3 and the rest of the Map module check m first (III.9).
+ */
 static term map_lookup(term m, term key, term dflt) {
     long i = map_find(m, key);
     return i >= 0 ? map_value(m, (size_t)i) : dflt;
@@ -979,8 +985,8 @@ API term list_append(term l, term x) { return list_concat(l, list(1, x)); }
  * groups (runs of breaks decided together), then lays the document out for
  * a given width: that is Inspect.Algebra, after Lindig's "Strictly Pretty".
  * inspect/1 lays out with infinite width, so everything stays on one line;
- * iex lays out results at 80 columns, which is why a long child spec comes
- * back one key per line.  kv.c builds the same documents and lays them out
+ * iex lays out results at 80 columns, which is why a long map comes back
+ * one key per line.  kv.c builds the same documents and lays them out
  * with the same rules, so both kinds of output match Elixir 1.14's.
  *
  * An example.  The document for %{a: 1, b: [2, 3]} is, roughly,
@@ -1635,22 +1641,25 @@ static void buf_terms(struct buf *b, const char *fmt, va_list ap) {
  * ==========================================================================
  *
  * `mix new kv --module KV` makes a project with one module, KV, whose one
- * function answers :world, a test for it, and a doctest.  kv.c's twin of
- * that project is this file's first stage, chapters/0-introduction-to-mix:
- * the terms above, this module, and kv_test.c with its first test.
+ * function answers :world, a test for it, and a doctest.  The first stage,
+ * chapters/0-introduction-to-mix, is that project's twin: the terms above,
+ * this module, and kv_test.c with its first tests.
  */
 
 /* --------------------------------------------------------------------------
  * introduction-to-mix.md — "Our first project", "Project compilation"
- * -------------------------------------------------------------------------- */
+ * --------------------------------------------------------------------------
+ * KV's hello/0 lived here until "The application callback"
+ * (supervisor-and-application.md) made KV the application's callback
+ * module, and the guide removed it.
+ */
 
 /* --------------------------------------------------------------------------
  * introduction-to-mix.md — "Running tests"
  * --------------------------------------------------------------------------
- * The generated test, "greets the world", and the doctest of KV.hello are
- * in kv_test.c, as are the harness that runs them and prints what
- * `mix test` prints.  (Mix's own environments, formatter and tasks have no
- * twin here: the project is this file and its Makefile.)
+ * The harness that runs the tests, and prints what `mix test` prints, is
+ * in kv_test.c.  (Mix's own environments, formatter and tasks have no twin
+ * here: the project is this file and its Makefile.)
  */
 
 /* ==========================================================================
@@ -1717,7 +1726,8 @@ static void buf_terms(struct buf *b, const char *fmt, va_list ap) {
  * processes (a guard page per stack costs two kernel mappings, and Linux
  * allows 65,530), and no assembly is needed anywhere: entering the stage
  * is an ordinary call, leaving it is _longjmp.  The price is the copy: a
- * switch moves a few hundred bytes each way (see `./kv bench`).  A
+ * switch moves a few hundred bytes each way (the last stage's ./kv bench
+ * measures it).  A
  * process that overflows the C stack cannot trample another process
  * either, because no other process's stack is on the C stack: the
  * kernel's guard page stops it and the VM names the culprit (section III.3).
@@ -3030,10 +3040,32 @@ API void process_wait_input(int fd) {
  * one that repeats the same way every run.  Two things act at once
  * instead: an untrappable :kill, and a signal a process sends itself.
  *
- * A process that must exit now is marked (exit_later) and queued; finish_exited() then
- * finishes the queued processes.  The running process cannot be finished
- * while its code runs: it is marked, and apply_exits() sends it to the
- * scheduler as soon as the runtime call that killed it is done.
+ * The exit path: who calls what.  However a process ends, proc_finish
+ * ends it: it removes its names, sends its exit signals and :DOWN
+ * messages, and frees it.  The running process cannot be freed while its
+ * own code runs on the stage, so it leaves first, for the scheduler to
+ * finish it:
+ *
+ *   its own end                       a signal from elsewhere
+ *   -----------                       -----------------------
+ *   its function returns (proc_main)  exit_signal(p, from, reason):
+ *   Kernel.exit, uncaught (exit_self) queued in p's mailbox, acted on
+ *   a raise, uncaught (raise_error)   when p's receive walks past it
+ *          |                          (handle_signals -> handle_exit_signal)
+ *          |                          or at once for :kill
+ *       exit_now                                 |
+ *          |                          exit_later(p, reason): p marked
+ *          |                          P_EXITING, queued on vm.dying
+ *          |                                     |
+ *          |                          apply_exits(), after each runtime
+ *          |                          call that may have killed:
+ *          |                            finish_exited() -> proc_finish
+ *          |                              for each queued p but the
+ *          |                              running one; then, if the
+ *          |                              running one is marked:
+ *          v                                     v
+ *        leave_for_good(p): vm.exiting = p, _longjmp to the scheduler,
+ *          which calls proc_finish(p)
  *
  * The data.  A link is two `struct link_end`s, one in each process's list,
  * each pointing at the other (its twin); a monitor is one `struct monitor`
@@ -3966,7 +3998,9 @@ API void format_exit_banner(struct buf *b, term reason) {
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_NOTICE, LOG_WARNING, LOG_ERROR, LOG_NONE };
 static enum log_level logger_level = LOG_DEBUG; /* Logger's default */
 
-static bool logger_started = true; /* Application.stop(:logger) silences it (Part IV) */
+/* The :logger application is running: Application.stop(:logger), from
+ * supervisor-and-application.md on (Part VII), silences it. */
+static bool logger_started = true;
 
 static void logger_log(enum log_level level, const char *message) {
     static const char *const names[] = {"debug", "info", "notice", "warning", "error"};
@@ -3995,9 +4029,10 @@ static void log_raised(term exception) {
 /* --------------------------------------------------------------------------
  * III.10  Modules, and apply/3
  * --------------------------------------------------------------------------
- * A child specification names its start function as data, {KV.Registry,
- * :start_link, [[]]}, and a supervisor calls it with apply/3.  BEAM finds
- * the function in its export table, by module and name.  kv.c keeps a
+ * Code can name a function as data, {module, function, args}, for apply/3
+ * to call: Agent's {module, function, args} forms do.
+ * So does a child spec, {KV.Registry, :start_link, [[]]}, for its supervisor.
+ * BEAM finds the function in its export table, by module and name.  kv.c keeps a
  * table too: every module it defines is a struct module, loaded into the
  * table at start-up (code_load), with the functions apply/3 may call, and,
  * for a module that `use`s a behaviour, the callbacks that behaviour calls.
@@ -4149,11 +4184,12 @@ API term fun_call(term f, term arg) {
  * keep the state the function returns, and wait again.  OTP writes that
  * loop once, in gen_server, and everything else in the guide stands on it:
  * an Agent is a gen_server whose callbacks run the funs it is sent
- * (Part V), KV.Registry is a gen_server with callbacks of its own (Part
- * VI), and so are Supervisor and DynamicSupervisor (Parts VII, VIII) and
- * the application controller.  genservers.md writes only callbacks and
- * clients; this Part is the other half, OTP's, which the guide takes for
- * granted.
+ * (Part V).
+ * KV.Registry is a gen_server with callbacks of its own (Part VI).
+ * So is Supervisor (Part VII).
+ * So is the application controller (Part VII).
+ * The guide writes only callbacks and clients; this Part is the other
+ * half, OTP's, which the guide takes for granted.
  *
  * A server's life:
  *
@@ -4215,7 +4251,7 @@ API term fun_call(term f, term arg) {
     X(noreply, "noreply") X(ignore, "ignore") X(bad_return_value, "bad_return_value") \
     X(already_started, "already_started") X(ack, "ack") X(name, "name") \
     X(GenServer, "Elixir.GenServer") X(cast, "cast") X(sys, "sys") X(id, "id") X(start, "start") \
-    X(restart, "restart") X(type, "type") X(permanent, "permanent") X(supervisor, "supervisor") \
+    X(restart, "restart") X(type, "type") X(permanent, "permanent") X(worker, "worker") \
     X(bad_call, "bad_call") X(bad_cast, "bad_cast") X(start_link, "start_link")
 DECLARE_ATOMS(GEN_SERVER_ATOMS)
 
@@ -4488,7 +4524,7 @@ static bool gen_server_exit_wording(struct buf *b, term reason, const char *join
  * :DOWN carries the reason); a timeout: option kills an init that is too
  * slow.  A failed start still makes the new process exit with the reason,
  * link and all, as OTP 25 does: a linked caller that does not trap exits
- * goes down with it (otp-reference 18).
+ * goes down with it.
  */
 
 /* Start-up, in the new process.  arg is
@@ -4714,20 +4750,18 @@ API term gen_server_stop(term server, term reason, term timeout) {
  * --------------------------------------------------------------------------
  * `use GenServer` and `use Agent` (and, later, `use Supervisor`) give the
  * module a child_spec/1: a map saying how to start the module's process,
- * which supervisors read (supervisor-and-application.md, "Our first
- * supervisor").  In Elixir 1.14 the map holds only what is not a default;
- * the seed edition of the guide, from an older Elixir, prints it with
- * every key, and kv.c generates that full form (child_spec_as_1_14 in
- * Part VII gives the newer one).
+ * which supervisors read.  kv.c generates it with every key, as older
+ * Elixir printed it.  Elixir 1.14 prints only what is not a default.
+ * child_spec_as_1_14 (Part VII) gives that newer form.
  */
 
 #define DEFAULT_SHUTDOWN 5000 /* ms a worker gets to stop after :shutdown */
 
-/* What `use GenServer` (type :worker) or `use Supervisor` (type
- * :supervisor) generates for `module`, with a `use` option restart: (nil
- * for the default, :permanent). */
+/* What `use GenServer` (type :worker) or, later, `use Supervisor` (type
+ * :supervisor, whose shutdown is :infinity) generates for `module`, with
+ * a `use` option restart: (nil for the default, :permanent). */
 static term use_child_spec(term module, term arg, term restart, term type) {
-    term shutdown = type == am_supervisor ? am_infinity : integer(DEFAULT_SHUTDOWN);
+    term shutdown = type == am_worker ? integer(DEFAULT_SHUTDOWN) : am_infinity;
     return map(5, am_id, module, am_start, tuple(3, module, am_start_link, list(1, arg)), am_restart,
                restart == am_nil ? am_permanent : restart, am_shutdown, shutdown, am_type, type);
 }
@@ -4761,7 +4795,7 @@ static term use_child_spec(term module, term arg, term restart, term type) {
 
 /* Part V's atoms (I.3 says how atoms are declared). */
 #define AGENT_ATOMS(X) X(update, "update") X(get_and_update, "get_and_update") \
-    X(Agent, "Elixir.Agent") X(worker, "worker") X(handle_call, "handle_call") \
+    X(Agent, "Elixir.Agent") X(handle_call, "handle_call") \
     X(handle_cast, "handle_cast")
 DECLARE_ATOMS(AGENT_ATOMS)
 
@@ -4892,8 +4926,8 @@ static term agent_child_spec(term arg) {
  * The bucket is an agent whose state is a map.  Each operation is a small
  * function sent to the agent: in Elixir, &Map.get(&1, key); here a C
  * function plus the one term it captures (struct fun_def, I.3).
- * `use Agent` gives KV.Bucket a child_spec/1 (IV.5), which the guide
- * needs only in supervisor-and-application.md.
+ * `use Agent` gives KV.Bucket a child_spec/1 (IV.5): how to start it
+ * under a supervisor, which is what start_supervised! reads.
  */
 
 static term bucket_new(term env, term unused) {
@@ -4976,10 +5010,10 @@ DECLARE_ATOMS(REGISTRY_ATOMS)
 /* --------------------------------------------------------------------------
  * genservers.md — "GenServer callbacks": KV.Registry's callbacks
  * --------------------------------------------------------------------------
- * The first version keeps one map, name => bucket pid, as its state.
- * "The need for monitoring" replaces all three callbacks.  KV.Registry's
- * entry in the code server's table, which names these callbacks, is in
- * Part IX.
+ * The registry's three callbacks: init/1, handle_call/3 for lookups and
+ * handle_cast/2 for creates.  KV.Registry's entry in the code server's
+ * table, which names them, is in Part IX.
+ * "The need for monitoring", below, writes all three again.
  */
 
 /* --------------------------------------------------------------------------
@@ -5013,9 +5047,9 @@ API term kv_registry_child_spec(term arg) { return use_child_spec(alias("KV.Regi
  * genservers.md — "The need for monitoring"
  * --------------------------------------------------------------------------
  * A stopped bucket's name stayed in the registry: the guide's test
- * "removes buckets on exit" (in kv_test.c) fails against the callbacks
- * above, and chapters/2-genservers' README shows it failing.  So the
- * callbacks are written again: the state becomes a pair of maps, {names,
+ * "removes buckets on exit" (in kv_test.c) fails against the first
+ * callbacks (`make flaw-unmonitored` in chapters/2-genservers shows it
+ * failing).  So the callbacks are written again: the state becomes a pair of maps, {names,
  * refs}: name => bucket pid, and monitor ref => name; handle_cast monitors
  * every bucket it starts.  When a monitored bucket goes down, the
  * registry receives {:DOWN, ref, :process, pid, reason}, which is neither a
@@ -5031,7 +5065,8 @@ static term kv_registry_init(term arg) {
 
 /* handle_call({:lookup, name}, _from, state): {:reply, Map.fetch(names, name), state}.
  * Any other request matches no clause: FunctionClauseError, and the
- * registry crashes (the guide's GenServer.call(registry, :bad_input)). */
+ * registry crashes (supervisor-and-application.md sends it :bad_input to
+ * crash it on purpose). */
 static term kv_registry_handle_call(term request, term from, term state) {
     (void)from;
     if (!is_tagged(request, am_lookup, 2))
@@ -5092,9 +5127,7 @@ static term kv_registry_handle_info(term msg, term state) {
  * In this chapter the registry starts each bucket with KV.Bucket.start_link/1,
  * which links the bucket to the registry *and* monitors it.  The guide
  * points out the flaw: a bucket's crash then takes the registry down too.
- * dynamic-supervisor.md opens with a test that shows it, and fixes it by
- * starting buckets under KV.BucketSupervisor (Part VIII), linked to that
- * supervisor and only monitored by the registry.
+ * It comes back to it in dynamic-supervisor.md.
  */
 
 /* ==========================================================================
@@ -5114,7 +5147,7 @@ static term kv_registry_handle_info(term msg, term state) {
  */
 
 /* Part VII's atoms: the supervisor's and the applications' (I.3 says how atoms are declared). */
-#define SUPERVISOR_ATOMS(X) X(modules, "modules") X(transient, "transient") \
+#define SUPERVISOR_ATOMS(X) X(modules, "modules") X(transient, "transient") X(supervisor, "supervisor") \
     X(temporary, "temporary") X(brutal_kill, "brutal_kill") X(strategy, "strategy") \
     X(one_for_one, "one_for_one") X(one_for_all, "one_for_all") X(rest_for_one, "rest_for_one") \
     X(intensity, "intensity") X(period, "period") X(max_restarts, "max_restarts") \
@@ -5152,14 +5185,14 @@ DECLARE_ATOMS(SUPERVISOR_ATOMS)
  *       type: :worker}          or :supervisor
  *
  * `use GenServer` (and Agent, and Supervisor) defines child_spec/1 for the
- * module (IV.5).  The guide's two editions print it differently: the seed
- * chapter shows the full map above, as the Elixir of its day generated it,
- * and the newer edition shows %{id: ..., start: ...}: newer Elixir (1.14
- * among them) writes only id and start, plus type: :supervisor for a
- * supervisor, plus whatever options were given to `use` (Agent's
- * restart: :temporary for KV.Bucket), and lets the supervisor fill in the
- * rest.  kv.c generates the seed's full map; child_spec_as_1_14() gives
- * the newer form of the same spec.
+ * module (IV.5).  Editions of the guide print it differently: an older
+ * one (the seed this project began from) shows the full map above, as the
+ * Elixir of its day generated it, and the guide today shows
+ * %{id: ..., start: ...}: newer Elixir (1.14 among them) writes only id
+ * and start, plus type: :supervisor for a supervisor, plus whatever
+ * options were given to `use` (`use Agent, restart: :temporary`, say),
+ * and lets the supervisor fill in the rest.  kv.c generates the full map;
+ * child_spec_as_1_14() gives the newer form of the same spec.
  */
 
 /* The same spec as Elixir 1.14's `use` writes it.  1.14 leaves out what
@@ -5381,7 +5414,7 @@ static term child_record(term child) {
  *   3. give up: each restart is noted with its time; more than
  *      `intensity` restarts within `period` seconds, and the supervisor
  *      shuts every child down and exits with :shutdown, so that its own
- *      supervisor can decide (restart intensity, otp-reference 56).
+ *      supervisor can decide (restart intensity).
  *   4. stop: children are shut down one at a time, newest first, each as
  *      its spec says: :shutdown then :kill after `shutdown` ms, or :kill
  *      at once (:brutal_kill), or :shutdown and wait (:infinity).
@@ -5557,7 +5590,7 @@ static term children_start(term children, term *out, term *failure) {
  * a; c is dead already), and starts the group again oldest first (a, b,
  * c, d), so the order children depend on each other in is kept; a
  * :temporary member that was stopped on the way is not started again
- * (otp-reference 53). */
+ * (as OTP 25 does). */
 static void sup_restart_group(term children, term strategy, term id, term *before, term *group, term *after) {
     struct list_builder b, g, a;
     list_builder_init(&b), list_builder_init(&g), list_builder_init(&a);
@@ -5578,7 +5611,7 @@ static void sup_restart_group(term children, term strategy, term id, term *befor
  * intensity is exceeded and the supervisor must shut down.  A start that
  * fails leaves that child :restarting and asks for another try with a
  * cast to itself, as OTP does: every attempt counts towards the
- * intensity (otp-reference 59), and other messages are handled in
+ * intensity, and other messages are handled in
  * between. */
 static bool sup_restart(term *state, term child) {
     term st = *state;
@@ -5866,10 +5899,9 @@ API term supervisor_stop(term sup, term reason, term timeout) { return gen_serve
 /* --------------------------------------------------------------------------
  * supervisor-and-application.md — "Our first supervisor": KV.Supervisor
  * --------------------------------------------------------------------------
- * The guide's first KV.Supervisor has one child, KV.Registry, under
- * :one_for_one.  "Naming processes" (next) gives the registry a name, and
- * dynamic-supervisor.md adds the bucket supervisor and changes the
- * strategy (Part VIII); each stands under the section that makes it.
+ * KV.Supervisor `use`s Supervisor: its init/1 lists the children and the
+ * strategy.  The guide writes init/1 more than once, and each form stands
+ * under the section that writes it.
  */
 
 /* KV.Supervisor.start_link/1 — Supervisor.start_link(__MODULE__, :ok, opts) */
@@ -6387,9 +6419,10 @@ static term kv_start(term type, term args) {
  */
 
 /* --------------------------------------------------------------------------
- * IX.1  Starting the VM, and loading the code
+ * IX.1  Starting every Part
  * --------------------------------------------------------------------------
- * kv_init, at the end of this section, starts the Parts in order.
+ * kv_init, at the end of this section, starts the Parts in order; from
+ * agents.md on, it loads the modules first listed here.
  */
 
 /* ---- The modules ---------------------------------------------------------
@@ -6397,10 +6430,9 @@ static term kv_start(term type, term args) {
  * apply/3 and the behaviours find it there by name (III.10).  kv.c's
  * modules are C, so their table entries are written out here, in one
  * place, after every function they name: each lists the functions apply/3
- * may call (exports) and the callbacks its behaviour calls.  A chapter
- * that changes a module's function (the registry's handle_cast in
- * dynamic-supervisor.md, say) changes what the entry points at, not the
- * entry.
+ * may call (exports) and the callbacks its behaviour calls.  When a later
+ * section of the guide rewrites a callback, the function the entry names
+ * changes, not the entry.
  */
 
 /* Agent: Agent.start_link/1 and Agent.child_spec/1, for {Agent, fun} children */
@@ -6419,8 +6451,9 @@ static const struct module agent_server = {
     .handle_cast = agent_handle_cast,
 };
 
-/* KV: KV.hello/0 is called from C only (apply/3 never needs it); from
- * "The application callback" on, KV is the application callback module. */
+/* KV.  Nothing calls it by name through apply/3.
+ * From "The application callback" on, it is :kv's callback module.
+ */
 static const struct module kv_module = {
     .name = "KV",
     .start = kv_start,
@@ -6496,11 +6529,11 @@ static void kv_load_modules(void) {
 }
 
 /* Start every Part, in order: its atoms, and, from Part III on, the VM,
- * the exit reasons each Part words, and the modules.  The clock is the
- * virtual one for the sessions and the self-test, the real one otherwise
- * (III.4). */
+ * the exit reasons each Part words, and the modules.
+ * The clock is the virtual one for the sessions and the self-test, the
+ * real one otherwise (III.4).
+ */
 static void kv_init(bool virtual_clock) {
-    (void)virtual_clock;
     terms_init();
     vm_init(virtual_clock);
     INIT_ATOMS(GEN_SERVER_ATOMS);
@@ -6522,8 +6555,9 @@ static void kv_init(bool virtual_clock) {
  * line below is what came back, printed as iex prints it (pretty, 80
  * columns).  Pids and references are kv.c's own.  The clock is the
  * virtual one, so nothing waits.  Every chapter's ./kv replays only that
- * chapter (make run plays them all, each with its own stage's binary):
- * the earlier chapters' sessions are kept below, retired, where they ran.
+ * chapter (make run plays them all, each with its own stage's binary);
+ * the top-level kv.c keeps the earlier chapters' sessions, retired, where
+ * they ran.
  */
 
 static void iex_prompt(const char *code) {
@@ -6579,9 +6613,9 @@ static void tour_chapter(void) {
     ok_value(application_boot(true));
     banner("supervisor-and-application.md", "Our first supervisor");
     term spec = kv_registry_child_spec(NIL);
-    say("The seed edition of the chapter (its Elixir spelled out the defaults):");
+    say("An older edition of this chapter (its Elixir spelled out the defaults):");
     iex("KV.Registry.child_spec([])", spec);
-    say("The newer edition (newer Elixir writes only id and start here):");
+    say("The guide today (Elixir 1.14 and later write only id and start here):");
     iex("KV.Registry.child_spec([])", child_spec_as_1_14(spec));
     term sup, children;
     iex("{:ok, sup} = KV.Supervisor.start_link([])", tuple(2, am_ok, sup = ok_value(kv_supervisor_start_link(NIL))));
@@ -6604,14 +6638,15 @@ static void tour_chapter(void) {
     struct buf b = {0};
     application_resource_file(&b, am_kv);
     say("The file as this chapter ends: \"The application callback\", below, adds its mod: entry");
-    say("(and the seed edition also lists {extra_applications,[logger]}).");
+    say("(and an older edition of the chapter also lists {extra_applications,[logger]}).");
     printf("$ cat _build/dev/lib/kv/ebin/kv.app\n%s", buf_str(&b));
     buf_free(&b);
 
     banner("supervisor-and-application.md", "Starting applications");
-    say("The seed edition starts iex with `iex -S mix run --no-start`, as this VM came up:");
+    say("An older edition of this chapter started iex with `iex -S mix run --no-start`,");
+    say("leaving :kv to start by hand, as this VM came up:");
     iex("Application.start(:kv)", application_start(am_kv));
-    say("The newer edition starts iex with `iex -S mix`, which has started :kv already:");
+    say("The guide today starts iex with `iex -S mix`, which has started :kv already:");
     iex("Application.start(:kv)", application_start(am_kv));
     iex("Application.stop(:kv)", application_stop(am_kv));
     iex("Application.stop(:logger)", application_stop(am_logger));
@@ -6635,7 +6670,7 @@ static void tour(term arg) {
 static int tour_main(void) {
     kv_init(true);
     vm.out = print_out;
-    printf("kv.c replays the iex sessions of Elixir's Mix and OTP guide, chapter by chapter.\n"
+    printf("kv.c replays the iex sessions of this chapter of Elixir's Mix and OTP guide.\n"
            "(Pids and references are kv.c's; everything else is computed here, not copied.)\n");
     uint64_t pid = vm_spawn(tour, NIL, "the tour");
     heap_free(&outside_heap);
@@ -6644,7 +6679,8 @@ static int tour_main(void) {
     return r == VM_DEADLOCK ? 1 : 0;
 }
 
-/* ./kv: this chapter's sessions; ./kv bench: the figures. */
+/* ./kv: this chapter's sessions.
+ */
 int main(int argc, char **argv) {
     if (argc == 1) return tour_main();
     fprintf(stderr, "usage: %s           replay this chapter's iex sessions\n", argv[0]);
