@@ -5,6 +5,8 @@
 #   make test     everything below, then the self-test: 5 stages, the steps
 #                 between them, the guide's failing runs, the comments
 #   make bench    run ./kv bench: the runtime's speed and memory figures
+#   make compare  the same figures beside BEAM's (bench/compare.sh; needs
+#                 Erlang and Elixir, which nothing else here needs)
 #   make chapters regenerate chapters/ from kv.c and kv_test.c
 #   make diffs    write diffs/N-CHAPTER.diff, each stage against the one before
 #   make flaws    run the guide's failing runs (tools/flaws), each as the guide shows it
@@ -93,8 +95,11 @@ run:
 bench: kv
 	./kv bench
 
+compare:
+	sh bench/compare.sh
+
 clean:
 	rm -rf kv kv_test build diffs
 	for s in $(STAGES); do rm -f chapters/$$s/kv chapters/$$s/kv_test; done
 
-.PHONY: all test run bench clean chapters diffs flaws check-comments check-chapters
+.PHONY: all test run bench compare clean chapters diffs flaws check-comments check-chapters

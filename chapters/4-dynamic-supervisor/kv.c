@@ -72,6 +72,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -7011,10 +7012,15 @@ static int tour_main(void) {
 /* --------------------------------------------------------------------------
  * IX.3  ./kv bench: the runtime's figures
  * --------------------------------------------------------------------------
- * `./kv bench` (make bench) measures the runtime.  Each figure is one line,
+ * `./kv bench [NAME...]` (make bench) measures the runtime, and the KV
+ * application on it, with the workloads that bench/beam.exs runs on BEAM,
+ * so that bench/compare.sh can set the two side by side.  Each figure is
+ * one line,
  *     RESULT <tab> bench <tab> metric <tab> value <tab> unit
- * so scripts can compare runs, and BEAM's figures beside them.  The
- * benchmarks run on the real clock, the sessions on the virtual one.
+ * Every bench runs in a VM of its own, on the real clock (the sessions
+ * run on the virtual one).  A client that loops a million times empties
+ * its heap as it goes (garbage_collect), as BEAM's collector would; the
+ * terms it keeps (the bucket names) live in a heap of the bench's own.
  */
 
 static double seconds_since(const struct timespec *t0) {
@@ -7027,6 +7033,23 @@ static void bench_result(const char *bench, const char *metric, double value, co
     printf("RESULT\t%s\t%s\t%.1f\t%s\n", bench, metric, value, unit);
     fflush(stdout);
 }
+
+/* Run fn(arg) as the first process of a fresh VM, to the end. */
+static void run_bench(void (*fn)(term), term arg) {
+    uint64_t pid = vm_spawn(fn, arg, "bench");
+    heap_free(&outside_heap);
+    vm_run(pid);
+    vm_run(0);
+}
+
+/* The generator both sides draw from (bench/beam.exs has its twin): a
+ * 31-bit linear congruential one, so that both pick the same buckets. */
+static uint32_t bench_next(uint32_t *x) {
+    *x = (*x * 1103515245u + 12345u) & 0x7fffffffu;
+    return *x;
+}
+
+/* ---- switch, ring, spawn: the primitives ---- */
 
 /* The bare cost every switch pays: one _setjmp and one _longjmp.
  * Contract: the jump lands in this same frame, which is live throughout;
@@ -7081,10 +7104,17 @@ static void ring_main(term arg) {
     exit_self(atom("done")); /* the linked members go with it */
 }
 
+static void bench_rings(void) {
+    run_bench(ring_main, tuple(2, integer(1000), integer(10000000)));
+    vm_shutdown();
+    kv_init(false);
+    run_bench(ring_main, tuple(2, integer(100000), integer(10000000)));
+}
+
 static void exit_at_once(term arg) { (void)arg; }
 
 /* Spawn a process, monitor it, wait for its DOWN; again and again. */
-static void spawn_bench(term arg) {
+static void spawn_main(term arg) {
     int64_t n = int_value(arg);
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -7096,7 +7126,12 @@ static void spawn_bench(term arg) {
     bench_result("spawn", "ns_per_spawn", seconds_since(&t0) * 1e9 / (double)n, "ns");
 }
 
-/* Resident memory of this Unix process, from /proc (Linux), or 0. */
+static void bench_spawn(void) { run_bench(spawn_main, integer(1000000)); }
+
+/* ---- bulk, idle, max_live: many processes at once ---- */
+
+/* Resident memory of this Unix process, from /proc (Linux), or 0; and
+ * its peak (VmHWM), which writing 5 to clear_refs starts again. */
 static size_t rss_bytes(void) {
     FILE *f = fopen("/proc/self/statm", "r");
     if (!f) return 0;
@@ -7106,40 +7141,340 @@ static size_t rss_bytes(void) {
     return n == 2 ? (size_t)resident * (size_t)sysconf(_SC_PAGESIZE) : 0;
 }
 
+static size_t peak_rss_bytes(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return 0;
+    char line[256];
+    unsigned long kib = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %lu kB", &kib) == 1) break;
+    fclose(f);
+    return (size_t)kib * 1024;
+}
+
+static void peak_rss_reset(void) {
+    FILE *f = fopen("/proc/self/clear_refs", "w");
+    if (!f) return;
+    fputs("5", f);
+    fclose(f);
+}
+
 static void idle(term arg) {
     (void)arg;
     receive_forever(NULL, NULL);
 }
 
-/* A million processes, each waiting in receive. */
-static void idle_bench(term arg) {
+/* Wait for one message, then tell the parent and end. */
+static void wait_then_report(term parent) {
+    receive_forever(NULL, NULL);
+    process_send(parent, am_ok);
+}
+
+/* A million processes that wait: spawned, then released one by one. */
+static void bulk_main(term arg) {
+    int64_t n = int_value(arg);
+    uint64_t *pids = vm_alloc((size_t)n * sizeof *pids);
+    peak_rss_reset();
+    size_t rss0 = rss_bytes();
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int64_t i = 0; i < n; i++) {
+        pids[i] = spawn(wait_then_report, self())->u.id;
+        if (i % 1024 == 0) garbage_collect(NIL);
+    }
+    erlang_yield(); /* each one runs into its receive */
+    bench_result("bulk", "ns_per_spawn", seconds_since(&t0) * 1e9 / (double)n, "ns");
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int64_t i = 0; i < n; i++) {
+        process_send(pid_term(pids[i]), am_ok);
+        if (i % 1024 == 0) garbage_collect(NIL);
+    }
+    for (int64_t i = 0; i < n; i++) {
+        receive_forever(NULL, NULL);
+        if (i % 1024 == 0) garbage_collect(NIL);
+    }
+    bench_result("bulk", "ns_per_release", seconds_since(&t0) * 1e9 / (double)n, "ns");
+    if (rss0) bench_result("bulk", "peak_rss_bytes", (double)(peak_rss_bytes() - rss0), "bytes");
+    vm_free(pids);
+}
+
+static void bench_bulk(void) {
+    vm_set_process_limit(2000000);
+    run_bench(bulk_main, integer(1000000));
+}
+
+/* n processes, each waiting in receive: what each one costs. */
+static void idle_main(term arg) {
     int64_t n = int_value(arg);
     size_t mem0 = vm_memory(), rss0 = rss_bytes();
     for (int64_t i = 0; i < n; i++) spawn_link(idle, NIL);
     garbage_collect(NIL);
     erlang_yield(); /* each one runs into its receive */
     double count = (double)n;
-    bench_result("idle_1m", "bytes_per_process", (double)(vm_memory() - mem0) / count, "bytes");
-    if (rss0) bench_result("idle_1m", "rss_bytes_per_process", (double)(rss_bytes() - rss0) / count, "bytes");
+    char bench[32];
+    snprintf(bench, sizeof bench, n >= 1000000 ? "idle_%" PRId64 "m" : "idle_%" PRId64 "k",
+             n >= 1000000 ? n / 1000000 : n / 1000);
+    bench_result(bench, "bytes_per_process", (double)(vm_memory() - mem0) / count, "bytes");
+    if (rss0) bench_result(bench, "rss_bytes_per_process", (double)(rss_bytes() - rss0) / count, "bytes");
     exit_self(atom("done"));
 }
 
-static void run_bench(void (*fn)(term), term arg) {
-    uint64_t pid = vm_spawn(fn, arg, "bench");
-    heap_free(&outside_heap);
-    vm_run(pid);
-    vm_run(0);
+static void bench_idle(void) {
+    vm_set_process_limit(2000000);
+    run_bench(idle_main, integer(100000));
+    vm_shutdown();
+    kv_init(false);
+    vm_set_process_limit(2000000);
+    run_bench(idle_main, integer(1000000));
 }
 
-static int bench_main(void) {
-    kv_init(false);
-    bench_switch();
-    run_bench(ring_main, tuple(2, integer(1000), integer(10000000)));
-    run_bench(ring_main, tuple(2, integer(100000), integer(10000000)));
-    run_bench(spawn_bench, integer(1000000));
-    vm_set_process_limit(2000000);
-    run_bench(idle_bench, integer(1000000));
+/* How many idle processes fit in a budget of resident memory: 4 GiB, or
+ * a quarter of the machine's memory if that is less. */
+static void max_live_main(term arg) {
+    size_t budget = (size_t)int_value(arg), rss0 = rss_bytes();
+    int64_t n = 0;
+    if (!rss0) return;
+    while (rss_bytes() - rss0 < budget) {
+        for (int i = 0; i < 65536; i++, n++) spawn_link(idle, NIL);
+        garbage_collect(NIL);
+        erlang_yield();
+    }
+    bench_result("max_live", "processes", (double)n, "processes");
+    bench_result("max_live", "budget_mib", (double)(budget >> 20), "MiB");
+    exit_self(atom("done"));
+}
+
+static void bench_max_live(void) {
+    size_t budget = (size_t)4 << 30;
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0 && (size_t)pages / 4 * (size_t)page < budget) budget = (size_t)pages / 4 * (size_t)page;
+    vm_set_process_limit(SIZE_MAX / 4);
+    run_bench(max_live_main, integer((int64_t)budget));
+}
+
+/* ---- call, agent: a round trip through OTP's generic server ---- */
+
+/* Bench.Server: handle_call answers the request itself. */
+static term bench_server_init(term arg) { return tuple(2, am_ok, arg); }
+static term bench_server_handle_call(term request, term from, term state) {
+    (void)from;
+    return tuple(3, am_reply, request, state);
+}
+static const struct module bench_server = {
+    .name = "Bench.Server",
+    .init = bench_server_init,
+    .handle_call = bench_server_handle_call,
+};
+
+static void call_main(term arg) {
+    int64_t n = int_value(arg);
+    term server = ok_value(gen_server_start_link(module_atom(&bench_server), NIL, NIL));
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int64_t i = 0; i < n; i++) {
+        gen_server_call(server, am_ok);
+        if (i % 1024 == 0) server = garbage_collect(server);
+    }
+    bench_result("call", "ns_per_call", seconds_since(&t0) * 1e9 / (double)n, "ns");
+    exit_self(atom("done"));
+}
+
+static void bench_call(void) {
+    code_load(&bench_server);
+    run_bench(call_main, integer(1000000));
+}
+
+static term fn_zero(term env, term x) { (void)env, (void)x; return integer(0); }
+static term fn_same_state(term env, term x) { (void)env; return x; }
+static term fn_plus_one(term env, term x) { (void)env; return integer(int_value(x) + 1); }
+static const struct fun_def bench_funs[] = {
+    {"fn_zero", 0, "the bench", fn_zero},
+    {"fn_same_state", 1, "the bench", fn_same_state},
+    {"fn_plus_one", 1, "the bench", fn_plus_one},
+};
+
+static void agent_main(term arg) {
+    int64_t n = int_value(arg);
+    term agent = ok_value(agent_start_link(fun_term(&bench_funs[0], NIL), NIL));
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int64_t i = 0; i < n; i++) {
+        agent_get(agent, fun_term(&bench_funs[1], NIL));
+        if (i % 1024 == 0) agent = garbage_collect(agent);
+    }
+    bench_result("agent", "ns_per_get", seconds_since(&t0) * 1e9 / (double)n, "ns");
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int64_t i = 0; i < n; i++) {
+        agent_update(agent, fun_term(&bench_funs[2], NIL));
+        if (i % 1024 == 0) agent = garbage_collect(agent);
+    }
+    bench_result("agent", "ns_per_update", seconds_since(&t0) * 1e9 / (double)n, "ns");
+    exit_self(atom("done"));
+}
+
+static void bench_agent(void) { run_bench(agent_main, integer(1000000)); }
+
+/* ---- kv: the guide's application, under load ---- */
+
+#define KV_OPS 1000000
+#define KV_KILLS 1000
+#define KV_KEYS 16
+
+/* The :kv application is running; n buckets are created through
+ * KV.Registry, then KV_OPS operations each look a bucket up and put or
+ * get a key in it, then KV_KILLS buckets are killed, and the bench waits
+ * until the registry has forgotten every one. */
+static void kv_main(term arg) {
+    int64_t n = int_value(arg);
+    ok_value(application_boot(false));
+    term registry = alias("KV.Registry");
+    struct heap kept = {0}; /* the names and keys, outside the client's heap */
+    term *names = vm_alloc((size_t)n * sizeof *names), keys[KV_KEYS];
+    char text[32];
+    for (int64_t i = 0; i < n; i++) {
+        snprintf(text, sizeof text, "bucket%" PRId64, i);
+        WITH_HEAP(&kept, names[i] = string(text));
+    }
+    for (int i = 0; i < KV_KEYS; i++) {
+        snprintf(text, sizeof text, "key%d", i);
+        WITH_HEAP(&kept, keys[i] = string(text));
+    }
+    char bench[32];
+    snprintf(bench, sizeof bench, "kv_%" PRId64 "k", n / 1000);
+
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int64_t i = 0; i < n; i++) {
+        kv_registry_create(registry, names[i]);
+        if (i % 1024 == 0) garbage_collect(NIL);
+    }
+    ok_value(kv_registry_lookup(registry, names[n - 1])); /* after every create */
+    bench_result(bench, "create_ms", seconds_since(&t0) * 1e3, "ms");
+
+    uint32_t x = 42;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int64_t i = 0; i < KV_OPS; i++) {
+        term bucket = ok_value(kv_registry_lookup(registry, names[bench_next(&x) % (uint32_t)n]));
+        if (i % 2 == 0) kv_bucket_put(bucket, keys[i % KV_KEYS], integer(i));
+        else kv_bucket_get(bucket, keys[i % KV_KEYS]);
+        if (i % 1024 == 0) garbage_collect(NIL);
+    }
+    double secs = seconds_since(&t0);
+    bench_result(bench, "ops_ms", secs * 1e3, "ms");
+    bench_result(bench, "kops_per_s", (double)KV_OPS / secs / 1e3, "kops/s");
+
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int64_t i = 0; i < KV_KILLS; i++) process_exit(ok_value(kv_registry_lookup(registry, names[i])), am_kill);
+    for (int64_t i = 0; i < KV_KILLS; i++) {
+        while (kv_registry_lookup(registry, names[i]) != am_error) erlang_yield();
+        garbage_collect(NIL);
+    }
+    bench_result(bench, "kill_1000_ms", seconds_since(&t0) * 1e3, "ms");
+    vm_free(names);
+    heap_free(&kept);
+    application_stop(am_kv);
+}
+
+static void bench_kv(void) {
+    run_bench(kv_main, integer(10000));
     vm_shutdown();
+    kv_init(false);
+    run_bench(kv_main, integer(100000));
+}
+
+/* ---- restart: a supervisor bringing one child back, 10,000 times ---- */
+
+#define RESTARTS 10000
+
+/* Bench.Child.start_link/1: an agent holding 0, named :bench_child. */
+static term bench_child_start_link(term arg) {
+    (void)arg;
+    return agent_start_link(fun_term(&bench_funs[0], NIL), list(1, tuple(2, am_name, atom("bench_child"))));
+}
+static const struct export bench_child_exports[] = {
+    {"start_link", 1, bench_child_start_link},
+    {NULL, 0, NULL},
+};
+static const struct module bench_child = {.name = "Bench.Child", .exports = bench_child_exports};
+
+static void restart_main(term arg) {
+    (void)arg;
+    term spec = map(2, am_id, atom("child"), am_start, tuple(3, module_atom(&bench_child), am_start_link, list(1, NIL)));
+    term opts = list(2, tuple(2, am_strategy, am_one_for_one), tuple(2, am_max_restarts, integer(1000000)));
+    term sup = ok_value(supervisor_start_link_children(list(1, spec), opts));
+    double *us = vm_alloc(RESTARTS * sizeof *us);
+    term name = atom("bench_child");
+    for (int i = 0; i < RESTARTS; i++) {
+        term old = process_whereis(name), now;
+        struct timespec t0;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        process_exit(old, am_kill);
+        while ((now = process_whereis(name)) == am_nil || term_eq(now, old)) erlang_yield();
+        us[i] = seconds_since(&t0) * 1e6;
+        sup = garbage_collect(sup);
+    }
+    double first = 0, last = 0;
+    for (int i = 0; i < 100; i++) first += us[i];
+    for (int i = RESTARTS - 1000; i < RESTARTS; i++) last += us[i];
+    bench_result("restart", "first_100_us", first / 100, "us");
+    bench_result("restart", "last_1000_us", last / 1000, "us");
+    vm_free(us);
+    supervisor_stop(sup, am_normal, am_infinity);
+}
+
+static void bench_restart(void) {
+    code_load(&bench_child);
+    run_bench(restart_main, NIL);
+}
+
+/* The benches, in the order `./kv bench` runs them. */
+static const struct bench {
+    const char *name;
+    void (*run)(void);
+} benches[] = {
+    {"switch", bench_switch}, {"ring", bench_rings},   {"spawn", bench_spawn}, {"bulk", bench_bulk},
+    {"idle", bench_idle},     {"max_live", bench_max_live}, {"call", bench_call}, {"agent", bench_agent},
+    {"kv", bench_kv},         {"restart", bench_restart},
+};
+
+/* ./kv bench [NAME...]: every bench, or the ones named.  Each runs in a
+ * Unix process of its own (fork), so that one bench's memory, given back
+ * to malloc but not to the system, does not hide the next one's. */
+static int bench_main(int argc, char **argv) {
+    size_t n = sizeof benches / sizeof benches[0];
+    for (int a = 2; a < argc; a++) {
+        size_t i = 0;
+        while (i < n && strcmp(argv[a], benches[i].name) != 0) i++;
+        if (i == n) {
+            fprintf(stderr, "kv bench: no bench named %s; there are:", argv[a]);
+            for (i = 0; i < n; i++) fprintf(stderr, " %s", benches[i].name);
+            fprintf(stderr, "\n");
+            return 2;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        bool wanted = argc == 2;
+        for (int a = 2; a < argc; a++) wanted = wanted || strcmp(argv[a], benches[i].name) == 0;
+        if (!wanted) continue;
+        fflush(stdout);
+        pid_t child = fork();
+        if (child < 0) {
+            perror("kv bench: fork");
+            return 1;
+        }
+        if (child == 0) {
+            kv_init(false);
+            benches[i].run();
+            vm_shutdown();
+            fflush(stdout);
+            _exit(0);
+        }
+        int status = 0;
+        if (waitpid(child, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+            fprintf(stderr, "kv bench: %s failed\n", benches[i].name);
+            return 1;
+        }
+    }
     return 0;
 }
 
@@ -7147,10 +7482,10 @@ static int bench_main(void) {
  * ./kv bench: the runtime's figures.
  */
 int main(int argc, char **argv) {
-    if (argc == 2 && strcmp(argv[1], "bench") == 0) return bench_main();
+    if (argc >= 2 && strcmp(argv[1], "bench") == 0) return bench_main(argc, argv);
     if (argc == 1) return tour_main();
     fprintf(stderr, "usage: %s           replay this chapter's iex sessions\n", argv[0]);
-    fprintf(stderr, "       %s bench     the runtime's figures\n", argv[0]);
+    fprintf(stderr, "       %s bench [NAME...]   the runtime's figures\n", argv[0]);
     return 2;
 }
 #endif
