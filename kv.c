@@ -90,6 +90,15 @@
 #define API static
 #endif
 
+/* KV_ASAN: built with -fsanitize=address (III.3 says what changes then). */
+#if defined(__SANITIZE_ADDRESS__)
+#define KV_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KV_ASAN 1
+#endif
+#endif
+
 /* ==========================================================================
  * PART I — TERMS: THE VALUES EVERYTHING IS MADE OF
  * ==========================================================================
@@ -294,7 +303,8 @@ static void buf_free(struct buf *b) {
  */
 
 enum kind {
-    K_INT, K_ATOM, K_REF, K_FUN, K_PID, K_TUPLE, K_MAP, K_NIL, K_CONS, K_BIN
+    K_INT, K_ATOM, K_REF, K_FUN, K_PID, K_TUPLE, K_MAP, K_NIL, K_CONS, K_BIN,
+    K_MAPNODE /* not a value: a node inside a large map (I.4) */
 };
 
 typedef const struct term *term;
@@ -338,7 +348,11 @@ static const struct term nil_term = {.kind = K_NIL};
  *                             ^ new terms go here (a pointer bump)
  *
  *     a message to P:  [chunk: struct msg | {:hello, "world"} copied]
- *     P receives it:   chunks -> [that chunk] -> [chunk 3] -> ...
+ *     P receives it:   chunks -> [chunk 3] -> [that chunk] -> [chunk 2] ...
+ *
+ * The message's chunk goes in behind the one being allocated from: it is
+ * full, and in front it would make the next allocation open a new chunk
+ * (and a process that receives many messages would open one per message).
  *
  * So a term stays where it was built until the whole heap goes, when the
  * process dies (heap_free) or when it is compacted around the one term it
@@ -357,6 +371,8 @@ struct heap {
     struct chunk *chunks; /* newest first */
     size_t bytes;         /* memory its chunks take, headers included */
     size_t live;          /* bytes kept by the last compaction */
+    struct chunk *old;    /* the chunk the last compaction copied into */
+    term old_root;        /* ...and the root it kept there (III.7) */
 };
 
 #define ALIGN8(n) (((n) + 7) & ~(size_t)7)
@@ -432,12 +448,29 @@ static void heap_add_chunk(struct heap *h, struct chunk *c) {
     h->bytes += sizeof *c + c->size;
 }
 
+//> agents
+/* A full chunk from elsewhere (a received message's) joins h behind the
+ * chunk that allocation goes on in; in front of the chunk a compaction
+ * left (h->old), though, which only ever holds what it kept (III.7). */
+static void heap_adopt_chunk(struct heap *h, struct chunk *c) {
+    if (!h->chunks || h->chunks == h->old) {
+        heap_add_chunk(h, c);
+        return;
+    }
+    c->next = h->chunks->next;
+    h->chunks->next = c;
+    h->bytes += sizeof *c + c->size;
+}
+//> introduction-to-mix
+
 static void *heap_alloc(struct heap *h, size_t size) {
     size = ALIGN8(size);
     struct chunk *c = h->chunks;
     if (!c || c->size - c->used < size) {
-        /* Chunks grow with the heap: 256 bytes at first, at most 64 KiB. */
-        size_t want = h->bytes / 2;
+        /* Chunks grow with the heap: 256 bytes at first, at most 64 KiB.
+         * What the last compaction kept does not count: a server whose
+         * state is large still makes small garbage between compactions. */
+        size_t want = (h->bytes - h->live) / 2;
         if (want < 256) want = 256;
         if (want > 65536) want = 65536;
         if (want < size) want = size;
@@ -459,6 +492,8 @@ static void heap_free(struct heap *h) {
     h->chunks = NULL;
     h->bytes = 0;
     h->live = 0;
+    h->old = NULL;
+    h->old_root = NULL;
 }
 
 /* Where new terms go.  Normally the running process's heap; the VM points
@@ -812,16 +847,28 @@ static int cmp_shallow(term a, term b) {
     case K_TUPLE:
     case K_MAP: return a->n < b->n ? -1 : a->n > b->n;
     case K_NIL:
-    case K_CONS: return 0;
+    case K_CONS:
+    case K_MAPNODE: return 0; /* (term_cmp never meets a node: maps are flattened) */
     }
     return 0;
 }
 
+static term map_flatten(term m);
+static bool map_is_tree(term m);
+
 /* The pairs still to compare are pushed in reverse, so they pop in order:
- * the first element of a tuple is compared first, as Erlang does. */
+ * the first element of a tuple is compared first, as Erlang does.  Two
+ * maps of the same size compare key by key, then value by value, in key
+ * order: the layout of a small map (keys, then values); a large one is
+ * laid out so first, in a scratch heap of the walk's own. */
 static int term_cmp(term a, term b) {
+    /* Most comparisons (a map's keys) are of two atoms, numbers or
+     * strings, or of different kinds: no walk is needed for those. */
+    bool insides = a->kind == K_FUN || a->kind == K_TUPLE || a->kind == K_MAP || a->kind == K_CONS;
+    if (a->kind != b->kind || !insides) return a == b ? 0 : cmp_shallow(a, b);
     struct walk w;
     walk_init(&w);
+    struct heap scratch = {0};
     int c = 0;
     void *other = (void *)b;
     for (;;) {
@@ -833,6 +880,8 @@ static int term_cmp(term a, term b) {
             } else if (a->kind == K_FUN) {
                 a = a->item[0], b = b->item[0];
             } else if (a->kind == K_TUPLE || a->kind == K_MAP) {
+                if (a->kind == K_MAP && (map_is_tree(a) || map_is_tree(b)))
+                    WITH_HEAP(&scratch, (a = map_flatten(a), b = map_flatten(b)));
                 size_t items = a->kind == K_MAP ? 2 * (size_t)a->n : a->n;
                 for (size_t i = items; i-- > 0;) walk_push(&w, a->item[i], (void *)b->item[i]);
                 break;
@@ -843,6 +892,7 @@ static int term_cmp(term a, term b) {
         if (c != 0 || !walk_pop(&w, &a, &other)) break;
     }
     walk_free(&w);
+    heap_free(&scratch);
     return c;
 }
 
@@ -850,16 +900,52 @@ static int term_cmp(term a, term b) {
 API bool term_eq(term a, term b) { return a == b || term_cmp(a, b) == 0; }
 
 /* ---- Maps -------------------------------------------------------------
- * A map is an array of keys kept in term order and, after them, the array
- * of their values.  Finding a key is a binary search; putting one copies
- * the arrays (maps are immutable).  Small maps print in this same order on
- * BEAM; maps of more than 32 keys print in hash order there, and in key
- * order here. */
+ * A small map, of up to MAP_FLAT_MAX keys (32, as on BEAM), is an array of
+ * keys kept in term order and, after them, the array of their values.
+ * Finding a key is a binary search; putting one copies the arrays (maps
+ * are immutable), which costs little while they are small.
+ *
+ * A large map cannot work that way: if every put copied every key,
+ * creating n buckets in KV.Registry would cost n^2.  So past MAP_FLAT_MAX
+ * keys a map becomes a balanced binary search tree, an AVL tree, whose
+ * nodes are terms of their own.  A put copies only the nodes on the path
+ * from the root down to its key, at most about 1.44 log2(n) of them, and
+ * the new map shares every other node with the old one, which is left as
+ * it was:
+ *
+ *        old map                 new map: put(:e)
+ *          [:b]                     [:b]'         ' = a new node;
+ *         /    \                   /    \         [:a] is shared
+ *      [:a]    [:c]             [:a]    [:d]'
+ *                 \                     /   \
+ *                 [:d]               [:c]'  [:e]'
+ *
+ * (the tree leaned right, so the new nodes are rotated back into balance:
+ * in an AVL tree the two subtrees of any node differ in height by at most
+ * one, so the path from the root to any key is short.)  Three layouts,
+ * then, each a term:
+ *
+ *     a small map   K_MAP, n keys               items: k1 .. kn, v1 .. vn
+ *     a large map   K_MAP, n keys, u.i = MAP_TREE   items: the root node
+ *     a node        K_MAPNODE, u.i = its height     items: key, value,
+ *                                                   left, right ([]: none)
+ *
+ * Every map is in key order, small or large, so every map prints in key
+ * order.  (BEAM switches to a hash trie past 32 keys, and prints those in
+ * hash order.)  A large map is laid out flat, in a scratch heap, when it
+ * is printed or compared; MAP_TREE maps only ever hold more than
+ * MAP_FLAT_MAX keys, so each map has one layout for its size. */
 
+#define MAP_FLAT_MAX 32
+#define MAP_TREE 1
+
+static bool map_is_tree(term m) { return m->u.i == MAP_TREE; }
+
+/* A small map's i-th key and value, and where key is in it. */
 static term map_key(term m, size_t i) { return m->item[i]; }
 static term map_value(term m, size_t i) { return m->item[m->n + i]; }
 
-/* Index of key in m, or -(insertion point) - 1. */
+/* Index of key in the small map m, or -(insertion point) - 1. */
 static long map_find(term m, term key) {
     long lo = 0, hi = (long)m->n - 1;
     while (lo <= hi) {
@@ -873,17 +959,165 @@ static long map_find(term m, term key) {
 
 static struct term *map_alloc(size_t n) { return term_alloc(K_MAP, (uint32_t)n, 2 * n); }
 
+/* The tree.  The functions that change it recurse once per level, which
+ * is safe here: an AVL tree of 2^32 keys is less than 47 levels deep. */
+
+static term node_key(term t) { return t->item[0]; }
+static term node_value(term t) { return t->item[1]; }
+static term node_left(term t) { return t->item[2]; }
+static term node_right(term t) { return t->item[3]; }
+static int node_height(term t) { return t == NIL ? 0 : (int)t->u.i; }
+
+static term node_new(term key, term value, term left, term right) {
+    struct term *t = term_alloc(K_MAPNODE, 4, 4);
+    t->item[0] = key, t->item[1] = value, t->item[2] = left, t->item[3] = right;
+    int hl = node_height(left), hr = node_height(right);
+    t->u.i = 1 + (hl > hr ? hl : hr);
+    return t;
+}
+
+/* A node for key and value over l and r, subtrees whose heights differ by
+ * at most two (as a put or a removal just below leaves them), rotated so
+ * that they differ by at most one.  Left-heavy by two, say:
+ *
+ *          [k]               [x]           when x's left is the taller;
+ *         /   \             /   \          when its right is, that
+ *       [x]    r    =>    xl    [k]        grandchild rises instead,
+ *      /   \                   /   \       with x and k as its
+ *     xl   xr                 xr    r      children (the double turn)
+ */
+static term node_balance(term key, term value, term l, term r) {
+    int hl = node_height(l), hr = node_height(r);
+    if (hl > hr + 1) {
+        if (node_height(node_left(l)) >= node_height(node_right(l)))
+            return node_new(node_key(l), node_value(l), node_left(l), node_new(key, value, node_right(l), r));
+        term g = node_right(l);
+        return node_new(node_key(g), node_value(g), node_new(node_key(l), node_value(l), node_left(l), node_left(g)),
+                        node_new(key, value, node_right(g), r));
+    }
+    if (hr > hl + 1) {
+        if (node_height(node_right(r)) >= node_height(node_left(r)))
+            return node_new(node_key(r), node_value(r), node_new(key, value, l, node_left(r)), node_right(r));
+        term g = node_left(r);
+        return node_new(node_key(g), node_value(g), node_new(key, value, l, node_left(g)),
+                        node_new(node_key(r), node_value(r), node_right(g), node_right(r)));
+    }
+    return node_new(key, value, l, r);
+}
+
+/* t with key => value; *added says whether key is new. */
+static term node_insert(term t, term key, term value, bool *added) {
+    if (t == NIL) {
+        *added = true;
+        return node_new(key, value, NIL, NIL);
+    }
+    int c = term_cmp(key, node_key(t));
+    if (c == 0) return node_new(node_key(t), value, node_left(t), node_right(t));
+    if (c < 0) return node_balance(node_key(t), node_value(t), node_insert(node_left(t), key, value, added), node_right(t));
+    return node_balance(node_key(t), node_value(t), node_left(t), node_insert(node_right(t), key, value, added));
+}
+
+/* The value under key in the tree t, or NULL. */
+static term node_lookup(term t, term key) {
+    while (t != NIL) {
+        int c = term_cmp(key, node_key(t));
+        if (c == 0) return node_value(t);
+        t = c < 0 ? node_left(t) : node_right(t);
+    }
+    return NULL;
+}
+
+/* A tree of the n keys (in order) and values: the middle one at the root. */
+static term node_build(const term *keys, const term *values, size_t n) {
+    if (n == 0) return NIL;
+    size_t mid = n / 2;
+    return node_new(keys[mid], values[mid], node_build(keys, values, mid),
+                    node_build(keys + mid + 1, values + mid + 1, n - mid - 1));
+}
+
+static term map_tree(size_t n, term root) {
+    struct term *m = term_alloc(K_MAP, (uint32_t)n, 1);
+    m->u.i = MAP_TREE;
+    m->item[0] = root;
+    return m;
+}
+
+/* Walking a map in key order, small or large: a large map's walk keeps
+ * the nodes whose keys are still to come on a stack (the left edge of
+ * what is left), 64 deep at most. */
+struct map_iter {
+    term m;
+    size_t i;        /* a small map: the next index */
+    term stack[64];  /* a large one: the nodes still to visit */
+    int depth;
+};
+
+static void map_iter_left_edge(struct map_iter *it, term t) {
+    for (; t != NIL; t = node_left(t)) it->stack[it->depth++] = t;
+}
+
+static void map_iter_start(struct map_iter *it, term m) {
+    it->m = m;
+    it->i = 0;
+    it->depth = 0;
+    if (map_is_tree(m)) map_iter_left_edge(it, m->item[0]);
+}
+
+/* The next key and value, in key order; false at the end. */
+static bool map_iter_next(struct map_iter *it, term *key, term *value) {
+    if (!map_is_tree(it->m)) {
+        if (it->i == it->m->n) return false;
+        *key = map_key(it->m, it->i);
+        *value = map_value(it->m, it->i);
+        it->i++;
+        return true;
+    }
+    if (it->depth == 0) return false;
+    term t = it->stack[--it->depth];
+    *key = node_key(t);
+    *value = node_value(t);
+    map_iter_left_edge(it, node_right(t));
+    return true;
+}
+
+/* The n keys and values under root, laid out as a small map is (however
+ * many there are): for printing, comparing, and a map that shrinks back
+ * to MAP_FLAT_MAX keys. */
+static term map_flat_of(term root, size_t n) {
+    struct term *r = map_alloc(n);
+    struct map_iter it;
+    term key, value;
+    map_iter_start(&it, map_tree(n, root));
+    for (size_t i = 0; map_iter_next(&it, &key, &value); i++) r->item[i] = key, r->item[n + i] = value;
+    return r;
+}
+
+static term map_flatten(term m) { return map_is_tree(m) ? map_flat_of(m->item[0], m->n) : m; }
+
 /* The value under key, or dflt.  Inside the VM, where m is known to be a
  * map, these unchecked forms are used.
  * Map.get/3 and the rest of the Map module check m first (III.9).    //> agents
  */
 static term map_lookup(term m, term key, term dflt) {
+    if (map_is_tree(m)) {
+        term v = node_lookup(m->item[0], key);
+        return v ? v : dflt;
+    }
     long i = map_find(m, key);
     return i >= 0 ? map_value(m, (size_t)i) : dflt;
 }
 
-/* m with key => value: a new map, m unchanged. */
+/* key is in m */
+static bool map_has(term m, term key) { return map_lookup(m, key, NULL) != NULL; }
+
+/* m with key => value: a new map, m unchanged.  A small map that grows
+ * past MAP_FLAT_MAX keys becomes a tree, built from its arrays. */
 static term map_insert(term m, term key, term value) {
+    if (map_is_tree(m)) {
+        bool added = false;
+        term root = node_insert(m->item[0], key, value, &added);
+        return map_tree(m->n + added, root);
+    }
     long i = map_find(m, key);
     size_t n = m->n, at;
     struct term *r;
@@ -905,6 +1139,7 @@ static term map_insert(term m, term key, term value) {
         r->item[j + 1] = m->item[j];
         r->item[n + 1 + j + 1] = m->item[n + j];
     }
+    if (n + 1 > MAP_FLAT_MAX) return map_tree(n + 1, node_build(r->item, r->item + n + 1, n + 1));
     return r;
 }
 
@@ -1500,10 +1735,10 @@ static const struct doc *struct_doc(term m, long limit) {
         term fields[7];
         size_t nf = 0;
         for (; nf < 7 && sd->fields[nf]; nf++) fields[nf] = atom(sd->fields[nf]);
-        bool exception = map_find(m, am_exception_) >= 0;
+        bool exception = map_has(m, am_exception_);
         if (m->n != nf + 1 + exception) return NULL; /* not exactly this struct */
         for (size_t i = 0; i < nf; i++)
-            if (map_find(m, fields[i]) < 0) return NULL;
+            if (!map_has(m, fields[i])) return NULL;
         struct items it = {ITEM_FIELD, m, nf, NULL, fields};
         char left[80];
         snprintf(left, sizeof left, "%%%s{", sd->name);
@@ -1570,6 +1805,7 @@ static const struct doc *term_doc(term t, long limit) {
     case K_MAP: {
         const struct doc *sd = struct_doc(t, limit);
         if (sd) return sd;
+        t = map_flatten(t); /* a large map, laid out as a small one */
         bool keyword = true;
         for (size_t i = 0; i < t->n; i++) {
             term k = map_key(t, i);
@@ -1607,6 +1843,8 @@ static const struct doc *term_doc(term t, long limit) {
         struct items it = {keyword ? ITEM_KEYWORD : ITEM_PLAIN, t, n, tail, NULL};
         return container_doc("[", &it, "]", limit, keyword ? BREAK_STRICT : BREAK_MAYBE);
     }
+    case K_MAPNODE: /* never a value of its own: printed with its map */
+        break;
     }
     return &doc_nil;
 }
@@ -1891,31 +2129,37 @@ struct catch_frame {
 
 enum caught { CAUGHT_NOTHING, CAUGHT_EXIT, CAUGHT_ERROR, CAUGHT_THROW };
 
+/* A million of these may be alive at once, so the small fields come
+ * first, packed: counts as 32-bit numbers (a mailbox, a saved stack and
+ * the timer heap are never 4 GiB long). */
 struct proc {
     uint64_t pid;            /* N in #PID<0.N.0> */
     enum pstate state;
+    enum caught caught;      /* what the last throw to it carried */
+    int wait_fd;             /* waiting for input on this fd; -1: none */
     bool started;            /* has run at least once (has a saved stack) */
     bool trap_exit;          /* Process.flag(:trap_exit, true) */
     bool timed_out;          /* its receive's `after` fired */
     bool in_receive;         /* inside receive_full (its timer is receive's) */
     bool queued;             /* in the run queue */
+    uint32_t mbox_len;       /* messages in its mailbox, */
+    uint32_t mbox_signals;   /* ...how many of them exit signals (receive_mark) */
+    uint32_t timer_slot;     /* 1 + index in the timer heap; 0: none */
+    uint32_t stack_len, stack_cap; /* its saved stack's length, and room */
+
     const char *label;       /* what it runs, e.g. "KV.Registry", for reports */
     struct heap heap;        /* every term it built or received */
 
     /* The saved stack: the bytes from its stack pointer up to the top of
      * the stage, copied out when it stopped (section III.3). */
     char *stack;
-    size_t stack_len, stack_cap;
     jmp_buf ctx;             /* where it continues; valid with its bytes on stage */
 
     struct msg *mbox_head, **mbox_tail; /* the mailbox, oldest first */
-    size_t mbox_len;
 
     const char *waiting_for; /* for deadlock reports: what receive waits for */
     term waiting_on;         /* ...and from whom, or NULL */
     int64_t deadline;        /* receive's `after`, in VM milliseconds */
-    size_t timer_slot;       /* 1 + index in the timer heap; 0: none */
-    int wait_fd;             /* waiting for input on this fd; -1: none */
 
     struct link_end *links;
     struct monitor *monitors; /* processes it monitors */
@@ -1923,10 +2167,11 @@ struct proc {
     term name;                /* registered name (an atom) or NULL */
 
     struct catch_frame *catcher; /* innermost catch point, or NULL */
-    enum caught caught;          /* what the last throw to it carried */
     term caught_reason;
 
+#ifdef KV_ASAN
     void *fake_stack;         /* ASan's fake stack for it (see FIBER_LEAVE) */
+#endif
     void (*entry)(term arg);  /* the function it runs; returning = :normal */
     term arg;
     term exit_reason;         /* set when it starts dying */
@@ -1999,6 +2244,7 @@ static void exit_later(struct proc *p, term reason);
 static void proc_finish(struct proc *p);
 static void finish_exited(void);
 static void apply_exits(void);
+static void monitor_pool_drain(void);
 static struct proc *whereis_proc(term name);                            /* III.7 */
 static void names_remove(struct proc *p);
 static NORETURN void raise_error(term exception);                       /* III.8 */
@@ -2142,13 +2388,6 @@ static struct proc *runq_pop(void) {
  * ASan's fiber calls switch them as processes switch (FIBER_LEAVE before
  * control leaves a process or the scheduler, FIBER_ARRIVE when it arrives).
  * NO_ASAN keeps a function's locals on the real stack. */
-#if defined(__SANITIZE_ADDRESS__)
-#define KV_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KV_ASAN 1
-#endif
-#endif
 #ifdef KV_ASAN
 void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
 void __sanitizer_start_switch_fiber(void **fake_stack_save, const void *bottom, size_t size);
@@ -2178,20 +2417,21 @@ static NOINLINE NO_ASAN uintptr_t stack_address(void) {
 }
 
 /* Contract: called by the running process p, on the stage, just after
- * _setjmp(p->ctx).  Copies [its stack pointer, stage_top) to p->stack.
- * The copy includes this function's own frame, which is harmless: those
- * bytes lie below the stack pointer _longjmp will restore. */
-static NOINLINE void stack_save(struct proc *p) {
-    uintptr_t lo = stack_address();
+ * _setjmp(p->ctx), with `lo` from a stack_address() call in that same
+ * caller: just below the caller's frame, and so below the stack pointer
+ * _longjmp will restore.  Copies [lo, stage_top) to p->stack.  This
+ * function's own frame lies below lo: it is not copied, for nothing will
+ * need it. */
+static NOINLINE void stack_save(struct proc *p, uintptr_t lo) {
     size_t len = vm.stage_top - lo;
     if (len > p->stack_cap) {
-        size_t cap = (len + 63) & ~(size_t)63;
+        size_t cap = (len + 15) & ~(size_t)15;
         p->stack = mem_realloc(p->stack, p->stack_cap, cap);
-        p->stack_cap = cap;
+        p->stack_cap = (uint32_t)cap;
     }
     UNPOISON((void *)lo, len);
     memcpy(p->stack, (const void *)lo, len);
-    p->stack_len = len;
+    p->stack_len = (uint32_t)len;
 }
 
 /* Contract: called with the stack pointer below vm.stage_top - p's saved
@@ -2245,7 +2485,7 @@ static void proc_wait(void) {
          * our bytes out, this frame is scratch: a write to it would be
          * lost, and on a direct hand-off stage_land overwrites it with
          * the next process's bytes. */
-        stack_save(p);
+        stack_save(p, stack_address());
         FIBER_LEAVE(&p->fake_stack);
         /* Hand over directly to the next process if it has run before.
          * A new process should start from the top of the stage (deeper
@@ -2415,8 +2655,8 @@ static void timer_swap(size_t i, size_t j) {
     struct proc *t = vm.timers[i];
     vm.timers[i] = vm.timers[j];
     vm.timers[j] = t;
-    vm.timers[i]->timer_slot = i + 1;
-    vm.timers[j]->timer_slot = j + 1;
+    vm.timers[i]->timer_slot = (uint32_t)(i + 1);
+    vm.timers[j]->timer_slot = (uint32_t)(j + 1);
 }
 
 /* Move entry i up while it is earlier than its parent. */
@@ -2448,7 +2688,7 @@ static void timer_set(struct proc *p, int64_t deadline) {
     }
     p->deadline = deadline;
     vm.timers[vm.ntimers] = p;
-    p->timer_slot = ++vm.ntimers;
+    p->timer_slot = (uint32_t)++vm.ntimers;
     timer_up(vm.ntimers - 1);
 }
 
@@ -2460,7 +2700,7 @@ static void timer_cancel(struct proc *p) {
     p->timer_slot = 0;
     if (i != --vm.ntimers) {
         vm.timers[i] = vm.timers[vm.ntimers];
-        vm.timers[i]->timer_slot = i + 1;
+        vm.timers[i]->timer_slot = (uint32_t)(i + 1);
         timer_up(i);
         timer_down(i);
     }
@@ -2527,7 +2767,7 @@ static void report_deadlock(void) {
         if (p->label) buf_printf(&b, " (%s)", p->label);
         buf_printf(&b, " waits for %s", p->waiting_for ? p->waiting_for : "a message");
         if (p->waiting_on) { buf_puts(&b, " "); inspect_to(&b, p->waiting_on); }
-        buf_printf(&b, "; %zu message%s in its mailbox\n", p->mbox_len, p->mbox_len == 1 ? "" : "s");
+        buf_printf(&b, "; %zu message%s in its mailbox\n", (size_t)p->mbox_len, p->mbox_len == 1 ? "" : "s");
     }
     report(buf_str(&b));
     buf_free(&b);
@@ -2666,6 +2906,7 @@ static void vm_shutdown(void) {
     vm_free(vm.table);
     vm_free(vm.timers);
     vm_free(vm.names);
+    monitor_pool_drain();
     code_purge();
     memset(&vm, 0, sizeof vm);
     terms_shutdown();
@@ -2702,7 +2943,15 @@ static void vm_shutdown(void) {
 /* ---- Copying a term -------------------------------------------------------
  * Sending a message copies it: processes share nothing.  term_size says
  * how many bytes a copy needs (atoms and [] are shared, never copied),
- * term_copy builds the copy with those bytes in one go. */
+ * term_copy builds the copy with those bytes in one go.  A large map's
+ * nodes are copied as they are, so the copy keeps the tree's shape. */
+
+/* How many items a container holds: a tuple's elements, a small map's
+ * keys and values, a large map's root, a map node's four. */
+static size_t container_items(term t) {
+    if (t->kind == K_MAP) return map_is_tree(t) ? 1 : 2 * (size_t)t->n;
+    return t->kind == K_MAPNODE ? 4 : t->n;
+}
 
 static size_t term_size(term t) {
     struct walk w;
@@ -2720,8 +2969,8 @@ static size_t term_size(term t) {
                 t = t->item[1];
                 continue;
             }
-            if (t->kind == K_TUPLE || t->kind == K_MAP) {
-                size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
+            if (t->kind == K_TUPLE || t->kind == K_MAP || t->kind == K_MAPNODE) {
+                size_t items = container_items(t);
                 size += term_bytes(items);
                 for (size_t i = 0; i < items; i++) walk_push(&w, t->item[i], NULL);
                 break;
@@ -2769,9 +3018,11 @@ static term copy_rec(term t) {
                 t = t->item[0];
                 continue;
             case K_TUPLE:
-            case K_MAP: {
-                size_t items = t->kind == K_MAP ? 2 * (size_t)t->n : t->n;
+            case K_MAP:
+            case K_MAPNODE: {
+                size_t items = container_items(t);
                 c = term_alloc((enum kind)t->kind, t->n, items);
+                c->u = t->u; /* a large map's MAP_TREE, a node's height */
                 for (size_t i = 0; i < items; i++) {
                     c->item[i] = NIL;
                     walk_push(&w, t->item[i], &c->item[i]);
@@ -2822,7 +3073,7 @@ static struct msg *msg_new(term t) {
     struct chunk *c = chunk_new(head + term_size(t));
     struct msg *m = (struct msg *)(void *)c->data;
     c->used = head;
-    struct heap h = {c, sizeof *c + c->size, 0};
+    struct heap h = {c, sizeof *c + c->size, 0, NULL, NULL};
     WITH_HEAP(&h, m->value = copy_rec(t));
     if (h.chunks != c) abort(); /* term_size and copy_rec disagree */
     m->chunk = c;
@@ -2839,6 +3090,7 @@ static void mailbox_append(struct proc *p, struct msg *m) {
     *p->mbox_tail = m;
     p->mbox_tail = &m->next;
     p->mbox_len++;
+    if (m->signal) p->mbox_signals++;
     if (p->state == P_WAITING && p->wait_fd < 0) runq_push(p); /* wake it */
 }
 
@@ -2868,6 +3120,7 @@ static void mailbox_free(struct proc *p) {
     p->mbox_head = NULL;
     p->mbox_tail = &p->mbox_head;
     p->mbox_len = 0;
+    p->mbox_signals = 0;
 }
 
 /* What a BIF raises for an argument of the wrong kind, e.g.
@@ -2909,7 +3162,8 @@ static void receive_end(struct proc *p) {
 /* receive: the oldest message `match` accepts (any, if match is NULL),
  * removed from the mailbox; or NULL when `timeout_ms` passes first
  * (NO_TIMEOUT: never).  `what` and `about` describe the wait for the
- * deadlock report.  Messages that don't match stay, in order.
+ * deadlock report.  Messages that don't match stay, in order.  The walk
+ * starts at `scan`: the head of the mailbox, or a mark (receive_mark).
  *
  * `scan` remembers how far the mailbox was searched, so after a wake-up
  * only the new messages are tested (BEAM keeps the same "save pointer").
@@ -2922,10 +3176,9 @@ static void receive_end(struct proc *p) {
  * exit signals, which others may handle (process_alive); and an exit
  * signal never lies before `scan`, because the walk handles each one as
  * soon as it reaches it. */
-static term receive_full(match_fn match, const void *arg, int64_t timeout_ms, const char *what,
-                         term about) {
+static term receive_from(struct msg **scan, match_fn match, const void *arg, int64_t timeout_ms,
+                         const char *what, term about) {
     struct proc *p = vm.current;
-    struct msg **scan = &p->mbox_head;
     bool armed = false;
     p->timed_out = false;
     p->in_receive = true;
@@ -2943,7 +3196,7 @@ static term receive_full(match_fn match, const void *arg, int64_t timeout_ms, co
             }
             mbox_take(p, scan);
             receive_end(p);
-            heap_add_chunk(&p->heap, m->chunk); /* its memory is ours now */
+            heap_adopt_chunk(&p->heap, m->chunk); /* its memory is ours now */
             return m->value;
         }
         if (timeout_ms == 0 || p->timed_out) break;
@@ -2958,6 +3211,25 @@ static term receive_full(match_fn match, const void *arg, int64_t timeout_ms, co
     }
     receive_end(p);
     return NULL;
+}
+
+/* receive, walking the whole mailbox */
+static term receive_full(match_fn match, const void *arg, int64_t timeout_ms, const char *what, term about) {
+    return receive_from(&vm.current->mbox_head, match, arg, timeout_ms, what, about);
+}
+
+/* Where a receive for a reference not made yet may start: after every
+ * message in the mailbox now, for none of them can hold that reference.
+ * BEAM does the same (the compiler marks the mailbox before make_ref or
+ * monitor, and the receive after it starts there), and so a server with a
+ * long queue of casts, making a call of its own, finds the reply without
+ * walking the queue.  An exit signal must still be handled in its turn,
+ * so with one queued the mark is the head.  The mark stays valid while
+ * the process waits: nothing before it is ever taken out but signals, and
+ * there are none there. */
+static struct msg **receive_mark(void) {
+    struct proc *p = vm.current;
+    return p->mbox_signals ? &p->mbox_head : p->mbox_tail;
 }
 
 /* An `after` value: :infinity, or 0 to AFTER_MAX milliseconds; anything
@@ -3148,8 +3420,51 @@ static void link_remove(struct proc *owner, struct link_end *e) {
  * a new one, with its own ref, and each will deliver its own :DOWN.
  * `name` is the registered name it was asked for by, or NULL: the :DOWN
  * then names {name, node} instead of the pid. */
+/* A monitor comes and goes with every GenServer.call, so a freed one
+ * waits in a pool (up to MONITOR_POOL_MAX of them) for the next instead
+ * of going back to malloc.  Like a pooled chunk, a pooled monitor belongs
+ * to no process: its bytes count as the VM's meanwhile. */
+#define MONITOR_POOL_MAX 4096
+static struct {
+    struct monitor *free; /* linked through w_next */
+    size_t n;
+} monitor_pool;
+
+static struct monitor *monitor_alloc(void) {
+    struct monitor *m = monitor_pool.free;
+    if (!m) return mem_alloc(sizeof *m);
+    monitor_pool.free = m->w_next;
+    monitor_pool.n--;
+    vm_in_use -= sizeof *m;
+    mem_in_use += sizeof *m;
+    return m;
+}
+
+static void monitor_release(struct monitor *m) {
+    if (monitor_pool.n == MONITOR_POOL_MAX) {
+        mem_free(m, sizeof *m);
+        return;
+    }
+    mem_in_use -= sizeof *m;
+    vm_in_use += sizeof *m;
+    m->w_next = monitor_pool.free;
+    monitor_pool.free = m;
+    monitor_pool.n++;
+}
+
+/* Give the pooled monitors back to malloc (vm_shutdown). */
+static void monitor_pool_drain(void) {
+    for (struct monitor *m = monitor_pool.free, *next; m; m = next) {
+        next = m->w_next;
+        vm_in_use -= sizeof *m;
+        free(m); /* a process's once (mem_alloc), the pool's now */
+    }
+    monitor_pool.free = NULL;
+    monitor_pool.n = 0;
+}
+
 static struct monitor *monitor_add(struct proc *watcher, struct proc *target, term name) {
-    struct monitor *m = mem_alloc(sizeof *m);
+    struct monitor *m = monitor_alloc();
     m->ref = vm.next_ref++;
     m->watcher = watcher;
     m->target = target;
@@ -3171,7 +3486,7 @@ static void monitor_remove(struct monitor *m) {
     if (m->w_next) m->w_next->w_prev = m->w_prev;
     if (m->t_prev) m->t_prev->t_next = m->t_next; else m->target->watchers = m->t_next;
     if (m->t_next) m->t_next->t_prev = m->t_prev;
-    mem_free(m, sizeof *m);
+    monitor_release(m);
 }
 
 static struct monitor *monitor_find(struct proc *watcher, uint64_t ref) {
@@ -3230,6 +3545,7 @@ static void exit_later(struct proc *p, term reason) {
  * :normal (false). */
 static enum signal_outcome handle_exit_signal(struct proc *p, struct msg **at) {
     struct msg *sig = *at;
+    p->mbox_signals--; /* a signal no more, either way */
     if (p->trap_exit) {
         sig->signal = false;
         return SIGNAL_KEPT_AS_MESSAGE;
@@ -3237,7 +3553,7 @@ static enum signal_outcome handle_exit_signal(struct proc *p, struct msg **at) {
     mbox_take(p, at);
     term reason = elem(sig->value, 2);
     if (reason != am_normal) {
-        heap_add_chunk(&p->heap, sig->chunk); /* keep the reason's memory */
+        heap_adopt_chunk(&p->heap, sig->chunk); /* keep the reason's memory */
         exit_later(p, reason);
     } else {
         chunk_free(sig->chunk);
@@ -3264,6 +3580,7 @@ static void exit_signal(struct proc *p, term from, term reason, bool link) {
         struct msg **at = p->mbox_tail;
         mailbox_append(p, sig);
         if (reason == am_normal && !p->trap_exit && !link) {
+            p->mbox_signals--;
             chunk_free(mbox_take(p, at)->chunk);
             exit_later(p, am_normal);
         } else {
@@ -3360,14 +3677,39 @@ static term self(void) { return pid_term(vm.current->pid); }
  * refers to): copy root into a fresh heap and free the old one.  Every other
  * term the process held is gone afterwards, so call it only where root is
  * all that is live, as GenServer does between callbacks.  This is BEAM's
- * per-process copying collector with a single root. */
+ * per-process copying collector with a single root.
+ *
+ * The copy lands in one chunk, h->old, and the heap remembers the root it
+ * kept.  Whatever is allocated afterwards goes in newer chunks, in front
+ * of it (a received message's too: heap_adopt_chunk):
+ *
+ *     chunks -> [young] -> [young] -> [old: the root, as compacted]
+ *
+ * So if the root is the same term when the heap next fills up (a server
+ * whose state a call did not change: a lookup), the young chunks are all
+ * garbage, and heap_drop_young frees them without copying anything. */
 static term heap_compact(struct heap *h, term root) {
     struct heap fresh = {0};
     root = term_copy(&fresh, root);
     heap_free(h);
     *h = fresh;
     h->live = h->bytes;
+    h->old = h->chunks;
+    h->old_root = root;
     return root;
+}
+
+/* If root is still what the last compaction kept, free every chunk made
+ * since (all garbage, by heap_compact's rule) and say so. */
+static bool heap_drop_young(struct heap *h, term root) {
+    if (!h->old_root || root != h->old_root) return false;
+    while (h->chunks != h->old) {
+        struct chunk *c = h->chunks;
+        h->chunks = c->next;
+        h->bytes -= sizeof *c + c->size;
+        chunk_free(c);
+    }
+    return true;
 }
 
 /* :erlang.garbage_collect/0, with the one root C cannot find by itself:
@@ -3511,13 +3853,16 @@ static bool is_down_for(term msg, uint64_t ref) {
 }
 
 /* Process.demonitor/2; flush = the [:flush] option: also drop a DOWN
- * message for this monitor that may already be in the mailbox. */
+ * message for this monitor that may already be in the mailbox.  A monitor
+ * that still exists has sent no DOWN (sending it removes the monitor), so
+ * only one already gone needs the mailbox searched: GenServer.call, which
+ * demonitors after every reply, never walks a long queue of messages. */
 API term process_demonitor(term ref, bool flush) {
     if (!is_reference(ref)) raise_badarg("1st argument: not a reference");
     struct proc *me = vm.current;
     struct monitor *m = monitor_find(me, ref->u.id);
     if (m) monitor_remove(m);
-    if (flush) {
+    if (flush && !m) {
         for (struct msg **pp = &me->mbox_head, *msg; (msg = *pp);) {
             if (is_down_for(msg->value, ref->u.id)) chunk_free(mbox_take(me, pp)->chunk);
             else pp = &msg->next;
@@ -3805,8 +4150,45 @@ API term keyword_get(term kw, term key, term dflt) {
     return dflt;
 }
 
-/* m without key (m itself if key is absent). */
+/* The tree t without its smallest key, which goes to *key and *value. */
+static term node_remove_min(term t, term *key, term *value) {
+    if (node_left(t) == NIL) {
+        *key = node_key(t), *value = node_value(t);
+        return node_right(t);
+    }
+    return node_balance(node_key(t), node_value(t), node_remove_min(node_left(t), key, value), node_right(t));
+}
+
+/* The tree t without key; *removed says whether it was there (if not,
+ * t itself comes back).  A node with two subtrees gives its place to the
+ * smallest key on its right. */
+static term node_remove(term t, term key, bool *removed) {
+    if (t == NIL) return NIL;
+    int c = term_cmp(key, node_key(t));
+    if (c < 0) {
+        term l = node_remove(node_left(t), key, removed);
+        return *removed ? node_balance(node_key(t), node_value(t), l, node_right(t)) : t;
+    }
+    if (c > 0) {
+        term r = node_remove(node_right(t), key, removed);
+        return *removed ? node_balance(node_key(t), node_value(t), node_left(t), r) : t;
+    }
+    *removed = true;
+    if (node_left(t) == NIL) return node_right(t);
+    if (node_right(t) == NIL) return node_left(t);
+    term k, v, r = node_remove_min(node_right(t), &k, &v);
+    return node_balance(k, v, node_left(t), r);
+}
+
+/* m without key (m itself if key is absent).  A large map that shrinks
+ * to MAP_FLAT_MAX keys is laid out small again. */
 static term map_remove(term m, term key) {
+    if (map_is_tree(m)) {
+        bool removed = false;
+        term root = node_remove(m->item[0], key, &removed);
+        if (!removed) return m;
+        return m->n - 1 > MAP_FLAT_MAX ? map_tree(m->n - 1, root) : map_flat_of(root, m->n - 1);
+    }
     long i = map_find(m, key);
     if (i < 0) return m;
     size_t n = m->n, at = (size_t)i;
@@ -3833,14 +4215,14 @@ static term map_get(term m, term key, term dflt) {
 /* Map.has_key?/2 */
 API bool map_has_key(term m, term key) {
     map_check(m);
-    return map_find(m, key) >= 0;
+    return map_has(m, key);
 }
 
 /* Map.fetch/2 — {:ok, value} or :error */
 API term map_fetch(term m, term key) {
     map_check(m);
-    long i = map_find(m, key);
-    return i >= 0 ? tuple(2, am_ok, map_value(m, (size_t)i)) : am_error;
+    term v = map_lookup(m, key, NULL);
+    return v ? tuple(2, am_ok, v) : am_error;
 }
 
 /* Map.put/3 */
@@ -3858,9 +4240,9 @@ API term map_delete(term m, term key) {
 /* Map.pop/2 — {value or nil, map without key} */
 API term map_pop(term m, term key) {
     map_check(m);
-    long i = map_find(m, key);
-    if (i < 0) return tuple(2, am_nil, m);
-    return tuple(2, map_value(m, (size_t)i), map_remove(m, key));
+    term v = map_lookup(m, key, NULL);
+    if (!v) return tuple(2, am_nil, m);
+    return tuple(2, v, map_remove(m, key));
 }
 
 static bool is_exception(term t) {
@@ -4509,8 +4891,12 @@ static void gen_server_handle(struct gen_server *gs, term msg) {
 }
 
 /* The loop.  After each message only gs->state is live, so the heap is
- * compacted around it when it has grown to twice what the last compaction
- * kept (plus some slack): the one-root collector of III.7.  A timeout from
+ * collected around it: when the state is the one the last compaction
+ * kept, by dropping what was made since, as soon as that passes 16 KiB
+ * (it costs nothing to copy); otherwise by compacting, once the heap has
+ * grown to twice what the last compaction kept (plus the same slack), so
+ * that a large state is copied only when as much garbage has piled up:
+ * the one-root collector of III.7.  A timeout from
  * the last callback ({:noreply, state, 100}) becomes this receive's
  * `after`; when it fires, handle_info gets :timeout. */
 static NORETURN void gen_server_loop(struct gen_server *gs) {
@@ -4523,7 +4909,9 @@ static NORETURN void gen_server_loop(struct gen_server *gs) {
         if (timeout != NO_TIMEOUT && timeout > AFTER_MAX) exit_now(tuple(2, am_timeout_value, NIL));
         term msg = receive_full(NULL, NULL, timeout, "a message, in its GenServer loop", NULL);
         gen_server_handle(gs, msg ? msg : am_timeout);
-        if (heap->bytes > 2 * heap->live + 16384) gs->state = heap_compact(heap, gs->state);
+        if (heap->bytes > heap->live + 4096 && !heap_drop_young(heap, gs->state) &&
+            heap->bytes > 2 * heap->live + 4096)
+            gs->state = heap_compact(heap, gs->state);
     }
 }
 
@@ -4694,13 +5082,14 @@ static term gen_call(term server, term label, term request, term timeout, term m
     struct proc *p = server_proc(server);
     if (p == vm.current) exit_self(tuple(2, am_calling_self, where));
     term pid = p ? pid_term(p->pid) : server;
+    struct msg **mark = receive_mark(); /* before the monitor's ref is made */
     term mref = process_monitor(p ? pid : server);
     monitor_make_alias(mref);
     term tag = cons(am_alias, mref);
     if (p) process_send(pid, tuple(3, label, tuple(2, self(), tag), request));
     /* An integer too long for receive raises here, after the request went
      * out (as gen:call does): the reply will arrive as a stray message. */
-    term m = receive_full(match_reply, mref, after_ms(timeout), "a GenServer.call reply from", pid);
+    term m = receive_from(mark, match_reply, mref, after_ms(timeout), "a GenServer.call reply from", pid);
     if (m && !is_tagged(m, am_DOWN, 5)) {
         process_demonitor(mref, true);
         return elem(m, 1);
@@ -6051,9 +6440,12 @@ static term app_modules(const struct app_spec *a) {
         if (strncmp(name, a->prefix, n) == 0 && (name[n] == '\0' || name[n] == '.'))
             mods = map_put(mods, alias(name), am_true);
     }
-    term l = NIL;
-    for (size_t i = mods->n; i-- > 0;) l = cons(map_key(mods, i), l);
-    return l;
+    struct list_builder l;
+    list_builder_init(&l);
+    struct map_iter it;
+    term mod, unused;
+    for (map_iter_start(&it, mods); map_iter_next(&it, &mod, &unused);) list_builder_add(&l, mod);
+    return list_builder_done(&l, NIL);
 }
 
 static const struct app_spec *app_spec_of(term app) {
@@ -6610,35 +7002,67 @@ static term dyn_start(term child, term st) {
 /* Stop every child at once: send each its exit signal first, then wait
  * for them all, killing any that outlives its shutdown time.  The table
  * of who is done lives in the supervisor's own heap (proc_scratch): it is
- * held across the waits, and the supervisor may be killed in one. */
+ * held across the waits, and the supervisor may be killed in one.  Its
+ * entries are in the order their monitors were made, so a :DOWN finds its
+ * entry by a binary search on the monitor's reference: shutting down n
+ * children costs n log n, however many there are. */
+struct shutting_down {
+    term pid;
+    uint64_t ref;
+    int64_t deadline;
+    bool done;
+};
+
+static struct shutting_down *shutting_down_find(struct shutting_down *c, size_t n, uint64_t ref) {
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (c[mid].ref == ref) return &c[mid];
+        if (c[mid].ref < ref) lo = mid + 1; else hi = mid;
+    }
+    return NULL;
+}
+
+/* The earliest deadline of those not done yet. */
+static int64_t shutting_down_next(const struct shutting_down *c, size_t n) {
+    int64_t next = INT64_MAX;
+    for (size_t i = 0; i < n; i++)
+        if (!c[i].done && c[i].deadline < next) next = c[i].deadline;
+    return next;
+}
+
 static void dyn_shutdown_all(term children) {
-    size_t n = children->n;
-    struct shutting_down { term pid, ref; int64_t deadline; bool done; };
-    struct shutting_down *c = proc_scratch(n * sizeof *c);
-    for (size_t i = 0; i < n; i++) {
-        term pid = map_key(children, i), child = map_value(children, i);
-        if (is_tagged(child, am_restarting, 2)) { c[i].done = true; continue; }
+    struct shutting_down *c = proc_scratch(children->n * sizeof *c);
+    size_t n = 0;
+    struct map_iter it;
+    term pid, child;
+    for (map_iter_start(&it, children); map_iter_next(&it, &pid, &child);) {
+        if (is_tagged(child, am_restarting, 2)) continue;
         term shutdown = elem(child, 2);
-        c[i].pid = pid;
-        c[i].ref = process_monitor(pid);
-        c[i].done = false;
+        c[n].pid = pid;
+        c[n].ref = process_monitor(pid)->u.id;
+        c[n].done = false;
         process_unlink(pid);
         process_exit(pid, shutdown == am_brutal_kill ? am_kill : am_shutdown);
-        c[i].deadline = is_integer(shutdown) ? now_ms() + int_value(shutdown) : INT64_MAX;
+        c[n].deadline = is_integer(shutdown) ? now_ms() + int_value(shutdown) : INT64_MAX;
+        n++;
     }
-    for (;;) {
-        int64_t next = INT64_MAX;
-        size_t left = 0;
-        for (size_t i = 0; i < n; i++)
-            if (!c[i].done) { left++; if (c[i].deadline < next) next = c[i].deadline; }
-        if (!left) break;
+    /* `next` is recomputed only when it passes: one that is early because
+     * its child is done already costs one wake-up for nothing. */
+    size_t left = n;
+    int64_t next = shutting_down_next(c, n);
+    while (left) {
         int64_t wait = next == INT64_MAX ? NO_TIMEOUT : next > now_ms() ? next - now_ms() : 0;
         term m = receive_full(NULL, NULL, wait, "its children to shut down", NULL);
-        for (size_t i = 0; i < n; i++) {
-            if (c[i].done) continue;
-            if (m && is_down_for(m, c[i].ref->u.id)) c[i].done = true;
-            else if (!m && c[i].deadline <= now_ms()) { process_exit(c[i].pid, am_kill); c[i].deadline = INT64_MAX; }
+        if (m) {
+            struct shutting_down *e = is_tagged(m, am_DOWN, 5) && is_reference(elem(m, 1))
+                                          ? shutting_down_find(c, n, elem(m, 1)->u.id) : NULL;
+            if (e && !e->done) e->done = true, left--;
+            continue;
         }
+        for (size_t i = 0; i < n; i++)
+            if (!c[i].done && c[i].deadline <= now_ms()) process_exit(c[i].pid, am_kill), c[i].deadline = INT64_MAX;
+        next = shutting_down_next(c, n);
     }
 }
 
@@ -6661,21 +7085,21 @@ static bool dyn_restart(term *state, term pid, term child) {
 static term dyn_handle_call(term req, term from, term st) {
     (void)from;
     term children = sup_get(st, am_children);
+    struct map_iter it;
+    term pid, c;
     if (req == am_which_children) {
-        term result = NIL;
-        for (size_t i = children->n; i-- > 0;) {
-            term c = map_value(children, i);
+        struct list_builder result;
+        list_builder_init(&result);
+        for (map_iter_start(&it, children); map_iter_next(&it, &pid, &c);) {
             bool restarting = is_tagged(c, am_restarting, 2);
             if (restarting) c = elem(c, 1);
-            result = cons(tuple(4, am_undefined, restarting ? am_restarting : map_key(children, i),
-                                    elem(c, 3), elem(c, 4)), result);
+            list_builder_add(&result, tuple(4, am_undefined, restarting ? am_restarting : pid, elem(c, 3), elem(c, 4)));
         }
-        return reply(result, st);
+        return reply(list_builder_done(&result, NIL), st);
     }
     if (req == am_count_children) {
         int64_t active = 0, sups = 0, workers = 0;
-        for (size_t i = 0; i < children->n; i++) {
-            term c = map_value(children, i);
+        for (map_iter_start(&it, children); map_iter_next(&it, &pid, &c);) {
             if (is_tagged(c, am_restarting, 2)) c = elem(c, 1); else active++;
             if (elem(c, 3) == am_supervisor) sups++; else workers++;
         }

@@ -572,7 +572,107 @@ MAIN_TEST(main_term_order) {
     assert_eq(list(2, I(1), S("x")), list(2, I(1), S("x")));
 }
 
+/* ---- Large maps: the AVL tree of I.4 ---- */
+
+/* The height of the tree under t, checking on the way that it is an AVL
+ * tree in term order: keys between lo and hi (NULL: no bound), subtree
+ * heights that differ by at most one, each node's height right.  -1 if
+ * not. */
+static int avl_check(term t, term lo, term hi) {
+    if (t == NIL) return 0;
+    if (t->kind != K_MAPNODE) return -1;
+    if ((lo && term_cmp(lo, node_key(t)) >= 0) || (hi && term_cmp(node_key(t), hi) >= 0)) return -1;
+    int l = avl_check(node_left(t), lo, node_key(t)), r = avl_check(node_right(t), node_key(t), hi);
+    if (l < 0 || r < 0 || l - r > 1 || r - l > 1) return -1;
+    int h = 1 + (l > r ? l : r);
+    return h == t->u.i ? h : -1;
+}
+
+/* m is laid out as its size says (flat up to MAP_FLAT_MAX keys, a tree
+ * past it) and, if a tree, a well-formed one of exactly m->n keys. */
+static bool map_well_formed(term m) {
+    if (m->n <= MAP_FLAT_MAX) return !map_is_tree(m);
+    if (!map_is_tree(m) || avl_check(m->item[0], NULL, NULL) < 0) return false;
+    struct map_iter it;
+    term k, v, prev = NULL;
+    size_t n = 0;
+    for (map_iter_start(&it, m); map_iter_next(&it, &k, &v); n++, prev = k)
+        if (prev && term_cmp(prev, k) >= 0) return false;
+    return n == m->n;
+}
+
+/* A large map grows one key at a time into a balanced tree, holds every
+ * key it was given, in order, compares and prints as if it were flat, and
+ * is copied whole. */
+MAIN_TEST(main_large_maps) {
+    const int n = 2000;
+    term m = empty_map(), sparse = empty_map();
+    uint32_t x = 7;
+    for (int i = 0; i < n; i++) {
+        x = x * 1103515245u + 12345u;
+        int k = (int)(x >> 8) % n; /* keys in a scrambled order, some twice */
+        m = map_insert(m, I(k), I(k * 2));
+        assert_true(map_well_formed(m));
+    }
+    for (int k = 0; k < n; k++) m = map_insert(m, I(k), I(k * 2)); /* now every key */
+    assert_true(map_well_formed(m));
+    assert_eq(I((int64_t)m->n), I(n));
+    for (int k = 0; k < n; k++) assert_eq(map_lookup(m, I(k), NULL), I(k * 2));
+    assert_true(map_lookup(m, I(n), NULL) == NULL);
+    /* The same keys put in another order make another tree, and an equal map. */
+    term up = empty_map();
+    for (int k = 0; k < n; k++) up = map_insert(up, I(k), I(k * 2));
+    assert_true(map_well_formed(up));
+    assert_eq(up, m);
+    assert_true(term_cmp(map_insert(up, I(5), I(0)), m) < 0); /* values compare in key order */
+    for (int k = 0; k < 40; k++) sparse = map_insert(sparse, I(k), A("a"));
+    assert_true(map_is_tree(sparse));
+    assert_inspect(sparse, "%{0 => :a, 1 => :a, 2 => :a, 3 => :a, 4 => :a, 5 => :a, 6 => :a, 7 => :a, 8 => :a, "
+                           "9 => :a, 10 => :a, 11 => :a, 12 => :a, 13 => :a, 14 => :a, 15 => :a, 16 => :a, "
+                           "17 => :a, 18 => :a, 19 => :a, 20 => :a, 21 => :a, 22 => :a, 23 => :a, 24 => :a, "
+                           "25 => :a, 26 => :a, 27 => :a, 28 => :a, 29 => :a, 30 => :a, 31 => :a, 32 => :a, "
+                           "33 => :a, 34 => :a, 35 => :a, 36 => :a, 37 => :a, 38 => :a, 39 => :a}");
+    /* Maps as keys of maps: compared as maps are. */
+    term outer = map(2, up, A("up"), sparse, A("sparse"));
+    assert_eq(map_lookup(outer, m, NULL), A("up"));
+}
+
 //> agents
+/* Removing from a large map: every removal leaves a balanced tree, a map
+ * of MAP_FLAT_MAX keys is flat again, and a key that is not there leaves
+ * the map itself.  A copy (a message's) keeps the tree as it is. */
+MAIN_TEST(main_large_map_removal) {
+    const int n = 1000;
+    term m = empty_map();
+    for (int k = 0; k < n; k++) m = map_put(m, S("x"), I(0)), m = map_put(m, I(k), I(k));
+    struct heap h = {0};
+    term copy = term_copy(&h, m);
+    assert_eq(I((int64_t)h.chunks->used), I((int64_t)term_size(m)));
+    assert_true(map_well_formed(copy));
+    assert_eq(copy, m);
+    heap_free(&h);
+    assert_true(map_delete(m, I(n)) == m);
+    uint32_t x = 11;
+    int left = n + 1;
+    while (left > 1) {
+        x = x * 1103515245u + 12345u;
+        int k = (int)(x >> 8) % n;
+        term before = m;
+        m = map_delete(m, I(k));
+        if (m != before) left--;
+        assert_eq(I((int64_t)m->n), I(left));
+        assert_true(map_well_formed(m));
+        assert_true(!map_has_key(m, I(k)));
+        assert_eq(map_fetch(m, S("x")), tuple(2, am_ok, I(0)));
+    }
+    assert_eq(m, map(1, S("x"), I(0)));
+    term big = empty_map();
+    for (int k = 0; k < MAP_FLAT_MAX + 1; k++) big = map_put(big, I(k), I(k));
+    assert_true(map_is_tree(big));
+    assert_eq(map_pop(big, I(3)), tuple(2, I(3), map_delete(big, I(3))));
+    assert_true(!map_is_tree(map_delete(big, I(3))));
+}
+
 /* Map.get, Map.fetch and Map.pop, which the bucket is made of. */
 MAIN_TEST(main_map_api) {
     term m = map(2, S("milk"), I(3), S("eggs"), I(1));
@@ -3495,8 +3595,10 @@ static const struct test tests[] = {
     {"introduction-to-mix", NULL, "Runtime.InspectTest", "limits collections to 50 items", NULL, FROM_MAIN(main_inspect_limit)},
     {"introduction-to-mix", NULL, "Runtime.InspectTest", "pretty-prints at 80 columns as iex does", NULL, FROM_MAIN(main_inspect_pretty)},
     {"introduction-to-mix", NULL, "Runtime.InspectTest", "orders terms as Erlang does", NULL, FROM_MAIN(main_term_order)},
+    {"introduction-to-mix", NULL, "Runtime.MapTest", "a large map is a balanced tree that compares, prints and copies as a map", NULL, FROM_MAIN(main_large_maps)},
     {"agents", NULL, "Runtime.InspectTest", "prints exceptions as Elixir does", NULL, FROM_MAIN(main_inspect_exceptions)},
     {"agents", NULL, "Runtime.MapTest", "Map.get, fetch and pop", NULL, FROM_MAIN(main_map_api)},
+    {"agents", NULL, "Runtime.MapTest", "removing keys from a large map keeps it balanced, and flat again when small", NULL, FROM_MAIN(main_large_map_removal)},
     {"agents", NULL, "Runtime.ProcessTest", "spawn runs a function in a new process and send copies", NULL, IN_PROCESS(t_spawn_and_send)},
     {"agents", NULL, "Runtime.ProcessTest", "messages from one sender arrive in send order", NULL, IN_PROCESS(t_send_order)},
     {"agents", NULL, "Runtime.ProcessTest", "selective receive keeps unmatched messages in order", NULL, IN_PROCESS(t_selective_receive)},

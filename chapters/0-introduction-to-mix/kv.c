@@ -84,6 +84,15 @@
 #define API static
 #endif
 
+/* KV_ASAN: built with -fsanitize=address (III.3 says what changes then). */
+#if defined(__SANITIZE_ADDRESS__)
+#define KV_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KV_ASAN 1
+#endif
+#endif
+
 /* ==========================================================================
  * PART I — TERMS: THE VALUES EVERYTHING IS MADE OF
  * ==========================================================================
@@ -275,7 +284,8 @@ static void buf_free(struct buf *b) {
  */
 
 enum kind {
-    K_INT, K_ATOM, K_REF, K_FUN, K_PID, K_TUPLE, K_MAP, K_NIL, K_CONS, K_BIN
+    K_INT, K_ATOM, K_REF, K_FUN, K_PID, K_TUPLE, K_MAP, K_NIL, K_CONS, K_BIN,
+    K_MAPNODE /* not a value: a node inside a large map (I.4) */
 };
 
 typedef const struct term *term;
@@ -319,7 +329,11 @@ static const struct term nil_term = {.kind = K_NIL};
  *                             ^ new terms go here (a pointer bump)
  *
  *     a message to P:  [chunk: struct msg | {:hello, "world"} copied]
- *     P receives it:   chunks -> [that chunk] -> [chunk 3] -> ...
+ *     P receives it:   chunks -> [chunk 3] -> [that chunk] -> [chunk 2] ...
+ *
+ * The message's chunk goes in behind the one being allocated from: it is
+ * full, and in front it would make the next allocation open a new chunk
+ * (and a process that receives many messages would open one per message).
  *
  * So a term stays where it was built until the whole heap goes, when the
  * process dies (heap_free) or when it is compacted around the one term it
@@ -337,6 +351,8 @@ struct heap {
     struct chunk *chunks; /* newest first */
     size_t bytes;         /* memory its chunks take, headers included */
     size_t live;          /* bytes kept by the last compaction */
+    struct chunk *old;    /* the chunk the last compaction copied into */
+    term old_root;        /* ...and the root it kept there (III.7) */
 };
 
 #define ALIGN8(n) (((n) + 7) & ~(size_t)7)
@@ -416,8 +432,10 @@ static void *heap_alloc(struct heap *h, size_t size) {
     size = ALIGN8(size);
     struct chunk *c = h->chunks;
     if (!c || c->size - c->used < size) {
-        /* Chunks grow with the heap: 256 bytes at first, at most 64 KiB. */
-        size_t want = h->bytes / 2;
+        /* Chunks grow with the heap: 256 bytes at first, at most 64 KiB.
+         * What the last compaction kept does not count: a server whose
+         * state is large still makes small garbage between compactions. */
+        size_t want = (h->bytes - h->live) / 2;
         if (want < 256) want = 256;
         if (want > 65536) want = 65536;
         if (want < size) want = size;
@@ -439,6 +457,8 @@ static void heap_free(struct heap *h) {
     h->chunks = NULL;
     h->bytes = 0;
     h->live = 0;
+    h->old = NULL;
+    h->old_root = NULL;
 }
 
 /* Where new terms go.  Normally the running process's heap; the VM points
@@ -792,16 +812,28 @@ static int cmp_shallow(term a, term b) {
     case K_TUPLE:
     case K_MAP: return a->n < b->n ? -1 : a->n > b->n;
     case K_NIL:
-    case K_CONS: return 0;
+    case K_CONS:
+    case K_MAPNODE: return 0; /* (term_cmp never meets a node: maps are flattened) */
     }
     return 0;
 }
 
+static term map_flatten(term m);
+static bool map_is_tree(term m);
+
 /* The pairs still to compare are pushed in reverse, so they pop in order:
- * the first element of a tuple is compared first, as Erlang does. */
+ * the first element of a tuple is compared first, as Erlang does.  Two
+ * maps of the same size compare key by key, then value by value, in key
+ * order: the layout of a small map (keys, then values); a large one is
+ * laid out so first, in a scratch heap of the walk's own. */
 static int term_cmp(term a, term b) {
+    /* Most comparisons (a map's keys) are of two atoms, numbers or
+     * strings, or of different kinds: no walk is needed for those. */
+    bool insides = a->kind == K_FUN || a->kind == K_TUPLE || a->kind == K_MAP || a->kind == K_CONS;
+    if (a->kind != b->kind || !insides) return a == b ? 0 : cmp_shallow(a, b);
     struct walk w;
     walk_init(&w);
+    struct heap scratch = {0};
     int c = 0;
     void *other = (void *)b;
     for (;;) {
@@ -813,6 +845,8 @@ static int term_cmp(term a, term b) {
             } else if (a->kind == K_FUN) {
                 a = a->item[0], b = b->item[0];
             } else if (a->kind == K_TUPLE || a->kind == K_MAP) {
+                if (a->kind == K_MAP && (map_is_tree(a) || map_is_tree(b)))
+                    WITH_HEAP(&scratch, (a = map_flatten(a), b = map_flatten(b)));
                 size_t items = a->kind == K_MAP ? 2 * (size_t)a->n : a->n;
                 for (size_t i = items; i-- > 0;) walk_push(&w, a->item[i], (void *)b->item[i]);
                 break;
@@ -823,6 +857,7 @@ static int term_cmp(term a, term b) {
         if (c != 0 || !walk_pop(&w, &a, &other)) break;
     }
     walk_free(&w);
+    heap_free(&scratch);
     return c;
 }
 
@@ -830,16 +865,52 @@ static int term_cmp(term a, term b) {
 API bool term_eq(term a, term b) { return a == b || term_cmp(a, b) == 0; }
 
 /* ---- Maps -------------------------------------------------------------
- * A map is an array of keys kept in term order and, after them, the array
- * of their values.  Finding a key is a binary search; putting one copies
- * the arrays (maps are immutable).  Small maps print in this same order on
- * BEAM; maps of more than 32 keys print in hash order there, and in key
- * order here. */
+ * A small map, of up to MAP_FLAT_MAX keys (32, as on BEAM), is an array of
+ * keys kept in term order and, after them, the array of their values.
+ * Finding a key is a binary search; putting one copies the arrays (maps
+ * are immutable), which costs little while they are small.
+ *
+ * A large map cannot work that way: if every put copied every key,
+ * creating n buckets in KV.Registry would cost n^2.  So past MAP_FLAT_MAX
+ * keys a map becomes a balanced binary search tree, an AVL tree, whose
+ * nodes are terms of their own.  A put copies only the nodes on the path
+ * from the root down to its key, at most about 1.44 log2(n) of them, and
+ * the new map shares every other node with the old one, which is left as
+ * it was:
+ *
+ *        old map                 new map: put(:e)
+ *          [:b]                     [:b]'         ' = a new node;
+ *         /    \                   /    \         [:a] is shared
+ *      [:a]    [:c]             [:a]    [:d]'
+ *                 \                     /   \
+ *                 [:d]               [:c]'  [:e]'
+ *
+ * (the tree leaned right, so the new nodes are rotated back into balance:
+ * in an AVL tree the two subtrees of any node differ in height by at most
+ * one, so the path from the root to any key is short.)  Three layouts,
+ * then, each a term:
+ *
+ *     a small map   K_MAP, n keys               items: k1 .. kn, v1 .. vn
+ *     a large map   K_MAP, n keys, u.i = MAP_TREE   items: the root node
+ *     a node        K_MAPNODE, u.i = its height     items: key, value,
+ *                                                   left, right ([]: none)
+ *
+ * Every map is in key order, small or large, so every map prints in key
+ * order.  (BEAM switches to a hash trie past 32 keys, and prints those in
+ * hash order.)  A large map is laid out flat, in a scratch heap, when it
+ * is printed or compared; MAP_TREE maps only ever hold more than
+ * MAP_FLAT_MAX keys, so each map has one layout for its size. */
 
+#define MAP_FLAT_MAX 32
+#define MAP_TREE 1
+
+static bool map_is_tree(term m) { return m->u.i == MAP_TREE; }
+
+/* A small map's i-th key and value, and where key is in it. */
 static term map_key(term m, size_t i) { return m->item[i]; }
 static term map_value(term m, size_t i) { return m->item[m->n + i]; }
 
-/* Index of key in m, or -(insertion point) - 1. */
+/* Index of key in the small map m, or -(insertion point) - 1. */
 static long map_find(term m, term key) {
     long lo = 0, hi = (long)m->n - 1;
     while (lo <= hi) {
@@ -853,16 +924,164 @@ static long map_find(term m, term key) {
 
 static struct term *map_alloc(size_t n) { return term_alloc(K_MAP, (uint32_t)n, 2 * n); }
 
+/* The tree.  The functions that change it recurse once per level, which
+ * is safe here: an AVL tree of 2^32 keys is less than 47 levels deep. */
+
+static term node_key(term t) { return t->item[0]; }
+static term node_value(term t) { return t->item[1]; }
+static term node_left(term t) { return t->item[2]; }
+static term node_right(term t) { return t->item[3]; }
+static int node_height(term t) { return t == NIL ? 0 : (int)t->u.i; }
+
+static term node_new(term key, term value, term left, term right) {
+    struct term *t = term_alloc(K_MAPNODE, 4, 4);
+    t->item[0] = key, t->item[1] = value, t->item[2] = left, t->item[3] = right;
+    int hl = node_height(left), hr = node_height(right);
+    t->u.i = 1 + (hl > hr ? hl : hr);
+    return t;
+}
+
+/* A node for key and value over l and r, subtrees whose heights differ by
+ * at most two (as a put or a removal just below leaves them), rotated so
+ * that they differ by at most one.  Left-heavy by two, say:
+ *
+ *          [k]               [x]           when x's left is the taller;
+ *         /   \             /   \          when its right is, that
+ *       [x]    r    =>    xl    [k]        grandchild rises instead,
+ *      /   \                   /   \       with x and k as its
+ *     xl   xr                 xr    r      children (the double turn)
+ */
+static term node_balance(term key, term value, term l, term r) {
+    int hl = node_height(l), hr = node_height(r);
+    if (hl > hr + 1) {
+        if (node_height(node_left(l)) >= node_height(node_right(l)))
+            return node_new(node_key(l), node_value(l), node_left(l), node_new(key, value, node_right(l), r));
+        term g = node_right(l);
+        return node_new(node_key(g), node_value(g), node_new(node_key(l), node_value(l), node_left(l), node_left(g)),
+                        node_new(key, value, node_right(g), r));
+    }
+    if (hr > hl + 1) {
+        if (node_height(node_right(r)) >= node_height(node_left(r)))
+            return node_new(node_key(r), node_value(r), node_new(key, value, l, node_left(r)), node_right(r));
+        term g = node_left(r);
+        return node_new(node_key(g), node_value(g), node_new(key, value, l, node_left(g)),
+                        node_new(node_key(r), node_value(r), node_right(g), node_right(r)));
+    }
+    return node_new(key, value, l, r);
+}
+
+/* t with key => value; *added says whether key is new. */
+static term node_insert(term t, term key, term value, bool *added) {
+    if (t == NIL) {
+        *added = true;
+        return node_new(key, value, NIL, NIL);
+    }
+    int c = term_cmp(key, node_key(t));
+    if (c == 0) return node_new(node_key(t), value, node_left(t), node_right(t));
+    if (c < 0) return node_balance(node_key(t), node_value(t), node_insert(node_left(t), key, value, added), node_right(t));
+    return node_balance(node_key(t), node_value(t), node_left(t), node_insert(node_right(t), key, value, added));
+}
+
+/* The value under key in the tree t, or NULL. */
+static term node_lookup(term t, term key) {
+    while (t != NIL) {
+        int c = term_cmp(key, node_key(t));
+        if (c == 0) return node_value(t);
+        t = c < 0 ? node_left(t) : node_right(t);
+    }
+    return NULL;
+}
+
+/* A tree of the n keys (in order) and values: the middle one at the root. */
+static term node_build(const term *keys, const term *values, size_t n) {
+    if (n == 0) return NIL;
+    size_t mid = n / 2;
+    return node_new(keys[mid], values[mid], node_build(keys, values, mid),
+                    node_build(keys + mid + 1, values + mid + 1, n - mid - 1));
+}
+
+static term map_tree(size_t n, term root) {
+    struct term *m = term_alloc(K_MAP, (uint32_t)n, 1);
+    m->u.i = MAP_TREE;
+    m->item[0] = root;
+    return m;
+}
+
+/* Walking a map in key order, small or large: a large map's walk keeps
+ * the nodes whose keys are still to come on a stack (the left edge of
+ * what is left), 64 deep at most. */
+struct map_iter {
+    term m;
+    size_t i;        /* a small map: the next index */
+    term stack[64];  /* a large one: the nodes still to visit */
+    int depth;
+};
+
+static void map_iter_left_edge(struct map_iter *it, term t) {
+    for (; t != NIL; t = node_left(t)) it->stack[it->depth++] = t;
+}
+
+static void map_iter_start(struct map_iter *it, term m) {
+    it->m = m;
+    it->i = 0;
+    it->depth = 0;
+    if (map_is_tree(m)) map_iter_left_edge(it, m->item[0]);
+}
+
+/* The next key and value, in key order; false at the end. */
+static bool map_iter_next(struct map_iter *it, term *key, term *value) {
+    if (!map_is_tree(it->m)) {
+        if (it->i == it->m->n) return false;
+        *key = map_key(it->m, it->i);
+        *value = map_value(it->m, it->i);
+        it->i++;
+        return true;
+    }
+    if (it->depth == 0) return false;
+    term t = it->stack[--it->depth];
+    *key = node_key(t);
+    *value = node_value(t);
+    map_iter_left_edge(it, node_right(t));
+    return true;
+}
+
+/* The n keys and values under root, laid out as a small map is (however
+ * many there are): for printing, comparing, and a map that shrinks back
+ * to MAP_FLAT_MAX keys. */
+static term map_flat_of(term root, size_t n) {
+    struct term *r = map_alloc(n);
+    struct map_iter it;
+    term key, value;
+    map_iter_start(&it, map_tree(n, root));
+    for (size_t i = 0; map_iter_next(&it, &key, &value); i++) r->item[i] = key, r->item[n + i] = value;
+    return r;
+}
+
+static term map_flatten(term m) { return map_is_tree(m) ? map_flat_of(m->item[0], m->n) : m; }
+
 /* The value under key, or dflt.  Inside the VM, where m is known to be a
  * map, these unchecked forms are used.
  */
 static term map_lookup(term m, term key, term dflt) {
+    if (map_is_tree(m)) {
+        term v = node_lookup(m->item[0], key);
+        return v ? v : dflt;
+    }
     long i = map_find(m, key);
     return i >= 0 ? map_value(m, (size_t)i) : dflt;
 }
 
-/* m with key => value: a new map, m unchanged. */
+/* key is in m */
+static bool map_has(term m, term key) { return map_lookup(m, key, NULL) != NULL; }
+
+/* m with key => value: a new map, m unchanged.  A small map that grows
+ * past MAP_FLAT_MAX keys becomes a tree, built from its arrays. */
 static term map_insert(term m, term key, term value) {
+    if (map_is_tree(m)) {
+        bool added = false;
+        term root = node_insert(m->item[0], key, value, &added);
+        return map_tree(m->n + added, root);
+    }
     long i = map_find(m, key);
     size_t n = m->n, at;
     struct term *r;
@@ -884,6 +1103,7 @@ static term map_insert(term m, term key, term value) {
         r->item[j + 1] = m->item[j];
         r->item[n + 1 + j + 1] = m->item[n + j];
     }
+    if (n + 1 > MAP_FLAT_MAX) return map_tree(n + 1, node_build(r->item, r->item + n + 1, n + 1));
     return r;
 }
 
@@ -1468,10 +1688,10 @@ static const struct doc *struct_doc(term m, long limit) {
         term fields[7];
         size_t nf = 0;
         for (; nf < 7 && sd->fields[nf]; nf++) fields[nf] = atom(sd->fields[nf]);
-        bool exception = map_find(m, am_exception_) >= 0;
+        bool exception = map_has(m, am_exception_);
         if (m->n != nf + 1 + exception) return NULL; /* not exactly this struct */
         for (size_t i = 0; i < nf; i++)
-            if (map_find(m, fields[i]) < 0) return NULL;
+            if (!map_has(m, fields[i])) return NULL;
         struct items it = {ITEM_FIELD, m, nf, NULL, fields};
         char left[80];
         snprintf(left, sizeof left, "%%%s{", sd->name);
@@ -1538,6 +1758,7 @@ static const struct doc *term_doc(term t, long limit) {
     case K_MAP: {
         const struct doc *sd = struct_doc(t, limit);
         if (sd) return sd;
+        t = map_flatten(t); /* a large map, laid out as a small one */
         bool keyword = true;
         for (size_t i = 0; i < t->n; i++) {
             term k = map_key(t, i);
@@ -1575,6 +1796,8 @@ static const struct doc *term_doc(term t, long limit) {
         struct items it = {keyword ? ITEM_KEYWORD : ITEM_PLAIN, t, n, tail, NULL};
         return container_doc("[", &it, "]", limit, keyword ? BREAK_STRICT : BREAK_MAYBE);
     }
+    case K_MAPNODE: /* never a value of its own: printed with its map */
+        break;
     }
     return &doc_nil;
 }
