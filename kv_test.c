@@ -2252,6 +2252,68 @@ TEST(t_heap_compaction) {
     assert_true(proc_of(bucket)->heap.bytes < 64 * 1024);
     assert_eq(kv_bucket_get(bucket, I(5)), I(19905));
 }
+
+/* A server whose state a call leaves as it was frees its garbage without
+ * copying the state (heap_drop_young): its heap stays small, and the
+ * state it kept is intact. */
+TEST(t_unchanged_state_drops_young_garbage) {
+    (void)ctx;
+    term state = NIL;
+    for (int i = 0; i < 2000; i++) state = cons(S("a string of some length"), state);
+    term pid = server(state);
+    struct proc *p = proc_of(pid);
+    for (int i = 0; i < 2000; i++) gen_server_call(pid, A("ping")); /* the first collection copies it */
+    struct chunk *old = p->heap.old;
+    term kept = tuple(2, pid, state); /* what the test itself keeps, across its own collections */
+    for (int i = 0; i < 20000; i++) {
+        gen_server_call(elem(kept, 0), A("ping"));
+        if (i % 1024 == 0) kept = garbage_collect(kept);
+    }
+    assert_true(old && p->heap.old == old); /* never copied again */
+    assert_true(p->heap.bytes < p->heap.live + 16 * 1024);
+    assert_eq(gen_server_call(elem(kept, 0), A("state")), elem(kept, 1));
+}
+
+/* A server making a call of its own, with a long queue of messages ahead
+ * of the reply, finds the reply without walking them (receive_mark), and
+ * leaves them all, in order.  A message that arrived before the call
+ * began cannot hold its fresh reference: only a queued exit signal must
+ * still be handled in its turn. */
+static void call_behind_a_queue(term arg) {
+    term test = elem(arg, 0), other = elem(arg, 1);
+    for (int i = 0; i < 10000; i++) process_send(self(), I(i));
+    term r = gen_server_call(other, A("ping"));
+    bool in_order = true;
+    for (int i = 0; i < 10000; i++) in_order = in_order && term_eq(receive_now(NULL, NULL), I(i));
+    process_send(test, tuple(2, r, boolean(in_order && !receive_now(NULL, NULL))));
+}
+
+static void linked_then_call(term arg) {
+    term test = elem(arg, 0), other = elem(arg, 1);
+    process_link(test);
+    process_send(test, A("linked"));
+    receive_any(am_infinity);     /* the test exits it below, while it... */
+    gen_server_call(other, A("ping")); /* ...has the signal queued: never answered */
+    process_send(test, A("answered"));
+}
+
+TEST(t_call_behind_a_long_queue) {
+    (void)ctx;
+    term other = server(A("ok"));
+    spawn(call_behind_a_queue, tuple(2, self(), other));
+    assert_eq(assert_receive(1000), tuple(2, A("pong"), am_true));
+    process_flag_trap_exit(true);
+    term p = spawn(linked_then_call, tuple(2, self(), other));
+    term ref = process_monitor(p);
+    assert_eq(assert_receive(1000), A("linked"));
+    /* From the test, trapping: its exit signal will reach p as an EXIT
+     * signal, queued behind the message that releases it. */
+    process_send(p, A("go"));
+    process_exit(p, A("boom"));
+    assert_eq(assert_receive(1000), tuple(3, am_EXIT, p, A("boom"))); /* the link, */
+    assert_eq(assert_receive(1000), tuple(5, am_DOWN, ref, am_process, p, A("boom"))); /* then the monitor */
+    assert_eq(receive_any(I(100)), NULL); /* and never "answered" */
+}
 /* ---- faults and bad input ---- */
 
 THUNK(call_request, gen_server_call(a[0], a[1]))
@@ -2749,6 +2811,9 @@ TEST(t_intensity) {
         crash(sup, "b", A("boom"));
         assert_eq(events(2), list(2, terminated("b", A("boom")), started("b")));
     }
+    /* Three restarts in the same second, kept as one {second, count} pair. */
+    term now = I(now_ms() / 1000);
+    assert_eq(map_get(sys_get_state(sup), am_restarts, NULL), list(1, tuple(2, now, I(3))));
     crash(sup, "b", A("boom"));
     assert_eq(events(2), list(2, terminated("b", A("boom")), terminated("a", am_shutdown)));
     assert_eq(wait_exit_from(sup), am_shutdown);
@@ -2767,6 +2832,7 @@ TEST(t_intensity) {
     for (int i = 0; i < 5; i++) {
         crash(sup, "a", A("boom"));
         assert_eq(events(2), list(2, terminated("a", A("boom")), started("a")));
+        assert_eq(I((int64_t)list_length(map_get(sys_get_state(sup), am_restarts, NULL))), I(1));
         process_sleep(I(2100));
     }
     crash(sup, "a", A("boom"));
@@ -3659,6 +3725,8 @@ static const struct test tests[] = {
     {"genservers", NULL, "GenServerTest", "terminate runs on the parent's exit signal, never after :kill", NULL, IN_PROCESS(t_terminate_on_parent_exit)},
     {"genservers", NULL, "GenServerTest", "timeouts in callback results", NULL, IN_PROCESS(t_callback_timeouts)},
     {"genservers", NULL, "GenServerTest", "the heap is compacted between callbacks", NULL, IN_PROCESS(t_heap_compaction)},
+    {"genservers", NULL, "GenServerTest", "a state a call leaves unchanged is not copied again", NULL, IN_PROCESS(t_unchanged_state_drops_young_garbage)},
+    {"genservers", NULL, "GenServerTest", "a call finds its reply behind a long queue, and meets a queued exit signal", NULL, IN_PROCESS(t_call_behind_a_long_queue)},
     {"genservers", NULL, "GenServerTest", "bad timeouts raise as OTP's do; none is read as forever", NULL, IN_PROCESS(t_bad_timeouts_raise)},
     {"genservers", NULL, "GenServerTest", "a callback with a bad timeout returned a bad value", NULL, IN_PROCESS(t_bad_callback_timeouts)},
     {"genservers", NULL, "GenServerTest", "a module that was never loaded fails to start with UndefinedFunctionError", NULL, IN_PROCESS(t_unloaded_module_fails_to_start)},

@@ -1945,8 +1945,10 @@ API term kv_hello(void) { return atom("world"); }
  *     +--------------------------+
  *     | main(), vm_run()         |  the scheduler's frames
  *     |  ...the gap (64 KiB)...  |  room for the scheduler's own calls
- *     +--------------------------+  <- vm.stage_top: the same for everyone
- *     | proc_main(P)             |  the running process's frames,
+ *     +--------------------------+  <- vm.stage_top
+ *     | stage_land(P)            |  how P first came on stage (never
+ *     |..........................|  returned to, so never saved)
+ *     | proc_main(P)             |  <- P's top; below it, P's frames,
  *     | gen_server_loop(...)     |  exactly as the compiler laid them out
  *     | receive(...)             |
  *     | proc_wait()              |  <- its stack pointer when it stopped
@@ -1955,8 +1957,8 @@ API term kv_hello(void) { return atom("world"); }
  *     v                          v  no other process's bytes live here
  *
  *     P's saved copy, p->stack, a malloc'd buffer of its own:
- *                       [ bytes from its stack pointer up to vm.stage_top ]
- *                       typically 200 to 900 bytes
+ *                       [ bytes from its stack pointer up to its top ]
+ *                       typically 150 to 700 bytes
  *
  * Why this way?  An idle process costs only the bytes it was really using
  * (BEAM's idle process costs about 2.7 KB; ours about a third of that),
@@ -2130,6 +2132,7 @@ struct proc {
     uint32_t mbox_signals;   /* ...how many of them exit signals (receive_mark) */
     uint32_t timer_slot;     /* 1 + index in the timer heap; 0: none */
     uint32_t stack_len, stack_cap; /* its saved stack's length, and room */
+    uint32_t stack_gap;      /* its stack's top is this far below vm.stage_top */
 
     const char *label;       /* what it runs, e.g. "KV.Registry", for reports */
     struct heap heap;        /* every term it built or received */
@@ -2400,14 +2403,18 @@ static NOINLINE NO_ASAN uintptr_t stack_address(void) {
     return a;
 }
 
+/* Where p's stack begins: everything p uses lies below it (set when p
+ * first comes on stage, in stage_land). */
+static uintptr_t stack_top(const struct proc *p) { return vm.stage_top - p->stack_gap; }
+
 /* Contract: called by the running process p, on the stage, just after
  * _setjmp(p->ctx), with `lo` from a stack_address() call in that same
  * caller: just below the caller's frame, and so below the stack pointer
- * _longjmp will restore.  Copies [lo, stage_top) to p->stack.  This
+ * _longjmp will restore.  Copies [lo, p's top) to p->stack.  This
  * function's own frame lies below lo: it is not copied, for nothing will
  * need it. */
 static NOINLINE void stack_save(struct proc *p, uintptr_t lo) {
-    size_t len = vm.stage_top - lo;
+    size_t len = stack_top(p) - lo;
     if (len > p->stack_cap) {
         size_t cap = (len + 15) & ~(size_t)15;
         p->stack = mem_realloc(p->stack, p->stack_cap, cap);
@@ -2418,24 +2425,34 @@ static NOINLINE void stack_save(struct proc *p, uintptr_t lo) {
     p->stack_len = (uint32_t)len;
 }
 
-/* Contract: called with the stack pointer below vm.stage_top - p's saved
+/* Contract: called with the stack pointer below p's top - p's saved
  * length (stage_enter made sure of it).  Live stack after it: p's.  Valid
  * jmp_buf: p->ctx, whose frame is exactly what the memcpy put back.
  * Nothing of the caller is used again: stage_enter's frame is never
- * returned to (when the caller was a process, it was even overwritten). */
+ * returned to (when the caller was a process, it was even overwritten).
+ *
+ * A new process starts here, in proc_main, just below this frame; its
+ * top is the start of stage_enter's array, which lies above this frame
+ * (and, rounded down to 16 bytes, still above it: the stack pointer is
+ * kept 16-aligned), so the only bytes above its frames never saved are
+ * this frame's own, which nothing returns to.  (The array ends a little
+ * below vm.stage_top: stage_enter aims STAGE_SLACK below it, and the
+ * array starts a little above where it aimed, by stage_enter's own
+ * frame.) */
 static NORETURN NOINLINE void stage_land(struct proc *p, volatile char *pad) {
-    (void)pad; /* only here so the compiler keeps stage_enter's array */
     vm.current = p;
     p->state = P_RUNNING;
     alloc_heap = &p->heap;
     vm.switches++;
     if (!p->started) {
-        if (stack_address() >= vm.stage_top) abort(); /* cannot happen */
+        uintptr_t top = (uintptr_t)pad & ~(uintptr_t)15;
+        if (stack_address() >= top || top > vm.stage_top) abort(); /* cannot happen */
+        p->stack_gap = (uint32_t)(vm.stage_top - top);
         p->started = true;
         FIBER_ARRIVE(NULL); /* a new process: ASan gives it a new fake stack */
         proc_main(p);       /* a new process starts here and never returns */
     }
-    char *dest = (char *)(vm.stage_top - p->stack_len);
+    char *dest = (char *)(stack_top(p) - p->stack_len);
     if (stack_address() >= (uintptr_t)dest) abort(); /* cannot happen */
     UNPOISON(dest, p->stack_len);
     memcpy(dest, p->stack, p->stack_len);
@@ -2447,7 +2464,7 @@ static NORETURN NOINLINE void stage_land(struct proc *p, volatile char *pad) {
  * (called below it) can write that region freely. */
 static NORETURN NOINLINE void stage_enter(struct proc *p) {
     uintptr_t sp = stack_address();
-    uintptr_t floor = vm.stage_top - (p->started ? p->stack_len : 0) - STAGE_SLACK;
+    uintptr_t floor = (p->started ? stack_top(p) - p->stack_len : vm.stage_top) - STAGE_SLACK;
     size_t drop = sp > floor ? sp - floor : 16;
     volatile char pad[drop];
     pad[0] = 0;
@@ -4868,8 +4885,8 @@ static NORETURN void gen_server_loop(struct gen_server *gs) {
         if (timeout != NO_TIMEOUT && timeout > AFTER_MAX) exit_now(tuple(2, am_timeout_value, NIL));
         term msg = receive_full(NULL, NULL, timeout, "a message, in its GenServer loop", NULL);
         gen_server_handle(gs, msg ? msg : am_timeout);
-        if (heap->bytes > heap->live + 4096 && !heap_drop_young(heap, gs->state) &&
-            heap->bytes > 2 * heap->live + 4096)
+        if (heap->bytes > heap->live + 1024 && !heap_drop_young(heap, gs->state) &&
+            heap->bytes > 2 * heap->live + 1024)
             gs->state = heap_compact(heap, gs->state);
     }
 }

@@ -1945,8 +1945,10 @@ static void buf_terms(struct buf *b, const char *fmt, va_list ap) {
  *     +--------------------------+
  *     | main(), vm_run()         |  the scheduler's frames
  *     |  ...the gap (64 KiB)...  |  room for the scheduler's own calls
- *     +--------------------------+  <- vm.stage_top: the same for everyone
- *     | proc_main(P)             |  the running process's frames,
+ *     +--------------------------+  <- vm.stage_top
+ *     | stage_land(P)            |  how P first came on stage (never
+ *     |..........................|  returned to, so never saved)
+ *     | proc_main(P)             |  <- P's top; below it, P's frames,
  *     | gen_server_loop(...)     |  exactly as the compiler laid them out
  *     | receive(...)             |
  *     | proc_wait()              |  <- its stack pointer when it stopped
@@ -1955,8 +1957,8 @@ static void buf_terms(struct buf *b, const char *fmt, va_list ap) {
  *     v                          v  no other process's bytes live here
  *
  *     P's saved copy, p->stack, a malloc'd buffer of its own:
- *                       [ bytes from its stack pointer up to vm.stage_top ]
- *                       typically 200 to 900 bytes
+ *                       [ bytes from its stack pointer up to its top ]
+ *                       typically 150 to 700 bytes
  *
  * Why this way?  An idle process costs only the bytes it was really using
  * (BEAM's idle process costs about 2.7 KB; ours about a third of that),
@@ -2130,6 +2132,7 @@ struct proc {
     uint32_t mbox_signals;   /* ...how many of them exit signals (receive_mark) */
     uint32_t timer_slot;     /* 1 + index in the timer heap; 0: none */
     uint32_t stack_len, stack_cap; /* its saved stack's length, and room */
+    uint32_t stack_gap;      /* its stack's top is this far below vm.stage_top */
 
     const char *label;       /* what it runs, e.g. "KV.Registry", for reports */
     struct heap heap;        /* every term it built or received */
@@ -2400,14 +2403,18 @@ static NOINLINE NO_ASAN uintptr_t stack_address(void) {
     return a;
 }
 
+/* Where p's stack begins: everything p uses lies below it (set when p
+ * first comes on stage, in stage_land). */
+static uintptr_t stack_top(const struct proc *p) { return vm.stage_top - p->stack_gap; }
+
 /* Contract: called by the running process p, on the stage, just after
  * _setjmp(p->ctx), with `lo` from a stack_address() call in that same
  * caller: just below the caller's frame, and so below the stack pointer
- * _longjmp will restore.  Copies [lo, stage_top) to p->stack.  This
+ * _longjmp will restore.  Copies [lo, p's top) to p->stack.  This
  * function's own frame lies below lo: it is not copied, for nothing will
  * need it. */
 static NOINLINE void stack_save(struct proc *p, uintptr_t lo) {
-    size_t len = vm.stage_top - lo;
+    size_t len = stack_top(p) - lo;
     if (len > p->stack_cap) {
         size_t cap = (len + 15) & ~(size_t)15;
         p->stack = mem_realloc(p->stack, p->stack_cap, cap);
@@ -2418,24 +2425,34 @@ static NOINLINE void stack_save(struct proc *p, uintptr_t lo) {
     p->stack_len = (uint32_t)len;
 }
 
-/* Contract: called with the stack pointer below vm.stage_top - p's saved
+/* Contract: called with the stack pointer below p's top - p's saved
  * length (stage_enter made sure of it).  Live stack after it: p's.  Valid
  * jmp_buf: p->ctx, whose frame is exactly what the memcpy put back.
  * Nothing of the caller is used again: stage_enter's frame is never
- * returned to (when the caller was a process, it was even overwritten). */
+ * returned to (when the caller was a process, it was even overwritten).
+ *
+ * A new process starts here, in proc_main, just below this frame; its
+ * top is the start of stage_enter's array, which lies above this frame
+ * (and, rounded down to 16 bytes, still above it: the stack pointer is
+ * kept 16-aligned), so the only bytes above its frames never saved are
+ * this frame's own, which nothing returns to.  (The array ends a little
+ * below vm.stage_top: stage_enter aims STAGE_SLACK below it, and the
+ * array starts a little above where it aimed, by stage_enter's own
+ * frame.) */
 static NORETURN NOINLINE void stage_land(struct proc *p, volatile char *pad) {
-    (void)pad; /* only here so the compiler keeps stage_enter's array */
     vm.current = p;
     p->state = P_RUNNING;
     alloc_heap = &p->heap;
     vm.switches++;
     if (!p->started) {
-        if (stack_address() >= vm.stage_top) abort(); /* cannot happen */
+        uintptr_t top = (uintptr_t)pad & ~(uintptr_t)15;
+        if (stack_address() >= top || top > vm.stage_top) abort(); /* cannot happen */
+        p->stack_gap = (uint32_t)(vm.stage_top - top);
         p->started = true;
         FIBER_ARRIVE(NULL); /* a new process: ASan gives it a new fake stack */
         proc_main(p);       /* a new process starts here and never returns */
     }
-    char *dest = (char *)(vm.stage_top - p->stack_len);
+    char *dest = (char *)(stack_top(p) - p->stack_len);
     if (stack_address() >= (uintptr_t)dest) abort(); /* cannot happen */
     UNPOISON(dest, p->stack_len);
     memcpy(dest, p->stack, p->stack_len);
@@ -2447,7 +2464,7 @@ static NORETURN NOINLINE void stage_land(struct proc *p, volatile char *pad) {
  * (called below it) can write that region freely. */
 static NORETURN NOINLINE void stage_enter(struct proc *p) {
     uintptr_t sp = stack_address();
-    uintptr_t floor = vm.stage_top - (p->started ? p->stack_len : 0) - STAGE_SLACK;
+    uintptr_t floor = (p->started ? stack_top(p) - p->stack_len : vm.stage_top) - STAGE_SLACK;
     size_t drop = sp > floor ? sp - floor : 16;
     volatile char pad[drop];
     pad[0] = 0;
@@ -4888,8 +4905,8 @@ static NORETURN void gen_server_loop(struct gen_server *gs) {
         if (timeout != NO_TIMEOUT && timeout > AFTER_MAX) exit_now(tuple(2, am_timeout_value, NIL));
         term msg = receive_full(NULL, NULL, timeout, "a message, in its GenServer loop", NULL);
         gen_server_handle(gs, msg ? msg : am_timeout);
-        if (heap->bytes > heap->live + 4096 && !heap_drop_young(heap, gs->state) &&
-            heap->bytes > 2 * heap->live + 4096)
+        if (heap->bytes > heap->live + 1024 && !heap_drop_young(heap, gs->state) &&
+            heap->bytes > 2 * heap->live + 1024)
             gs->state = heap_compact(heap, gs->state);
     }
 }
@@ -5908,23 +5925,31 @@ static term children_replace(term children, term id, term child) {
     return list_builder_done(&r, NIL);
 }
 
-/* The restart times (newest first) still inside the period. */
-static term restarts_within(term times, int64_t now, int64_t period) {
-    struct list_builder r;
-    list_builder_init(&r);
-    for (; times->kind == K_CONS && now <= int_value(hd(times)) + period; times = tl(times))
-        list_builder_add(&r, hd(times));
-    return list_builder_done(&r, NIL);
-}
-
 /* Restart intensity, as OTP counts it: note this restart's time in whole
  * seconds (erlang:monotonic_time(:second)), forget those older than the
- * period, and say whether more than `intensity` remain: time to give up. */
+ * period, and say whether more than `intensity` remain: time to give up.
+ *
+ * OTP keeps one time per restart and walks them all at every restart, so
+ * under a high intensity each restart costs more than the one before.
+ * The times are whole seconds, though, so kv.c keeps one {second, count}
+ * pair per second instead, newest first: [{12, 3}, {10, 1}] is three
+ * restarts in second 12 and one in second 10.  A restart then walks at
+ * most period + 1 pairs, however many restarts they count. */
 static bool add_restart(term *st) {
     int64_t now = now_ms() / 1000, period = int_value(sup_get(*st, am_period));
-    term times = cons(integer(now), restarts_within(sup_get(*st, am_restarts), now, period));
-    *st = map_put(*st, am_restarts, times);
-    return (int64_t)list_length(times) > int_value(sup_get(*st, am_intensity));
+    term times = sup_get(*st, am_restarts);
+    term newest = times->kind == K_CONS && int_value(elem(hd(times), 0)) == now ? hd(times) : NULL;
+    term older = newest ? tl(times) : times;
+    int64_t count = 1 + (newest ? int_value(elem(newest, 1)) : 0);
+    struct list_builder kept;
+    list_builder_init(&kept);
+    list_builder_add(&kept, tuple(2, integer(now), integer(count)));
+    for (term l = older; l->kind == K_CONS && now <= int_value(elem(hd(l), 0)) + period; l = tl(l)) {
+        list_builder_add(&kept, hd(l));
+        count += int_value(elem(hd(l), 1));
+    }
+    *st = map_put(*st, am_restarts, list_builder_done(&kept, NIL));
+    return count > int_value(sup_get(*st, am_intensity));
 }
 
 /* Start, in order, those of `children` that are not running.  At the first
@@ -7625,11 +7650,12 @@ static void bench_bulk(void) {
     run_bench(bulk_main, integer(1000000));
 }
 
-/* n processes, each waiting in receive: what each one costs. */
+/* n processes, each waiting in receive: what each one costs.  (They are
+ * left waiting: the VM's shutdown, at the end of the bench, kills them.) */
 static void idle_main(term arg) {
     int64_t n = int_value(arg);
     size_t mem0 = vm_memory(), rss0 = rss_bytes();
-    for (int64_t i = 0; i < n; i++) spawn_link(idle, NIL);
+    for (int64_t i = 0; i < n; i++) spawn(idle, NIL);
     garbage_collect(NIL);
     erlang_yield(); /* each one runs into its receive */
     double count = (double)n;
@@ -7638,7 +7664,6 @@ static void idle_main(term arg) {
              n >= 1000000 ? n / 1000000 : n / 1000);
     bench_result(bench, "bytes_per_process", (double)(vm_memory() - mem0) / count, "bytes");
     if (rss0) bench_result(bench, "rss_bytes_per_process", (double)(rss_bytes() - rss0) / count, "bytes");
-    exit_self(atom("done"));
 }
 
 static void bench_idle(void) {
@@ -7657,13 +7682,12 @@ static void max_live_main(term arg) {
     int64_t n = 0;
     if (!rss0) return;
     while (rss_bytes() - rss0 < budget) {
-        for (int i = 0; i < 65536; i++, n++) spawn_link(idle, NIL);
+        for (int i = 0; i < 65536; i++, n++) spawn(idle, NIL);
         garbage_collect(NIL);
         erlang_yield();
     }
     bench_result("max_live", "processes", (double)n, "processes");
     bench_result("max_live", "budget_mib", (double)(budget >> 20), "MiB");
-    exit_self(atom("done"));
 }
 
 static void bench_max_live(void) {
@@ -7779,7 +7803,7 @@ static void kv_main(term arg) {
         term bucket = ok_value(kv_registry_lookup(registry, names[bench_next(&x) % (uint32_t)n]));
         if (i % 2 == 0) kv_bucket_put(bucket, keys[i % KV_KEYS], integer(i));
         else kv_bucket_get(bucket, keys[i % KV_KEYS]);
-        if (i % 1024 == 0) garbage_collect(NIL);
+        if (i % 32 == 0) garbage_collect(NIL);
     }
     double secs = seconds_since(&t0);
     bench_result(bench, "ops_ms", secs * 1e3, "ms");
