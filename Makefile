@@ -4,6 +4,7 @@
 #   make run      play every chapter's iex sessions, each with its own stage
 #   make test     everything below, then the self-test: 5 stages, the steps
 #                 between them, the guide's failing runs, the comments
+#   make shell    run ./kv shell: the guide's text protocol, and Observer in text
 #   make bench    run ./kv bench: the runtime's speed and memory figures
 #   make compare  the same figures beside BEAM's (bench/compare.sh; needs
 #                 Erlang and Elixir, which nothing else here needs)
@@ -92,6 +93,9 @@ run:
 	    (cd chapters/$$s && ./kv) || exit 1; echo; \
 	done
 
+shell: kv
+	./kv shell
+
 bench: kv
 	./kv bench
 
@@ -102,4 +106,4 @@ clean:
 	rm -rf kv kv_test build diffs
 	for s in $(STAGES); do rm -f chapters/$$s/kv chapters/$$s/kv_test; done
 
-.PHONY: all test run bench compare clean chapters diffs flaws check-comments check-chapters
+.PHONY: all test run shell bench compare clean chapters diffs flaws check-comments check-chapters

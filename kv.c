@@ -3965,6 +3965,37 @@ API term process_unregister(term name) {
     return am_true;
 }
 
+//> dynamic-supervisor/observer
+/* Process.info/1 — what Observer's process window shows, as far as kv.c
+ * knows it: a keyword list (nil for a process that is not alive), with
+ * :registered_name only for a registered process, as on BEAM:
+ *
+ *     [registered_name: KV.Registry, status: :waiting, message_queue_len: 0,
+ *      links: [#PID<0.5.0>], monitors: [process: #PID<0.9.0>, ...],
+ *      monitored_by: [...], trap_exit: false]
+ */
+API term process_info(term pid) {
+    if (!is_pid(pid)) raise_badarg("1st argument: not a pid");
+    struct proc *p = proc_of(pid);
+    if (!p) return am_nil;
+    static const char *const status[] = {"runnable", "running", "waiting", "exiting"};
+    struct list_builder info, links, monitors, watchers;
+    list_builder_init(&info), list_builder_init(&links), list_builder_init(&monitors), list_builder_init(&watchers);
+    for (struct link_end *e = p->links; e; e = e->next) list_builder_add(&links, pid_term(e->peer->pid));
+    for (struct monitor *m = p->monitors; m; m = m->w_next)
+        list_builder_add(&monitors, tuple(2, am_process, m->name ? tuple(2, m->name, am_nonode) : pid_term(m->target->pid)));
+    for (struct monitor *m = p->watchers; m; m = m->t_next) list_builder_add(&watchers, pid_term(m->watcher->pid));
+    if (p->name) list_builder_add(&info, tuple(2, atom("registered_name"), p->name));
+    list_builder_add(&info, tuple(2, atom("status"), atom(status[p->state])));
+    list_builder_add(&info, tuple(2, atom("message_queue_len"), integer(p->mbox_len)));
+    list_builder_add(&info, tuple(2, atom("links"), list_builder_done(&links, NIL)));
+    list_builder_add(&info, tuple(2, atom("monitors"), list_builder_done(&monitors, NIL)));
+    list_builder_add(&info, tuple(2, atom("monitored_by"), list_builder_done(&watchers, NIL)));
+    list_builder_add(&info, tuple(2, atom("trap_exit"), boolean(p->trap_exit)));
+    return list_builder_done(&info, NIL);
+}
+//> agents
+
 /* --------------------------------------------------------------------------
  * III.8  Exits, raise and catch: leaving from any depth
  * --------------------------------------------------------------------------
@@ -7313,12 +7344,440 @@ static term kv_supervisor_init(term arg) {
  * buckets.
  */
 
+//> dynamic-supervisor/observer
 /* --------------------------------------------------------------------------
- * dynamic-supervisor.md — "Observer"
+ * dynamic-supervisor.md — "Observer": ./kv shell, Observer in text
  * --------------------------------------------------------------------------
- * Observer's view of the tree is what which_children shows; ./kv prints it
- * in this chapter's sessions.
+ * dynamic-supervisor.md ends by opening Observer, to look at the tree and
+ * to kill a process in it and watch the supervisors bring it back.  Two
+ * later chapters (docs-tests-and-with.md, task-and-gen-tcp.md) give the
+ * application a text protocol, one command a line, which KVServer serves
+ * over TCP:
+ *
+ *     CREATE shopping          OK
+ *     PUT shopping milk 1      OK
+ *     GET shopping milk        1, then OK      (an absent key: an empty line)
+ *     DELETE shopping milk     OK
+ *     a bucket nobody made     NOT FOUND
+ *     anything else            UNKNOWN COMMAND
+ *
+ * `./kv shell` starts :kv and reads that protocol from a terminal or a
+ * pipe (no TCP yet: task-and-gen-tcp.md's server can be added on the same
+ * two functions, KVServer.Command.parse and run), and adds Observer's view
+ * of the running tree, in text: TREE, KILL, INFO, APP START and APP STOP
+ * (HELP lists them).  Answers go to standard output, the Logger's reports
+ * to standard error.  Before reading each line the shell lets every other
+ * process run until all of them wait, so what a line prints never depends
+ * on timing: the same input gives the same output, restarts included.
  */
+
+/* The shell's atoms (I.3 says how atoms are declared). */
+#define SHELL_ATOMS(X) X(put, "put") X(delete, "delete") X(unknown_command, "unknown_command") \
+    X(KVServer_Command, "Elixir.KVServer.Command")
+DECLARE_ATOMS(SHELL_ATOMS)
+
+/* ---- The protocol, from docs-tests-and-with.md, "Doctests": KVServer.Command.parse ---- */
+
+/* Where Elixir's String.split/1 splits: Unicode's white space, except the
+ * non-breaking spaces (U+00A0, U+2007, U+202F).  The length of the
+ * separator at s (n bytes left), or 0.  Bytes that are not valid UTF-8
+ * are no separator: they stay in the word, as in Elixir. */
+static size_t split_space(const unsigned char *s, size_t n) {
+    if (s[0] == ' ' || (s[0] >= '\t' && s[0] <= '\r')) return 1;
+    if (n >= 2 && s[0] == 0xC2 && s[1] == 0x85) return 2;                              /* U+0085 */
+    if (n < 3) return 0;
+    if (s[0] == 0xE1 && s[1] == 0x9A && s[2] == 0x80) return 3;                         /* U+1680 */
+    if (s[0] == 0xE2 && s[1] == 0x80 && ((s[2] >= 0x80 && s[2] <= 0x8A && s[2] != 0x87) /* U+2000.. */
+                                         || s[2] == 0xA8 || s[2] == 0xA9))              /* U+2028/9 */
+        return 3;
+    if (s[0] == 0xE2 && s[1] == 0x81 && s[2] == 0x9F) return 3;                         /* U+205F */
+    if (s[0] == 0xE3 && s[1] == 0x80 && s[2] == 0x80) return 3;                         /* U+3000 */
+    return 0;
+}
+
+#define COMMAND_WORDS 4 /* the most any command has: PUT bucket key value */
+
+/* String.split(line): up to max words of text (n bytes), as binaries in
+ * words; returns how many there are, or max + 1 if there are more. */
+static size_t split_words(const char *text, size_t n, term *words, size_t max) {
+    const unsigned char *s = (const unsigned char *)text;
+    size_t count = 0, i = 0;
+    while (i < n) {
+        size_t sp;
+        while (i < n && (sp = split_space(s + i, n - i)) > 0) i += sp;
+        if (i == n) break;
+        size_t start = i;
+        while (i < n && split_space(s + i, n - i) == 0) i++;
+        if (count == max) return max + 1;
+        words[count++] = binary(text + start, i - start);
+    }
+    return count;
+}
+
+static bool word_is(term w, const char *s) { return w->n == strlen(s) && memcmp(BYTES(w), s, w->n) == 0; }
+
+/* KVServer.Command.parse/1 — {:ok, command} for a known command with the
+ * right number of words, {:error, :unknown_command} for anything else:
+ * parse("PUT shopping milk 1\r\n") is {:ok, {:put, "shopping", "milk", "1"}} */
+API term kv_server_command_parse(term line) {
+    if (!is_binary(line)) raise_error(function_clause_error(alias("String"), atom("split"), 1));
+    term w[COMMAND_WORDS];
+    size_t n = split_words(BYTES(line), line->n, w, COMMAND_WORDS);
+    if (n == 2 && word_is(w[0], "CREATE")) return tuple(2, am_ok, tuple(2, am_create, w[1]));
+    if (n == 3 && word_is(w[0], "GET")) return tuple(2, am_ok, tuple(3, am_get, w[1], w[2]));
+    if (n == 4 && word_is(w[0], "PUT")) return tuple(2, am_ok, tuple(4, am_put, w[1], w[2], w[3]));
+    if (n == 3 && word_is(w[0], "DELETE")) return tuple(2, am_ok, tuple(3, am_delete, w[1], w[2]));
+    return tuple(2, am_error, am_unknown_command);
+}
+
+/* ---- ...and "Running commands": KVServer.Command.run ---- */
+
+/* "#{value}" for what a bucket can hold: a binary as it is, nil as "". */
+static void to_string_into(struct buf *b, term value) {
+    if (is_binary(value)) buf_add(b, BYTES(value), value->n);
+    else if (is_atom(value) && value != am_nil) atom_text(b, value, false);
+    else if (value != am_nil) inspect_to(b, value);
+}
+
+/* KVServer.Command.run/1 — the command, run against the :kv application:
+ * {:ok, text} to send back, or {:error, :not_found} for a bucket the
+ * registry does not know.  CREATE is a cast: it answers OK at once. */
+API term kv_server_command_run(term command) {
+    term registry = alias("KV.Registry");
+    if (is_tagged(command, am_create, 2)) {
+        kv_registry_create(registry, elem(command, 1));
+        return tuple(2, am_ok, string("OK\r\n"));
+    }
+    bool get = is_tagged(command, am_get, 3), put = is_tagged(command, am_put, 4);
+    bool delete = is_tagged(command, am_delete, 3);
+    if (!get && !put && !delete) raise_error(function_clause_error(am_KVServer_Command, atom("run"), 1));
+    term found = kv_registry_lookup(registry, elem(command, 1));
+    if (!is_tagged(found, am_ok, 2)) return tuple(2, am_error, am_not_found);
+    term bucket = elem(found, 1), key = elem(command, 2);
+    if (put) kv_bucket_put(bucket, key, elem(command, 3));
+    if (delete) kv_bucket_delete(bucket, key);
+    struct buf b = {0};
+    if (get) {
+        to_string_into(&b, kv_bucket_get(bucket, key));
+        buf_puts(&b, "\r\n");
+    }
+    buf_puts(&b, "OK\r\n");
+    term text = binary(buf_str(&b), b.len);
+    buf_free(&b);
+    return tuple(2, am_ok, text);
+}
+
+/* ---- Observer, in text: TREE, KILL, INFO ---- */
+
+/* The registered process whose name is the text w (n bytes): KV.Registry
+ * (an alias), or application_controller.  The names table is searched by
+ * text, so that no atom is made from what was typed (atoms are never
+ * freed: I.3). */
+static struct proc *whereis_text(const char *w, size_t n) {
+    for (size_t i = 0; i < vm.nnames; i++) {
+        term name = vm.names[i].name;
+        const char *s = BYTES(name);
+        size_t len = name->n;
+        if (is_alias(s, len)) s += 7, len -= 7;
+        if (len == n && memcmp(s, w, n) == 0) return vm.names[i].proc;
+    }
+    return NULL;
+}
+
+/* "#PID<0.81.0>" or "<0.81.0>": the number 81, or 0. */
+static uint64_t pid_text(const char *w, size_t n) {
+    if (n > 4 && memcmp(w, "#PID", 4) == 0) w += 4, n -= 4;
+    if (n < 7 || memcmp(w, "<0.", 3) != 0 || memcmp(w + n - 3, ".0>", 3) != 0) return 0;
+    uint64_t id = 0;
+    for (size_t i = 3; i < n - 3; i++) {
+        if (w[i] < '0' || w[i] > '9' || id > UINT64_MAX / 10 - 1) return 0;
+        id = id * 10 + (uint64_t)(w[i] - '0');
+    }
+    return id;
+}
+
+/* The registry's names turned around: %{bucket pid => bucket name}, from
+ * its state ({names, refs}), or %{} if it is not running. */
+static term bucket_names(void) {
+    term by_pid = empty_map();
+    if (!whereis_proc(alias("KV.Registry"))) return by_pid;
+    struct map_iter it;
+    term name, pid;
+    for (map_iter_start(&it, elem(sys_get_state(alias("KV.Registry")), 0)); map_iter_next(&it, &name, &pid);)
+        by_pid = map_insert(by_pid, pid, name);
+    return by_pid;
+}
+
+/* The process a command names: a pid, a registered name or a bucket's. */
+static struct proc *shell_target(term w) {
+    uint64_t id = pid_text(BYTES(w), w->n);
+    if (id) return proc_of_pid(id) && proc_of_pid(id)->state != P_EXITING ? proc_of_pid(id) : NULL;
+    struct proc *p = whereis_text(BYTES(w), w->n);
+    if (p || !whereis_proc(alias("KV.Registry"))) return p;
+    term found = kv_registry_lookup(alias("KV.Registry"), w);
+    return is_tagged(found, am_ok, 2) ? proc_of(elem(found, 1)) : NULL;
+}
+
+/* One line of the tree: pid, then what it is. */
+static void tree_line(struct buf *out, const char *indent, const char *branch, term child, term buckets) {
+    term id = elem(child, 0), pid = elem(child, 1), type = elem(child, 2), modules = elem(child, 3);
+    struct proc *p = is_pid(pid) ? proc_of(pid) : NULL;
+    buf_printf(out, "%s%s", indent, branch);
+    inspect_to(out, p && p->name ? p->name : id != am_undefined ? id : pid);
+    if (is_pid(pid) && (p && p->name ? true : id != am_undefined)) { buf_puts(out, " "); inspect_to(out, pid); }
+    buf_puts(out, type == am_supervisor ? " (supervisor" : " (worker");
+    if (type == am_supervisor && p) {
+        buf_puts(out, ", ");
+        inspect_to(out, map_get(sys_get_state(pid), am_strategy, am_nil));
+    } else if (is_list(modules) && modules != NIL) {
+        buf_puts(out, ", ");
+        inspect_to(out, hd(modules));
+    }
+    buf_puts(out, ")");
+    term bucket = is_pid(pid) ? map_lookup(buckets, pid, NULL) : NULL;
+    if (bucket) { buf_puts(out, " "); inspect_to(out, bucket); }
+    buf_puts(out, "\n");
+}
+
+/* The children of sup, in the order they were started, each on its line
+ * under indent; supervisors with their own children below them. */
+static void tree_children(struct buf *out, term sup, struct buf *indent, term buckets) {
+    term children = supervisor_which_children(sup);
+    bool dynamic = is_map(map_get(sys_get_state(sup), am_children, NIL));
+    if (!dynamic) { /* Supervisor.which_children lists the newest first */
+        term oldest_first = NIL;
+        for (term l = children; l->kind == K_CONS; l = tl(l)) oldest_first = cons(hd(l), oldest_first);
+        children = oldest_first;
+    }
+    for (term l = children; l->kind == K_CONS; l = tl(l)) {
+        bool last = tl(l)->kind != K_CONS;
+        tree_line(out, buf_str(indent), last ? "`-- " : "|-- ", hd(l), buckets);
+        if (elem(hd(l), 2) == am_supervisor && is_pid(elem(hd(l), 1))) {
+            size_t len = indent->len;
+            buf_puts(indent, last ? "    " : "|   ");
+            tree_children(out, elem(hd(l), 1), indent, buckets);
+            indent->len = len;
+            indent->s[len] = '\0';
+        }
+    }
+}
+
+/* TREE: the application's tree, from KV.Supervisor down. */
+static void shell_tree(struct buf *out) {
+    term top = process_whereis(alias("KV.Supervisor"));
+    term buckets = bucket_names();
+    tree_line(out, "", "", tuple(4, am_undefined, top, am_supervisor, NIL), buckets);
+    struct buf indent = {0};
+    buf_reserve(&indent, 64);
+    buf_puts(&indent, "");
+    tree_children(out, top, &indent, buckets);
+    buf_free(&indent);
+}
+
+/* INFO target: Process.info/1, one item a line, and a GenServer's state's
+ * size (as :sys.get_state/1 gives it, in bytes). */
+static void shell_info(struct buf *out, struct proc *p) {
+    term pid = pid_term(p->pid);
+    inspect_to(out, pid);
+    buf_puts(out, "\n");
+    for (term l = process_info(pid); l->kind == K_CONS; l = tl(l)) {
+        term key = elem(hd(l), 0);
+        buf_puts(out, "  ");
+        buf_add(out, BYTES(key), key->n);
+        buf_puts(out, ": ");
+        inspect_to(out, elem(hd(l), 1));
+        buf_puts(out, "\n");
+    }
+    if (p->entry == gen_server_main && p != vm.current)
+        buf_printf(out, "  state: %zu bytes\n", term_size(sys_get_state(pid)));
+}
+
+/* KILL target [reason]: Process.exit(target, reason), :kill if none. */
+static void shell_kill(struct buf *out, struct proc *p, term reason) {
+    term pid = pid_term(p->pid), name = p->name;
+    process_exit(pid, reason);
+    buf_puts(out, "OK: sent ");
+    inspect_to(out, reason);
+    buf_puts(out, " to ");
+    inspect_to(out, pid);
+    if (name) { buf_puts(out, " ("); inspect_to(out, name); buf_puts(out, ")"); }
+    buf_puts(out, "\n");
+}
+
+static const char shell_help[] =
+    "The guide's protocol (docs-tests-and-with.md):\n"
+    "  CREATE bucket | PUT bucket key value | GET bucket key | DELETE bucket key\n"
+    "Observer, in text (dynamic-supervisor.md):\n"
+    "  TREE                   the supervision tree, with each bucket's name\n"
+    "  KILL target [reason]   Process.exit(target, reason), :kill by default; a target\n"
+    "                         is a pid (#PID<0.7.0> or <0.7.0>), a registered name\n"
+    "                         (KV.Registry) or a bucket's name\n"
+    "  INFO target            Process.info/1, and a GenServer's state's size\n"
+    "  APP START | APP STOP   Application.start(:kv), Application.stop(:kv)\n"
+    "  HELP | QUIT            this, and the end (so does the end of input)\n";
+
+/* ---- The shell's loop ---- */
+
+#define SHELL_LINE_MAX 65536 /* longer lines are read to their end and refused */
+
+/* The answer to one line, appended to out (lines end in "\n"); *quit is
+ * set by QUIT.  The protocol's "\r\n" become "\n" here. */
+static void shell_run_line(struct buf *out, const char *line, size_t n, bool *quit) {
+    term w[COMMAND_WORDS];
+    size_t count = split_words(line, n, w, COMMAND_WORDS);
+    bool kv_running = whereis_proc(alias("KV.Supervisor")) != NULL;
+    if (count == 1 && word_is(w[0], "QUIT")) { *quit = true; return; }
+    if (count == 1 && word_is(w[0], "HELP")) { buf_puts(out, shell_help); return; }
+    if (count == 2 && word_is(w[0], "APP") && (word_is(w[1], "START") || word_is(w[1], "STOP"))) {
+        inspect_to(out, word_is(w[1], "START") ? application_start(am_kv) : application_stop(am_kv));
+        buf_puts(out, "\n");
+        return;
+    }
+    bool observer = count >= 1 && (word_is(w[0], "TREE") || word_is(w[0], "KILL") || word_is(w[0], "INFO"));
+    term parsed = observer ? NULL : kv_server_command_parse(binary(line, n));
+    if (parsed && !is_tagged(parsed, am_ok, 2)) { buf_puts(out, "UNKNOWN COMMAND\n"); return; }
+    if (!kv_running && (parsed || (count == 1 && word_is(w[0], "TREE")))) {
+        buf_puts(out, "ERROR the :kv application is not running (APP START starts it)\n");
+        return;
+    }
+    if (parsed) {
+        term r = kv_server_command_run(elem(parsed, 1));
+        if (!is_tagged(r, am_ok, 2)) { buf_puts(out, "NOT FOUND\n"); return; }
+        for (const char *s = BYTES(elem(r, 1)), *end = s + elem(r, 1)->n; s < end; s++)
+            if (*s != '\r') buf_add(out, s, 1);
+        return;
+    }
+    if (count == 1 && word_is(w[0], "TREE")) { shell_tree(out); return; }
+    if ((word_is(w[0], "KILL") && (count == 2 || count == 3)) || (word_is(w[0], "INFO") && count == 2)) {
+        struct proc *p = shell_target(w[1]);
+        if (!p) {
+            buf_puts(out, "ERROR no process, registered name or bucket is called ");
+            inspect_to(out, w[1]);
+            buf_puts(out, "\n");
+        } else if (word_is(w[0], "KILL") && p == vm.current) {
+            buf_puts(out, "ERROR that is this shell (QUIT ends it)\n");
+        } else if (word_is(w[0], "INFO")) {
+            shell_info(out, p);
+        } else {
+            term reason = am_kill;
+            if (count == 3) {
+                const char *r = BYTES(w[2]);
+                size_t len = w[2]->n;
+                if (len && r[0] == ':') r++, len--;
+                bool word = len > 0 && len < 256;
+                for (size_t i = 0; i < len; i++)
+                    word = word && ((r[i] >= 'a' && r[i] <= 'z') || (r[i] >= 'A' && r[i] <= 'Z') ||
+                                    (r[i] >= '0' && r[i] <= '9') || r[i] == '_');
+                reason = word ? atom_n(r, len) : NULL;
+            }
+            if (reason) shell_kill(out, p, reason);
+            else buf_puts(out, "ERROR a reason is a word of letters, digits and _, such as shutdown\n");
+        }
+        return;
+    }
+    buf_puts(out, "UNKNOWN COMMAND\n");
+}
+
+struct shell_line {
+    struct buf *out;
+    const char *line;
+    size_t n;
+    bool quit;
+};
+
+static void shell_run_line_thunk(void *arg) {
+    struct shell_line *l = arg;
+    shell_run_line(l->out, l->line, l->n, &l->quit);
+}
+
+/* shell_run_line, with any exit or raise of the command's (a call that
+ * timed out, say) caught and answered as one ERROR line: nothing a line
+ * does stops the shell. */
+static bool shell_line(struct buf *out, const char *line, size_t n) {
+    struct shell_line l = {out, line, n, false};
+    size_t before = out->len;
+    term reason;
+    if (try_catch(shell_run_line_thunk, &l, &reason) != CAUGHT_NOTHING) {
+        out->len = before;
+        buf_puts(out, "ERROR ");
+        struct buf b = {0};
+        format_exit_banner(&b, reason);
+        for (const char *s = buf_str(&b); *s; s++) buf_add(out, *s == '\n' ? " " : s, 1);
+        buf_free(&b);
+        buf_puts(out, "\n");
+    }
+    return !l.quit;
+}
+
+/* Let every other process run until all of them wait (for a message, a
+ * timer or input): then nothing is left half done when the next line is
+ * read, and the output does not depend on timing. */
+static void shell_settle(void) {
+    while (vm.run_head) erlang_yield();
+}
+
+/* Reading lines from a file descriptor, without blocking the VM: the
+ * shell waits for input as a process waits for a message (III.4). */
+struct line_reader {
+    int fd;
+    char buf[4096];
+    size_t start, end;
+    bool eof;
+};
+
+/* The next line into line (without its "\n"); false at the end of input.
+ * A line longer than SHELL_LINE_MAX is read to its end and dropped, and
+ * *too_long says so. */
+static bool shell_read_line(struct line_reader *r, struct buf *line, bool *too_long) {
+    line->len = 0;
+    *too_long = false;
+    for (;;) {
+        char *nl = r->start < r->end ? memchr(r->buf + r->start, '\n', r->end - r->start) : NULL;
+        size_t take = nl ? (size_t)(nl - (r->buf + r->start)) : r->end - r->start;
+        if (!*too_long && line->len + take > SHELL_LINE_MAX) *too_long = true;
+        if (!*too_long) buf_add(line, r->buf + r->start, take);
+        r->start += take;
+        if (nl) {
+            r->start++;
+            return true;
+        }
+        if (r->eof) return line->len > 0 || *too_long;
+        process_wait_input(r->fd);
+        ssize_t got = read(r->fd, r->buf, sizeof r->buf);
+        r->start = 0;
+        r->end = got > 0 ? (size_t)got : 0;
+        if (got <= 0) r->eof = true; /* the end, or an error reading: the same for a shell */
+    }
+}
+
+/* The shell process: start :kv, then answer each line of input.  What it
+ * keeps across lines is C memory, for it empties its heap after each. */
+static void shell_process(term arg) {
+    struct line_reader *r = vm_alloc(sizeof *r);
+    r->fd = (int)int_value(arg);
+    r->start = r->end = 0;
+    r->eof = false;
+    bool tty = isatty(r->fd);
+    ok_value(application_boot(false));
+    struct buf line = {0}, out = {0};
+    for (bool more = true; more;) {
+        shell_settle();
+        if (tty) { printf("kv> "); fflush(stdout); }
+        bool too_long;
+        if (!shell_read_line(r, &line, &too_long)) break;
+        out.len = 0;
+        if (too_long) buf_printf(&out, "ERROR the line is longer than %d bytes: nothing was done\n", SHELL_LINE_MAX);
+        else more = shell_line(&out, buf_str(&line), line.len);
+        fwrite(buf_str(&out), 1, out.len, stdout);
+        fflush(stdout);
+        garbage_collect(NIL);
+    }
+    buf_free(&line);
+    buf_free(&out);
+    vm_free(r);
+    if (whereis_proc(alias("KV.Supervisor"))) application_stop(am_kv);
+}
+
 
 //> introduction-to-mix
 /* ==========================================================================
@@ -7328,7 +7787,8 @@ static term kv_supervisor_init(term arg) {
  * too (kv_test.c includes this file), what any program built on kv.c must
  * do once: start every Part (IX.1).  Then ./kv itself: the chapter's iex
  * sessions, replayed (IX.2).
- * And ./kv bench, the runtime's figures beside BEAM's (IX.3).    //> dynamic-supervisor/supervision-trees
+ * And ./kv shell, Part VIII's shell on standard input,              //> dynamic-supervisor/observer
+ * and ./kv bench, the runtime's figures beside BEAM's (IX.3).       //> dynamic-supervisor/supervision-trees
  */
 
 /* --------------------------------------------------------------------------
@@ -7483,6 +7943,7 @@ static void kv_init(bool virtual_clock) {
     INIT_ATOMS(SUPERVISOR_ATOMS);                      //> supervisor-and-application
     exit_wording_add(supervisor_exit_wording);         //> supervisor-and-application
     INIT_ATOMS(DYNAMIC_SUPERVISOR_ATOMS);              //> dynamic-supervisor/bucket-supervisor
+    INIT_ATOMS(SHELL_ATOMS);                           //> dynamic-supervisor/observer
     kv_load_modules();                                 //> agents
 }
 
@@ -8206,14 +8667,28 @@ static int bench_main(int argc, char **argv) {
     return 0;
 }
 
+//> dynamic-supervisor/observer
+/* ./kv shell: the shell on standard input. */
+static int shell_main(void) {
+    kv_init(false);
+    uint64_t pid = vm_spawn(shell_process, integer(0), "the shell");
+    heap_free(&outside_heap);
+    vm_run(pid);
+    vm_shutdown();
+    return 0;
+}
+
 //> introduction-to-mix
 /* ./kv: this chapter's sessions.
- * ./kv bench: the runtime's figures.    //> dynamic-supervisor/supervision-trees
+ * ./kv shell: the protocol, and Observer.   //> dynamic-supervisor/observer
+ * ./kv bench: the runtime's figures.        //> dynamic-supervisor/supervision-trees
  */
 int main(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "bench") == 0) return bench_main(argc, argv); //> dynamic-supervisor/supervision-trees
+    if (argc == 2 && strcmp(argv[1], "shell") == 0) return shell_main();            //> dynamic-supervisor/observer
     if (argc == 1) return tour_main();
     fprintf(stderr, "usage: %s           replay this chapter's iex sessions\n", argv[0]);
+    fprintf(stderr, "       %s shell     the guide's text protocol, and Observer in text\n", argv[0]); //> dynamic-supervisor/observer
     fprintf(stderr, "       %s bench [NAME...]   the runtime's figures\n", argv[0]); //> dynamic-supervisor/supervision-trees
     return 2;
 }

@@ -3644,6 +3644,266 @@ TEST(t_app_stop_order) {
     assert_eq(order, list(4, reg, bucket, bsup, top));
 }
 
+
+//> dynamic-supervisor/observer
+/* ==========================================================================
+ * dynamic-supervisor.md — "Observer": ./kv shell.  KVServer.CommandTest,
+ * with the doctests of docs-tests-and-with.md, and the shell's own
+ * ========================================================================== */
+
+/* doctest KVServer.Command.parse/1 (1) to (7): the chapter's examples. */
+#define PARSE_DOCTEST(fn, line, expected) \
+    MAIN_TEST(fn) { assert_inspect(kv_server_command_parse(S(line)), expected); }
+PARSE_DOCTEST(main_parse_doctest_1, "CREATE shopping\r\n", "{:ok, {:create, \"shopping\"}}")
+PARSE_DOCTEST(main_parse_doctest_2, "CREATE  shopping  \r\n", "{:ok, {:create, \"shopping\"}}")
+PARSE_DOCTEST(main_parse_doctest_3, "PUT shopping milk 1\r\n", "{:ok, {:put, \"shopping\", \"milk\", \"1\"}}")
+PARSE_DOCTEST(main_parse_doctest_4, "GET shopping milk\r\n", "{:ok, {:get, \"shopping\", \"milk\"}}")
+PARSE_DOCTEST(main_parse_doctest_5, "DELETE shopping eggs\r\n", "{:ok, {:delete, \"shopping\", \"eggs\"}}")
+PARSE_DOCTEST(main_parse_doctest_6, "UNKNOWN shopping eggs\r\n", "{:error, :unknown_command}")
+PARSE_DOCTEST(main_parse_doctest_7, "GET shopping\r\n", "{:error, :unknown_command}")
+
+/* Words are split as String.split/1 splits them: on Unicode's white space
+ * but not on a non-breaking space, with bytes that are not UTF-8 kept. */
+MAIN_TEST(main_parse_splits_as_elixir) {
+    assert_inspect(kv_server_command_parse(S("CREATE\xe2\x80\x83" "a\xc2\xa0" "b\t\r\n")),
+                   "{:ok, {:create, \"a\u00a0b\"}}");
+    assert_inspect(kv_server_command_parse(binary("CREATE \xff\x00z", 10)), "{:ok, {:create, <<255, 0, 122>>}}");
+    assert_inspect(kv_server_command_parse(S("")), "{:error, :unknown_command}");
+    assert_inspect(kv_server_command_parse(S("PUT a b c d")), "{:error, :unknown_command}");
+    assert_inspect(kv_server_command_parse(S("create shopping")), "{:error, :unknown_command}");
+}
+
+/* The chapter's "server interaction" test, through run/1 instead of TCP. */
+static term run_text(const char *line) {
+    term parsed = kv_server_command_parse(S(line));
+    if (!is_tagged(parsed, am_ok, 2)) return S("UNKNOWN COMMAND\r\n");
+    term r = kv_server_command_run(elem(parsed, 1));
+    return is_tagged(r, am_ok, 2) ? elem(r, 1) : S("NOT FOUND\r\n");
+}
+
+TEST(t_server_interaction) {
+    (void)ctx;
+    boot_kv();
+    assert_eq(run_text("UNKNOWN shopping\r\n"), S("UNKNOWN COMMAND\r\n"));
+    assert_eq(run_text("GET shopping eggs\r\n"), S("NOT FOUND\r\n"));
+    assert_eq(run_text("CREATE shopping\r\n"), S("OK\r\n"));
+    assert_eq(run_text("PUT shopping eggs 3\r\n"), S("OK\r\n"));
+    assert_eq(run_text("GET shopping eggs\r\n"), S("3\r\nOK\r\n"));
+    assert_eq(run_text("DELETE shopping eggs\r\n"), S("OK\r\n"));
+    assert_eq(run_text("GET shopping eggs\r\n"), S("\r\nOK\r\n"));
+}
+
+/* One line given to the shell, settled as the shell settles before the
+ * next: what it printed. */
+static term shell_says(const char *line, size_t n) {
+    struct buf out = {0};
+    shell_line(&out, line, n);
+    shell_settle();
+    term said = binary(buf_str(&out), out.len);
+    buf_free(&out);
+    return said;
+}
+#define SAYS(line) shell_says(line, strlen(line))
+
+/* The tree, with each bucket's name; a killed registry comes back with
+ * its bucket supervisor (:one_for_all), new pids and no buckets. */
+TEST(t_shell_tree_and_kill) {
+    (void)ctx;
+    boot_kv();
+    assert_eq(SAYS("CREATE shopping"), S("OK\n"));
+    assert_eq(SAYS("PUT shopping milk 1"), S("OK\n"));
+    assert_eq(SAYS("GET shopping milk"), S("1\nOK\n"));
+    term top = process_whereis(alias("KV.Supervisor")), reg = process_whereis(alias("KV.Registry"));
+    term bsup = process_whereis(alias("KV.BucketSupervisor"));
+    term bucket = ok_value(kv_registry_lookup(alias("KV.Registry"), S("shopping")));
+    struct buf want = {0};
+    buf_puts(&want, "KV.Supervisor "), inspect_to(&want, top), buf_puts(&want, " (supervisor, :one_for_all)\n");
+    buf_puts(&want, "|-- KV.BucketSupervisor "), inspect_to(&want, bsup), buf_puts(&want, " (supervisor, :one_for_one)\n");
+    buf_puts(&want, "|   `-- "), inspect_to(&want, bucket), buf_puts(&want, " (worker, KV.Bucket) \"shopping\"\n");
+    buf_puts(&want, "`-- KV.Registry "), inspect_to(&want, reg), buf_puts(&want, " (worker, KV.Registry)\n");
+    assert_eq(SAYS("TREE"), S(buf_str(&want)));
+    want.len = 0;
+    buf_puts(&want, "OK: sent :kill to "), inspect_to(&want, reg), buf_puts(&want, " (KV.Registry)\n");
+    assert_eq(SAYS("KILL KV.Registry"), S(buf_str(&want)));
+    term reg2 = process_whereis(alias("KV.Registry")), bsup2 = process_whereis(alias("KV.BucketSupervisor"));
+    assert_true(is_pid(reg2) && !term_eq(reg2, reg) && is_pid(bsup2) && !term_eq(bsup2, bsup));
+    refute(process_alive(bucket));
+    want.len = 0;
+    buf_puts(&want, "KV.Supervisor "), inspect_to(&want, top), buf_puts(&want, " (supervisor, :one_for_all)\n");
+    buf_puts(&want, "|-- KV.BucketSupervisor "), inspect_to(&want, bsup2), buf_puts(&want, " (supervisor, :one_for_one)\n");
+    buf_puts(&want, "`-- KV.Registry "), inspect_to(&want, reg2), buf_puts(&want, " (worker, KV.Registry)\n");
+    assert_eq(SAYS("TREE"), S(buf_str(&want)));
+    buf_free(&want);
+    assert_eq(SAYS("GET shopping milk"), S("NOT FOUND\n"));
+}
+
+/* Targets by pid (both spellings), by name, by a bucket's name; reasons;
+ * what may not be killed; INFO. */
+TEST(t_shell_targets_and_info) {
+    (void)ctx;
+    boot_kv();
+    SAYS("CREATE shopping");
+    SAYS("PUT shopping eggs 3");
+    term bucket = ok_value(kv_registry_lookup(alias("KV.Registry"), S("shopping")));
+    char text[64];
+    snprintf(text, sizeof text, "INFO <0.%" PRIu64 ".0>", bucket->u.id);
+    term info = SAYS(text);
+    assert_contains(BYTES(info), "  status: :waiting\n  message_queue_len: 0\n");
+    assert_contains(BYTES(info), "  trap_exit: false\n  state: ");
+    assert_eq(SAYS("INFO shopping"), info); /* the bucket by its name */
+    term reg_info = SAYS("INFO KV.Registry");
+    assert_contains(BYTES(reg_info), "  registered_name: KV.Registry\n");
+    assert_contains(BYTES(reg_info), "  monitors: [process: ");
+    /* a bucket killed with :shutdown, by its pid: the registry forgets it */
+    snprintf(text, sizeof text, "KILL #PID<0.%" PRIu64 ".0> :shutdown", bucket->u.id);
+    assert_contains(BYTES(SAYS(text)), "OK: sent :shutdown to #PID<");
+    assert_eq(SAYS("GET shopping eggs"), S("NOT FOUND\n"));
+    assert_eq(SAYS("KILL nobody"), S("ERROR no process, registered name or bucket is called \"nobody\"\n"));
+    assert_eq(SAYS("INFO <0.999999.0>"), S("ERROR no process, registered name or bucket is called \"<0.999999.0>\"\n"));
+    snprintf(text, sizeof text, "KILL <0.%" PRIu64 ".0>", vm.current->pid);
+    assert_eq(SAYS(text), S("ERROR that is this shell (QUIT ends it)\n"));
+    assert_eq(SAYS("KILL KV.Registry boom toomany"), S("UNKNOWN COMMAND\n"));
+}
+
+/* Bad input gets a one-line answer and loses nothing. */
+TEST(t_shell_bad_input) {
+    (void)ctx;
+    boot_kv();
+    SAYS("CREATE shopping");
+    SAYS("PUT shopping milk 1");
+    assert_eq(SAYS(""), S("UNKNOWN COMMAND\n"));
+    assert_eq(SAYS("   \t "), S("UNKNOWN COMMAND\n"));
+    assert_eq(SAYS("HELLO"), S("UNKNOWN COMMAND\n"));
+    assert_eq(SAYS("GET shopping"), S("UNKNOWN COMMAND\n"));
+    assert_eq(shell_says("PUT shopping \0k \xff", 17), S("OK\n")); /* a key with a NUL, a value not UTF-8 */
+    assert_eq(shell_says("GET shopping \0k", 15), S("\xff\nOK\n"));
+    assert_eq(SAYS("APP NOW"), S("UNKNOWN COMMAND\n"));
+    assert_eq(SAYS("KILL KV.Registry \xff\xfe"), S("ERROR a reason is a word of letters, digits and _, such as shutdown\n"));
+    assert_eq(SAYS("GET shopping milk"), S("1\nOK\n")); /* nothing was lost */
+}
+
+/* Lines as the shell reads them from a descriptor: "\n" ends one (a
+ * "\r" before it stays, for String.split to drop), a last line needs no
+ * end, and a line of a mebibyte is read to its end and refused, the next
+ * line read as if nothing had happened. */
+TEST(t_shell_reads_long_lines) {
+    (void)ctx;
+    FILE *f = tmpfile();
+    assert_true(f != NULL);
+    size_t big = (size_t)1 << 20;
+    for (size_t i = 0; i < big; i++) fputc('x', f);
+    fputs("\nGET shopping milk\r\n\nlast", f);
+    fflush(f);
+    rewind(f);
+    struct line_reader r = {.fd = fileno(f)};
+    struct buf line = {0};
+    bool too_long;
+    assert_true(shell_read_line(&r, &line, &too_long) && too_long);
+    assert_true(shell_read_line(&r, &line, &too_long) && !too_long);
+    assert_eq(binary(buf_str(&line), line.len), S("GET shopping milk\r"));
+    assert_true(shell_read_line(&r, &line, &too_long) && line.len == 0);
+    assert_true(shell_read_line(&r, &line, &too_long));
+    assert_eq(binary(buf_str(&line), line.len), S("last"));
+    refute(shell_read_line(&r, &line, &too_long));
+    buf_free(&line);
+    fclose(f);
+}
+
+/* Killed again and again, the registry takes :kv down (restart intensity,
+ * 3 in 5 seconds); commands then say so, and APP START brings it back. */
+TEST(t_shell_when_kv_stops) {
+    (void)ctx;
+    boot_kv();
+    for (int i = 0; i < 4; i++) SAYS("KILL KV.Registry");
+    assert_eq(process_whereis(alias("KV.Supervisor")), am_nil);
+    term not_running = S("ERROR the :kv application is not running (APP START starts it)\n");
+    assert_eq(SAYS("CREATE shopping"), not_running);
+    assert_eq(SAYS("TREE"), not_running);
+    assert_eq(SAYS("KILL KV.Registry"), S("ERROR no process, registered name or bucket is called \"KV.Registry\"\n"));
+    assert_eq(SAYS("APP START"), S(":ok\n"));
+    assert_eq(SAYS("APP START"), S("{:error, {:already_started, :kv}}\n"));
+    assert_eq(SAYS("CREATE shopping"), S("OK\n"));
+    assert_eq(SAYS("APP STOP"), S(":ok\n"));
+    assert_eq(SAYS("APP STOP"), S("{:error, {:not_started, :kv}}\n"));
+    assert_contains(BYTES(SAYS("HELP")), "KILL target [reason]");
+}
+
+/* A recorded session: the shell's own loop on standard input, in a Unix
+ * process of its own with a fresh VM (so its pids start where ./kv
+ * shell's do), must print exactly the recorded answers.  Lines that begin
+ * with "> " are typed; the others are what comes back. */
+static const char shell_transcript[] =
+    "> CREATE shopping\n"
+    "OK\n"
+    "> PUT shopping milk 1\n"
+    "OK\n"
+    "> PUT shopping eggs 3\n"
+    "OK\n"
+    "> GET shopping milk\n"
+    "1\n"
+    "OK\n"
+    "> DELETE shopping eggs\n"
+    "OK\n"
+    "> GET shopping eggs\n"
+    "\n"
+    "OK\n"
+    "> GET groceries milk\n"
+    "NOT FOUND\n"
+    "> HELLO there\n"
+    "UNKNOWN COMMAND\n"
+    "> TREE\n"
+    "KV.Supervisor #PID<0.4.0> (supervisor, :one_for_all)\n"
+    "|-- KV.BucketSupervisor #PID<0.5.0> (supervisor, :one_for_one)\n"
+    "|   `-- #PID<0.7.0> (worker, KV.Bucket) \"shopping\"\n"
+    "`-- KV.Registry #PID<0.6.0> (worker, KV.Registry)\n"
+    "> KILL KV.Registry\n"
+    "OK: sent :kill to #PID<0.6.0> (KV.Registry)\n"
+    "> TREE\n"
+    "KV.Supervisor #PID<0.4.0> (supervisor, :one_for_all)\n"
+    "|-- KV.BucketSupervisor #PID<0.8.0> (supervisor, :one_for_one)\n"
+    "`-- KV.Registry #PID<0.9.0> (worker, KV.Registry)\n"
+    "> GET shopping milk\n"
+    "NOT FOUND\n"
+    "> QUIT\n";
+
+MAIN_TEST(main_shell_transcript) {
+    struct buf typed = {0}, expected = {0}, got = {0};
+    for (const char *l = shell_transcript; *l;) {
+        const char *end = strchr(l, '\n') + 1;
+        if (l[0] == '>' && l[1] == ' ') buf_add(&typed, l + 2, (size_t)(end - l - 2));
+        else buf_add(&expected, l, (size_t)(end - l));
+        l = end;
+    }
+    int in[2], out[2];
+    assert_true(pipe(in) == 0 && pipe(out) == 0);
+    fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) { /* a fresh VM, reading `in`, printing to `out` */
+        close(in[1]), close(out[0]);
+        dup2(out[1], 1);
+        int null = open("/dev/null", O_WRONLY);
+        dup2(null, 2); /* the Logger's reports */
+        vm_shutdown();
+        kv_init(false);
+        vm_run(vm_spawn(shell_process, integer(in[0]), "the shell"));
+        fflush(stdout);
+        _exit(0);
+    }
+    close(in[0]), close(out[1]);
+    assert_true(write(in[1], buf_str(&typed), typed.len) == (ssize_t)typed.len);
+    close(in[1]);
+    char chunk[4096];
+    ssize_t n;
+    while ((n = read(out[0], chunk, sizeof chunk)) > 0) buf_add(&got, chunk, (size_t)n);
+    close(out[0]);
+    int status = 0;
+    waitpid(child, &status, 0);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    term g = binary(buf_str(&got), got.len), e = binary(buf_str(&expected), expected.len);
+    buf_free(&typed), buf_free(&expected), buf_free(&got);
+    assert_eq(g, e);
+}
+
 //> introduction-to-mix
 /* ==========================================================================
  * The tests, in the guide's order: since (the step that introduces each),
@@ -3783,6 +4043,21 @@ static const struct test tests[] = {
     {"dynamic-supervisor/supervision-trees", NULL, "ApplicationTest", "stopping :kv shuts the tree down, newest first", NULL, IN_PROCESS(t_app_stop_order)},
     {"dynamic-supervisor/supervision-trees", NULL, "ApplicationTest", "the application callback starts the final tree", NULL, IN_PROCESS(t_application_callback_final_tree)},
     {"dynamic-supervisor/supervision-trees", NULL, "KV.RegistryTest", "killing the registry takes its buckets with it", NULL, IN_PROCESS(t_killing_the_registry_takes_its_buckets)},
+    {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "doctest KVServer.Command.parse/1 (1)", NULL, FROM_MAIN(main_parse_doctest_1)},
+    {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "doctest KVServer.Command.parse/1 (2)", NULL, FROM_MAIN(main_parse_doctest_2)},
+    {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "doctest KVServer.Command.parse/1 (3)", NULL, FROM_MAIN(main_parse_doctest_3)},
+    {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "doctest KVServer.Command.parse/1 (4)", NULL, FROM_MAIN(main_parse_doctest_4)},
+    {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "doctest KVServer.Command.parse/1 (5)", NULL, FROM_MAIN(main_parse_doctest_5)},
+    {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "doctest KVServer.Command.parse/1 (6)", NULL, FROM_MAIN(main_parse_doctest_6)},
+    {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "doctest KVServer.Command.parse/1 (7)", NULL, FROM_MAIN(main_parse_doctest_7)},
+    {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "parse splits words as String.split/1 does", NULL, FROM_MAIN(main_parse_splits_as_elixir)},
+    {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "server interaction", NULL, IN_PROCESS(t_server_interaction)},
+    {"dynamic-supervisor/observer", NULL, "ShellTest", "TREE, and KILL KV.Registry: new pids and no buckets", NULL, IN_PROCESS(t_shell_tree_and_kill)},
+    {"dynamic-supervisor/observer", NULL, "ShellTest", "targets by pid, name or bucket, reasons, and INFO", NULL, IN_PROCESS(t_shell_targets_and_info)},
+    {"dynamic-supervisor/observer", NULL, "ShellTest", "bad input gets one line and loses nothing", NULL, IN_PROCESS(t_shell_bad_input)},
+    {"dynamic-supervisor/observer", NULL, "ShellTest", "lines are read to their end, a mebibyte one refused", NULL, IN_PROCESS(t_shell_reads_long_lines)},
+    {"dynamic-supervisor/observer", NULL, "ShellTest", "when :kv has stopped, commands say so and APP START brings it back", NULL, IN_PROCESS(t_shell_when_kv_stops)},
+    {"dynamic-supervisor/observer", NULL, "ShellTest", "a recorded session prints the recorded answers", NULL, FROM_MAIN(main_shell_transcript)},
     {NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0},
 };
 //> agents

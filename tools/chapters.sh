@@ -109,6 +109,7 @@ write_makefile() { # DIR STAGE
         echo "#   make          build ./kv and ./kv_test"
         echo "#   make test     run this stage's tests"
         echo "#   make run      replay the chapter's iex sessions"
+        grep -q 'shell_main' "$dir/kv.c" && echo "#   make shell    ./kv shell: the guide's text protocol, and Observer in text"
         grep -q 'bench_main' "$dir/kv.c" && echo "#   make bench    the runtime's figures"
         for f in $(flaws); do
             [ "$(stage_of_step "$(flaw_field "$f" 3)")" = "$stage" ] || continue
@@ -134,8 +135,10 @@ test: kv_test
 run: kv
 	./kv
 EOF
+        if grep -q 'shell_main' "$dir/kv.c"; then printf '\nshell: kv\n\t./kv shell\n'; fi
         if grep -q 'bench_main' "$dir/kv.c"; then printf '\nbench: kv\n\t./kv bench\n'; fi
         phony="all test run clean"
+        grep -q 'shell_main' "$dir/kv.c" && phony="$phony shell"
         grep -q 'bench_main' "$dir/kv.c" && phony="$phony bench"
         for f in $(flaws); do
             [ "$(stage_of_step "$(flaw_field "$f" 3)")" = "$stage" ] || continue
@@ -194,6 +197,7 @@ write_readme() { # DIR STAGE LAST-STEP PREVIOUS-DIR (or "")
         echo "    make test                 # build ./kv_test and run this stage's tests: $(test_summary "$dir/kv_test.c")"
         echo "    make run                  # build ./kv and replay the chapter's iex sessions"
         echo "    ./kv_test \"$(tests_of "$dir/kv_test.c" | tail -n 1 | cut -f2)\"   # one test by name (or a module)"
+        grep -q 'shell_main' "$dir/kv.c" && echo "    make shell                # ./kv shell: the protocol, and Observer in text"
         grep -q 'bench_main' "$dir/kv.c" && echo "    make bench                # the runtime's figures"
         echo
         echo "By hand: \`cc -std=c99 -O2 -Wall -Wextra -o kv kv.c\`, and the same for kv_test.c."

@@ -1,0 +1,225 @@
+#!/bin/sh
+# check.sh: the proof that kv.c holds up (make check).
+#
+#   sh tools/check.sh              every check this machine has the tools for
+#   sh tools/check.sh NAME...      only those (the names are listed below)
+#
+# Each build check compiles the top level and every stage of chapters/,
+# runs each self-test, each stage's ./kv (its chapter's iex sessions) and,
+# for the last stage and the top level, a scripted ./kv shell session.
+# A check whose tool is missing is skipped, and says so; a check that fails
+# prints what went wrong, and check.sh then ends with a non-zero status.
+# Everything is built under build/check/.
+#
+#   gcc-O0 gcc-O2 gcc-O3 clang-O0 clang-O2 clang-O3
+#                   -std=c99 -Wall -Wextra -Werror, at each level
+#   gcc-pedantic clang-pedantic        ... and -pedantic
+#   gcc-frame-pointers clang-frame-pointers    -fno-omit-frame-pointer
+#   gcc-hardened clang-hardened        -D_FORTIFY_SOURCE=3, stack protector,
+#                                      stack clash protection, and on x86-64
+#                                      -fcf-protection=full
+#   gcc-sanitizers clang-sanitizers    AddressSanitizer (use after return
+#                                      included) and UndefinedBehaviorSanitizer
+#   valgrind        memcheck, every leak kind an error
+#   i386 musl aarch64                  -m32; musl-gcc -static; under qemu-user
+#   chaos           the chaos test at its full count (KV_CHAOS_STEPS)
+#   fuzz            the shell's line handling and KVServer.Command.parse under
+#                   libFuzzer (clang) or AFL++, for FUZZ_SECONDS
+#   inspect-diff    inspect/1 and pretty inspect beside real Elixir's, on
+#                   random terms (needs elixir)
+set -u
+cd "$(dirname "$0")/.."
+
+ALL="gcc-O0 gcc-O2 gcc-O3 clang-O0 clang-O2 clang-O3 gcc-pedantic clang-pedantic
+gcc-frame-pointers clang-frame-pointers gcc-hardened clang-hardened gcc-sanitizers clang-sanitizers
+valgrind i386 musl aarch64 chaos fuzz inspect-diff"
+WARN="-std=c99 -Wall -Wextra -Werror"
+CHAOS_STEPS=${KV_CHAOS_STEPS:-100000}
+FUZZ_SECONDS=${FUZZ_SECONDS:-60}
+SHELL_SESSION='CREATE shopping\nPUT shopping milk 1\nGET shopping milk\nTREE\nKILL KV.Registry\nTREE\nGET shopping milk\nQUIT\n'
+
+passed=0 failed=0 skipped=0
+failures=""
+pass() { echo "check $1: passed ($2)"; passed=$((passed + 1)); }
+fail() { echo "check $1: FAILED ($2)"; failed=$((failed + 1)); failures="$failures $1"; }
+skip() { echo "check $1: skipped, $2"; skipped=$((skipped + 1)); }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# can_build CC FLAGS: a program with the headers kv.c uses builds and runs
+can_build() {
+    mkdir -p build/check
+    printf '#include <errno.h>\n#include <setjmp.h>\n#include <stdio.h>\nint main(void) { return errno; }\n' >build/check/probe.c
+    $1 $2 -o build/check/probe build/check/probe.c >/dev/null 2>&1 && ${3:-} build/check/probe
+}
+
+# build_and_run NAME CC CFLAGS LDFLAGS [RUNNER...]: the top level and every
+# stage, built with CC CFLAGS, each self-test run (through RUNNER), each
+# ./kv run, and the shell session for the last stage and the top level.
+build_and_run() {
+    name=$1 cc=$2 cflags=$3 ldflags=$4
+    shift 4
+    out=build/check/$name
+    rm -rf "$out"
+    mkdir -p "$out"
+    summary=""
+    for src in . chapters/*/; do
+        src=${src%/}
+        dest=$out/$(basename "$src" | sed 's/^\.$/top/')
+        mkdir -p "$dest"
+        if ! $cc $cflags -o "$dest/kv" "$src/kv.c" $ldflags >"$dest/build.log" 2>&1 ||
+           ! $cc $cflags -o "$dest/kv_test" "$src/kv_test.c" $ldflags >>"$dest/build.log" 2>&1; then
+            tail -n 20 "$dest/build.log"
+            fail "$name" "$src does not build"
+            return
+        fi
+        if ! (cd "$dest" && "$@" ./kv_test >test.log 2>&1); then
+            grep -A 12 '^  [0-9]*) ' "$dest/test.log" | head -n 40
+            tail -n 3 "$dest/test.log"
+            fail "$name" "$src: its self-test fails"
+            return
+        fi
+        if ! (cd "$dest" && "$@" ./kv >tour.log 2>&1); then
+            tail -n 20 "$dest/tour.log"
+            fail "$name" "$src: ./kv fails"
+            return
+        fi
+        if grep -q 'shell_main' "$src/kv.c"; then
+            printf "$SHELL_SESSION" | (cd "$dest" && "$@" ./kv shell >shell.log 2>shell.err)
+            if [ $? -ne 0 ] || [ "$(tail -n 1 "$dest/shell.log")" != "NOT FOUND" ]; then
+                cat "$dest/shell.log" "$dest/shell.err" | tail -n 20
+                fail "$name" "$src: the shell session"
+                return
+            fi
+        fi
+        summary="$summary $(basename "$src" | sed 's/^\.$/top/' | cut -c1-12): $(tail -n 1 "$dest/test.log" | sed 's/, 0 failures//; s/ tests\{0,1\}/t/; s/ doctests\{0,1\}/d/')"
+    done
+    pass "$name" "${summary# }"
+}
+
+check_compilers() { # NAME: the gcc/clang rows
+    cc=${1%%-*} what=${1#*-}
+    have "$cc" || { skip "$1" "no $cc"; return; }
+    case $what in
+    O0 | O2 | O3) build_and_run "$1" "$cc" "$WARN -$what" "" ;;
+    pedantic) build_and_run "$1" "$cc" "$WARN -pedantic -O2" "" ;;
+    frame-pointers) build_and_run "$1" "$cc" "$WARN -O2 -fno-omit-frame-pointer" "" ;;
+    hardened)
+        flags="$WARN -O2 -D_FORTIFY_SOURCE=3 -fstack-protector-strong -fstack-clash-protection"
+        [ "$(uname -m)" = x86_64 ] && flags="$flags -fcf-protection=full"
+        build_and_run "$1" "$cc" "$flags" "" ;;
+    sanitizers)
+        flags="$WARN -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all"
+        if ! can_build "$cc" "-fsanitize=address,undefined"; then skip "$1" "$cc has no AddressSanitizer here"; return; fi
+        ASAN_OPTIONS=detect_stack_use_after_return=1:detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+            build_and_run "$1" "$cc" "$flags" "-fsanitize=address,undefined" ;;
+    esac
+}
+
+check_valgrind() {
+    have valgrind || { skip valgrind "no valgrind"; return; }
+    vg="valgrind -q --leak-check=full --errors-for-leak-kinds=all --error-exitcode=1 --child-silent-after-fork=yes"
+    build_and_run valgrind cc "$WARN -O2 -g" "" $vg
+}
+
+check_i386() {
+    can_build cc "-m32" || { skip i386 "cc -m32 cannot build here (Debian: gcc-multilib)"; return; }
+    build_and_run i386 cc "$WARN -m32 -O2" ""
+}
+
+check_musl() {
+    have musl-gcc || { skip musl "no musl-gcc (Debian: musl-tools)"; return; }
+    build_and_run musl musl-gcc "$WARN -O2 -static" ""
+}
+
+check_aarch64() {
+    have aarch64-linux-gnu-gcc || { skip aarch64 "no aarch64-linux-gnu-gcc (Debian: gcc-aarch64-linux-gnu)"; return; }
+    have qemu-aarch64 || { skip aarch64 "no qemu-aarch64 (Debian: qemu-user)"; return; }
+    build_and_run aarch64 aarch64-linux-gnu-gcc "$WARN -O2" "" qemu-aarch64 -L /usr/aarch64-linux-gnu
+}
+
+check_chaos() {
+    mkdir -p build/check/chaos
+    if ! cc $WARN -O2 -o build/check/chaos/kv_test kv_test.c >build/check/chaos/build.log 2>&1; then
+        cat build/check/chaos/build.log
+        fail chaos "kv_test.c does not build"
+        return
+    fi
+    if KV_CHAOS_STEPS=$CHAOS_STEPS build/check/chaos/kv_test ChaosTest >build/check/chaos/test.log 2>&1; then
+        pass chaos "$CHAOS_STEPS steps: $(grep -o 'seed [0-9]*' build/check/chaos/test.log | head -n 1), $(tail -n 1 build/check/chaos/test.log)"
+    else
+        tail -n 30 build/check/chaos/test.log
+        fail chaos "$CHAOS_STEPS steps"
+    fi
+}
+
+check_fuzz() {
+    out=build/check/fuzz
+    mkdir -p "$out/corpus"
+    cp fuzz/corpus/* "$out/corpus/"
+    if have clang && can_build clang "-fsanitize=fuzzer,address"; then
+        if ! clang -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined -o "$out/shell_fuzz" fuzz/shell_fuzz.c >"$out/build.log" 2>&1; then
+            cat "$out/build.log"
+            fail fuzz "fuzz/shell_fuzz.c does not build"
+            return
+        fi
+        if (cd "$out" && ASAN_OPTIONS=detect_leaks=1 ./shell_fuzz -max_total_time="$FUZZ_SECONDS" -max_len=4096 \
+                -timeout=10 -rss_limit_mb=4096 corpus >fuzz.log 2>&1); then
+            pass fuzz "libFuzzer, $FUZZ_SECONDS s: $(grep -o '#[0-9]*' "$out/fuzz.log" | tail -n 1 | tr -d '#') runs, no crash, leak or hang"
+        else
+            tail -n 40 "$out/fuzz.log"
+            fail fuzz "libFuzzer found a crash, a leak or a hang (build/check/fuzz)"
+        fi
+    elif have afl-clang-fast && have afl-fuzz; then
+        if ! afl-clang-fast -std=c99 -g -O1 -DKV_AFL -o "$out/shell_fuzz" fuzz/shell_fuzz.c >"$out/build.log" 2>&1; then
+            cat "$out/build.log"
+            fail fuzz "fuzz/shell_fuzz.c does not build with AFL++"
+            return
+        fi
+        AFL_NO_UI=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
+            timeout $((FUZZ_SECONDS + 30)) afl-fuzz -V "$FUZZ_SECONDS" -i "$out/corpus" -o "$out/afl" -- "$out/shell_fuzz" >"$out/fuzz.log" 2>&1
+        crashes=$(find "$out/afl" -path '*crashes/id*' 2>/dev/null | wc -l | tr -d ' ')
+        hangs=$(find "$out/afl" -path '*hangs/id*' 2>/dev/null | wc -l | tr -d ' ')
+        if [ "$crashes" = 0 ] && [ "$hangs" = 0 ]; then pass fuzz "AFL++, $FUZZ_SECONDS s, no crash or hang"
+        else fail fuzz "AFL++: $crashes crashes, $hangs hangs (build/check/fuzz/afl)"; fi
+    else
+        skip fuzz "neither clang's libFuzzer (Debian: libclang-rt-14-dev) nor AFL++ (afl++)"
+    fi
+}
+
+check_inspect_diff() {
+    have elixir || { skip inspect-diff "no elixir (Debian: elixir)"; return; }
+    out=build/check/inspect-diff
+    mkdir -p "$out"
+    if ! cc $WARN -O2 -o "$out/inspect_diff" tools/inspect_diff.c >"$out/build.log" 2>&1; then
+        cat "$out/build.log"
+        fail inspect-diff "tools/inspect_diff.c does not build"
+        return
+    fi
+    if sh tools/inspect_diff.sh "$out" >"$out/diff.log" 2>&1; then
+        pass inspect-diff "$(tail -n 1 "$out/diff.log")"
+    else
+        tail -n 30 "$out/diff.log"
+        fail inspect-diff "kv.c prints a term differently from Elixir"
+    fi
+}
+
+wanted=${*:-$ALL}
+for name in $wanted; do
+    case " $(echo $ALL) " in *" $name "*) ;; *) echo "check.sh: no check named $name; there are: $(echo $ALL)"; exit 2 ;; esac
+done
+start=$(date +%s)
+for name in $wanted; do
+    case $name in
+    gcc-* | clang-*) check_compilers "$name" ;;
+    valgrind) check_valgrind ;;
+    i386) check_i386 ;;
+    musl) check_musl ;;
+    aarch64) check_aarch64 ;;
+    chaos) check_chaos ;;
+    fuzz) check_fuzz ;;
+    inspect-diff) check_inspect_diff ;;
+    esac
+done
+echo
+echo "make check: $passed passed, $failed failed, $skipped skipped, in $(( $(date +%s) - start )) s${failures:+ (failed:$failures)}"
+[ "$failed" = 0 ]
