@@ -11,6 +11,11 @@
 #   make chapters regenerate chapters/ from kv.c and kv_test.c
 #   make diffs    write diffs/N-CHAPTER.diff, each stage against the one before
 #   make flaws    run the guide's failing runs (tools/flaws), each as the guide shows it
+#   make check    the proof that it holds up (tools/check.sh): gcc and clang at
+#                 every level, -pedantic, hardening, sanitizers, valgrind, i386,
+#                 musl, aarch64, the chaos test at full count, fuzzing, inspect
+#                 beside Elixir's; each skipped, with a line, if its tool is
+#                 missing.  `make check CHECK="valgrind chaos"` runs some.
 #   make clean    remove what make built
 #
 # The parts of make test, which can be run alone:
@@ -34,7 +39,7 @@ JOBS = $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
 STAGES := $(shell sh tools/chapters.sh stages | cut -d' ' -f1)
 STEPS := $(shell sh tools/chapters.sh steps)
 FLAWS := $(shell sh tools/chapters.sh flaws)
-CHECKS = check-comments check-chapters $(STAGES:%=stage/%) $(STEPS:%=step/%) $(FLAWS:%=flaw/%)
+TEST_PARTS = check-comments check-chapters $(STAGES:%=stage/%) $(STEPS:%=step/%) $(FLAWS:%=flaw/%)
 
 all: kv kv_test
 
@@ -47,7 +52,7 @@ kv_test: kv_test.c kv.c
 # The checks run side by side with the build of ./kv_test; the self-test
 # runs last, so that its closing line ("N tests, M failures") ends the run.
 test:
-	@$(MAKE) -s -j$(JOBS) --no-print-directory kv_test $(CHECKS)
+	@$(MAKE) -s -j$(JOBS) --no-print-directory kv_test $(TEST_PARTS)
 	./kv_test
 
 # An API line that is not a prototype (one that ends in ");") must follow
@@ -81,6 +86,9 @@ chapters:
 diffs:
 	sh tools/chapters.sh diffs
 
+check:
+	@sh tools/check.sh $(CHECK)
+
 flaws:
 	@for f in $(FLAWS); do CC="$(CC)" CFLAGS="$(CHAPTER_CFLAGS)" sh tools/chapters.sh flaw $$f || exit 1; echo; done
 
@@ -106,4 +114,4 @@ clean:
 	rm -rf kv kv_test build diffs
 	for s in $(STAGES); do rm -f chapters/$$s/kv chapters/$$s/kv_test; done
 
-.PHONY: all test run shell bench compare clean chapters diffs flaws check-comments check-chapters
+.PHONY: all test run shell bench compare check clean chapters diffs flaws check-comments check-chapters

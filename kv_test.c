@@ -3042,6 +3042,98 @@ TEST(t_supervisor_killed_while_shutting_down) {
     no_bytes_left_by(kill_sup_during_shutdown);
 }
 
+/* ---- Kill at every point ----
+ * An operation of a supervisor or a server is run again and again; the
+ * k-th time, whichever process is the k-th to wait (for a message, a
+ * timer, input) is killed right there, as an untrappable exit signal
+ * arriving at that instant would kill it.  However the operation ends,
+ * afterwards no process may be left (none waiting for a reply that can
+ * never come) and no byte may be left behind. */
+
+static struct {
+    uint64_t spared;  /* the test process itself */
+    long kill_at, waits;
+} kill_point;
+
+static void kill_at_a_wait(struct proc *p) {
+    if (p->pid == kill_point.spared || p->state == P_EXITING) return;
+    if (++kill_point.waits == kill_point.kill_at) exit_later(p, am_killed);
+}
+
+static void op_start_and_stop(term arg) {
+    (void)arg;
+    term sup = ok_value(supervisor_start_link(module_atom(&test_sup),
+                                              supervisor_init(list(3, worker("a"), worker("b"), worker("c")),
+                                                              strategy(am_rest_for_one)), NIL));
+    supervisor_stop(sup, am_normal, am_infinity);
+}
+
+static void op_restart(term arg) {
+    (void)arg;
+    term sup = ok_value(supervisor_start_link(module_atom(&test_sup),
+                                              supervisor_init(list(2, worker("a"), worker("b")), strategy(am_one_for_all)), NIL));
+    term b = child_pid(sup, "b");
+    crash(sup, "b", A("boom"));
+    while (term_eq(child_pid(sup, "b"), b) || !is_pid(child_pid(sup, "b"))) process_sleep(I(1));
+    supervisor_stop(sup, am_normal, am_infinity);
+}
+
+static void op_terminate_child(term arg) {
+    (void)arg;
+    term sup = ok_value(supervisor_start_link(module_atom(&test_sup),
+                                              supervisor_init(list(2, worker("a"), worker("b")), strategy(am_one_for_one)), NIL));
+    supervisor_terminate_child(sup, A("a"));
+    supervisor_restart_child(sup, A("a"));
+    supervisor_terminate_child(sup, A("b"));
+    supervisor_delete_child(sup, A("b"));
+    supervisor_stop(sup, am_normal, am_infinity);
+}
+
+static void op_call_in_flight(term arg) {
+    (void)arg;
+    term pid = ok_value(gen_server_start_link(module_atom(&test_server), A("ok"), NIL));
+    gen_server_call(pid, tuple(2, A("sleep"), I(5)));
+    gen_server_call(pid, A("ping"));
+    gen_server_stop(pid, am_normal, am_infinity);
+}
+
+static void drain_mailbox(void) { while (receive_now(NULL, NULL)) {} }
+
+TEST(t_killed_at_every_wait) {
+    (void)ctx;
+    if (!whereis_proc(A("witness"))) process_register(self(), A("witness"));
+    void (*const ops[])(term) = {op_start_and_stop, op_restart, op_terminate_child, op_call_in_flight};
+    const char *names[] = {"start and stop", "restart", "terminate_child", "a call in flight"};
+    kill_point.spared = vm.current->pid;
+    for (size_t o = 0; o < sizeof ops / sizeof ops[0]; o++) {
+        long killed = 0;
+        for (long k = 1;; k++) {
+            size_t count = vm.count;
+            garbage_collect(NIL);
+            int64_t memory = others_memory();
+            kill_point.kill_at = k;
+            kill_point.waits = 0;
+            vm.on_wait = kill_at_a_wait;
+            term ref = process_monitor(spawn(ops[o], NIL));
+            receive(is_down_of, ref, I(60000));
+            for (int i = 0; i < 100000 && vm.count > count; i++) process_sleep(I(1));
+            vm.on_wait = NULL;
+            bool fired = kill_point.waits >= k;
+            drain_mailbox();
+            garbage_collect(NIL);
+            if (vm.count != count || others_memory() != memory) {
+                struct buf b = {0};
+                buf_printf(&b, "%s, killed at wait %ld: %zu processes left, %" PRId64 " bytes", names[o], k,
+                           vm.count - count, others_memory() - memory);
+                assert_eq(S(buf_str(&b)), S("nothing left"));
+            }
+            if (!fired) break;
+            killed++;
+        }
+        assert_true(killed > 3); /* each operation waits more than a few times */
+    }
+}
+
 THUNK(call_sup, gen_server_call(a[0], a[1]))
 
 /* Unexpected requests, as OTP's supervisor answers them: a plain message
@@ -3614,6 +3706,146 @@ TEST(t_killing_the_registry_takes_its_buckets) {
               map(4, am_active, I(0), am_specs, I(0), am_supervisors, I(0), am_workers, I(0)));
 }
 
+/* ---- Chaos: the application under random exit signals ----
+ * A KV workload (creates, puts, gets and deletes through the registry, on
+ * CHAOS_BUCKETS buckets) runs while random exit signals (:kill, :shutdown,
+ * :normal, {:chaos, n}) hit random processes of the tree: KV.Supervisor,
+ * KV.BucketSupervisor, KV.Registry, or a bucket.  After every step, once
+ * everything waits: the registry maps names only to live buckets, the
+ * bucket supervisor's children are exactly the registry's buckets, and a
+ * bucket holds what was put in it since it was created; or else the
+ * application has exited, as OTP would make it (restart intensity), and
+ * is started again.  KV_CHAOS_STEPS says how many steps (2,000 here; make
+ * check runs 100,000), KV_CHAOS_SEED which seed (printed, to replay). */
+
+#define CHAOS_BUCKETS 16
+#define CHAOS_KEYS 4
+
+static uint64_t chaos_random(uint64_t *x) { /* xorshift64 */
+    *x ^= *x << 13, *x ^= *x >> 7, *x ^= *x << 17;
+    return *x;
+}
+
+/* What each bucket should hold: its pid (0: none) and its keys' values. */
+struct chaos_model {
+    uint64_t pid[CHAOS_BUCKETS];
+    int64_t value[CHAOS_BUCKETS][CHAOS_KEYS]; /* -1: absent */
+};
+
+static void chaos_settle(void) {
+    for (int i = 0; i < 1000 && vm.run_head; i++) erlang_yield();
+}
+
+/* The invariants, once everything waits; false if :kv is not running. */
+static bool chaos_check(struct chaos_model *m, term names_terms) {
+    struct proc *reg = whereis_proc(alias("KV.Registry")), *bsup = whereis_proc(alias("KV.BucketSupervisor"));
+    if (!whereis_proc(alias("KV.Supervisor"))) return false;
+    assert_true(reg && bsup); /* the tree is whole */
+    term names = elem(sys_get_state(pid_term(reg->pid)), 0);
+    term children = dynamic_supervisor_which_children(pid_term(bsup->pid));
+    assert_eq(I((int64_t)list_length(children)), I((int64_t)names->n));
+    for (term l = children; l->kind == K_CONS; l = tl(l)) assert_true(process_alive(elem(hd(l), 1)));
+    struct map_iter it;
+    term name, pid;
+    for (map_iter_start(&it, names); map_iter_next(&it, &name, &pid);) {
+        assert_true(process_alive(pid));
+        bool child = false;
+        for (term l = children; l->kind == K_CONS; l = tl(l)) child = child || term_eq(elem(hd(l), 1), pid);
+        assert_true(child);
+    }
+    for (int b = 0; b < CHAOS_BUCKETS; b++) { /* a bucket the model knew, gone or replaced: start over */
+        term found = map_lookup(names, elem(names_terms, (size_t)b), NULL);
+        if (!found || found->u.id != m->pid[b]) {
+            m->pid[b] = found ? found->u.id : 0;
+            for (int k = 0; k < CHAOS_KEYS; k++) m->value[b][k] = -1;
+        }
+    }
+    return true;
+}
+
+/* One step of the workload, checked against the model where it can be. */
+static void chaos_work(struct chaos_model *m, uint64_t r, term names_terms, term keys) {
+    int b = (int)(r % CHAOS_BUCKETS), k = (int)((r >> 8) % CHAOS_KEYS), what = (int)((r >> 16) % 4);
+    term name = elem(names_terms, (size_t)b), key = elem(keys, (size_t)k);
+    term registry = alias("KV.Registry");
+    if (what == 0) { kv_registry_create(registry, name); return; }
+    term found = kv_registry_lookup(registry, name);
+    if (!is_tagged(found, am_ok, 2)) { assert_eq(I((int64_t)m->pid[b]), I(0)); return; }
+    term bucket = elem(found, 1);
+    if (bucket->u.id != m->pid[b]) return; /* created since the last check */
+    if (what == 1) {
+        kv_bucket_put(bucket, key, I((int64_t)(r >> 32)));
+        m->value[b][k] = (int64_t)(r >> 32);
+    } else if (what == 2) {
+        term v = kv_bucket_get(bucket, key);
+        assert_eq(v, m->value[b][k] < 0 ? am_nil : I(m->value[b][k]));
+    } else {
+        kv_bucket_delete(bucket, key);
+        m->value[b][k] = -1;
+    }
+}
+
+/* One exit signal, to a random process of the tree. */
+static void chaos_strike(uint64_t r, term names_terms) {
+    term reasons[] = {am_kill, am_shutdown, am_normal, tuple(2, A("chaos"), I((int64_t)(r % 100)))};
+    term reason = reasons[(r >> 8) % 4], target;
+    switch ((r >> 16) % 4) {
+    case 0: target = process_whereis(alias("KV.Supervisor")); break;
+    case 1: target = process_whereis(alias("KV.BucketSupervisor")); break;
+    case 2: target = process_whereis(alias("KV.Registry")); break;
+    default: {
+        term found = kv_registry_lookup(alias("KV.Registry"), elem(names_terms, (size_t)((r >> 24) % CHAOS_BUCKETS)));
+        target = is_tagged(found, am_ok, 2) ? elem(found, 1) : am_nil;
+    }
+    }
+    if (is_pid(target)) process_exit(target, reason);
+}
+
+TEST(t_chaos) {
+    (void)ctx;
+    long steps = getenv("KV_CHAOS_STEPS") ? atol(getenv("KV_CHAOS_STEPS")) : 2000;
+    uint64_t seed = getenv("KV_CHAOS_SEED") ? strtoull(getenv("KV_CHAOS_SEED"), NULL, 10) : 20261201;
+    uint64_t x = seed ? seed : 1;
+    term items[CHAOS_BUCKETS], key_items[CHAOS_KEYS];
+    for (int i = 0; i < CHAOS_BUCKETS; i++) {
+        char text[16];
+        snprintf(text, sizeof text, "bucket%d", i);
+        items[i] = S(text);
+    }
+    for (int i = 0; i < CHAOS_KEYS; i++) {
+        char text[16];
+        snprintf(text, sizeof text, "key%d", i);
+        key_items[i] = S(text);
+    }
+    term names_terms = tuple_of(CHAOS_BUCKETS, items), keys = tuple_of(CHAOS_KEYS, key_items);
+    boot_kv();
+    struct chaos_model m;
+    memset(m.pid, 0, sizeof m.pid);
+    for (int b = 0; b < CHAOS_BUCKETS; b++)
+        for (int k = 0; k < CHAOS_KEYS; k++) m.value[b][k] = -1;
+    long app_restarts = 0, strikes = 0;
+    for (long step = 0; step < steps; step++) {
+        uint64_t r = chaos_random(&x);
+        if (r % 8 < 5) chaos_work(&m, r >> 3, names_terms, keys);
+        else chaos_strike(r >> 3, names_terms), strikes++;
+        chaos_settle();
+        if (!chaos_check(&m, names_terms)) { /* :kv exited, as OTP would: start it again */
+            assert_eq(application_start(A("kv")), am_ok);
+            memset(m.pid, 0, sizeof m.pid);
+            app_restarts++;
+            chaos_settle();
+            assert_true(chaos_check(&m, names_terms));
+        }
+        if (step % 64 == 0) {
+            term kept = garbage_collect(tuple(2, names_terms, keys));
+            names_terms = elem(kept, 0), keys = elem(kept, 1);
+        }
+    }
+    application_stop(A("kv"));
+    printf("    (chaos: seed %" PRIu64 ", %ld steps, %ld exit signals, :kv started again %ld times)\n", seed, steps,
+           strikes, app_restarts);
+}
+
 /* The tree as dynamic-supervisor.md leaves it: the bucket supervisor first,
  * the registry after it (which_children lists the newest first). */
 TEST(t_application_callback_final_tree) {
@@ -3880,12 +4112,14 @@ MAIN_TEST(main_shell_transcript) {
     pid_t child = fork();
     if (child == 0) { /* a fresh VM, reading `in`, printing to `out` */
         close(in[1]), close(out[0]);
+        buf_free(&typed), buf_free(&expected); /* the parent's, not ours */
         dup2(out[1], 1);
         int null = open("/dev/null", O_WRONLY);
         dup2(null, 2); /* the Logger's reports */
         vm_shutdown();
         kv_init(false);
         vm_run(vm_spawn(shell_process, integer(in[0]), "the shell"));
+        vm_shutdown();
         fflush(stdout);
         _exit(0);
     }
@@ -4018,6 +4252,7 @@ static const struct test tests[] = {
     {"supervisor-and-application", NULL, "SupervisorTest", "flags as a map or as {strategy, intensity, period}", NULL, IN_PROCESS(t_supervisor_flags_in_either_form)},
     {"supervisor-and-application", NULL, "SupervisorTest", "Erlang's 6-tuple child specs, and get_childspec", NULL, IN_PROCESS(t_erlang_tuple_child_specs)},
     {"supervisor-and-application", NULL, "SupervisorTest", "a supervisor killed while shutting down frees every byte", NULL, IN_PROCESS(t_supervisor_killed_while_shutting_down)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "killed at any of its waits, an operation leaves nothing behind", NULL, IN_PROCESS(t_killed_at_every_wait)},
     {"supervisor-and-application", NULL, "SupervisorTest", "a supervisor whose module was never loaded fails to start", NULL, IN_PROCESS(t_supervisor_of_an_unloaded_module)},
     {"supervisor-and-application/naming", NULL, "ApplicationTest", "Application's functions check their arguments", NULL, IN_PROCESS(t_application_functions_check_arguments)},
     {"supervisor-and-application/callback", NULL, "ApplicationTest", "kv.app, as Mix writes it", NULL, IN_PROCESS(t_app_file)},
@@ -4043,6 +4278,7 @@ static const struct test tests[] = {
     {"dynamic-supervisor/supervision-trees", NULL, "ApplicationTest", "stopping :kv shuts the tree down, newest first", NULL, IN_PROCESS(t_app_stop_order)},
     {"dynamic-supervisor/supervision-trees", NULL, "ApplicationTest", "the application callback starts the final tree", NULL, IN_PROCESS(t_application_callback_final_tree)},
     {"dynamic-supervisor/supervision-trees", NULL, "KV.RegistryTest", "killing the registry takes its buckets with it", NULL, IN_PROCESS(t_killing_the_registry_takes_its_buckets)},
+    {"dynamic-supervisor/supervision-trees", NULL, "ChaosTest", "the tree stays whole under random exit signals", NULL, IN_PROCESS(t_chaos)},
     {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "doctest KVServer.Command.parse/1 (1)", NULL, FROM_MAIN(main_parse_doctest_1)},
     {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "doctest KVServer.Command.parse/1 (2)", NULL, FROM_MAIN(main_parse_doctest_2)},
     {"dynamic-supervisor/observer", NULL, "KVServer.CommandTest", "doctest KVServer.Command.parse/1 (3)", NULL, FROM_MAIN(main_parse_doctest_3)},

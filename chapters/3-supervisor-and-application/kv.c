@@ -2212,6 +2212,9 @@ static struct vm {
     /* Called as each process is finished, with its exit reason (the
      * self-test uses it to learn how a test process ended). */
     void (*on_finish)(uint64_t pid, term reason);
+    /* Called as the running process is about to wait (the self-test uses
+     * it to kill a process at each of its waits in turn). */
+    void (*on_wait)(struct proc *p);
 } vm;
 
 /* ---- Declared ahead ------------------------------------------------------
@@ -2479,6 +2482,7 @@ static NORETURN NOINLINE void stage_enter(struct proc *p) {
  * _setjmp, so it needs no volatile. */
 static void proc_wait(void) {
     struct proc *p = vm.current;
+    if (vm.on_wait) vm.on_wait(p);
     if (_setjmp(p->ctx) == 0) {
         /* First return (0): we are leaving.  Once stack_save has copied
          * our bytes out, this frame is scratch: a write to it would be
@@ -2899,6 +2903,7 @@ API void vm_set_process_limit(size_t limit) { vm.limit = limit; }
  * then say so.  From main() only, after vm_run; nothing runs afterwards. */
 static void vm_shutdown(void) {
     vm.on_finish = NULL;
+    vm.on_wait = NULL;
     for (size_t i = 0; i < vm.table_cap; i++)
         if (vm.table[i]) exit_later(vm.table[i], am_killed);
     finish_exited();
@@ -4327,6 +4332,8 @@ static exit_wording exit_wordings[8];
 static size_t n_exit_wordings;
 
 static void exit_wording_add(exit_wording w) {
+    for (size_t i = 0; i < n_exit_wordings; i++)
+        if (exit_wordings[i] == w) return; /* a VM started again (kv_init) */
     if (n_exit_wordings == sizeof exit_wordings / sizeof exit_wordings[0]) abort();
     exit_wordings[n_exit_wordings++] = w;
 }

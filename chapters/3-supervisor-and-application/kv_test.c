@@ -2986,6 +2986,98 @@ TEST(t_supervisor_killed_while_shutting_down) {
     no_bytes_left_by(kill_sup_during_shutdown);
 }
 
+/* ---- Kill at every point ----
+ * An operation of a supervisor or a server is run again and again; the
+ * k-th time, whichever process is the k-th to wait (for a message, a
+ * timer, input) is killed right there, as an untrappable exit signal
+ * arriving at that instant would kill it.  However the operation ends,
+ * afterwards no process may be left (none waiting for a reply that can
+ * never come) and no byte may be left behind. */
+
+static struct {
+    uint64_t spared;  /* the test process itself */
+    long kill_at, waits;
+} kill_point;
+
+static void kill_at_a_wait(struct proc *p) {
+    if (p->pid == kill_point.spared || p->state == P_EXITING) return;
+    if (++kill_point.waits == kill_point.kill_at) exit_later(p, am_killed);
+}
+
+static void op_start_and_stop(term arg) {
+    (void)arg;
+    term sup = ok_value(supervisor_start_link(module_atom(&test_sup),
+                                              supervisor_init(list(3, worker("a"), worker("b"), worker("c")),
+                                                              strategy(am_rest_for_one)), NIL));
+    supervisor_stop(sup, am_normal, am_infinity);
+}
+
+static void op_restart(term arg) {
+    (void)arg;
+    term sup = ok_value(supervisor_start_link(module_atom(&test_sup),
+                                              supervisor_init(list(2, worker("a"), worker("b")), strategy(am_one_for_all)), NIL));
+    term b = child_pid(sup, "b");
+    crash(sup, "b", A("boom"));
+    while (term_eq(child_pid(sup, "b"), b) || !is_pid(child_pid(sup, "b"))) process_sleep(I(1));
+    supervisor_stop(sup, am_normal, am_infinity);
+}
+
+static void op_terminate_child(term arg) {
+    (void)arg;
+    term sup = ok_value(supervisor_start_link(module_atom(&test_sup),
+                                              supervisor_init(list(2, worker("a"), worker("b")), strategy(am_one_for_one)), NIL));
+    supervisor_terminate_child(sup, A("a"));
+    supervisor_restart_child(sup, A("a"));
+    supervisor_terminate_child(sup, A("b"));
+    supervisor_delete_child(sup, A("b"));
+    supervisor_stop(sup, am_normal, am_infinity);
+}
+
+static void op_call_in_flight(term arg) {
+    (void)arg;
+    term pid = ok_value(gen_server_start_link(module_atom(&test_server), A("ok"), NIL));
+    gen_server_call(pid, tuple(2, A("sleep"), I(5)));
+    gen_server_call(pid, A("ping"));
+    gen_server_stop(pid, am_normal, am_infinity);
+}
+
+static void drain_mailbox(void) { while (receive_now(NULL, NULL)) {} }
+
+TEST(t_killed_at_every_wait) {
+    (void)ctx;
+    if (!whereis_proc(A("witness"))) process_register(self(), A("witness"));
+    void (*const ops[])(term) = {op_start_and_stop, op_restart, op_terminate_child, op_call_in_flight};
+    const char *names[] = {"start and stop", "restart", "terminate_child", "a call in flight"};
+    kill_point.spared = vm.current->pid;
+    for (size_t o = 0; o < sizeof ops / sizeof ops[0]; o++) {
+        long killed = 0;
+        for (long k = 1;; k++) {
+            size_t count = vm.count;
+            garbage_collect(NIL);
+            int64_t memory = others_memory();
+            kill_point.kill_at = k;
+            kill_point.waits = 0;
+            vm.on_wait = kill_at_a_wait;
+            term ref = process_monitor(spawn(ops[o], NIL));
+            receive(is_down_of, ref, I(60000));
+            for (int i = 0; i < 100000 && vm.count > count; i++) process_sleep(I(1));
+            vm.on_wait = NULL;
+            bool fired = kill_point.waits >= k;
+            drain_mailbox();
+            garbage_collect(NIL);
+            if (vm.count != count || others_memory() != memory) {
+                struct buf b = {0};
+                buf_printf(&b, "%s, killed at wait %ld: %zu processes left, %" PRId64 " bytes", names[o], k,
+                           vm.count - count, others_memory() - memory);
+                assert_eq(S(buf_str(&b)), S("nothing left"));
+            }
+            if (!fired) break;
+            killed++;
+        }
+        assert_true(killed > 3); /* each operation waits more than a few times */
+    }
+}
+
 THUNK(call_sup, gen_server_call(a[0], a[1]))
 
 /* Unexpected requests, as OTP's supervisor answers them: a plain message
@@ -3341,6 +3433,7 @@ static const struct test tests[] = {
     {"supervisor-and-application", NULL, "SupervisorTest", "flags as a map or as {strategy, intensity, period}", NULL, IN_PROCESS(t_supervisor_flags_in_either_form)},
     {"supervisor-and-application", NULL, "SupervisorTest", "Erlang's 6-tuple child specs, and get_childspec", NULL, IN_PROCESS(t_erlang_tuple_child_specs)},
     {"supervisor-and-application", NULL, "SupervisorTest", "a supervisor killed while shutting down frees every byte", NULL, IN_PROCESS(t_supervisor_killed_while_shutting_down)},
+    {"supervisor-and-application", NULL, "SupervisorTest", "killed at any of its waits, an operation leaves nothing behind", NULL, IN_PROCESS(t_killed_at_every_wait)},
     {"supervisor-and-application", NULL, "SupervisorTest", "a supervisor whose module was never loaded fails to start", NULL, IN_PROCESS(t_supervisor_of_an_unloaded_module)},
     {"supervisor-and-application/naming", NULL, "ApplicationTest", "Application's functions check their arguments", NULL, IN_PROCESS(t_application_functions_check_arguments)},
     {"supervisor-and-application/callback", NULL, "ApplicationTest", "kv.app, as Mix writes it", NULL, IN_PROCESS(t_app_file)},
