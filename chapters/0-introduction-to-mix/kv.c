@@ -235,12 +235,19 @@ static void buf_add(struct buf *b, const char *s, size_t n) {
 
 static void buf_puts(struct buf *b, const char *s) { buf_add(b, s, strlen(s)); }
 
+/* Formatted into a small buffer on the C stack first; only a longer text
+ * is formatted a second time, straight into the reserved space. */
 static PRINTF(2, 3) void buf_printf(struct buf *b, const char *fmt, ...) {
+    char small[128];
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
+    int n = vsnprintf(small, sizeof small, fmt, ap);
     va_end(ap);
     if (n < 0) return;
+    if ((size_t)n < sizeof small) {
+        buf_add(b, small, (size_t)n);
+        return;
+    }
     buf_reserve(b, (size_t)n);
     va_start(ap, fmt);
     vsnprintf(b->s + b->len, (size_t)n + 1, fmt, ap);
