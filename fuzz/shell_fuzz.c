@@ -14,8 +14,8 @@
  * the fuzzer's time limit watch for crashes and hangs, and every input
  * runs in a VM of its own, shut down afterwards, after which kv.c's two
  * counts of memory (vm_memory, vm_memory_system) must both be exactly 0:
- * a leak of a single byte aborts.  (libFuzzer's own leak check is left
- * off: it blames libFuzzer's allocations, not the target's.)
+ * a leak of a single byte aborts.  LeakSanitizer looks too, after each
+ * input that mallocs more than it frees, and at exit.
  */
 #define KV_NO_MAIN
 #include "../kv.c"

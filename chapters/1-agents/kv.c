@@ -2383,19 +2383,36 @@ static struct proc *runq_pop(void) {
  * the heap instead; each process then needs a fake stack of its own, and
  * ASan's fiber calls switch them as processes switch (FIBER_LEAVE before
  * control leaves a process or the scheduler, FIBER_ARRIVE when it arrives).
+ * Every "fiber" here is the same C stack, the thread's own, so each switch
+ * names the thread's whole stack as ASan knows it: a smaller range would
+ * hide the frames of main() and its callers from LeakSanitizer, which
+ * would then call whatever only they point to a leak.  ASan has no call
+ * that gives those bounds, but a switch reports the stack it came from,
+ * so asan_learn_stack switches once to a stand-in range and straight back.
  * NO_ASAN keeps a function's locals on the real stack. */
 #ifdef KV_ASAN
 void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
 void __sanitizer_start_switch_fiber(void **fake_stack_save, const void *bottom, size_t size);
 void __sanitizer_finish_switch_fiber(void *fake_stack_save, const void **bottom_old, size_t *size_old);
+static const void *asan_stack_bottom; /* the thread's stack, as ASan knows it */
+static size_t asan_stack_size;
+static void asan_learn_stack(const void *stand_in, size_t size) {
+    void *fake = NULL;
+    __sanitizer_start_switch_fiber(&fake, stand_in, size);
+    __sanitizer_finish_switch_fiber(fake, &asan_stack_bottom, &asan_stack_size);
+    __sanitizer_start_switch_fiber(&fake, asan_stack_bottom, asan_stack_size);
+    __sanitizer_finish_switch_fiber(fake, NULL, NULL);
+}
 #define UNPOISON(addr, size) __asan_unpoison_memory_region((addr), (size))
 #define ASAN_WINDOW 16384 /* bytes below the scheduler's frame kept clear */
-#define FIBER_LEAVE(save) __sanitizer_start_switch_fiber((save), (const void *)vm.stack_end, vm.stack_size)
+#define ASAN_LEARN_STACK() asan_learn_stack((const void *)vm.stack_end, vm.stack_size)
+#define FIBER_LEAVE(save) __sanitizer_start_switch_fiber((save), asan_stack_bottom, asan_stack_size)
 #define FIBER_ARRIVE(save) __sanitizer_finish_switch_fiber((save), NULL, NULL)
 #define NO_ASAN __attribute__((no_sanitize_address))
 #else
 #define UNPOISON(addr, size) ((void)0)
 #define ASAN_WINDOW 0
+#define ASAN_LEARN_STACK() ((void)0)
 #define FIBER_LEAVE(save) ((void)0)
 #define FIBER_ARRIVE(save) ((void)0)
 #define NO_ASAN
@@ -2899,6 +2916,7 @@ static void vm_init(bool virtual_clock) {
     clock_gettime(CLOCK_MONOTONIC, &vm.epoch);
     vm.stage_top = (stack_address() - STAGE_GAP) & ~(uintptr_t)63;
     overflow_guard_install();
+    ASAN_LEARN_STACK();
 }
 
 /* erl +P: the most processes that may be alive at once. */
