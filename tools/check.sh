@@ -166,7 +166,7 @@ check_fuzz() {
         fi
         if (cd "$out" && ASAN_OPTIONS=detect_leaks=1 ./shell_fuzz -max_total_time="$FUZZ_SECONDS" -max_len=4096 \
                 -timeout=10 -rss_limit_mb=4096 corpus >fuzz.log 2>&1); then
-            pass fuzz "libFuzzer, $FUZZ_SECONDS s: $(grep -o '#[0-9]*' "$out/fuzz.log" | tail -n 1 | tr -d '#') runs, no crash, leak or hang"
+            pass fuzz "libFuzzer, $FUZZ_SECONDS s: $(sed -n 's/^Done \([0-9]*\) runs.*/\1/p' "$out/fuzz.log") runs, no crash, leak or hang"
         else
             tail -n 40 "$out/fuzz.log"
             fail fuzz "libFuzzer found a crash, a leak or a hang (build/check/fuzz)"
