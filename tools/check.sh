@@ -22,7 +22,8 @@
 #                                      included) and UndefinedBehaviorSanitizer
 #   valgrind        memcheck, every leak kind an error
 #   i386 musl aarch64                  -m32; musl-gcc -static; under qemu-user
-#   chaos           the chaos test at its full count (KV_CHAOS_STEPS)
+#   chaos           the chaos test at its full count (KV_CHAOS_STEPS), and
+#                   again under valgrind when it is here
 #   fuzz            the shell's line handling and KVServer.Command.parse under
 #                   libFuzzer (clang) or AFL++, for FUZZ_SECONDS
 #   inspect-diff    inspect/1 and pretty inspect beside real Elixir's, on
@@ -137,19 +138,35 @@ check_aarch64() {
     build_and_run aarch64 aarch64-linux-gnu-gcc "$WARN -O2" "" qemu-aarch64 -L /usr/aarch64-linux-gnu
 }
 
+# The chaos test at its full count; then, when valgrind is here, the same
+# run under memcheck, so that every byte is seen back by malloc's count
+# and not only by kv.c's own.
 check_chaos() {
-    mkdir -p build/check/chaos
-    if ! cc $WARN -O2 -o build/check/chaos/kv_test kv_test.c >build/check/chaos/build.log 2>&1; then
-        cat build/check/chaos/build.log
+    out=build/check/chaos
+    mkdir -p "$out"
+    if ! cc $WARN -O2 -g -o "$out/kv_test" kv_test.c >"$out/build.log" 2>&1; then
+        cat "$out/build.log"
         fail chaos "kv_test.c does not build"
         return
     fi
-    if KV_CHAOS_STEPS=$CHAOS_STEPS build/check/chaos/kv_test ChaosTest >build/check/chaos/test.log 2>&1; then
-        pass chaos "$CHAOS_STEPS steps: $(grep -o 'seed [0-9]*' build/check/chaos/test.log | head -n 1), $(tail -n 1 build/check/chaos/test.log)"
-    else
-        tail -n 30 build/check/chaos/test.log
+    if ! KV_CHAOS_STEPS=$CHAOS_STEPS "$out/kv_test" ChaosTest >"$out/test.log" 2>&1; then
+        tail -n 30 "$out/test.log"
         fail chaos "$CHAOS_STEPS steps"
+        return
     fi
+    what="$(grep -o 'seed [^)]*' "$out/test.log" | head -n 1); $(tail -n 1 "$out/test.log")"
+    if have valgrind; then
+        if ! KV_CHAOS_STEPS=$CHAOS_STEPS valgrind -q --leak-check=full --errors-for-leak-kinds=all --error-exitcode=1 \
+                "$out/kv_test" ChaosTest >"$out/valgrind.log" 2>&1; then
+            tail -n 30 "$out/valgrind.log"
+            fail chaos "$CHAOS_STEPS steps under valgrind"
+            return
+        fi
+        what="$what; under valgrind too: 0 errors, 0 bytes lost"
+    else
+        what="$what; not under valgrind (none here)"
+    fi
+    pass chaos "$what"
 }
 
 check_fuzz() {
