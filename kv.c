@@ -2160,8 +2160,9 @@ struct proc {
     const char *label;       /* what it runs, e.g. "KV.Registry", for reports */
     struct heap heap;        /* every term it built or received */
 
-    /* The saved stack: the bytes from its stack pointer up to the top of
-     * the stage, copied out when it stopped (section III.3). */
+    /* The saved stack: the bytes from its stack pointer up to its top
+     * (stack_top, just below vm.stage_top), copied out when it stopped
+     * (section III.3). */
     char *stack;
     jmp_buf ctx;             /* where it continues; valid with its bytes on stage */
 
@@ -4972,7 +4973,7 @@ static void gen_server_handle(struct gen_server *gs, term msg) {
 
 /* The loop.  After each message only gs->state is live, so the heap is
  * collected around it: when the state is the one the last compaction
- * kept, by dropping what was made since, as soon as that passes 16 KiB
+ * kept, by dropping what was made since, as soon as that passes 1 KiB
  * (it costs nothing to copy); otherwise by compacting, once the heap has
  * grown to twice what the last compaction kept (plus the same slack), so
  * that a large state is copied only when as much garbage has piled up:
@@ -7543,7 +7544,7 @@ static term bucket_names(void) {
 /* The process a command names: a pid, a registered name or a bucket's. */
 static struct proc *shell_target(term w) {
     uint64_t id = pid_text(BYTES(w), w->n);
-    if (id) return proc_of_pid(id) && proc_of_pid(id)->state != P_EXITING ? proc_of_pid(id) : NULL;
+    if (id) return proc_of(pid_term(id));
     struct proc *p = whereis_text(BYTES(w), w->n);
     if (p || !whereis_proc(alias("KV.Registry"))) return p;
     term found = kv_registry_lookup(alias("KV.Registry"), w);
@@ -7554,9 +7555,10 @@ static struct proc *shell_target(term w) {
 static void tree_line(struct buf *out, const char *indent, const char *branch, term child, term buckets) {
     term id = elem(child, 0), pid = elem(child, 1), type = elem(child, 2), modules = elem(child, 3);
     struct proc *p = is_pid(pid) ? proc_of(pid) : NULL;
+    term label = p && p->name ? p->name : id != am_undefined ? id : pid; /* its name, if it has one */
     buf_printf(out, "%s%s", indent, branch);
-    inspect_to(out, p && p->name ? p->name : id != am_undefined ? id : pid);
-    if (is_pid(pid) && (p && p->name ? true : id != am_undefined)) { buf_puts(out, " "); inspect_to(out, pid); }
+    inspect_to(out, label);
+    if (label != pid && is_pid(pid)) { buf_puts(out, " "); inspect_to(out, pid); }
     buf_puts(out, type == am_supervisor ? " (supervisor" : " (worker");
     if (type == am_supervisor && p) {
         buf_puts(out, ", ");

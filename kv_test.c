@@ -62,11 +62,11 @@ static struct {
     bool failed;
     jmp_buf main_fail;    /* where a failed assertion in a main-level test goes */
     /* In a test process (from agents.md on), a failed assertion raises instead. */
-    void (*raise_failure)(const char *message, term left, term right, const char *code);
+    void (*raise_failure)(term message, term left, term right, const char *code);
     uint64_t test_pid;
     uint64_t test_sup;    /* the test's supervisor, for start_supervised! (genservers.md) */
     bool finished;        /* the test process reached the end of its body */
-    int passed, nfailed;
+    int nfailed;
 } H;
 
 /* ---- Assertions ----------------------------------------------------------
@@ -84,7 +84,11 @@ static NORETURN void fail_with(int line, const char *message, const char *code, 
     if (left) { buf_puts(&b, "\nleft:  "); inspect_to(&b, left); }
     if (right) { buf_puts(&b, "\nright: "); inspect_to(&b, right); }
     buf_printf(&b, "\nstacktrace:\n  kv_test.c:%d: (test)", line);
-    if (H.raise_failure) H.raise_failure(buf_str(&b), left, right, code); /* does not return */
+    if (H.raise_failure) { /* does not return: the report goes with the exception */
+        term report = string(buf_str(&b));
+        buf_free(&b);
+        H.raise_failure(report, left, right, code);
+    }
     buf_add(&H.failure, buf_str(&b), b.len);
     buf_free(&b);
     H.failed = true;
@@ -206,9 +210,9 @@ static void run_test(const struct test *t) {
         buf_printf(&H.failure, "the test leaked %ld bytes: the VM held %zu before and %zu after",
                    (long)after - (long)before, before, after);
     }
+    printf("  * test %s (%.1fms) [L#%d]\n", t->name, ms, t->line);
     if (H.failed) {
         H.nfailed++;
-        printf("  * test %s (%.1fms) [L#%d]\n", t->name, ms, t->line);
         printf("\n  %d) test %s (%s)\n     kv_test.c:%d\n", H.nfailed, t->name, t->module, t->line);
         print_indented(buf_str(&H.failure), "     ");
         if (H.log.len) {
@@ -216,9 +220,6 @@ static void run_test(const struct test *t) {
             print_indented(buf_str(&H.log), "     | ");
         }
         printf("\n");
-    } else {
-        H.passed++;
-        printf("  * test %s (%.1fms) [L#%d]\n", t->name, ms, t->line);
     }
     fflush(stdout);
 }
@@ -263,8 +264,8 @@ static void on_finish(uint64_t pid, term reason) {
 
 /* A failed assertion, in a test process: raise %ExUnit.AssertionError{},
  * whose message is the report; test_main prints it. */
-static NORETURN void raise_assertion(const char *message, term left, term right, const char *code) {
-    raise_error(exception_new(alias("ExUnit.AssertionError"), 4, atom("message"), string(message), atom("left"),
+static NORETURN void raise_assertion(term message, term left, term right, const char *code) {
+    raise_error(exception_new(alias("ExUnit.AssertionError"), 4, atom("message"), message, atom("left"),
                               left ? left : am_nil, atom("right"), right ? right : am_nil, atom("expr"), string(code)));
 }
 
@@ -602,8 +603,7 @@ static bool map_well_formed(term m) {
 }
 
 /* A large map grows one key at a time into a balanced tree, holds every
- * key it was given, in order, compares and prints as if it were flat, and
- * is copied whole. */
+ * key it was given, in order, and compares and prints as if it were flat. */
 MAIN_TEST(main_large_maps) {
     const int n = 2000;
     term m = empty_map(), sparse = empty_map();
@@ -647,10 +647,12 @@ MAIN_TEST(main_large_map_removal) {
     for (int k = 0; k < n; k++) m = map_put(m, S("x"), I(0)), m = map_put(m, I(k), I(k));
     struct heap h = {0};
     term copy = term_copy(&h, m);
-    assert_eq(I((int64_t)h.chunks->used), I((int64_t)term_size(m)));
-    assert_true(map_well_formed(copy));
-    assert_eq(copy, m);
-    heap_free(&h);
+    size_t used = h.chunks->used;
+    bool well_formed = map_well_formed(copy), equal = term_eq(copy, m);
+    heap_free(&h); /* before the assertions, which leave the test if they fail */
+    assert_eq(I((int64_t)used), I((int64_t)term_size(m)));
+    assert_true(well_formed);
+    assert_true(equal); /* copy == m */
     assert_true(map_delete(m, I(n)) == m);
     uint32_t x = 11;
     int left = n + 1;
@@ -1270,11 +1272,6 @@ static bool match_that_raises(term msg, const void *arg) {
 
 THUNK(receive_with_raising_match, receive(match_that_raises, NULL, I(50)))
 
-static void send_after_ms(term arg) { /* {dest, ms, msg} */
-    process_sleep(elem(arg, 1));
-    process_send(elem(arg, 0), elem(arg, 2));
-}
-
 static void die_in_match(term arg) {
     (void)arg;
     receive(match_that_raises, NULL, I(50)); /* waits; the bait arrives at 10 ms */
@@ -1286,15 +1283,15 @@ static void die_in_match(term arg) {
  * a process that dies of the raise leaves no timer pointing at it. */
 TEST(t_raise_in_receive_match) {
     (void)ctx;
-    spawn(send_after_ms, tuple(3, self(), I(10), A("bait")));
+    spawn(send_later, tuple(3, self(), I(10), A("bait")));
     assert_eq(catch_error(receive_with_raising_match, NULL), runtime_error("match boom"));
     assert_eq(I((int64_t)vm.ntimers), I(0));
     assert_eq(receive_any(I(0)), A("bait")); /* still there: the match never took it */
-    spawn(send_after_ms, tuple(3, self(), I(100), A("late")));
+    spawn(send_later, tuple(3, self(), I(100), A("late")));
     assert_eq(receive_any(am_infinity), A("late")); /* a stale timer would end this at 50 ms */
     term pid = spawn(die_in_match, NIL);
     term ref = process_monitor(pid);
-    spawn(send_after_ms, tuple(3, pid, I(10), A("bait")));
+    spawn(send_later, tuple(3, pid, I(10), A("bait")));
     term down = assert_receive(100);
     assert_eq(elem(down, 1), ref);
     assert_eq(I((int64_t)vm.ntimers), I(0));
@@ -1596,7 +1593,9 @@ static NOINLINE int deeper_vm(int depth) {
 }
 
 MAIN_TEST(main_stack_above_the_stage) {
+    fflush(stdout); /* or the child's exit would print it a second time */
     pid_t child = fork();
+    assert_true(child >= 0);
     if (child == 0) {
         buf_free(&H.log), buf_free(&H.failure); /* the parent's */
         vm_shutdown();
@@ -2949,7 +2948,7 @@ TEST(t_shutdown_modes) {
         int64_t t0 = now_ms();
         assert_eq(supervisor_terminate_child(sup, A(ids[i])), am_ok);
         took[i] = now_ms() - t0;
-        down[i] = elem(receive(match_down_of, ref, I(0)), 4);
+        down[i] = elem(receive(is_down_of, ref, I(0)), 4);
         ran_terminate[i] = receive_any(I(0)) != NULL;
     }
     assert_eq(list_of(5, down), list(5, am_shutdown, am_killed, am_killed, am_shutdown, am_shutdown));
@@ -3071,12 +3070,9 @@ TEST(t_supervisor_start_failures) {
 /* In a process of its own (so that its heap goes with it): start a
  * supervisor with a slow child, tell it to stop, as its parent, and kill
  * it while it waits for that child. */
-static void kill_sup_during_shutdown(term arg) {
-    (void)arg;
-    process_flag_trap_exit(true);
-    process_register(self(), A("witness"));
-    term slow = list(1, tuple(2, A("slow"), I(1000)));
-    term sup = start_sup(list(3, worker("a"), worker_opts("b", NULL, I(5000), slow), worker("c")), strategy(am_one_for_one));
+/* Tell sup to stop, as its parent does (the caller traps exits), and kill
+ * it while it waits for a slow child to shut down. */
+static void kill_while_shutting_down(term sup) {
     process_exit(sup, am_shutdown); /* from its parent: it shuts its children down */
     process_sleep(I(10));            /* ...and now waits for a slow one */
     process_exit(sup, am_kill);
@@ -3084,8 +3080,17 @@ static void kill_sup_during_shutdown(term arg) {
     process_sleep(I(2000));          /* the slow children finish too */
 }
 
-static void run_and_wait(void (*fn)(term), term arg) {
-    term pid = spawn(fn, arg);
+static void kill_sup_during_shutdown(term arg) {
+    (void)arg;
+    process_flag_trap_exit(true);
+    process_register(self(), A("witness"));
+    term slow = list(1, tuple(2, A("slow"), I(1000)));
+    kill_while_shutting_down(start_sup(list(3, worker("a"), worker_opts("b", NULL, I(5000), slow), worker("c")),
+                                       strategy(am_one_for_one)));
+}
+
+static void run_and_wait(void (*fn)(term)) {
+    term pid = spawn(fn, NIL);
     term ref = process_monitor(pid);
     term down = receive(is_down_of, ref, I(60000));
     assert_eq(elem(down, 4), am_normal);
@@ -3098,11 +3103,11 @@ static void run_and_wait(void (*fn)(term), term arg) {
  * The scenario runs twice first, so that the VM's tables have grown to
  * it; after the third run, neither count may have moved. */
 static void no_bytes_left_by(void (*scenario)(term)) {
-    run_and_wait(scenario, NIL);
-    run_and_wait(scenario, NIL);
+    run_and_wait(scenario);
+    run_and_wait(scenario);
     garbage_collect(NIL); /* the test process's own heap, emptied */
     size_t before = vm_memory(), system_before = vm_memory_system();
-    run_and_wait(scenario, NIL);
+    run_and_wait(scenario);
     garbage_collect(NIL);
     size_t after = vm_memory(), system_after = vm_memory_system(); /* before any term is built */
     assert_eq(I((int64_t)after), I((int64_t)before));
@@ -3134,16 +3139,13 @@ static void kill_at_a_wait(struct proc *p) {
 
 static void op_start_and_stop(term arg) {
     (void)arg;
-    term sup = ok_value(supervisor_start_link(module_atom(&test_sup),
-                                              supervisor_init(list(3, worker("a"), worker("b"), worker("c")),
-                                                              strategy(am_rest_for_one)), NIL));
+    term sup = start_sup(list(3, worker("a"), worker("b"), worker("c")), strategy(am_rest_for_one));
     supervisor_stop(sup, am_normal, am_infinity);
 }
 
 static void op_restart(term arg) {
     (void)arg;
-    term sup = ok_value(supervisor_start_link(module_atom(&test_sup),
-                                              supervisor_init(list(2, worker("a"), worker("b")), strategy(am_one_for_all)), NIL));
+    term sup = start_sup(list(2, worker("a"), worker("b")), strategy(am_one_for_all));
     term b = child_pid(sup, "b");
     crash(sup, "b", A("boom"));
     while (term_eq(child_pid(sup, "b"), b) || !is_pid(child_pid(sup, "b"))) process_sleep(I(1));
@@ -3152,8 +3154,7 @@ static void op_restart(term arg) {
 
 static void op_terminate_child(term arg) {
     (void)arg;
-    term sup = ok_value(supervisor_start_link(module_atom(&test_sup),
-                                              supervisor_init(list(2, worker("a"), worker("b")), strategy(am_one_for_one)), NIL));
+    term sup = start_sup(list(2, worker("a"), worker("b")), strategy(am_one_for_one));
     supervisor_terminate_child(sup, A("a"));
     supervisor_restart_child(sup, A("a"));
     supervisor_terminate_child(sup, A("b"));
@@ -3173,7 +3174,7 @@ static void drain_mailbox(void) { while (receive_now(NULL, NULL)) {} }
 
 TEST(t_killed_at_every_wait) {
     (void)ctx;
-    if (!whereis_proc(A("witness"))) process_register(self(), A("witness"));
+    process_register(self(), A("witness")); /* the workers report to the test */
     void (*const ops[])(term) = {op_start_and_stop, op_restart, op_terminate_child, op_call_in_flight};
     const char *names[] = {"start and stop", "restart", "terminate_child", "a call in flight"};
     kill_point.spared = vm.current->pid;
@@ -3197,7 +3198,9 @@ TEST(t_killed_at_every_wait) {
                 struct buf b = {0};
                 buf_printf(&b, "%s, killed at wait %ld: %zu processes left, %" PRId64 " bytes", names[o], k,
                            vm.count - count, others_memory() - memory);
-                assert_eq(S(buf_str(&b)), S("nothing left"));
+                term what = S(buf_str(&b));
+                buf_free(&b);
+                assert_eq(what, S("nothing left"));
             }
             if (!fired) break;
             killed++;
@@ -3441,7 +3444,7 @@ static void crash_registry_times(int n) {
         term reg = registered(alias("KV.Registry"));
         term ref = process_monitor(reg);
         process_exit(reg, A("boom"));
-        receive(match_down_of, ref, am_infinity);
+        receive(is_down_of, ref, am_infinity);
     }
 }
 
@@ -3453,7 +3456,7 @@ TEST(t_app_exits_with_its_tree) {
     term top = process_whereis(alias("KV.Supervisor"));
     term ref = process_monitor(top);
     crash_registry_times(4);
-    assert_eq(elem(receive(match_down_of, ref, am_infinity), 4), am_shutdown);
+    assert_eq(elem(receive(is_down_of, ref, am_infinity), 4), am_shutdown);
     process_sleep(I(1));
     assert_contains(captured_log(), "[notice] Application kv exited: shutdown\n");
     assert_eq(process_whereis(alias("KV.Supervisor")), am_nil);
@@ -3705,11 +3708,7 @@ static void kill_dyn_during_shutdown(term arg) {
     term slow = list(1, tuple(2, A("slow"), I(1000)));
     term sup = ok_value(dynamic_supervisor_start_link(NIL));
     for (int i = 0; i < 3; i++) ok_value(dynamic_supervisor_start_child(sup, worker_opts("w", NULL, I(5000), slow)));
-    process_exit(sup, am_shutdown);
-    process_sleep(I(10));
-    process_exit(sup, am_kill);
-    if (wait_exit_from(sup) != am_killed) exit_self(A("not_killed"));
-    process_sleep(I(2000));
+    kill_while_shutting_down(sup);
 }
 
 TEST(t_dynamic_supervisor_killed_while_shutting_down) {
@@ -4090,6 +4089,14 @@ TEST(t_shell_bad_input) {
  * "\r" before it stays, for String.split to drop), a last line needs no
  * end, and a line of a mebibyte is read to its end and refused, the next
  * line read as if nothing had happened. */
+/* What shell_read_line gives, as a term: the line, :too_long, or nil at
+ * the end of input. */
+static term next_line(struct line_reader *r, struct buf *line) {
+    bool too_long;
+    if (!shell_read_line(r, line, &too_long)) return am_nil;
+    return too_long ? A("too_long") : binary(buf_str(line), line->len);
+}
+
 TEST(t_shell_reads_long_lines) {
     (void)ctx;
     FILE *f = tmpfile();
@@ -4101,16 +4108,10 @@ TEST(t_shell_reads_long_lines) {
     rewind(f);
     struct line_reader r = {.fd = fileno(f)};
     struct buf line = {0};
-    bool too_long;
-    assert_true(shell_read_line(&r, &line, &too_long) && too_long);
-    assert_true(shell_read_line(&r, &line, &too_long) && !too_long);
-    assert_eq(binary(buf_str(&line), line.len), S("GET shopping milk\r"));
-    assert_true(shell_read_line(&r, &line, &too_long) && line.len == 0);
-    assert_true(shell_read_line(&r, &line, &too_long));
-    assert_eq(binary(buf_str(&line), line.len), S("last"));
-    refute(shell_read_line(&r, &line, &too_long));
-    buf_free(&line);
-    fclose(f);
+    term got[5];
+    for (int i = 0; i < 5; i++) got[i] = next_line(&r, &line);
+    buf_free(&line), fclose(f); /* before the assertion, which leaves the test if it fails */
+    assert_eq(list_of(5, got), list(5, A("too_long"), S("GET shopping milk\r"), S(""), S("last"), am_nil));
 }
 
 /* Killed again and again, the registry takes :kv down (restart intensity,
@@ -4171,6 +4172,8 @@ static const char shell_transcript[] =
     "> QUIT\n";
 
 MAIN_TEST(main_shell_transcript) {
+    int in[2], out[2];
+    assert_true(pipe(in) == 0 && pipe(out) == 0);
     struct buf typed = {0}, expected = {0}, got = {0};
     for (const char *l = shell_transcript; *l;) {
         const char *end = strchr(l, '\n') + 1;
@@ -4178,8 +4181,6 @@ MAIN_TEST(main_shell_transcript) {
         else buf_add(&expected, l, (size_t)(end - l));
         l = end;
     }
-    int in[2], out[2];
-    assert_true(pipe(in) == 0 && pipe(out) == 0);
     fflush(stdout);
     pid_t child = fork();
     if (child == 0) { /* a fresh VM, reading `in`, printing to `out` */
@@ -4198,7 +4199,9 @@ MAIN_TEST(main_shell_transcript) {
         _exit(0);
     }
     close(in[0]), close(out[1]);
-    assert_true(write(in[1], buf_str(&typed), typed.len) == (ssize_t)typed.len);
+    /* Nothing is asserted until the child is waited for and every buffer
+     * freed: a failed assertion leaves the test at once. */
+    bool written = write(in[1], buf_str(&typed), typed.len) == (ssize_t)typed.len;
     close(in[1]);
     char chunk[4096];
     ssize_t n;
@@ -4208,6 +4211,7 @@ MAIN_TEST(main_shell_transcript) {
     waitpid(child, &status, 0);
     term g = binary(buf_str(&got), got.len), e = binary(buf_str(&expected), expected.len);
     buf_free(&typed), buf_free(&expected), buf_free(&got);
+    assert_true(written);
     assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     assert_eq(g, e);
 }

@@ -3,7 +3,8 @@
  * under a fuzzer (make check runs it; tools/check.sh says how).
  *
  *     clang -std=c99 -g -O1 -fsanitize=fuzzer,address,undefined fuzz/shell_fuzz.c
- *     ./a.out -max_total_time=60 fuzz/corpus        (libFuzzer)
+ *     mkdir -p new && ./a.out -max_total_time=60 new fuzz/corpus   (libFuzzer;
+ *         what it finds goes to new/, the kept corpus stays as it is)
  *     afl-clang-fast -std=c99 -DKV_AFL fuzz/shell_fuzz.c   (AFL++: input on stdin)
  *
  * Each input is split into lines, as ./kv shell reads them, and each line

@@ -12,10 +12,11 @@
 # A stage is a chapter of the guide: chapters/N-CHAPTER holds kv.c and
 # kv_test.c cut at the chapter's last step (tools/steps), with a Makefile
 # and a README written here, the README's prose from tools/chapter-notes.
-# The cut itself is tools/cut.awk.  Steps and flaws are built in build/.
+# The cut itself is tools/cut.awk.  Stages, steps and flaws are built in
+# build/.
 #
-# CC and CFLAGS choose the compiler for steps and flaws (default: cc,
-# -O0 -Wall -Wextra -Werror: they are built to be run once).
+# CC and CFLAGS choose the compiler for stages, steps and flaws (default:
+# cc, -O0 -Wall -Wextra -Werror: they are built to be run once).
 set -eu
 cd "$(dirname "$0")/.."
 T=$(mktemp -d "${TMPDIR:-/tmp}/chapters.XXXXXX") # this run's scratch files
@@ -149,8 +150,8 @@ EOF
     } >"$dir/Makefile"
 }
 
-write_readme() { # DIR STAGE LAST-STEP PREVIOUS-DIR (or "")
-    dir=$1 stage=$2 last=$3 prev=$4
+write_readme() { # DIR STAGE PREVIOUS-DIR (or "")
+    dir=$1 stage=$2 prev=$3
     chapter=${stage#*-}
     n=${stage%%-*}
     {
@@ -217,7 +218,7 @@ write_readme() { # DIR STAGE LAST-STEP PREVIOUS-DIR (or "")
             echo "\`$(flaw_field "$f" 2)\` ($(flaw_field "$f" 5)). $(flaw_field "$f" 6)"
             echo "It prints, among the rest:"
             echo
-            flaw_lines | awk -F'\t' -v n="$f" '$1 == n { for (i = 7; i <= NF; i++) print "    " $i }'
+            flaw_expected "$f" | sed 's/^/    /'
         done
     } >"$dir/README.md"
 }
@@ -238,7 +239,7 @@ write_all() { # OUT
         [ "$count" -ge "$prev_count" ] || die "$stage has $count tests, fewer than the stage before ($prev_count)"
         grep -q '^%% '"$stage"'$' tools/chapter-notes || die "tools/chapter-notes has no section \"%% $stage\""
         write_makefile "$dir" "$stage"
-        write_readme "$dir" "$stage" "$last" "$prev"
+        write_readme "$dir" "$stage" "$prev"
         prev=$dir prev_count=$count
     done <"$T/stages"
 }
@@ -250,10 +251,19 @@ build_cut() { # DIR: compile kv and kv_test there; print errors and fail
         die "$1 does not build"
 }
 
-# contains_all FILE STRING...: every STRING is in FILE (fixed strings)
-contains_all() {
-    file=$1; shift
-    for s in "$@"; do grep -qF -- "$s" "$file" || { echo "missing: $s"; return 1; }; done
+# flaw_expected NAME: what flaw NAME must print, a line each (its fields
+# in tools/flaws from the 7th on)
+flaw_expected() {
+    flaw_lines | awk -F'\t' -v n="$1" '$1 == n { for (i = 7; i <= NF; i++) print $i }'
+}
+
+# prints_all OUT NAME: OUT has every line flaw_expected NAME gives; says
+# which are missing
+prints_all() {
+    flaw_expected "$2" >"$T/expected"
+    all=0
+    while IFS= read -r s; do grep -qF -- "$s" "$1" || { echo "missing from the output: $s"; all=1; }; done <"$T/expected"
+    return $all
 }
 
 run_flaw() { # NAME
@@ -270,11 +280,7 @@ run_flaw() { # NAME
     rc=$?
     set -e
     cat "$dir/out"
-    # The expected strings, one per field from the 7th on.
-    flaw_lines | awk -F'\t' -v n="$name" '$1 == n { for (i = 7; i <= NF; i++) print $i }' >"$dir/expected"
-    missing=0
-    while IFS= read -r s; do grep -qF -- "$s" "$dir/out" || { echo "flaw $name: missing from the output: $s"; missing=1; }; done <"$dir/expected"
-    if [ $rc -ne 0 ] && [ $missing = 0 ]; then
+    if prints_all "$dir/out" "$name" && [ $rc -ne 0 ]; then
         echo "flaw $name: the test fails as $(flaw_field "$name" 5) says."
     else
         echo "flaw $name: NOT as the guide says (exit status $rc)"
@@ -295,8 +301,7 @@ run_step() { # STEP: build it and run its tests, which must pass (or fail as a f
     rc=$?
     set -e
     if [ -n "$flaw" ] && [ $rc -ne 0 ]; then
-        flaw_lines | awk -F'\t' -v n="$flaw" '$1 == n { for (i = 7; i <= NF; i++) print $i }' >"$dir/expected"
-        while IFS= read -r s; do grep -qF -- "$s" "$dir/out" || { tail -n 30 "$dir/out"; die "step $step: not failing as flaw $flaw says"; }; done <"$dir/expected"
+        prints_all "$dir/out" "$flaw" || { tail -n 30 "$dir/out"; die "step $step: not failing as flaw $flaw says"; }
         echo "step $step: $(tail -n 1 "$dir/out") (the failure of flaw $flaw, as the guide has it)"
     elif [ $rc -ne 0 ]; then
         tail -n 40 "$dir/out"

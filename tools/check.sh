@@ -3,6 +3,9 @@
 #
 #   sh tools/check.sh              every check this machine has the tools for
 #   sh tools/check.sh NAME...      only those (the names are listed below)
+#   sh tools/check.sh --list       the names, in the order they run
+#   CHECK_STRICT=1 sh tools/check.sh ...   a skipped check fails (CI: every
+#                                  tool was installed, so none may be missing)
 #
 # Each build check compiles the top level and every stage of chapters/,
 # runs each self-test, each stage's ./kv (its chapter's iex sessions) and,
@@ -43,14 +46,18 @@ passed=0 failed=0 skipped=0
 failures=""
 pass() { echo "check $1: passed ($2)"; passed=$((passed + 1)); }
 fail() { echo "check $1: FAILED ($2)"; failed=$((failed + 1)); failures="$failures $1"; }
-skip() { echo "check $1: skipped, $2"; skipped=$((skipped + 1)); }
+skip() {
+    if [ "${CHECK_STRICT:-}" = 1 ]; then fail "$1" "its tool is missing: $2"; return; fi
+    echo "check $1: skipped, $2"
+    skipped=$((skipped + 1))
+}
 have() { command -v "$1" >/dev/null 2>&1; }
 
 # can_build CC FLAGS: a program with the headers kv.c uses builds and runs
 can_build() {
     mkdir -p build/check
     printf '#include <errno.h>\n#include <setjmp.h>\n#include <stdio.h>\nint main(void) { return errno; }\n' >build/check/probe.c
-    $1 $2 -o build/check/probe build/check/probe.c >/dev/null 2>&1 && ${3:-} build/check/probe
+    $1 $2 -o build/check/probe build/check/probe.c >/dev/null 2>&1 && build/check/probe
 }
 
 # build_and_run NAME CC CFLAGS LDFLAGS [RUNNER...]: the top level and every
@@ -82,6 +89,11 @@ build_and_run() {
         if ! (cd "$dest" && "$@" ./kv >tour.log 2>&1); then
             tail -n 20 "$dest/tour.log"
             fail "$name" "$src: ./kv fails"
+            return
+        fi
+        # the shell arrives with the last stage; the top level must have it
+        if [ "$src" = . ] && ! grep -q 'shell_main' kv.c; then
+            fail "$name" "kv.c has no ./kv shell (shell_main) to run the session with"
             return
         fi
         if grep -q 'shell_main' "$src/kv.c"; then
@@ -154,6 +166,12 @@ check_chaos() {
         fail chaos "$CHAOS_STEPS steps"
         return
     fi
+    # the test must have run, with the count asked for
+    if ! grep -q "^1 test, 0 failures" "$out/test.log" || ! grep -q ", $CHAOS_STEPS steps," "$out/test.log"; then
+        tail -n 5 "$out/test.log"
+        fail chaos "ChaosTest did not run $CHAOS_STEPS steps"
+        return
+    fi
     what="$(grep -o 'seed [^)]*' "$out/test.log" | head -n 1); $(tail -n 1 "$out/test.log")"
     if have valgrind; then
         if ! KV_CHAOS_STEPS=$CHAOS_STEPS valgrind -q --leak-check=full --errors-for-leak-kinds=all --error-exitcode=1 \
@@ -198,7 +216,11 @@ check_fuzz() {
             timeout $((FUZZ_SECONDS + 30)) afl-fuzz -V "$FUZZ_SECONDS" -i "$out/corpus" -o "$out/afl" -- "$out/shell_fuzz" >"$out/fuzz.log" 2>&1
         crashes=$(find "$out/afl" -path '*crashes/id*' 2>/dev/null | wc -l | tr -d ' ')
         hangs=$(find "$out/afl" -path '*hangs/id*' 2>/dev/null | wc -l | tr -d ' ')
-        if [ "$crashes" = 0 ] && [ "$hangs" = 0 ]; then pass fuzz "AFL++, $FUZZ_SECONDS s, no crash or hang"
+        runs=$(sed -n 's/^execs_done *: *//p' "$out"/afl/*/fuzzer_stats 2>/dev/null | head -n 1)
+        if [ "${runs:-0}" = 0 ]; then
+            tail -n 20 "$out/fuzz.log"
+            fail fuzz "AFL++ ran no input (build/check/fuzz/fuzz.log)"
+        elif [ "$crashes" = 0 ] && [ "$hangs" = 0 ]; then pass fuzz "AFL++, $FUZZ_SECONDS s: $runs runs, no crash or hang"
         else fail fuzz "AFL++: $crashes crashes, $hangs hangs (build/check/fuzz/afl)"; fi
     else
         skip fuzz "neither clang's libFuzzer (Debian: libclang-rt-14-dev) nor AFL++ (afl++)"
@@ -222,6 +244,7 @@ check_inspect_diff() {
     fi
 }
 
+if [ "${1:-}" = --list ]; then echo $ALL; exit 0; fi
 wanted=${*:-$ALL}
 for name in $wanted; do
     case " $(echo $ALL) " in *" $name "*) ;; *) echo "check.sh: no check named $name; there are: $(echo $ALL)"; exit 2 ;; esac

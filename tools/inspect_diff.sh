@@ -9,7 +9,8 @@ dir=$1
 seed=${2:-$(date +%s)}
 count=${3:-3000}
 "$dir/inspect_diff" "$seed" "$count" "$dir/terms.bin" >"$dir/kv_says.txt"
-elixir -e '
+# Elixir reads and writes UTF-8 only in a UTF-8 locale (C.UTF-8 is always there)
+LC_ALL=C.UTF-8 elixir -e '
   [path] = System.argv()
   path |> File.read!() |> :erlang.binary_to_term() |> Enum.with_index() |> Enum.each(fn {t, i} ->
     IO.puts("### #{i}")

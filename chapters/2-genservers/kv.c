@@ -2144,8 +2144,9 @@ struct proc {
     const char *label;       /* what it runs, e.g. "KV.Registry", for reports */
     struct heap heap;        /* every term it built or received */
 
-    /* The saved stack: the bytes from its stack pointer up to the top of
-     * the stage, copied out when it stopped (section III.3). */
+    /* The saved stack: the bytes from its stack pointer up to its top
+     * (stack_top, just below vm.stage_top), copied out when it stopped
+     * (section III.3). */
     char *stack;
     jmp_buf ctx;             /* where it continues; valid with its bytes on stage */
 
@@ -4900,7 +4901,7 @@ static void gen_server_handle(struct gen_server *gs, term msg) {
 
 /* The loop.  After each message only gs->state is live, so the heap is
  * collected around it: when the state is the one the last compaction
- * kept, by dropping what was made since, as soon as that passes 16 KiB
+ * kept, by dropping what was made since, as soon as that passes 1 KiB
  * (it costs nothing to copy); otherwise by compacting, once the heap has
  * grown to twice what the last compaction kept (plus the same slack), so
  * that a large state is copied only when as much garbage has piled up:
